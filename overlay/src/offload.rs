@@ -1,0 +1,424 @@
+//! Segmentation and coalescing for the offload fast path, as pure functions over buffers.
+//!
+//! - [`segment`] splits a TSO/USO super-frame read from the TAP (described by its
+//!   [`vnet::Header`]) into wire-sized frames laid out back to back at equal stride, each
+//!   after `headroom` bytes left for the caller (the VXLAN header), with every IP and
+//!   TCP/UDP checksum computed. The result goes out in one `sendmsg` with `UDP_SEGMENT`.
+//! - [`Coalescer`] merges consecutive, in-order TCP segments of one flow (from one GRO read
+//!   of VXLAN datagrams) into one super-frame with a GSO virtio-net header, for one TAP write.
+//! - [`complete_checksum`] finishes a checksum the kernel left partial (`NEEDS_CSUM`).
+//!
+//! Offsets in the virtio-net header count from the start of the Ethernet header (TAP mode).
+//! Only untagged Ethernet, IPv4 without fragmentation and IPv6 without extension headers are
+//! segmented or coalesced; anything else is left alone or refused with [`Unsupported`].
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use crate::ethernet::{self, ethertype};
+use crate::{checksum, vnet};
+
+const L3: usize = ethernet::HEADER_LEN;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+/// TCP flag bits (RFC 9293 §3.1, RFC 3168).
+mod flag {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+    pub const CWR: u8 = 0x80;
+}
+
+/// The most segments one super-frame is split into.
+pub const MAX_SEGMENTS: usize = 256;
+/// The largest IP packet a super-frame may carry (16-bit IP length fields).
+pub const MAX_IP_LEN: usize = 65_535;
+
+/// Why a frame cannot be segmented or its checksum completed. Counted as "offload" drops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unsupported {
+    #[error("not an IPv4/IPv6 TCP or UDP frame we can segment")]
+    NotIp,
+    #[error("headers truncated or inconsistent with the virtio-net header")]
+    Malformed,
+    #[error("gso_size is zero or yields too many segments")]
+    BadGsoSize,
+    #[error("output buffer too small")]
+    NoRoom,
+    #[error("csum_start/csum_offset outside the frame")]
+    BadCsum,
+}
+
+/// Where the headers of an IP frame end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub v4: bool,
+    /// Offset of the TCP/UDP header (from the start of the Ethernet header).
+    pub l4: usize,
+    pub proto: u8,
+    /// Offset of the L4 payload: Ethernet + IP + TCP/UDP header lengths.
+    pub hdr_len: usize,
+}
+
+/// Finds the IP and TCP/UDP headers of `frame`.
+pub fn layout(frame: &[u8]) -> Result<Layout, Unsupported> {
+    let eth = ethernet::Frame::new_checked(frame).map_err(|_| Unsupported::Malformed)?;
+    let (v4, l4, proto) = match eth.ethertype() {
+        ethertype::IPV4 => {
+            let p = eth.payload();
+            if p.len() < 20 || p[0] >> 4 != 4 {
+                return Err(Unsupported::Malformed);
+            }
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            if ihl < 20 || u16::from_be_bytes([p[6], p[7]]) & 0x3fff != 0 {
+                return Err(Unsupported::Malformed);
+            }
+            (true, L3 + ihl, p[9])
+        }
+        ethertype::IPV6 => {
+            let p = eth.payload();
+            if p.len() < 40 || p[0] >> 4 != 6 {
+                return Err(Unsupported::Malformed);
+            }
+            (false, L3 + 40, p[6])
+        }
+        _ => return Err(Unsupported::NotIp),
+    };
+    let hdr_len = match proto {
+        TCP => {
+            if frame.len() < l4 + 20 {
+                return Err(Unsupported::Malformed);
+            }
+            let doff = usize::from(frame[l4 + 12] >> 4) * 4;
+            if doff < 20 {
+                return Err(Unsupported::Malformed);
+            }
+            l4 + doff
+        }
+        UDP => l4 + 8,
+        _ => return Err(Unsupported::NotIp),
+    };
+    if frame.len() < hdr_len {
+        return Err(Unsupported::Malformed);
+    }
+    Ok(Layout { v4, l4, proto, hdr_len })
+}
+
+fn pseudo(frame: &[u8], lay: &Layout, l4_len: usize) -> u64 {
+    let len = l4_len as u32;
+    if lay.v4 {
+        let ip = |o: usize| Ipv4Addr::new(frame[o], frame[o + 1], frame[o + 2], frame[o + 3]);
+        checksum::pseudo_v4(ip(L3 + 12), ip(L3 + 16), lay.proto, len)
+    } else {
+        let ip = |o: usize| {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&frame[o..o + 16]);
+            Ipv6Addr::from(a)
+        };
+        checksum::pseudo_v6(ip(L3 + 8), ip(L3 + 24), lay.proto, len)
+    }
+}
+
+fn csum_field(lay: &Layout) -> usize {
+    lay.l4 + if lay.proto == TCP { 16 } else { 6 }
+}
+
+fn put16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+fn get16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn get32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Sets the IP length fields for `frame.len()`, adds `id_add` to the IPv4 ID and
+/// recomputes the IPv4 header checksum.
+fn fix_ip(frame: &mut [u8], lay: &Layout, id_add: u16) {
+    if lay.v4 {
+        put16(frame, L3 + 2, (frame.len() - L3) as u16);
+        let id = get16(frame, L3 + 4).wrapping_add(id_add);
+        put16(frame, L3 + 4, id);
+        put16(frame, L3 + 10, 0);
+        let c = checksum::finish(checksum::sum(&frame[L3..lay.l4]));
+        put16(frame, L3 + 10, c);
+    } else {
+        put16(frame, L3 + 4, (frame.len() - L3 - 40) as u16);
+    }
+}
+
+/// Computes the full TCP/UDP checksum of `frame` and stores it.
+fn l4_checksum(frame: &mut [u8], lay: &Layout) {
+    let at = csum_field(lay);
+    put16(frame, at, 0);
+    let acc = pseudo(frame, lay, frame.len() - lay.l4) + checksum::sum(&frame[lay.l4..]);
+    // 0x0000 and 0xffff are the same one's-complement zero; UDP needs the latter.
+    let c = match checksum::finish(acc) {
+        0 => 0xffff,
+        c => c,
+    };
+    put16(frame, at, c);
+}
+
+/// Finishes a partial checksum: sums from `csum_start` to the end (the field already holds
+/// the pseudo-header sum) and stores the result at `csum_start + csum_offset`.
+pub fn complete_checksum(frame: &mut [u8], csum_start: usize, csum_offset: usize) -> Result<(), Unsupported> {
+    let at = csum_start.checked_add(csum_offset).ok_or(Unsupported::BadCsum)?;
+    if at + 2 > frame.len() {
+        return Err(Unsupported::BadCsum);
+    }
+    let c = match checksum::finish(checksum::sum(&frame[csum_start..])) {
+        0 => 0xffff,
+        c => c,
+    };
+    put16(frame, at, c);
+    Ok(())
+}
+
+/// Where [`segment`] put its output: `count` entries at `stride` bytes apart, each
+/// `headroom` + frame; all but the last `stride` long, the last `last` long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segments {
+    pub count: usize,
+    pub stride: usize,
+    pub last: usize,
+}
+
+impl Segments {
+    /// Total bytes used in the output buffer.
+    pub fn len(&self) -> usize {
+        (self.count - 1) * self.stride + self.last
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The `i`-th frame, without headroom.
+    pub fn frame<'a>(&self, out: &'a [u8], i: usize, headroom: usize) -> &'a [u8] {
+        let len = if i + 1 == self.count { self.last } else { self.stride };
+        &out[i * self.stride + headroom..i * self.stride + len]
+    }
+}
+
+/// Splits the super-frame `frame` (described by `vh`, a TCPv4/TCPv6/UDP_L4 GSO header) into
+/// frames of at most `vh.gso_size` payload bytes, each with complete checksums, written to
+/// `out` at equal stride after `headroom` bytes each. TCP sequence numbers advance, IPv4 IDs
+/// increment, FIN/PSH stay on the last segment and CWR on the first only.
+pub fn segment(frame: &[u8], vh: &vnet::Header, headroom: usize, out: &mut [u8]) -> Result<Segments, Unsupported> {
+    let lay = layout(frame)?;
+    let want = match vh.gso_type & !vnet::gso::ECN {
+        vnet::gso::TCPV4 => (true, TCP),
+        vnet::gso::TCPV6 => (false, TCP),
+        vnet::gso::UDP_L4 => (lay.v4, UDP),
+        _ => return Err(Unsupported::NotIp),
+    };
+    if (lay.v4, lay.proto) != want {
+        return Err(Unsupported::Malformed);
+    }
+    let mss = usize::from(vh.gso_size);
+    if mss == 0 {
+        return Err(Unsupported::BadGsoSize);
+    }
+    let payload = &frame[lay.hdr_len..];
+    let count = payload.len().div_ceil(mss).max(1);
+    if count > MAX_SEGMENTS {
+        return Err(Unsupported::BadGsoSize);
+    }
+    let stride = headroom + lay.hdr_len + mss;
+    let last_payload = payload.len() - (count - 1) * mss;
+    let segs = Segments { count, stride, last: headroom + lay.hdr_len + last_payload };
+    if out.len() < segs.len() {
+        return Err(Unsupported::NoRoom);
+    }
+    let seq0 = if lay.proto == TCP { get32(frame, lay.l4 + 4) } else { 0 };
+    for (i, chunk) in payload.chunks(mss).chain((payload.is_empty()).then_some(&[][..])).enumerate() {
+        let start = i * stride + headroom;
+        let seg = &mut out[start..start + lay.hdr_len + chunk.len()];
+        seg[..lay.hdr_len].copy_from_slice(&frame[..lay.hdr_len]);
+        seg[lay.hdr_len..].copy_from_slice(chunk);
+        fix_ip(seg, &lay, i as u16);
+        if lay.proto == TCP {
+            let seq = seq0.wrapping_add((i * mss) as u32);
+            seg[lay.l4 + 4..lay.l4 + 8].copy_from_slice(&seq.to_be_bytes());
+            if i > 0 {
+                seg[lay.l4 + 13] &= !flag::CWR;
+            }
+            if i + 1 < count {
+                seg[lay.l4 + 13] &= !(flag::FIN | flag::PSH);
+            }
+        } else {
+            put16(seg, lay.l4 + 4, (8 + chunk.len()) as u16);
+        }
+        l4_checksum(seg, &lay);
+    }
+    Ok(segs)
+}
+
+/// Merges consecutive in-order TCP segments of one flow into one GSO super-frame.
+///
+/// Feed frames with [`push`](Coalescer::push); when it refuses one, [`finish`](Coalescer::finish)
+/// the current super-frame, write it, and push again (a frame refused by an empty coalescer is
+/// not coalescable: write it as it is). The buffer is allocated once.
+pub struct Coalescer {
+    buf: Box<[u8]>,
+    len: usize,
+    flow: Option<Flow>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Flow {
+    lay: Layout,
+    gso_size: usize,
+    segs: usize,
+    next_seq: u32,
+    closed: bool,
+}
+
+impl Default for Coalescer {
+    fn default() -> Self {
+        Coalescer::new()
+    }
+}
+
+impl std::fmt::Debug for Coalescer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coalescer").field("len", &self.len).field("flow", &self.flow).finish()
+    }
+}
+
+const H: usize = vnet::HEADER_LEN;
+
+/// A segment eligible for coalescing: TCP, ACK set, no SYN/FIN/RST/URG/CWR, with payload,
+/// exact IP length and valid checksums.
+fn candidate(frame: &[u8]) -> Option<(Layout, u32, u8, usize)> {
+    let lay = layout(frame).ok()?;
+    if lay.proto != TCP {
+        return None;
+    }
+    let flags = frame[lay.l4 + 13];
+    if flags & flag::ACK == 0 || flags & (flag::SYN | flag::FIN | flag::RST | flag::URG | flag::CWR) != 0 {
+        return None;
+    }
+    let payload = frame.len() - lay.hdr_len;
+    if payload == 0 {
+        return None;
+    }
+    let ip_len = if lay.v4 { usize::from(get16(frame, L3 + 2)) } else { usize::from(get16(frame, L3 + 4)) + 40 };
+    if ip_len != frame.len() - L3 {
+        return None;
+    }
+    if lay.v4 && checksum::fold(checksum::sum(&frame[L3..lay.l4])) != 0xffff {
+        return None;
+    }
+    let acc = pseudo(frame, &lay, frame.len() - lay.l4) + checksum::sum(&frame[lay.l4..]);
+    if checksum::fold(acc) != 0xffff {
+        return None;
+    }
+    Some((lay, get32(frame, lay.l4 + 4), flags, payload))
+}
+
+/// True if `a` and `b` have the same headers apart from the fields that differ between
+/// segments of one flow (lengths, IPv4 ID and checksum, TCP seq, PSH, window, checksum).
+fn same_flow(a: &[u8], b: &[u8], lay: &Layout) -> bool {
+    let skip: &[(usize, usize)] = if lay.v4 {
+        &[(L3 + 2, L3 + 6), (L3 + 10, L3 + 12)]
+    } else {
+        &[(L3 + 4, L3 + 6)]
+    };
+    let l4 = lay.l4;
+    let tcp_skip = [(l4 + 4, l4 + 8), (l4 + 13, l4 + 18)];
+    let mut pos = 0;
+    for &(s, e) in skip.iter().chain(tcp_skip.iter()) {
+        if a[pos..s] != b[pos..s] {
+            return false;
+        }
+        pos = e;
+    }
+    a[pos..lay.hdr_len] == b[pos..lay.hdr_len] && a[l4 + 13] & !flag::PSH == b[l4 + 13] & !flag::PSH
+}
+
+impl Coalescer {
+    pub fn new() -> Coalescer {
+        Coalescer { buf: vec![0u8; H + L3 + MAX_IP_LEN].into_boxed_slice(), len: 0, flow: None }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flow.is_none()
+    }
+
+    /// Adds `frame` to the super-frame being built; false if it does not belong to it (or
+    /// cannot be coalesced at all) and was not taken.
+    pub fn push(&mut self, frame: &[u8]) -> bool {
+        let Some((lay, seq, flags, payload)) = candidate(frame) else {
+            return false;
+        };
+        let Some(f) = &mut self.flow else {
+            self.buf[H..H + frame.len()].copy_from_slice(frame);
+            self.len = H + frame.len();
+            self.flow = Some(Flow {
+                lay,
+                gso_size: payload,
+                segs: 1,
+                next_seq: seq.wrapping_add(payload as u32),
+                closed: flags & flag::PSH != 0,
+            });
+            return true;
+        };
+        if f.closed
+            || lay != f.lay
+            || payload > f.gso_size
+            || seq != f.next_seq
+            || self.len - H - L3 + payload > MAX_IP_LEN
+            || !same_flow(&self.buf[H..self.len], frame, &lay)
+        {
+            return false;
+        }
+        self.buf[self.len..self.len + payload].copy_from_slice(&frame[lay.hdr_len..]);
+        self.len += payload;
+        f.segs += 1;
+        f.next_seq = seq.wrapping_add(payload as u32);
+        if payload < f.gso_size || flags & flag::PSH != 0 {
+            f.closed = true;
+        }
+        if flags & flag::PSH != 0 {
+            self.buf[H + lay.l4 + 13] |= flag::PSH;
+        }
+        true
+    }
+
+    /// Completes the super-frame and returns virtio-net header + frame, ready for one TAP
+    /// write; `None` if empty. A single segment goes out unchanged with a zero header; merged
+    /// segments get a TCP GSO header with a partial checksum (`NEEDS_CSUM`).
+    pub fn finish(&mut self) -> Option<&[u8]> {
+        let f = self.flow.take()?;
+        let (hdr, frame) = self.buf[..self.len].split_at_mut(H);
+        if f.segs == 1 {
+            hdr.fill(0);
+            return Some(&self.buf[..self.len]);
+        }
+        let lay = f.lay;
+        fix_ip(frame, &lay, 0);
+        let partial = checksum::fold(pseudo(frame, &lay, frame.len() - lay.l4));
+        put16(frame, lay.l4 + 16, partial);
+        vnet::Header {
+            flags: vnet::FLAG_NEEDS_CSUM,
+            gso_type: if lay.v4 { vnet::gso::TCPV4 } else { vnet::gso::TCPV6 },
+            hdr_len: lay.hdr_len as u16,
+            gso_size: f.gso_size as u16,
+            csum_start: lay.l4 as u16,
+            csum_offset: 16,
+        }
+        .emit(hdr);
+        Some(&self.buf[..self.len])
+    }
+}
+
+#[cfg(test)]
+mod tests;

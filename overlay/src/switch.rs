@@ -1,0 +1,442 @@
+//! The switching decision, as a pure function of bytes, tables and time.
+//!
+//! [`from_tap`] decides what to do with a frame the local bridge handed to the TAP;
+//! [`from_vtep`] checks a received VXLAN datagram and learns from it. Neither reads a clock
+//! or a socket, and neither allocates: an ARP answer is written into a caller buffer.
+
+use std::net::SocketAddrV4;
+use std::time::Instant;
+
+use crate::arp;
+use crate::dataplane::Location;
+use crate::ethernet::{self, Frame};
+use crate::fdb::{Index, Learned, Network};
+use crate::vxlan::{self, Vni};
+
+/// What to do with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forward {
+    /// Encapsulate and send to this VTEP.
+    Remote(SocketAddrV4),
+    /// Encapsulate and send a copy to every peer of the network (head-end replication).
+    Flood,
+    /// Write the frame of this length, already built in the caller's reply buffer, back to the TAP.
+    Reply(usize),
+    /// Decapsulated frame for this network: write the inner frame to its TAP.
+    Deliver(Vni),
+    /// Count and forget.
+    Drop(DropReason),
+}
+
+macro_rules! drop_reasons {
+    ($($(#[$doc:meta])* $name:ident => $text:literal,)*) => {
+        /// Why a frame or datagram was dropped; the text is the key in [`Stats::drops`](crate::Stats).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum DropReason { $($(#[$doc])* $name,)* }
+
+        impl DropReason {
+            /// Every reason, in counter order.
+            pub const ALL: &'static [DropReason] = &[$(DropReason::$name,)*];
+
+            /// The stable name used in statistics.
+            pub fn as_str(self) -> &'static str {
+                match self { $(DropReason::$name => $text,)* }
+            }
+
+            /// Index into per-worker counters.
+            pub fn index(self) -> usize {
+                self as usize
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    /// Datagram shorter than a VXLAN header plus an Ethernet header.
+    Short => "short",
+    /// VXLAN header without the I flag.
+    NoIFlag => "no-i-flag",
+    /// VXLAN for a VNI this node does not carry.
+    UnknownVni => "unknown-vni",
+    /// VXLAN from an address that is not a peer of that VNI.
+    NotMember => "not-member",
+    /// A frame that is not valid Ethernet (or ARP), or has a multicast source.
+    MalformedFrame => "malformed-frame",
+    /// Frame to a local endpoint: the bridge already delivered it.
+    Hairpin => "hairpin",
+    /// ARP for the gateway or a local endpoint: a local port answers it.
+    ArpLocal => "arp-local",
+    /// Broadcast or unknown destination on a network without peers.
+    NoPeers => "no-peers",
+    /// Frame read from a TAP whose network is not in the published tables.
+    UnknownNetwork => "unknown-network",
+    /// Decapsulated frame with a local endpoint's source MAC (a loop or a spoof).
+    LocalSource => "local-source",
+    /// VXLAN for a network whose TAP is not (or no longer) open on this worker.
+    NoTap => "no-tap",
+    /// The TAP queue was full or refused the write.
+    TapWrite => "tap-write",
+    /// The UDP send failed (buffer full, no route, ...).
+    UdpSend => "udp-send",
+    /// A frame too big or malformed for segmentation offload.
+    Offload => "offload",
+}
+
+/// Decides what to do with `frame`, read from the TAP of `net`.
+///
+/// An ARP answer is written into `reply` (at least [`arp::REPLY_FRAME_LEN`] bytes).
+pub fn from_tap(
+    frame: &[u8],
+    net: &Network,
+    learned: &Learned,
+    now: Instant,
+    reply: &mut [u8],
+) -> Forward {
+    let Ok(eth) = Frame::new_checked(frame) else {
+        return Forward::Drop(DropReason::MalformedFrame);
+    };
+    let dst = eth.dst();
+    if dst.is_multicast() {
+        if eth.ethertype() == ethernet::ethertype::ARP {
+            return arp_from_tap(&eth, net, reply);
+        }
+        return flood(net);
+    }
+    match net.location(dst) {
+        Some(Location::Local) => Forward::Drop(DropReason::Hairpin),
+        Some(Location::Remote(vtep)) => Forward::Remote(vtep),
+        None => match learned
+            .lookup(net.vni(), dst, now)
+            .and_then(|ip| net.peer(ip))
+        {
+            Some(vtep) => Forward::Remote(vtep),
+            None => flood(net),
+        },
+    }
+}
+
+fn arp_from_tap(eth: &Frame<&[u8]>, net: &Network, reply: &mut [u8]) -> Forward {
+    let Ok(packet) = arp::Packet::new_checked(eth.payload()) else {
+        return Forward::Drop(DropReason::MalformedFrame);
+    };
+    if packet.operation() != arp::Operation::Request || packet.is_gratuitous() {
+        return flood(net);
+    }
+    let target = packet.target_ip();
+    if target == net.gateway() {
+        return Forward::Drop(DropReason::ArpLocal);
+    }
+    match net.endpoint(target) {
+        Some(ep) if ep.location == Location::Local => Forward::Drop(DropReason::ArpLocal),
+        Some(ep) => Forward::Reply(arp::emit_reply(&packet, ep.mac, ep.ip, reply)),
+        None => flood(net),
+    }
+}
+
+fn flood(net: &Network) -> Forward {
+    if net.peers().is_empty() {
+        Forward::Drop(DropReason::NoPeers)
+    } else {
+        Forward::Flood
+    }
+}
+
+/// Checks a VXLAN `datagram` (the UDP payload) from `sender` and learns its inner source MAC.
+///
+/// On [`Forward::Deliver`] the inner frame is `datagram[vxlan::HEADER_LEN..]`.
+pub fn from_vtep(
+    datagram: &[u8],
+    sender: SocketAddrV4,
+    index: &Index,
+    learned: &mut Learned,
+    now: Instant,
+) -> Forward {
+    let header = match vxlan::Header::new_checked(datagram) {
+        Ok(h) => h,
+        Err(vxlan::Malformed::Short) => return Forward::Drop(DropReason::Short),
+        Err(vxlan::Malformed::NoIFlag) => return Forward::Drop(DropReason::NoIFlag),
+    };
+    let vni = header.vni();
+    let Some(net) = index.network(vni) else {
+        return Forward::Drop(DropReason::UnknownVni);
+    };
+    if !net.is_peer(*sender.ip()) {
+        return Forward::Drop(DropReason::NotMember);
+    }
+    let Ok(inner) = Frame::new_checked(header.inner()) else {
+        return Forward::Drop(DropReason::Short);
+    };
+    let src = inner.src();
+    if src.is_multicast() {
+        return Forward::Drop(DropReason::MalformedFrame);
+    }
+    match net.location(src) {
+        Some(Location::Local) => return Forward::Drop(DropReason::LocalSource),
+        Some(Location::Remote(_)) => {}
+        None => learned.learn(vni, src, *sender.ip(), now),
+    }
+    Forward::Deliver(vni)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::Tables;
+    use crate::ethernet::{Mac, emit_header, ethertype};
+    use crate::fdb::tests::{mac, table, vni, vtep};
+    use std::net::Ipv4Addr;
+
+    fn index() -> Index {
+        Index::build(&Tables {
+            networks: vec![table()],
+        })
+    }
+
+    fn frame(dst: Mac, src: Mac, ty: u16) -> Vec<u8> {
+        let mut f = vec![0u8; 60];
+        emit_header(&mut f, dst, src, ty);
+        f
+    }
+
+    fn arp_request(target: Ipv4Addr) -> Vec<u8> {
+        let mut f = vec![0u8; arp::REPLY_FRAME_LEN];
+        arp::emit_request((mac(6), Ipv4Addr::new(198, 19, 0, 6)), target, &mut f);
+        f
+    }
+
+    fn tap(frame: &[u8]) -> (Forward, Vec<u8>) {
+        let index = index();
+        let mut reply = vec![0u8; 128];
+        let fwd = from_tap(
+            frame,
+            index.network(vni(4096)).unwrap(),
+            &Learned::default(),
+            Instant::now(),
+            &mut reply,
+        );
+        (fwd, reply)
+    }
+
+    #[test]
+    fn unicast_to_remote_endpoint_goes_to_its_vtep() {
+        assert_eq!(
+            tap(&frame(mac(9), mac(5), ethertype::IPV4)).0,
+            Forward::Remote(vtep(2))
+        );
+    }
+
+    #[test]
+    fn unicast_to_local_endpoint_is_hairpin() {
+        assert_eq!(
+            tap(&frame(mac(5), mac(6), ethertype::IPV4)).0,
+            Forward::Drop(DropReason::Hairpin)
+        );
+    }
+
+    #[test]
+    fn broadcast_multicast_and_unknown_unicast_flood() {
+        assert_eq!(
+            tap(&frame(Mac::BROADCAST, mac(5), ethertype::IPV4)).0,
+            Forward::Flood
+        );
+        assert_eq!(
+            tap(&frame(
+                Mac([0x33, 0x33, 0, 0, 0, 1]),
+                mac(5),
+                ethertype::IPV6
+            ))
+            .0,
+            Forward::Flood
+        );
+        assert_eq!(
+            tap(&frame(mac(77), mac(5), ethertype::IPV4)).0,
+            Forward::Flood
+        );
+    }
+
+    #[test]
+    fn flood_without_peers_is_dropped() {
+        let mut t = table();
+        t.peers.clear();
+        let index = Index::build(&Tables { networks: vec![t] });
+        let fwd = from_tap(
+            &frame(Mac::BROADCAST, mac(5), ethertype::IPV4),
+            index.network(vni(4096)).unwrap(),
+            &Learned::default(),
+            Instant::now(),
+            &mut [0u8; 64],
+        );
+        assert_eq!(fwd, Forward::Drop(DropReason::NoPeers));
+    }
+
+    #[test]
+    fn short_frame_from_tap_is_malformed() {
+        assert_eq!(tap(&[0u8; 13]).0, Forward::Drop(DropReason::MalformedFrame));
+    }
+
+    #[test]
+    fn arp_for_remote_endpoint_is_answered() {
+        let (fwd, reply) = tap(&arp_request(Ipv4Addr::new(198, 19, 0, 9)));
+        assert_eq!(fwd, Forward::Reply(arp::REPLY_FRAME_LEN));
+        let eth = Frame::new_checked(&reply[..arp::REPLY_FRAME_LEN]).unwrap();
+        assert_eq!(eth.dst(), mac(6));
+        assert_eq!(eth.src(), mac(9));
+        let p = arp::Packet::new_checked(eth.payload()).unwrap();
+        assert_eq!(p.operation(), arp::Operation::Reply);
+        assert_eq!(p.sender_mac(), mac(9));
+        assert_eq!(p.sender_ip(), Ipv4Addr::new(198, 19, 0, 9));
+        assert_eq!(p.target_mac(), mac(6));
+        assert_eq!(p.target_ip(), Ipv4Addr::new(198, 19, 0, 6));
+    }
+
+    #[test]
+    fn arp_for_local_endpoint_or_gateway_is_dropped() {
+        assert_eq!(
+            tap(&arp_request(Ipv4Addr::new(198, 19, 0, 5))).0,
+            Forward::Drop(DropReason::ArpLocal)
+        );
+        assert_eq!(
+            tap(&arp_request(Ipv4Addr::new(198, 19, 0, 1))).0,
+            Forward::Drop(DropReason::ArpLocal)
+        );
+    }
+
+    #[test]
+    fn arp_for_unknown_and_gratuitous_arp_flood() {
+        assert_eq!(
+            tap(&arp_request(Ipv4Addr::new(198, 19, 0, 77))).0,
+            Forward::Flood
+        );
+        let mut garp = vec![0u8; arp::REPLY_FRAME_LEN];
+        arp::emit_request(
+            (mac(5), Ipv4Addr::new(198, 19, 0, 5)),
+            Ipv4Addr::new(198, 19, 0, 5),
+            &mut garp,
+        );
+        assert_eq!(tap(&garp).0, Forward::Flood);
+    }
+
+    #[test]
+    fn malformed_arp_is_dropped() {
+        let mut f = arp_request(Ipv4Addr::new(198, 19, 0, 9));
+        f.truncate(ethernet::HEADER_LEN + 10);
+        assert_eq!(tap(&f).0, Forward::Drop(DropReason::MalformedFrame));
+    }
+
+    fn datagram(vni_: u32, inner_src: Mac) -> Vec<u8> {
+        let mut d = vec![0u8; vxlan::HEADER_LEN];
+        vxlan::Repr { vni: vni(vni_) }.emit(&mut d);
+        d.extend(frame(mac(5), inner_src, ethertype::IPV4));
+        d
+    }
+
+    fn peer3() -> SocketAddrV4 {
+        // Kernel VXLAN sends from a hashed source port, not 4789.
+        SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 3), 51234)
+    }
+
+    #[test]
+    fn vxlan_from_peer_is_delivered_and_learned() {
+        let index = index();
+        let mut learned = Learned::default();
+        let now = Instant::now();
+        let fwd = from_vtep(&datagram(4096, mac(40)), peer3(), &index, &mut learned, now);
+        assert_eq!(fwd, Forward::Deliver(vni(4096)));
+        assert_eq!(
+            learned.lookup(vni(4096), mac(40), now),
+            Some(Ipv4Addr::new(198, 18, 0, 3))
+        );
+        // ... and the learned MAC is now switched to that peer's VXLAN port.
+        let net = index.network(vni(4096)).unwrap();
+        let fwd = from_tap(
+            &frame(mac(40), mac(5), ethertype::IPV4),
+            net,
+            &learned,
+            now,
+            &mut [0u8; 64],
+        );
+        assert_eq!(fwd, Forward::Remote(vtep(3)));
+    }
+
+    #[test]
+    fn cluster_endpoints_are_not_learned() {
+        let index = index();
+        let mut learned = Learned::default();
+        let fwd = from_vtep(
+            &datagram(4096, mac(9)),
+            vtep(2),
+            &index,
+            &mut learned,
+            Instant::now(),
+        );
+        assert_eq!(fwd, Forward::Deliver(vni(4096)));
+        assert!(learned.is_empty());
+        let fwd = from_vtep(
+            &datagram(4096, mac(5)),
+            vtep(2),
+            &index,
+            &mut learned,
+            Instant::now(),
+        );
+        assert_eq!(fwd, Forward::Drop(DropReason::LocalSource));
+        let fwd = from_vtep(
+            &datagram(4096, Mac::BROADCAST),
+            vtep(2),
+            &index,
+            &mut learned,
+            Instant::now(),
+        );
+        assert_eq!(fwd, Forward::Drop(DropReason::MalformedFrame));
+    }
+
+    #[test]
+    fn learned_vtep_that_left_is_not_used() {
+        let index = index();
+        let mut learned = Learned::default();
+        let now = Instant::now();
+        learned.learn(vni(4096), mac(40), Ipv4Addr::new(198, 18, 0, 99), now);
+        let net = index.network(vni(4096)).unwrap();
+        let fwd = from_tap(
+            &frame(mac(40), mac(5), ethertype::IPV4),
+            net,
+            &learned,
+            now,
+            &mut [0u8; 64],
+        );
+        assert_eq!(fwd, Forward::Flood);
+    }
+
+    #[test]
+    fn malformed_vxlan_is_dropped_by_reason() {
+        let index = index();
+        let mut learned = Learned::default();
+        let now = Instant::now();
+        let mut check = |d: &[u8], from: SocketAddrV4, want: DropReason| {
+            assert_eq!(
+                from_vtep(d, from, &index, &mut learned, now),
+                Forward::Drop(want),
+                "{want:?}"
+            );
+        };
+        let good = datagram(4096, mac(40));
+        check(&good[..7], vtep(2), DropReason::Short);
+        check(&good[..vxlan::HEADER_LEN + 13], vtep(2), DropReason::Short);
+        let mut no_i = good.clone();
+        no_i[0] = 0;
+        check(&no_i, vtep(2), DropReason::NoIFlag);
+        check(&datagram(4097, mac(40)), vtep(2), DropReason::UnknownVni);
+        check(&good, vtep(4), DropReason::NotMember);
+        assert!(learned.is_empty());
+    }
+
+    #[test]
+    fn drop_reason_names_are_unique() {
+        let mut names: Vec<_> = DropReason::ALL.iter().map(|r| r.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), DropReason::ALL.len());
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+    }
+}

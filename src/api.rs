@@ -1,0 +1,133 @@
+//! The local API: what the CLI asks the daemon on its unix socket, and what comes back.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
+
+use anyhow::Context;
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+use tokio::io::BufReader;
+use tokio::net::UnixStream;
+
+use crate::wire;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    NodeLs,
+    JoinToken,
+    NetworkCreate {
+        name: String,
+        subnet: Ipv4Network,
+        vni: Option<u32>,
+        mtu: Option<u32>,
+        vteps: Vec<Ipv4Addr>,
+    },
+    NetworkLs,
+    NetworkRm {
+        name: String,
+    },
+    Attach {
+        netns: String,
+        network: String,
+        ip: Option<Ipv4Addr>,
+    },
+    Detach {
+        netns: String,
+        network: String,
+    },
+    Status,
+}
+
+/// Why a request did not happen. Nothing was changed when a `Failure` comes back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    pub message: String,
+    /// The request itself was wrong (exit 64, EX_USAGE), rather than the system failing (exit 1).
+    pub usage: bool,
+}
+
+impl Failure {
+    pub fn usage(message: impl ToString) -> Failure {
+        Failure {
+            message: message.to_string(),
+            usage: true,
+        }
+    }
+    pub fn runtime(message: impl std::fmt::Display) -> Failure {
+        Failure {
+            message: message.to_string(),
+            usage: false,
+        }
+    }
+}
+
+impl From<crate::ipam::Refusal> for Failure {
+    fn from(refusal: crate::ipam::Refusal) -> Failure {
+        Failure::usage(refusal)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(err: anyhow::Error) -> Failure {
+        Failure::runtime(format!("{err:#}"))
+    }
+}
+
+pub type Reply = Result<serde_json::Value, Failure>;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    pub name: String,
+    pub subnet: Ipv4Network,
+    pub gateway: Ipv4Addr,
+    pub vni: u32,
+    pub mtu: u32,
+    pub vteps: Vec<Ipv4Addr>,
+    /// Endpoints on this network, cluster-wide.
+    pub endpoints: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Attachment {
+    pub netns: String,
+    pub network: String,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub node: crate::model::Node,
+    pub vtep: SocketAddrV4,
+    pub networks: usize,
+    pub gossip_rejected: u64,
+    pub dataplane: Dataplane,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Dataplane {
+    pub rx_frames: u64,
+    pub tx_vxlan: u64,
+    pub rx_vxlan: u64,
+    pub arp_answered: u64,
+    pub flooded: u64,
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// Sends one request to the daemon behind `socket` and waits for its reply.
+pub async fn call(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
+    let stream = UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "connecting to the overlayd API at {} (is the daemon running? start it with `overlayd init` or `overlayd join`, or point --api / OVERLAYD_API at its socket)",
+            socket.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    wire::write(&mut write, request).await?;
+    wire::read(&mut BufReader::new(read))
+        .await
+        .context("reading the daemon's reply")
+}

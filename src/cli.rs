@@ -1,0 +1,325 @@
+//! The command line: the verbs users type, and how replies are printed (tables, or `--json`).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ipnetwork::Ipv4Network;
+
+use crate::api::{self, Attachment, NetworkInfo};
+use crate::model::Node;
+
+#[derive(Parser)]
+#[command(
+    name = "overlayd",
+    version,
+    about = "Overlay networks and a routing mesh for container clusters, one daemon per node"
+)]
+pub struct Cli {
+    /// The local daemon's API socket.
+    #[arg(
+        long,
+        global = true,
+        env = "OVERLAYD_API",
+        default_value = "/run/overlayd.sock"
+    )]
+    pub api: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Start the first node of a new cluster (runs in the foreground) and print its join token.
+    Init(DaemonArgs),
+    /// Start a node that joins the cluster through PEER, any member (runs in the foreground).
+    Join {
+        /// Address of any member (its --advertise-addr), optionally with the gossip port.
+        peer: String,
+        /// The cluster's join token (`overlayd join-token` on a member prints it).
+        #[arg(long, env = "OVERLAYD_TOKEN")]
+        token: String,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Print the token other nodes join with.
+    JoinToken,
+    /// Cluster members.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Overlay networks.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Plug a network namespace (a container) into a network as its next ethN.
+    Attach {
+        /// Name of the network namespace, as `ip netns list` shows it.
+        netns: String,
+        #[arg(long)]
+        network: String,
+        /// A specific address in the network's subnet (default: the lowest free one).
+        #[arg(long)]
+        ip: Option<Ipv4Addr>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unplug a network namespace from a network and return its address to the pool.
+    Detach {
+        netns: String,
+        #[arg(long)]
+        network: String,
+    },
+    /// This node and its data-plane counters (drops by reason).
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct DaemonArgs {
+    /// This node's underlay address: peers reach its VXLAN and gossip ports there.
+    #[arg(long)]
+    pub advertise_addr: Ipv4Addr,
+    #[arg(long, default_value = "/var/lib/overlayd")]
+    pub state_dir: PathBuf,
+    /// UDP port for VXLAN (RFC 7348's 4789 by default; every node must use the same one).
+    #[arg(long, default_value_t = 4789)]
+    pub vxlan_port: u16,
+    /// UDP (gossip) and TCP (peer requests) port.
+    #[arg(long, default_value_t = 7946)]
+    pub gossip_port: u16,
+    /// Data-path threads, one per TAP queue (default: one per core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Turn TAP and UDP offloads (TSO, GSO, GRO) off: the fallback for kernels that refuse them.
+    #[arg(long)]
+    pub no_offloads: bool,
+}
+
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// List members with their address and state (ready / down).
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NetworkCommand {
+    /// Create a network on every node.
+    Create {
+        name: String,
+        /// IPv4 subnet, e.g. 198.19.0.0/24; its first address is the gateway.
+        #[arg(long)]
+        subnet: Ipv4Network,
+        /// VXLAN network identifier (default: the lowest free one from 4096).
+        #[arg(long)]
+        vni: Option<u32>,
+        /// Container MTU (default: the underlay MTU minus 50 bytes of VXLAN).
+        #[arg(long)]
+        mtu: Option<u32>,
+        /// External VTEP that carries this network without being a member (e.g. a kernel vxlan device); repeatable.
+        #[arg(long = "vtep")]
+        vteps: Vec<Ipv4Addr>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List networks.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a network from every node (refused while containers are attached).
+    Rm { name: String },
+}
+
+impl Command {
+    /// The API request for a client verb, and whether to print JSON.
+    pub fn request(self) -> Option<(api::Request, Render)> {
+        use api::Request as R;
+        Some(match self {
+            Command::Init(_) | Command::Join { .. } => return None,
+            Command::JoinToken => (R::JoinToken, Render::Token),
+            Command::Node(NodeCommand::Ls { json }) => (R::NodeLs, Render::Nodes.or_json(json)),
+            Command::Network(NetworkCommand::Create {
+                name,
+                subnet,
+                vni,
+                mtu,
+                vteps,
+                json,
+            }) => (
+                R::NetworkCreate {
+                    name,
+                    subnet,
+                    vni,
+                    mtu,
+                    vteps,
+                },
+                Render::Network.or_json(json),
+            ),
+            Command::Network(NetworkCommand::Ls { json }) => {
+                (R::NetworkLs, Render::Networks.or_json(json))
+            }
+            Command::Network(NetworkCommand::Rm { name }) => (R::NetworkRm { name }, Render::Plain),
+            Command::Attach {
+                netns,
+                network,
+                ip,
+                json,
+            } => (
+                R::Attach { netns, network, ip },
+                Render::Attachment.or_json(json),
+            ),
+            Command::Detach { netns, network } => (R::Detach { netns, network }, Render::Plain),
+            Command::Status { json } => (R::Status, Render::Json.or_json(json)),
+        })
+    }
+}
+
+/// How a reply is shown.
+#[derive(Clone, Copy)]
+pub enum Render {
+    Json,
+    Plain,
+    Token,
+    Nodes,
+    Network,
+    Networks,
+    Attachment,
+}
+
+impl Render {
+    fn or_json(self, json: bool) -> Render {
+        if json { Render::Json } else { self }
+    }
+
+    pub fn show(self, value: serde_json::Value) -> anyhow::Result<String> {
+        Ok(match self {
+            Render::Json => serde_json::to_string_pretty(&value)?,
+            Render::Plain | Render::Token => value
+                .as_str()
+                .map(String::from)
+                .unwrap_or_else(|| value.to_string()),
+            Render::Nodes => {
+                let nodes: Vec<Node> = serde_json::from_value(value)?;
+                table(
+                    &["ID", "ADDRESS", "STATE"],
+                    nodes.iter().map(|n| {
+                        let id = if n.is_self {
+                            format!("{} *", n.id)
+                        } else {
+                            n.id.clone()
+                        };
+                        vec![id, n.address.to_string(), n.state.to_string()]
+                    }),
+                )
+            }
+            Render::Network => {
+                let net: NetworkInfo = serde_json::from_value(value)?;
+                format!(
+                    "{} (vni {}, subnet {}, gateway {}, mtu {})",
+                    net.name, net.vni, net.subnet, net.gateway, net.mtu
+                )
+            }
+            Render::Networks => {
+                let nets: Vec<NetworkInfo> = serde_json::from_value(value)?;
+                table(
+                    &["NAME", "SUBNET", "GATEWAY", "VNI", "MTU", "ENDPOINTS"],
+                    nets.iter().map(|n| {
+                        vec![
+                            n.name.clone(),
+                            n.subnet.to_string(),
+                            n.gateway.to_string(),
+                            n.vni.to_string(),
+                            n.mtu.to_string(),
+                            n.endpoints.to_string(),
+                        ]
+                    }),
+                )
+            }
+            Render::Attachment => {
+                let a: Attachment = serde_json::from_value(value)?;
+                format!(
+                    "{} attached to {}: {} ({})",
+                    a.netns, a.network, a.ip, a.mac
+                )
+            }
+        })
+    }
+}
+
+fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = std::iter::once(headers.iter().map(|h| h.to_string()).collect())
+        .chain(rows)
+        .collect();
+    let widths: Vec<usize> = (0..headers.len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            let cells: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .map(|(cell, w)| format!("{cell:<w$}"))
+                .collect();
+            cells.join("   ").trim_end().to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `PEER` as given to `join`: an address, with the gossip port unless one is given.
+pub fn peer_addr(peer: &str, default_port: u16) -> Result<SocketAddr, String> {
+    peer.parse::<SocketAddr>()
+        .or_else(|_| {
+            peer.parse::<Ipv4Addr>()
+                .map(|ip| SocketAddr::from((ip, default_port)))
+        })
+        .map_err(|_| {
+            format!(
+                "PEER {peer:?} is not an address: give a member's --advertise-addr, e.g. 198.18.0.1"
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let out = table(
+            &["A", "LONGER"],
+            [vec!["xxxx".into(), "y".into()]].into_iter(),
+        );
+        assert_eq!(out, "A      LONGER\nxxxx   y");
+    }
+
+    #[test]
+    fn peer_takes_an_address_with_or_without_port() {
+        assert_eq!(
+            peer_addr("198.18.0.1", 7946),
+            Ok("198.18.0.1:7946".parse().unwrap())
+        );
+        assert_eq!(
+            peer_addr("198.18.0.1:8000", 7946),
+            Ok("198.18.0.1:8000".parse().unwrap())
+        );
+        assert!(peer_addr("node1", 7946).is_err());
+    }
+
+    #[test]
+    fn every_verb_has_help() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        for verb in Cli::command().get_subcommands() {
+            assert!(
+                verb.get_about().is_some(),
+                "{} has no help",
+                verb.get_name()
+            );
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! The cluster as one node sees it, derived from the gossip state: members, networks, endpoints.
+//!
+//! Pure: [`View::build`] takes each member's key-values and liveness, so the merge rules (network
+//! union with tombstones, which endpoints count) are tested without sockets.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use crate::model::{Endpoint, Network, Node, NodeState, key};
+
+/// One member's gossip state, as chitchat holds it.
+pub struct MemberState<'a> {
+    pub id: &'a str,
+    pub gossip: SocketAddr,
+    pub live: bool,
+    pub is_self: bool,
+    pub keys: Vec<(&'a str, &'a str)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub node: Node,
+    pub gossip: SocketAddr,
+}
+
+/// An endpoint and the member that hosts it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placed {
+    pub node: String,
+    pub live: bool,
+    pub endpoint: Endpoint,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    pub members: Vec<Member>,
+    /// Live networks by name.
+    pub networks: BTreeMap<String, Network>,
+    /// Ids of removed networks.
+    pub tombstones: BTreeSet<String>,
+    pub endpoints: Vec<Placed>,
+}
+
+impl View {
+    pub fn build<'a>(states: impl IntoIterator<Item = MemberState<'a>>) -> View {
+        let mut view = View::default();
+        let mut seen_networks: Vec<Network> = Vec::new();
+        for state in states {
+            let mut vtep: Option<SocketAddrV4> = None;
+            for &(k, v) in &state.keys {
+                if k == key::VTEP {
+                    vtep = v.parse().ok();
+                } else if k.starts_with(key::NETWORK_PREFIX) {
+                    seen_networks.extend(serde_json::from_str::<Network>(v).ok());
+                } else if let Some(id) = k.strip_prefix(key::TOMBSTONE_PREFIX) {
+                    view.tombstones.insert(id.to_string());
+                } else if k.starts_with(key::ENDPOINT_PREFIX) {
+                    if let Ok(endpoint) = serde_json::from_str::<Endpoint>(v) {
+                        view.endpoints.push(Placed {
+                            node: state.id.to_string(),
+                            live: state.live,
+                            endpoint,
+                        });
+                    }
+                }
+            }
+            let address = match (vtep, state.gossip) {
+                (Some(v), _) => *v.ip(),
+                (None, SocketAddr::V4(g)) => *g.ip(),
+                (None, SocketAddr::V6(_)) => Ipv4Addr::UNSPECIFIED,
+            };
+            view.members.push(Member {
+                node: Node {
+                    id: state.id.to_string(),
+                    address,
+                    vtep,
+                    state: if state.live {
+                        NodeState::Ready
+                    } else {
+                        NodeState::Down
+                    },
+                    is_self: state.is_self,
+                },
+                gossip: state.gossip,
+            });
+        }
+        // Every node copies every network, so the same record arrives many times; a name
+        // re-used after removal arrives with a new id. The lowest live id wins a (rare) clash
+        // that only a leader change in mid-create could cause.
+        seen_networks.sort_by(|a, b| a.id.cmp(&b.id));
+        for network in seen_networks {
+            if !view.tombstones.contains(&network.id) {
+                view.networks.entry(network.name.clone()).or_insert(network);
+            }
+        }
+        let live_ids: BTreeSet<&str> = view.networks.values().map(|n| n.id.as_str()).collect();
+        view.endpoints
+            .retain(|p| live_ids.contains(p.endpoint.network_id.as_str()));
+        view.members.sort_by(|a, b| a.node.id.cmp(&b.node.id));
+        view
+    }
+
+    /// The member that decides what must be unique (networks, addresses): the live member with
+    /// the lowest id, so every node that sees the same members asks the same one.
+    pub fn leader(&self) -> Option<&Member> {
+        self.members
+            .iter()
+            .find(|m| m.node.state == NodeState::Ready)
+    }
+
+    pub fn endpoints_on<'a>(
+        &'a self,
+        network: &'a Network,
+    ) -> impl Iterator<Item = &'a Placed> + 'a {
+        self.endpoints
+            .iter()
+            .filter(move |p| p.endpoint.network_id == network.id)
+    }
+
+    /// The data plane's tables: endpoints of live members, and every live member's VTEP (and the
+    /// network's static VTEPs) as flood targets and accepted senders.
+    pub fn tables(&self, self_id: &str, vxlan_port: u16) -> overlay::Tables {
+        let vteps: BTreeMap<&str, SocketAddrV4> = self
+            .members
+            .iter()
+            .filter(|m| m.node.state == NodeState::Ready)
+            .filter_map(|m| Some((m.node.id.as_str(), m.node.vtep?)))
+            .collect();
+        let networks = self
+            .networks
+            .values()
+            .filter_map(|net| {
+                let endpoints = self
+                    .endpoints_on(net)
+                    .filter_map(|p| {
+                        let location = if p.node == self_id {
+                            overlay::Location::Local
+                        } else {
+                            overlay::Location::Remote(*vteps.get(p.node.as_str())?)
+                        };
+                        Some(overlay::Endpoint {
+                            mac: p.endpoint.mac.parse().ok()?,
+                            ip: p.endpoint.ip,
+                            location,
+                        })
+                    })
+                    .collect();
+                let peers = vteps
+                    .iter()
+                    .filter(|(id, _)| **id != self_id)
+                    .map(|(_, vtep)| *vtep)
+                    .chain(
+                        net.vteps
+                            .iter()
+                            .map(|ip| SocketAddrV4::new(*ip, vxlan_port)),
+                    )
+                    .collect();
+                Some(overlay::NetworkTable {
+                    vni: overlay::Vni::new(net.vni)?,
+                    gateway: net.gateway(),
+                    endpoints,
+                    peers,
+                })
+            })
+            .collect();
+        overlay::Tables { networks }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn network(id: &str, name: &str) -> String {
+        serde_json::to_string(&Network {
+            id: id.into(),
+            name: name.into(),
+            subnet: "198.19.0.0/24".parse().unwrap(),
+            vni: 4096,
+            mtu: 1450,
+            vteps: vec!["198.18.0.9".parse().unwrap()],
+        })
+        .unwrap()
+    }
+
+    fn endpoint(network_id: &str, ip: &str) -> String {
+        let ip: Ipv4Addr = ip.parse().unwrap();
+        serde_json::to_string(&Endpoint {
+            network_id: network_id.into(),
+            ip,
+            mac: Endpoint::mac_for(ip),
+            netns: "c".into(),
+            host_if: "ovh1".into(),
+        })
+        .unwrap()
+    }
+
+    struct Fixture {
+        members: Vec<(String, bool, Vec<(String, String)>)>,
+    }
+
+    impl Fixture {
+        fn view(&self) -> View {
+            View::build(
+                self.members
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (id, live, kv))| MemberState {
+                        id,
+                        gossip: format!("198.18.0.{}:7946", i + 1).parse().unwrap(),
+                        live: *live,
+                        is_self: i == 0,
+                        keys: kv.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+                    }),
+            )
+        }
+    }
+
+    fn kv(pairs: &[(&str, String)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn networks_merge_and_tombstones_win() {
+        let f = Fixture {
+            members: vec![
+                (
+                    "a".into(),
+                    true,
+                    kv(&[
+                        ("vtep", "198.18.0.1:4789".into()),
+                        ("net/web", network("n1", "web")),
+                    ]),
+                ),
+                (
+                    "b".into(),
+                    true,
+                    kv(&[
+                        ("net/web", network("n1", "web")),
+                        ("net/old", network("n0", "old")),
+                    ]),
+                ),
+                (
+                    "c".into(),
+                    false,
+                    kv(&[
+                        ("netrm/n0", String::new()),
+                        ("ep/n1/198.19.0.2", endpoint("n1", "198.19.0.2")),
+                    ]),
+                ),
+            ],
+        };
+        let view = f.view();
+        assert_eq!(view.networks.keys().collect::<Vec<_>>(), ["web"]);
+        assert_eq!(view.endpoints.len(), 1);
+        assert!(!view.endpoints[0].live);
+        assert_eq!(view.leader().unwrap().node.id, "a");
+        assert_eq!(view.members[2].node.state, NodeState::Down);
+    }
+
+    #[test]
+    fn tables_route_to_live_members_only() {
+        let f = Fixture {
+            members: vec![
+                (
+                    "a".into(),
+                    true,
+                    kv(&[
+                        ("vtep", "198.18.0.1:4789".into()),
+                        ("net/web", network("n1", "web")),
+                        ("ep/n1/198.19.0.2", endpoint("n1", "198.19.0.2")),
+                    ]),
+                ),
+                (
+                    "b".into(),
+                    true,
+                    kv(&[
+                        ("vtep", "198.18.0.2:4789".into()),
+                        ("ep/n1/198.19.0.3", endpoint("n1", "198.19.0.3")),
+                    ]),
+                ),
+                (
+                    "c".into(),
+                    false,
+                    kv(&[
+                        ("vtep", "198.18.0.3:4789".into()),
+                        ("ep/n1/198.19.0.4", endpoint("n1", "198.19.0.4")),
+                    ]),
+                ),
+            ],
+        };
+        let tables = f.view().tables("a", 4789);
+        let net = &tables.networks[0];
+        assert_eq!(net.gateway, "198.19.0.1".parse::<Ipv4Addr>().unwrap());
+        let peers: Vec<String> = net.peers.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            peers,
+            ["198.18.0.2:4789", "198.18.0.9:4789"],
+            "self and the down member excluded, static VTEP added"
+        );
+        let locations: Vec<_> = net
+            .endpoints
+            .iter()
+            .map(|e| (e.ip.to_string(), e.location))
+            .collect();
+        assert_eq!(
+            locations,
+            [
+                ("198.19.0.2".to_string(), overlay::Location::Local),
+                (
+                    "198.19.0.3".to_string(),
+                    overlay::Location::Remote("198.18.0.2:4789".parse().unwrap())
+                ),
+            ]
+        );
+    }
+}

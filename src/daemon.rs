@@ -1,0 +1,792 @@
+//! The daemon: wires gossip, the peer and API servers, the host configuration and the data plane.
+//!
+//! Control flow is level-triggered: [`Daemon::reconcile`] runs every [`RECONCILE_EVERY`], derives
+//! the [`View`] from gossip, makes the host match it (bridges, TAPs) and publishes fresh tables to
+//! the data plane. API and peer requests only change gossip state (and, for attach, the host).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chitchat::ChitchatId;
+use tokio::io::BufReader;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+use crate::api::{self, Attachment, Failure, NetworkInfo};
+use crate::cluster::{MemberState, View};
+use crate::gossip::{self, Gossip};
+use crate::model::{Endpoint, Network, key};
+use crate::peer;
+use crate::state_dir::{self, Identity};
+use crate::token::Secret;
+use crate::{host, ipam, wire};
+
+const RECONCILE_EVERY: Duration = Duration::from_millis(250);
+/// How long a node waits to see its own change come back through gossip.
+const CONVERGE_WITHIN: Duration = Duration::from_secs(10);
+/// An address the leader handed out but whose endpoint it has not yet seen in gossip.
+const RESERVATION_TTL: Duration = Duration::from_secs(60);
+/// Underlay bytes VXLAN adds over IPv4: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+pub struct Config {
+    pub advertise: Ipv4Addr,
+    pub gossip_port: u16,
+    pub vxlan_port: u16,
+    pub state_dir: PathBuf,
+    pub api: PathBuf,
+    pub workers: usize,
+    pub offloads: bool,
+}
+
+/// How this node enters a cluster.
+pub enum Start {
+    Init,
+    Join { peer: SocketAddr, secret: Secret },
+}
+
+pub struct Daemon {
+    id: String,
+    secret: Secret,
+    config: Config,
+    vtep: SocketAddrV4,
+    underlay_mtu: u32,
+    gossip: Gossip,
+    dataplane: overlay::DataPlane,
+    /// Networks realised on this host (bridge + TAP), by id.
+    realised: Mutex<BTreeMap<String, Network>>,
+    /// Serialises attach/detach on this node.
+    plumbing: Mutex<()>,
+    /// Leader-only bookkeeping; a mutex so concurrent peer requests are decided one at a time.
+    leader: Mutex<Ledger>,
+}
+
+/// What the leader remembers between gossip rounds.
+#[derive(Default)]
+struct Ledger {
+    /// (network id, ip) -> (node, expiry): handed out, endpoint not yet seen in gossip.
+    reserved: BTreeMap<(String, Ipv4Addr), (String, Instant)>,
+    /// (network id, ip, node): endpoints removed whose deletion gossip has not yet carried here.
+    released: BTreeSet<(String, Ipv4Addr, String)>,
+}
+
+impl Daemon {
+    /// Checks everything that could fail, then starts; on error nothing is left behind.
+    pub async fn start(config: Config, start: Start) -> Result<Arc<Daemon>, Failure> {
+        state_dir::ensure_unused(&config.state_dir)?;
+        let underlay_mtu = host::underlay_mtu(config.advertise)
+            .await
+            .map_err(|e| Failure::usage(format!("{e:#}")))?;
+        let (secret, seeds) = match start {
+            Start::Init => (Secret::generate(), vec![]),
+            Start::Join { peer, secret } => {
+                match peer::call(peer, &secret, &peer::Request::Hello).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(failure)) => return Err(failure),
+                    Err(err) => {
+                        return Err(Failure::usage(format!("joining through {peer}: {err:#}")));
+                    }
+                }
+                (secret, vec![peer.to_string()])
+            }
+        };
+        let api_listener = bind_api(&config.api).await?;
+        let started = async {
+            let gossip_addr = SocketAddr::from((config.advertise, config.gossip_port));
+            let peer_listener = TcpListener::bind(gossip_addr).await.map_err(|e| {
+                Failure::runtime(format!(
+                    "binding {gossip_addr}/tcp for peer requests: {e} (is another daemon using it? pick --gossip-port)"
+                ))
+            })?;
+            let vtep = SocketAddrV4::new(config.advertise, config.vxlan_port);
+            let dataplane = overlay::DataPlane::start(overlay::Config {
+                local_vtep: vtep,
+                workers: config.workers,
+                offloads: config.offloads,
+            })
+            .map_err(|e| Failure::runtime(format!("starting the data plane: {e}")))?;
+            let id = hex::encode(rand::random::<[u8; 6]>());
+            let generation = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            let chitchat_id = ChitchatId::new(id.clone(), generation, gossip_addr);
+            let initial = vec![(key::VTEP.to_string(), vtep.to_string())];
+            let gossip = gossip::start(chitchat_id, &secret, gossip_addr, seeds, initial).await?;
+            state_dir::save(
+                &config.state_dir,
+                &Identity {
+                    node_id: id.clone(),
+                    token: secret.token(),
+                },
+            )?;
+            Ok::<_, Failure>((peer_listener, vtep, dataplane, id, gossip))
+        };
+        let (peer_listener, vtep, dataplane, id, gossip) = match started.await {
+            Ok(parts) => parts,
+            Err(failure) => {
+                let _ = std::fs::remove_file(&config.api);
+                return Err(failure);
+            }
+        };
+        info!(node = %id, %vtep, underlay_mtu, "node started");
+        let daemon = Arc::new(Daemon {
+            id,
+            secret,
+            config,
+            vtep,
+            underlay_mtu,
+            gossip,
+            dataplane,
+            realised: Mutex::default(),
+            plumbing: Mutex::default(),
+            leader: Mutex::default(),
+        });
+        tokio::spawn(daemon.clone().serve_api(api_listener));
+        tokio::spawn(daemon.clone().serve_peers(peer_listener));
+        tokio::spawn(daemon.clone().reconcile_forever());
+        Ok(daemon)
+    }
+
+    pub fn token(&self) -> String {
+        self.secret.token()
+    }
+
+    /// Stops the data plane and removes what this node made on the host.
+    pub async fn stop(self: Arc<Daemon>) {
+        let realised = std::mem::take(&mut *self.realised.lock().await);
+        for net in realised.values() {
+            self.dataplane.remove_network(vni(net));
+            host::remove_link(&net.bridge_name()).await;
+        }
+        let _ = std::fs::remove_file(&self.config.api);
+        if let Err(err) = self.gossip.handle.initiate_shutdown() {
+            warn!(%err, "gossip did not shut down cleanly");
+        }
+        if let Ok(daemon) = Arc::try_unwrap(self) {
+            daemon.dataplane.shutdown();
+        }
+        info!(
+            "node stopped; containers on this node are cut off from their networks until it runs again"
+        );
+    }
+
+    async fn view(&self) -> View {
+        self.gossip
+            .handle
+            .with_chitchat(|c| {
+                let live: BTreeSet<&ChitchatId> = c.live_nodes().collect();
+                let self_id = c.self_chitchat_id().clone();
+                View::build(c.node_states().iter().map(|(id, state)| MemberState {
+                    id: &id.node_id,
+                    gossip: id.gossip_advertise_addr,
+                    live: live.contains(id),
+                    is_self: *id == self_id,
+                    keys: state.key_values().collect(),
+                }))
+            })
+            .await
+    }
+
+    async fn set_keys(&self, set: &[(String, String)], delete: &[String]) {
+        self.gossip
+            .handle
+            .with_chitchat(|c| {
+                let me = c.self_node_state();
+                for (k, v) in set {
+                    me.set(k, v);
+                }
+                for k in delete {
+                    me.delete(k);
+                }
+            })
+            .await
+    }
+
+    /// Waits until this node's view satisfies `done`, bounded by [`CONVERGE_WITHIN`].
+    async fn converge(&self, what: &str, done: impl Fn(&View) -> bool) -> Result<View, Failure> {
+        let deadline = Instant::now() + CONVERGE_WITHIN;
+        loop {
+            let view = self.view().await;
+            if done(&view) {
+                return Ok(view);
+            }
+            if Instant::now() > deadline {
+                return Err(Failure::runtime(format!(
+                    "{what}: not seen through gossip within {CONVERGE_WITHIN:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn reconcile_forever(self: Arc<Daemon>) {
+        let mut published = overlay::Tables::default();
+        let mut ticker = tokio::time::interval(RECONCILE_EVERY);
+        loop {
+            ticker.tick().await;
+            if let Err(err) = self.reconcile(&mut published).await {
+                warn!(err = %format!("{err:#}"), "reconcile failed; retrying");
+            }
+        }
+    }
+
+    async fn reconcile(&self, published: &mut overlay::Tables) -> anyhow::Result<()> {
+        let view = self.view().await;
+        self.replicate(&view).await;
+        self.realise(&view).await?;
+        let tables = view.tables(&self.id, self.config.vxlan_port);
+        if tables != *published {
+            debug!(networks = tables.networks.len(), "publishing tables");
+            self.dataplane.publish(tables.clone());
+            *published = tables;
+        }
+        Ok(())
+    }
+
+    /// Keeps a copy of every live network and every tombstone in this node's own state, so both
+    /// survive the node that wrote them.
+    async fn replicate(&self, view: &View) {
+        let (mine, my_tombstones) = self
+            .gossip
+            .handle
+            .with_chitchat(|c| {
+                let state = c.self_node_state();
+                let nets: BTreeMap<String, String> = state
+                    .key_values()
+                    .filter(|(k, _)| k.starts_with(key::NETWORK_PREFIX))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                let tombs: BTreeSet<String> = state
+                    .key_values()
+                    .filter_map(|(k, _)| k.strip_prefix(key::TOMBSTONE_PREFIX).map(String::from))
+                    .collect();
+                (nets, tombs)
+            })
+            .await;
+        let mut set = Vec::new();
+        for net in view.networks.values() {
+            let k = key::network(&net.name);
+            let v = serde_json::to_string(net).expect("networks serialise");
+            if mine.get(&k) != Some(&v) {
+                set.push((k, v));
+            }
+        }
+        set.extend(
+            view.tombstones
+                .difference(&my_tombstones)
+                .map(|id| (key::tombstone(id), String::new())),
+        );
+        let delete: Vec<String> = mine
+            .keys()
+            .filter(|k| !view.networks.contains_key(&k[key::NETWORK_PREFIX.len()..]))
+            .cloned()
+            .collect();
+        if !set.is_empty() || !delete.is_empty() {
+            self.set_keys(&set, &delete).await;
+        }
+    }
+
+    /// Makes this host's bridges and TAPs match the view's networks.
+    async fn realise(&self, view: &View) -> anyhow::Result<()> {
+        let mut realised = self.realised.lock().await;
+        let wanted: BTreeMap<&str, &Network> =
+            view.networks.values().map(|n| (n.id.as_str(), n)).collect();
+        let gone: Vec<String> = realised
+            .keys()
+            .filter(|id| !wanted.contains_key(id.as_str()))
+            .cloned()
+            .collect();
+        for id in gone {
+            let net = realised.remove(&id).expect("listed above");
+            self.dataplane.remove_network(vni(&net));
+            host::remove_link(&net.bridge_name()).await;
+            info!(network = %net.name, vni = net.vni, "network removed from this node");
+        }
+        for (id, net) in wanted {
+            if realised.contains_key(id) {
+                continue;
+            }
+            host::ensure_bridge(net).await?;
+            self.dataplane
+                .add_network(vni(net), &net.tap_name())
+                .with_context(|| format!("creating the TAP of network {}", net.name))?;
+            host::enslave_tap(net).await?;
+            info!(network = %net.name, vni = net.vni, subnet = %net.subnet, mtu = net.mtu, "network ready on this node");
+            realised.insert(id.to_string(), net.clone());
+        }
+        Ok(())
+    }
+
+    async fn serve_api(self: Arc<Daemon>, listener: UnixListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let daemon = self.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let reply = match wire::read::<api::Request, _>(&mut BufReader::new(read)).await {
+                    Ok(request) => daemon.handle_api(request).await,
+                    Err(err) => Err(Failure::usage(format!("bad API request: {err:#}"))),
+                };
+                if let Err(err) = wire::write(&mut write, &reply).await {
+                    debug!(%err, "API client went away before the reply");
+                }
+            });
+        }
+    }
+
+    async fn handle_api(&self, request: api::Request) -> api::Reply {
+        use api::Request::*;
+        match request {
+            NodeLs => Ok(json(
+                &self
+                    .view()
+                    .await
+                    .members
+                    .into_iter()
+                    .map(|m| m.node)
+                    .collect::<Vec<_>>(),
+            )),
+            JoinToken => Ok(json(&self.secret.token())),
+            NetworkLs => {
+                let view = self.view().await;
+                Ok(json(
+                    &view
+                        .networks
+                        .values()
+                        .map(|n| network_info(n, &view))
+                        .collect::<Vec<_>>(),
+                ))
+            }
+            NetworkCreate {
+                name,
+                subnet,
+                vni,
+                mtu,
+                vteps,
+            } => self.network_create(name, subnet, vni, mtu, vteps).await,
+            NetworkRm { name } => {
+                self.ask_leader(&peer::Request::RemoveNetwork { name: name.clone() })
+                    .await?;
+                self.converge(&format!("removing network {name}"), |v| {
+                    !v.networks.contains_key(&name)
+                })
+                .await?;
+                Ok(json(&name))
+            }
+            Attach { netns, network, ip } => self.attach(netns, network, ip).await,
+            Detach { netns, network } => self.detach(netns, network).await,
+            Status => {
+                let view = self.view().await;
+                let node = view
+                    .members
+                    .iter()
+                    .find(|m| m.node.id == self.id)
+                    .map(|m| m.node.clone());
+                let stats = self.dataplane.stats();
+                Ok(json(&api::Status {
+                    node: node.ok_or_else(|| {
+                        Failure::runtime("this node is missing from its own view")
+                    })?,
+                    vtep: self.vtep,
+                    networks: view.networks.len(),
+                    gossip_rejected: self
+                        .gossip
+                        .rejected
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    dataplane: api::Dataplane {
+                        rx_frames: stats.rx_frames,
+                        tx_vxlan: stats.tx_vxlan,
+                        rx_vxlan: stats.rx_vxlan,
+                        arp_answered: stats.arp_answered,
+                        flooded: stats.flooded,
+                        drops: stats
+                            .drops
+                            .into_iter()
+                            .map(|(k, v)| (k.to_string(), v))
+                            .collect(),
+                    },
+                }))
+            }
+        }
+    }
+
+    async fn network_create(
+        &self,
+        name: String,
+        subnet: ipnetwork::Ipv4Network,
+        vni: Option<u32>,
+        mtu: Option<u32>,
+        vteps: Vec<Ipv4Addr>,
+    ) -> api::Reply {
+        validate_name(&name)?;
+        let max_mtu = self.underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
+        let mtu = match mtu {
+            None => max_mtu,
+            Some(m) if m > max_mtu => {
+                return Err(Failure::usage(format!(
+                    "--mtu {m} does not fit: the underlay MTU is {} and VXLAN needs {VXLAN_OVERHEAD} bytes, so use at most {max_mtu}",
+                    self.underlay_mtu
+                )));
+            }
+            Some(m) if m < 576 => {
+                return Err(Failure::usage(format!(
+                    "--mtu {m} is below IPv4's minimum of 576"
+                )));
+            }
+            Some(m) => m,
+        };
+        let reply = self
+            .ask_leader(&peer::Request::CreateNetwork {
+                name: name.clone(),
+                subnet,
+                vni,
+                mtu,
+                vteps,
+            })
+            .await?;
+        let created: Network = serde_json::from_value(reply)
+            .map_err(|e| Failure::runtime(format!("leader's reply: {e}")))?;
+        let view = self
+            .converge(&format!("creating network {name}"), |v| {
+                v.networks.get(&name) == Some(&created)
+            })
+            .await?;
+        Ok(json(&network_info(&created, &view)))
+    }
+
+    async fn attach(&self, netns: String, network: String, ip: Option<Ipv4Addr>) -> api::Reply {
+        let _plumbing = self.plumbing.lock().await;
+        if !host::netns_exists(&netns) {
+            return Err(Failure::usage(format!(
+                "network namespace {netns} not found: create it with `ip netns add {netns}` (see `ip netns list`)"
+            )));
+        }
+        let view = self.view().await;
+        let net = known_network(&view, &network)?.clone();
+        // The reconcile loop may not have made the bridge yet for a network created just now.
+        self.realise(&view).await?;
+        if view
+            .endpoints_on(&net)
+            .any(|p| p.node == self.id && p.endpoint.netns == netns)
+        {
+            return Err(Failure::usage(format!(
+                "{netns} is already attached to network {network}"
+            )));
+        }
+        let reply = self
+            .ask_leader(&peer::Request::Allocate {
+                network: network.clone(),
+                node: self.id.clone(),
+                ip,
+            })
+            .await?;
+        let ip: Ipv4Addr = serde_json::from_value(reply)
+            .map_err(|e| Failure::runtime(format!("leader's reply: {e}")))?;
+        let mac = Endpoint::mac_for(ip);
+        let host_if = format!("ovh{}", hex::encode(rand::random::<[u8; 4]>()));
+        let plugged = host::plug(&host::Plug {
+            net: &net,
+            netns: &netns,
+            host_if: &host_if,
+            ip,
+            mac: &mac,
+        })
+        .await;
+        if let Err(err) = plugged {
+            self.release(&net, ip).await;
+            return Err(err.into());
+        }
+        let endpoint = Endpoint {
+            network_id: net.id.clone(),
+            ip,
+            mac: mac.clone(),
+            netns: netns.clone(),
+            host_if,
+        };
+        self.set_keys(
+            &[(
+                key::endpoint(&net.id, ip),
+                serde_json::to_string(&endpoint).expect("serialises"),
+            )],
+            &[],
+        )
+        .await;
+        info!(%netns, network = %net.name, %ip, %mac, "container attached");
+        Ok(json(&Attachment {
+            netns,
+            network,
+            ip,
+            mac,
+            node: self.id.clone(),
+        }))
+    }
+
+    async fn detach(&self, netns: String, network: String) -> api::Reply {
+        let _plumbing = self.plumbing.lock().await;
+        let view = self.view().await;
+        let net = known_network(&view, &network)?;
+        let Some(placed) = view
+            .endpoints_on(net)
+            .find(|p| p.node == self.id && p.endpoint.netns == netns)
+        else {
+            return Err(Failure::usage(format!(
+                "{netns} is not attached to network {network} on this node (attachments are listed per node by `overlayd network ls`)"
+            )));
+        };
+        host::remove_link(&placed.endpoint.host_if).await;
+        self.set_keys(&[], &[key::endpoint(&net.id, placed.endpoint.ip)])
+            .await;
+        self.release(net, placed.endpoint.ip).await;
+        info!(%netns, network = %net.name, ip = %placed.endpoint.ip, "container detached");
+        Ok(json(&placed.endpoint.ip))
+    }
+
+    /// Tells the leader an address is free again; if it is unreachable, its reservation expires.
+    async fn release(&self, net: &Network, ip: Ipv4Addr) {
+        let request = peer::Request::Release {
+            network_id: net.id.clone(),
+            node: self.id.clone(),
+            ip,
+        };
+        if let Err(failure) = self.ask_leader(&request).await {
+            warn!(%ip, network = %net.name, %failure, "leader not told of a released address; it frees it on its own later");
+        }
+    }
+
+    /// Sends a request to the current leader, retrying while leadership is changing.
+    async fn ask_leader(&self, request: &peer::Request) -> Result<serde_json::Value, Failure> {
+        let mut last = None;
+        for attempt in 0..5 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+            }
+            let view = self.view().await;
+            let Some(leader) = view.leader() else {
+                continue;
+            };
+            match peer::call(leader.gossip, &self.secret, request).await {
+                Ok(reply) => return reply,
+                Err(err) => {
+                    warn!(leader = %leader.node.id, attempt, err = %format!("{err:#}"), "leader unreachable");
+                    last = Some(err);
+                }
+            }
+        }
+        Err(Failure::runtime(format!(
+            "no leader answered: {:#}",
+            last.unwrap_or_else(|| anyhow::anyhow!("no live member"))
+        )))
+    }
+
+    async fn serve_peers(self: Arc<Daemon>, listener: TcpListener) {
+        loop {
+            let Ok((stream, from)) = listener.accept().await else {
+                continue;
+            };
+            let daemon = self.clone();
+            tokio::spawn(async move {
+                match peer::accept(stream, &daemon.secret).await {
+                    Ok(Some((request, responder))) => {
+                        let reply = daemon.handle_peer(request).await;
+                        if let Err(err) = responder.reply(&reply).await {
+                            debug!(%from, %err, "peer went away before the reply");
+                        }
+                    }
+                    Ok(None) => warn!(%from, "peer request with a wrong token refused"),
+                    Err(err) => debug!(%from, err = %format!("{err:#}"), "peer exchange failed"),
+                }
+            });
+        }
+    }
+
+    /// Peer requests. Those that change cluster state are decided here only while this node is
+    /// the leader, under one lock, against the latest view.
+    async fn handle_peer(&self, request: peer::Request) -> peer::Reply {
+        use peer::Request::*;
+        if matches!(request, Hello) {
+            return Ok(json(&self.secret.cluster_id()));
+        }
+        let mut ledger = self.leader.lock().await;
+        let view = self.view().await;
+        if view.leader().map(|m| m.node.id.as_str()) != Some(self.id.as_str()) {
+            return Err(Failure::runtime("this node is not the leader; retry"));
+        }
+        ledger.forget_settled(&view);
+        match request {
+            Hello => unreachable!("answered above"),
+            CreateNetwork {
+                name,
+                subnet,
+                vni,
+                mtu,
+                vteps,
+            } => {
+                let existing: Vec<Network> = view.networks.values().cloned().collect();
+                let vni = ipam::admit_network(&name, subnet, vni, &existing)?;
+                let net = Network {
+                    id: hex::encode(rand::random::<[u8; 8]>()),
+                    name,
+                    subnet,
+                    vni,
+                    mtu,
+                    vteps,
+                };
+                self.set_keys(
+                    &[(
+                        key::network(&net.name),
+                        serde_json::to_string(&net).expect("serialises"),
+                    )],
+                    &[],
+                )
+                .await;
+                info!(network = %net.name, vni, %subnet, "network created");
+                Ok(json(&net))
+            }
+            RemoveNetwork { name } => {
+                let net = known_network(&view, &name)?;
+                let attached = view.endpoints_on(net).count()
+                    + ledger
+                        .reserved
+                        .keys()
+                        .filter(|(id, _)| *id == net.id)
+                        .count();
+                if attached > 0 {
+                    return Err(Failure::usage(format!(
+                        "network {name} still has {attached} attached container(s): detach them first (`overlayd detach NETNS --network {name}`)"
+                    )));
+                }
+                self.set_keys(
+                    &[(key::tombstone(&net.id), String::new())],
+                    &[key::network(&name)],
+                )
+                .await;
+                info!(network = %name, "network removed");
+                Ok(json(&name))
+            }
+            Allocate { network, node, ip } => {
+                let net = known_network(&view, &network)?;
+                let taken: BTreeSet<Ipv4Addr> = view
+                    .endpoints_on(net)
+                    .filter(|p| {
+                        !ledger
+                            .released
+                            .contains(&(net.id.clone(), p.endpoint.ip, p.node.clone()))
+                    })
+                    .map(|p| p.endpoint.ip)
+                    .chain(
+                        ledger
+                            .reserved
+                            .keys()
+                            .filter(|(id, _)| *id == net.id)
+                            .map(|(_, ip)| *ip),
+                    )
+                    .collect();
+                let ip = ipam::allocate(net, ip, &taken)?;
+                ledger.reserved.insert(
+                    (net.id.clone(), ip),
+                    (node, Instant::now() + RESERVATION_TTL),
+                );
+                Ok(json(&ip))
+            }
+            Release {
+                network_id,
+                node,
+                ip,
+            } => {
+                ledger.reserved.remove(&(network_id.clone(), ip));
+                if view.endpoints.iter().any(|p| {
+                    p.endpoint.network_id == network_id && p.endpoint.ip == ip && p.node == node
+                }) {
+                    ledger.released.insert((network_id, ip, node));
+                }
+                Ok(json(&ip))
+            }
+        }
+    }
+}
+
+impl Ledger {
+    /// Drops reservations whose endpoint gossip now shows (or that expired) and releases whose
+    /// deletion gossip has carried.
+    fn forget_settled(&mut self, view: &View) {
+        let now = Instant::now();
+        let present: BTreeSet<(String, Ipv4Addr, String)> = view
+            .endpoints
+            .iter()
+            .map(|p| (p.endpoint.network_id.clone(), p.endpoint.ip, p.node.clone()))
+            .collect();
+        self.reserved.retain(|(id, ip), (node, expiry)| {
+            *expiry > now && !present.contains(&(id.clone(), *ip, node.clone()))
+        });
+        self.released.retain(|r| present.contains(r));
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).expect("API values serialise")
+}
+
+fn vni(net: &Network) -> overlay::Vni {
+    overlay::Vni::new(net.vni).expect("admitted networks have valid VNIs")
+}
+
+fn known_network<'a>(view: &'a View, name: &str) -> Result<&'a Network, Failure> {
+    view.networks.get(name).ok_or_else(|| {
+        Failure::usage(format!("network {name} not found: create it with `overlayd network create {name} --subnet CIDR` (see `overlayd network ls`)"))
+    })
+}
+
+fn network_info(net: &Network, view: &View) -> NetworkInfo {
+    NetworkInfo {
+        name: net.name.clone(),
+        subnet: net.subnet,
+        gateway: net.gateway(),
+        vni: net.vni,
+        mtu: net.mtu,
+        vteps: net.vteps.clone(),
+        endpoints: view.endpoints_on(net).count(),
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), Failure> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !name.starts_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::usage(format!(
+            "network name {name:?} is not allowed: use 1 to 64 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+/// Binds the API socket, refusing one that a running daemon still answers on.
+async fn bind_api(path: &std::path::Path) -> Result<UnixListener, Failure> {
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        return Err(Failure::usage(format!(
+            "another overlayd already serves the API at {}: pass a different --api",
+            path.display()
+        )));
+    }
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| Failure::runtime(format!("binding the API socket {}: {e}", path.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    Ok(listener)
+}

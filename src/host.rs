@@ -1,0 +1,191 @@
+//! The node's own network configuration, made with iproute2: bridges, veth pairs, container
+//! interfaces. Only `attach`, `detach` and network changes come here, never the packet path.
+//!
+//! iproute2 rather than a netlink crate: its error messages are the ones operators know, and the
+//! test hosts need it anyway.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use tokio::process::Command;
+use tracing::warn;
+
+use crate::model::Network;
+
+/// Runs `ip ARGS`, returning stdout, or an error that carries `ip`'s own complaint.
+async fn ip(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .await
+        .context("running `ip` (install iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// MTU of the interface that holds `addr`, the node's underlay address.
+pub async fn underlay_mtu(addr: Ipv4Addr) -> anyhow::Result<u32> {
+    let json = ip(&["-j", "addr", "show"]).await?;
+    let links: serde_json::Value =
+        serde_json::from_str(&json).context("parsing `ip -j addr show`")?;
+    let wanted = addr.to_string();
+    links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|link| {
+            link["addr_info"].as_array().into_iter().flatten().any(|a| a["local"].as_str() == Some(&wanted))
+        })
+        .and_then(|link| link["mtu"].as_u64())
+        .map(|mtu| mtu as u32)
+        .with_context(|| format!("no interface in this network namespace holds {addr}: pass an --advertise-addr this node owns"))
+}
+
+pub fn netns_exists(name: &str) -> bool {
+    !name.is_empty() && !name.contains('/') && Path::new("/run/netns").join(name).exists()
+}
+
+/// Creates the network's bridge (anycast gateway address and MAC) unless it exists.
+pub async fn ensure_bridge(net: &Network) -> anyhow::Result<()> {
+    let br = net.bridge_name();
+    if Path::new("/sys/class/net").join(&br).exists() {
+        return Ok(());
+    }
+    ip(&["link", "add", &br, "type", "bridge"]).await?;
+    let mac = mac_string(net.gateway_mac());
+    let mtu = net.mtu.to_string();
+    let gw = format!("{}/{}", net.gateway(), net.subnet.prefix());
+    let configured = async {
+        ip(&["link", "set", &br, "address", &mac, "mtu", &mtu]).await?;
+        // The same gateway MAC on every node would make IPv6 DAD fail across the overlay.
+        tokio::fs::write(format!("/proc/sys/net/ipv6/conf/{br}/disable_ipv6"), "1")
+            .await
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .with_context(|| format!("disabling IPv6 on {br}"))?;
+        ip(&["addr", "add", &gw, "dev", &br]).await?;
+        ip(&["link", "set", &br, "up"]).await.map(drop)
+    };
+    if let Err(err) = configured.await {
+        remove_link(&br).await;
+        return Err(err.context(format!("configuring bridge {br}")));
+    }
+    Ok(())
+}
+
+/// Puts the data plane's TAP on the network's bridge.
+pub async fn enslave_tap(net: &Network) -> anyhow::Result<()> {
+    let mtu = net.mtu.to_string();
+    ip(&[
+        "link",
+        "set",
+        &net.tap_name(),
+        "master",
+        &net.bridge_name(),
+        "mtu",
+        &mtu,
+        "up",
+    ])
+    .await
+    .map(drop)
+}
+
+/// Deletes a link; logs rather than fails, since it only ever cleans up.
+pub async fn remove_link(name: &str) {
+    if let Err(err) = ip(&["link", "del", name]).await {
+        warn!(link = name, %err, "could not remove link");
+    }
+}
+
+pub fn mac_string(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// What `plug` needs to give a container its interface on `net`.
+pub struct Plug<'a> {
+    pub net: &'a Network,
+    pub netns: &'a str,
+    pub host_if: &'a str,
+    pub ip: Ipv4Addr,
+    pub mac: &'a str,
+}
+
+/// Creates a veth pair, moves one end into the container as the first free `ethN` with the
+/// address, MTU and (if it has none yet) a default route via the gateway, and puts the other end
+/// on the bridge. On any failure the pair is deleted again: nothing is left half-made.
+pub async fn plug(p: &Plug<'_>) -> anyhow::Result<String> {
+    let ifname = free_ifname(p.netns).await?;
+    let peer = format!("{}c", p.host_if);
+    ip(&[
+        "link", "add", p.host_if, "type", "veth", "peer", "name", &peer,
+    ])
+    .await?;
+    let result = async {
+        let mtu = p.net.mtu.to_string();
+        let addr = format!("{}/{}", p.ip, p.net.subnet.prefix());
+        ip(&["link", "set", &peer, "netns", p.netns]).await?;
+        ip(&[
+            "-n", p.netns, "link", "set", &peer, "name", &ifname, "address", p.mac, "mtu", &mtu,
+        ])
+        .await?;
+        ip(&["-n", p.netns, "addr", "add", &addr, "dev", &ifname]).await?;
+        ip(&["-n", p.netns, "link", "set", &ifname, "up"]).await?;
+        ip(&["-n", p.netns, "link", "set", "lo", "up"]).await?;
+        let routes = ip(&["-n", p.netns, "route", "show", "default"]).await?;
+        if routes.trim().is_empty() {
+            let gw = p.net.gateway().to_string();
+            ip(&[
+                "-n", p.netns, "route", "add", "default", "via", &gw, "dev", &ifname,
+            ])
+            .await?;
+        }
+        ip(&[
+            "link",
+            "set",
+            p.host_if,
+            "master",
+            &p.net.bridge_name(),
+            "mtu",
+            &mtu,
+            "up",
+        ])
+        .await
+    }
+    .await;
+    if let Err(err) = result {
+        remove_link(p.host_if).await;
+        return Err(err.context(format!("plugging {} into network {}", p.netns, p.net.name)));
+    }
+    Ok(ifname)
+}
+
+async fn free_ifname(netns: &str) -> anyhow::Result<String> {
+    let json = ip(&["-n", netns, "-j", "link", "show"]).await?;
+    let links: serde_json::Value =
+        serde_json::from_str(&json).context("parsing `ip -j link show`")?;
+    let used: Vec<&str> = links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["ifname"].as_str())
+        .collect();
+    (0..64)
+        .map(|i| format!("eth{i}"))
+        .find(|name| !used.contains(&name.as_str()))
+        .context("the namespace has no free ethN name")
+}

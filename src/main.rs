@@ -1,0 +1,129 @@
+//! `overlayd`: the daemon (`init`, `join`) and the CLI that talks to it (every other verb).
+//!
+//! # Layout
+//! - [`cli`]: the verbs and how their replies are printed.
+//! - [`api`]: requests and replies on the local unix socket; [`wire`] frames them.
+//! - [`daemon`]: wiring and the reconcile loop that makes host and data plane match the cluster.
+//! - [`cluster`]: the cluster as derived from gossip (pure); [`model`]: its values and keys.
+//! - [`gossip`]: chitchat on a transport signed with the cluster secret ([`token`]).
+//! - [`peer`]: authenticated requests between members (join check, leader decisions).
+//! - [`ipam`]: subnet, VNI and address choices (pure).
+//! - [`host`]: bridges and veth pairs via iproute2; [`state_dir`]: the node's identity on disk.
+
+mod api;
+mod cli;
+mod cluster;
+mod daemon;
+mod gossip;
+mod host;
+mod ipam;
+mod model;
+mod peer;
+mod state_dir;
+mod token;
+mod wire;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing::info;
+
+use crate::api::Failure;
+use crate::cli::{Cli, Command, DaemonArgs};
+use crate::daemon::{Daemon, Start};
+
+/// sysexits.h EX_USAGE: the command was wrong, nothing was changed.
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(run(cli));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            ExitCode::from(if failure.usage { EX_USAGE } else { 1 })
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let api_path = cli.api;
+    match cli.command {
+        Command::Init(args) => serve(args, api_path, Start::Init).await,
+        Command::Join {
+            peer,
+            token,
+            daemon,
+        } => {
+            let secret = token::Secret::from_token(&token).map_err(Failure::usage)?;
+            let peer = cli::peer_addr(&peer, daemon.gossip_port).map_err(Failure::usage)?;
+            serve(daemon, api_path, Start::Join { peer, secret }).await
+        }
+        command => {
+            let (request, render) = command.request().expect("daemon verbs handled above");
+            let reply = api::call(&api_path, &request).await?;
+            println!("{}", render.show(reply?)?);
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: DaemonArgs, api: std::path::PathBuf, start: Start) -> Result<(), Failure> {
+    let initialising = matches!(start, Start::Init);
+    let config = daemon::Config {
+        advertise: args.advertise_addr,
+        gossip_port: args.gossip_port,
+        vxlan_port: args.vxlan_port,
+        state_dir: args.state_dir,
+        api,
+        workers: args
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        offloads: !args.no_offloads,
+    };
+    let advertise = config.advertise;
+    let daemon = Daemon::start(config, start).await?;
+    if initialising {
+        println!(
+            "Cluster initialised. To add a node, run on it:\n    overlayd join {advertise} --token {} --advertise-addr ADDR",
+            daemon.token()
+        );
+    } else {
+        println!("Joined the cluster.");
+    }
+    shutdown_signal().await;
+    info!("shutting down");
+    daemon.stop().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
