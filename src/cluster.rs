@@ -21,13 +21,14 @@ pub struct MemberState<'a> {
 pub struct Member {
     pub node: Node,
     pub gossip: SocketAddr,
+    /// Ids of the networks whose bridge and TAP this member has made.
+    pub realised: BTreeSet<String>,
 }
 
 /// An endpoint and the member that hosts it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Placed {
     pub node: String,
-    pub live: bool,
     pub endpoint: Endpoint,
 }
 
@@ -47,9 +48,12 @@ impl View {
         let mut seen_networks: Vec<Network> = Vec::new();
         for state in states {
             let mut vtep: Option<SocketAddrV4> = None;
+            let mut realised = BTreeSet::new();
             for &(k, v) in &state.keys {
                 if k == key::VTEP {
                     vtep = v.parse().ok();
+                } else if let Some(id) = k.strip_prefix(key::REALISED_PREFIX) {
+                    realised.insert(id.to_string());
                 } else if k.starts_with(key::NETWORK_PREFIX) {
                     seen_networks.extend(serde_json::from_str::<Network>(v).ok());
                 } else if let Some(id) = k.strip_prefix(key::TOMBSTONE_PREFIX) {
@@ -58,7 +62,6 @@ impl View {
                     if let Ok(endpoint) = serde_json::from_str::<Endpoint>(v) {
                         view.endpoints.push(Placed {
                             node: state.id.to_string(),
-                            live: state.live,
                             endpoint,
                         });
                     }
@@ -82,6 +85,7 @@ impl View {
                     is_self: state.is_self,
                 },
                 gossip: state.gossip,
+                realised,
             });
         }
         // Every node copies every network, so the same record arrives many times; a name
@@ -117,13 +121,16 @@ impl View {
             .filter(move |p| p.endpoint.network_id == network.id)
     }
 
-    /// The data plane's tables: endpoints of live members, and every live member's VTEP (and the
+    /// The data plane's tables: every member's endpoints, and every member's VTEP (and the
     /// network's static VTEPs) as flood targets and accepted senders.
+    ///
+    /// Down members stay in: a member the failure detector wrongly calls down (a busy machine)
+    /// keeps its traffic, and a really dead one loses nothing more by it. Members leave the
+    /// tables when gossip forgets them.
     pub fn tables(&self, self_id: &str, vxlan_port: u16) -> overlay::Tables {
         let vteps: BTreeMap<&str, SocketAddrV4> = self
             .members
             .iter()
-            .filter(|m| m.node.state == NodeState::Ready)
             .filter_map(|m| Some((m.node.id.as_str(), m.node.vtep?)))
             .collect();
         let networks = self
@@ -256,13 +263,12 @@ mod tests {
         let view = f.view();
         assert_eq!(view.networks.keys().collect::<Vec<_>>(), ["web"]);
         assert_eq!(view.endpoints.len(), 1);
-        assert!(!view.endpoints[0].live);
         assert_eq!(view.leader().unwrap().node.id, "a");
         assert_eq!(view.members[2].node.state, NodeState::Down);
     }
 
     #[test]
-    fn tables_route_to_live_members_only() {
+    fn tables_keep_down_members_and_add_static_vteps() {
         let f = Fixture {
             members: vec![
                 (
@@ -298,8 +304,8 @@ mod tests {
         let peers: Vec<String> = net.peers.iter().map(|p| p.to_string()).collect();
         assert_eq!(
             peers,
-            ["198.18.0.2:4789", "198.18.0.9:4789"],
-            "self and the down member excluded, static VTEP added"
+            ["198.18.0.2:4789", "198.18.0.3:4789", "198.18.0.9:4789"],
+            "self excluded, the down member kept, the static VTEP added"
         );
         let locations: Vec<_> = net
             .endpoints
@@ -313,6 +319,10 @@ mod tests {
                 (
                     "198.19.0.3".to_string(),
                     overlay::Location::Remote("198.18.0.2:4789".parse().unwrap())
+                ),
+                (
+                    "198.19.0.4".to_string(),
+                    overlay::Location::Remote("198.18.0.3:4789".parse().unwrap())
                 ),
             ]
         );

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use crate::api::{self, Attachment, Failure, NetworkInfo};
 use crate::cluster::{MemberState, View};
 use crate::gossip::{self, Gossip};
-use crate::model::{Endpoint, Network, key};
+use crate::model::{Endpoint, Network, NodeState, key};
 use crate::peer;
 use crate::state_dir::{self, Identity};
 use crate::token::Secret;
@@ -227,17 +227,27 @@ impl Daemon {
 
     async fn reconcile_forever(self: Arc<Daemon>) {
         let mut published = overlay::Tables::default();
+        let mut members = BTreeMap::new();
         let mut ticker = tokio::time::interval(RECONCILE_EVERY);
         loop {
             ticker.tick().await;
-            if let Err(err) = self.reconcile(&mut published).await {
+            if let Err(err) = self.reconcile(&mut published, &mut members).await {
                 warn!(err = %format!("{err:#}"), "reconcile failed; retrying");
             }
         }
     }
 
-    async fn reconcile(&self, published: &mut overlay::Tables) -> anyhow::Result<()> {
+    async fn reconcile(
+        &self,
+        published: &mut overlay::Tables,
+        members: &mut BTreeMap<String, NodeState>,
+    ) -> anyhow::Result<()> {
         let view = self.view().await;
+        for m in &view.members {
+            if members.insert(m.node.id.clone(), m.node.state) != Some(m.node.state) {
+                info!(node = %m.node.id, address = %m.node.address, state = %m.node.state, "member state");
+            }
+        }
         self.replicate(&view).await;
         self.realise(&view).await?;
         let tables = view.tables(&self.id, self.config.vxlan_port);
@@ -306,6 +316,7 @@ impl Daemon {
             let net = realised.remove(&id).expect("listed above");
             self.dataplane.remove_network(vni(&net));
             host::remove_link(&net.bridge_name()).await;
+            self.set_keys(&[], &[key::realised(&id)]).await;
             info!(network = %net.name, vni = net.vni, "network removed from this node");
         }
         for (id, net) in wanted {
@@ -318,6 +329,8 @@ impl Daemon {
                 .with_context(|| format!("creating the TAP of network {}", net.name))?;
             host::enslave_tap(net).await?;
             info!(network = %net.name, vni = net.vni, subnet = %net.subnet, mtu = net.mtu, "network ready on this node");
+            self.set_keys(&[(key::realised(id), String::new())], &[])
+                .await;
             realised.insert(id.to_string(), net.clone());
         }
         Ok(())
@@ -454,9 +467,15 @@ impl Daemon {
             .await?;
         let created: Network = serde_json::from_value(reply)
             .map_err(|e| Failure::runtime(format!("leader's reply: {e}")))?;
+        // Done when every ready member has made the bridge and TAP, so the network can be used
+        // on any node the moment this returns.
         let view = self
-            .converge(&format!("creating network {name}"), |v| {
+            .converge(&format!("creating network {name} on every node"), |v| {
                 v.networks.get(&name) == Some(&created)
+                    && v.members
+                        .iter()
+                        .filter(|m| m.node.state == NodeState::Ready)
+                        .all(|m| m.realised.contains(&created.id))
             })
             .await?;
         Ok(json(&network_info(&created, &view)))

@@ -78,11 +78,17 @@ pub mod key {
     /// `ep/<network id>/<ip>` -> JSON [`super::Endpoint`], written by the node that hosts it.
     pub const ENDPOINT_PREFIX: &str = "ep/";
 
+    /// `up/<network id>` -> "": this node has made the network's bridge and TAP.
+    pub const REALISED_PREFIX: &str = "up/";
+
     pub fn network(name: &str) -> String {
         format!("{NETWORK_PREFIX}{name}")
     }
     pub fn tombstone(id: &str) -> String {
         format!("{TOMBSTONE_PREFIX}{id}")
+    }
+    pub fn realised(network_id: &str) -> String {
+        format!("{REALISED_PREFIX}{network_id}")
     }
     pub fn endpoint(network_id: &str, ip: Ipv4Addr) -> String {
         format!("{ENDPOINT_PREFIX}{network_id}/{ip}")
