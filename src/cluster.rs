@@ -58,13 +58,13 @@ impl View {
                     seen_networks.extend(serde_json::from_str::<Network>(v).ok());
                 } else if let Some(id) = k.strip_prefix(key::TOMBSTONE_PREFIX) {
                     view.tombstones.insert(id.to_string());
-                } else if k.starts_with(key::ENDPOINT_PREFIX) {
-                    if let Ok(endpoint) = serde_json::from_str::<Endpoint>(v) {
-                        view.endpoints.push(Placed {
-                            node: state.id.to_string(),
-                            endpoint,
-                        });
-                    }
+                } else if k.starts_with(key::ENDPOINT_PREFIX)
+                    && let Ok(endpoint) = serde_json::from_str::<Endpoint>(v)
+                {
+                    view.endpoints.push(Placed {
+                        node: state.id.to_string(),
+                        endpoint,
+                    });
                 }
             }
             let address = match (vtep, state.gossip) {
@@ -202,8 +202,11 @@ mod tests {
         .unwrap()
     }
 
+    /// (node id, live, key-values) per member; the first is this node.
+    type Member = (String, bool, Vec<(String, String)>);
+
     struct Fixture {
-        members: Vec<(String, bool, Vec<(String, String)>)>,
+        members: Vec<Member>,
     }
 
     impl Fixture {

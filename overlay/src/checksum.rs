@@ -52,13 +52,26 @@ mod tests {
     #[test]
     fn rfc1071_example() {
         // RFC 1071 §3: 00 01 f2 03 f4 f5 f6 f7 sums to ddf2.
-        assert_eq!(fold(sum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7])), 0xddf2);
-        assert_eq!(fold(sum(&[0x00, 0x01, 0xf2])), fold(sum(&[0x00, 0x01, 0xf2, 0x00])));
+        assert_eq!(
+            fold(sum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7])),
+            0xddf2
+        );
+        assert_eq!(
+            fold(sum(&[0x00, 0x01, 0xf2])),
+            fold(sum(&[0x00, 0x01, 0xf2, 0x00]))
+        );
     }
 
     #[test]
     fn ipv4_header_checksum_matches_etherparse() {
-        let ip = etherparse::Ipv4Header::new(100, 64, etherparse::IpNumber::UDP, [198, 18, 0, 1], [198, 18, 0, 199]).unwrap();
+        let ip = etherparse::Ipv4Header::new(
+            100,
+            64,
+            etherparse::IpNumber::UDP,
+            [198, 18, 0, 1],
+            [198, 18, 0, 199],
+        )
+        .unwrap();
         let mut h = ip.to_bytes().to_vec();
         h[10] = 0;
         h[11] = 0;

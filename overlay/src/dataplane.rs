@@ -28,8 +28,9 @@ pub struct Config {
     pub local_vtep: SocketAddrV4,
     /// Data-path threads, which is also the number of queues of every TAP (at least 1).
     pub workers: usize,
-    /// Enable TAP offloads (TSO/USO/checksum) where the kernel accepts them. `false` forces
-    /// them off. Not used by the plain path yet: TAPs are currently always opened without.
+    /// The fast path: TAP offloads (checksum, TSO4/6, USO where the kernel accepts them,
+    /// probed per TAP), `UDP_SEGMENT` on send, `UDP_GRO` and TCP coalescing on receive.
+    /// `false` forces all of it off (one frame per read, write and datagram).
     pub offloads: bool,
 }
 
@@ -38,7 +39,7 @@ impl Default for Config {
         Config {
             local_vtep: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, vxlan::PORT),
             workers: 1,
-            offloads: false,
+            offloads: true,
         }
     }
 }
@@ -93,6 +94,10 @@ pub struct Stats {
     pub arp_answered: u64,
     /// Frames flooded to all peers.
     pub flooded: u64,
+    /// TSO/USO super-frames read from a TAP and segmented (each also counts in `rx_frames`).
+    pub gso_frames: u64,
+    /// Coalesced super-frames (two or more TCP segments) written to a TAP.
+    pub gro_frames: u64,
     /// Dropped frames and datagrams by reason ("short", "no-i-flag", "unknown-vni",
     /// "not-member", "malformed-frame", "hairpin", ...). Reasons never seen are absent.
     pub drops: BTreeMap<&'static str, u64>,
@@ -181,6 +186,11 @@ impl DataPlane {
         let mut prepared = Vec::with_capacity(config.workers);
         for index in 0..config.workers {
             let udp = udp::bind_receiver(addr).map_err(|source| Error::Bind { addr, source })?;
+            if config.offloads
+                && let Err(e) = udp::enable_gro(&udp)
+            {
+                tracing::warn!(error = %e, "UDP_GRO refused; receiving datagrams one by one");
+            }
             if addr.port() == 0 {
                 let bound = udp
                     .local_addr()
@@ -205,6 +215,7 @@ impl DataPlane {
                 pool: pool.clone(),
                 tables: tables.clone(),
                 counters: counters.clone(),
+                offloads: config.offloads,
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("overlay-worker-{index}"))
@@ -265,8 +276,13 @@ impl DataPlane {
             source,
         };
         let queues = tap::Queue::open_many(tap_name, self.workers.len()).map_err(tap_err)?;
-        // Offloads stay off until the segmenting path handles them (see STATUS.md).
-        queues[0].set_offload(0).map_err(tap_err)?;
+        // The offload setting is per device, so one queue is enough.
+        let offload = if self.config.offloads {
+            tap::probe_offload(&queues[0])
+        } else {
+            queues[0].set_offload(0).map_err(tap_err)?;
+            0
+        };
         for (index, (worker, queue)) in self.workers.iter().zip(queues).enumerate() {
             if !worker.send(Control::AddQueue { vni, queue }) {
                 // Undo: workers that got a queue close it again.
@@ -275,7 +291,7 @@ impl DataPlane {
             }
         }
         networks.insert(vni, tap_name.to_owned());
-        tracing::info!(%vni, tap = tap_name, queues = self.workers.len(), "network added");
+        tracing::info!(%vni, tap = tap_name, queues = self.workers.len(), offload = format_args!("{offload:#x}"), "network added");
         Ok(())
     }
 
@@ -326,6 +342,8 @@ impl DataPlane {
             s.rx_vxlan += c.rx_vxlan.load(Relaxed);
             s.arp_answered += c.arp_answered.load(Relaxed);
             s.flooded += c.flooded.load(Relaxed);
+            s.gso_frames += c.gso_frames.load(Relaxed);
+            s.gro_frames += c.gro_frames.load(Relaxed);
             for reason in DropReason::ALL {
                 let n = c.drops[reason.index()].load(Relaxed);
                 if n > 0 {
@@ -373,6 +391,13 @@ mod tests {
     use std::process::Command;
 
     #[test]
+    fn data_plane_can_be_shared_across_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<DataPlane>();
+        send_sync::<Stats>();
+    }
+
+    #[test]
     fn zero_workers_is_a_config_error() {
         let err = DataPlane::start(Config {
             workers: 0,
@@ -417,11 +442,140 @@ mod tests {
     /// each TAP is moved into its own "container" namespace; ping crosses the overlay, first
     /// with ARP answered from cluster state, then with no endpoints known (flood + learning).
     #[test]
-    fn two_data_planes_ping_through_vxlan() {
+    fn two_data_planes_through_vxlan_offloads_off() {
+        two_data_planes(false);
+    }
+
+    #[test]
+    fn two_data_planes_through_vxlan_offloads_on() {
+        two_data_planes(true);
+    }
+
+    /// TCP through the overlay with iperf3 (exercises TSO, GSO, GRO and coalescing when
+    /// offloads are on); returns bytes received.
+    fn iperf(server: &Netns, client: &Netns, to: &str) -> u64 {
+        let mut srv = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &server.name,
+                "iperf3",
+                "-s",
+                "-1",
+                "-p",
+                "5201",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("iperf3 server");
+        std::thread::sleep(Duration::from_millis(300));
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &client.name,
+                "iperf3",
+                "-c",
+                to,
+                "-p",
+                "5201",
+                "-t",
+                "2",
+                "-J",
+            ])
+            .output()
+            .expect("iperf3 client");
+        let _ = srv.kill();
+        let _ = srv.wait();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "iperf3 failed: {text}");
+        // "bytes": N in "sum_received"
+        let at = text.find("\"sum_received\"").expect("sum_received");
+        let rest = &text[at..];
+        if let Some(bps) = rest.find("\"bits_per_second\":") {
+            let v = rest[bps + 18..]
+                .trim_start()
+                .split([',', '\n'])
+                .next()
+                .unwrap_or("?");
+            eprintln!("iperf3 {} -> {to}: {v} bit/s", client.name);
+        }
+        let b = rest.find("\"bytes\":").unwrap() + 8;
+        rest[b..]
+            .trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// A container sends one `UDP_SEGMENT` batch (USO through the TAP when offloads are on);
+    /// the other container must receive every datagram intact.
+    /// Then a burst of small datagrams (batched into `UDP_SEGMENT` sends by the worker when
+    /// offloads are on) must arrive complete and in order.
+    fn udp_gso_across(from: &Netns, to: &Netns) {
+        const SMALL: usize = 300;
+        let payload: Vec<u8> = (0..20 * 1000 + 123).map(|i| (i % 251) as u8).collect();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::scope(|s| {
+            let receiver = s.spawn(|| {
+                to.enter();
+                let sock = std::net::UdpSocket::bind("198.19.0.2:9999").unwrap();
+                sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                ready_tx.send(()).unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 2048];
+                while got.len() < payload.len() {
+                    let Ok(n) = sock.recv(&mut buf) else { break };
+                    assert!(n == 1000 || n == 123, "datagram of {n} bytes");
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let mut small = Vec::new();
+                while small.len() < SMALL {
+                    let Ok(n) = sock.recv(&mut buf) else { break };
+                    assert_eq!(n, 100, "small datagram of {n} bytes");
+                    small.push(u16::from_be_bytes([buf[0], buf[1]]));
+                }
+                assert_eq!(
+                    small,
+                    (0..SMALL as u16).collect::<Vec<_>>(),
+                    "small datagrams lost or reordered"
+                );
+                got
+            });
+            let payload = &payload;
+            s.spawn(move || {
+                from.enter();
+                ready_rx.recv().unwrap();
+                let sock = std::net::UdpSocket::bind("198.19.0.1:0").unwrap();
+                let to = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 2), 9999);
+                udp::send_gso(&sock, payload, to, 1000).expect("UDP_SEGMENT send in container");
+                std::thread::sleep(Duration::from_millis(100));
+                // Bursts of 25, paced so that the receiving test socket (rmem_max) keeps up.
+                for i in 0..SMALL as u16 {
+                    let mut d = [0u8; 100];
+                    d[..2].copy_from_slice(&i.to_be_bytes());
+                    sock.send_to(&d, to).unwrap();
+                    if i % 25 == 24 {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            });
+            assert_eq!(
+                &receiver.join().unwrap(),
+                payload,
+                "UDP GSO batch not received intact"
+            );
+        });
+    }
+
+    fn two_data_planes(offloads: bool) {
         require_root();
-        let under = Netns::new("u");
-        let ca = Netns::new("a");
-        let cb = Netns::new("b");
+        let tag = if offloads { "on" } else { "off" };
+        let under = Netns::new(&format!("u{tag}"));
+        let ca = Netns::new(&format!("a{tag}"));
+        let cb = Netns::new(&format!("b{tag}"));
         under.ip("link set lo up");
         let vni = Vni::new(4242).unwrap();
         let (a, b) = std::thread::scope(|s| {
@@ -430,7 +584,7 @@ mod tests {
                 let cfg = Config {
                     local_vtep: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
                     workers: 2,
-                    offloads: false,
+                    offloads,
                 };
                 let a = DataPlane::start(cfg.clone()).expect("start a");
                 let b = DataPlane::start(cfg).expect("start b");
@@ -501,6 +655,36 @@ mod tests {
         assert!(sa.arp_answered >= 1, "{sa:?}");
         assert!(sa.tx_vxlan >= 3 && sb.tx_vxlan >= 3, "{sa:?} {sb:?}");
         assert!(sa.rx_vxlan >= 3 && sb.rx_vxlan >= 3, "{sa:?} {sb:?}");
+
+        let bytes = iperf(&cb, &ca, "198.19.0.2");
+        assert!(bytes > 1_000_000, "iperf3 moved only {bytes} bytes");
+        let bytes = iperf(&ca, &cb, "198.19.0.1");
+        assert!(bytes > 1_000_000, "iperf3 moved only {bytes} bytes");
+        udp_gso_across(&ca, &cb);
+        let (sa, sb) = (a.stats(), b.stats());
+        eprintln!("offloads {offloads}: a={sa:?}\nb={sb:?}");
+        for s in [&sa, &sb] {
+            for reason in [
+                "offload",
+                "tap-write",
+                "udp-send",
+                "short",
+                "malformed-frame",
+            ] {
+                assert_eq!(s.drops.get(reason), None, "{reason} drops: {s:?}");
+            }
+        }
+        if offloads {
+            // Super-frames were segmented and coalesced, both ways.
+            assert!(sa.tx_vxlan > sa.rx_frames, "{sa:?}");
+            for s in [&sa, &sb] {
+                assert!(s.gso_frames > 0 && s.gro_frames > 0, "{s:?}");
+            }
+        } else {
+            for s in [&sa, &sb] {
+                assert!(s.gso_frames == 0 && s.gro_frames == 0, "{s:?}");
+            }
+        }
 
         // Forget endpoints: ARP is flooded, replies are learned.
         let peers_only = |other: SocketAddrV4| Tables {

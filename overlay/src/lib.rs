@@ -3,8 +3,12 @@
 //!
 //! It switches frames the local Linux bridge hands to the TAP (to a remote VTEP, answered
 //! locally for ARP, or flooded to the network's peers) and delivers VXLAN received from
-//! peers (RFC 7348, UDP 4789 by default). It knows nothing of services, gossip or the
-//! cluster: the daemon publishes [`Tables`] and reads [`Stats`].
+//! peers (RFC 7348, UDP 4789 by default). With [`Config::offloads`] it moves 64 KB
+//! super-frames: TSO/USO from the TAP segmented in userspace and sent with `UDP_SEGMENT`,
+//! `UDP_GRO` batches decapsulated and their TCP segments coalesced into one TAP write.
+//!
+//! It knows nothing of services, gossip or the cluster: the daemon publishes [`Tables`] and
+//! reads [`Stats`]. It does not configure links (bridge, MTU, addresses): the daemon does.
 //!
 //! # Layout
 //!
@@ -17,16 +21,22 @@
 //! - [`switch`]: the decision for a frame from the TAP or a datagram from a VTEP, returned
 //!   as a [`switch::Forward`] value; drops carry a [`switch::DropReason`].
 //! - [`flowhash`]: the inner-flow hash behind the outer UDP source port.
+//! - [`offload`], [`checksum`]: splitting super-frames into wire-sized segments with valid
+//!   checksums, and coalescing received TCP segments back into one super-frame.
 //! - [`tap`]: the multi-queue TAP with a virtio-net header (the only `unsafe`: its ioctls).
-//! - [`udp`]: the receive sockets (one per worker, `SO_REUSEPORT`) and the send-socket pool.
-//! - `worker`: one thread per TAP queue; polls, switches and does the I/O.
+//! - [`udp`]: the receive sockets (one per worker, `SO_REUSEPORT`), the send-socket pool, and
+//!   `UDP_SEGMENT`/`UDP_GRO` (the other `unsafe`: `sendmsg`/`recvmsg` with control messages).
+//! - `worker`: one thread per TAP queue; polls, switches and does the I/O, without locks or
+//!   allocation per packet.
 //! - [`DataPlane`]: starts workers, adds and removes networks, publishes tables, sums stats.
 
 pub mod arp;
+pub mod checksum;
 mod dataplane;
 pub mod ethernet;
 pub mod fdb;
 pub mod flowhash;
+pub mod offload;
 pub mod switch;
 pub mod tap;
 pub mod udp;

@@ -104,7 +104,12 @@ pub fn layout(frame: &[u8]) -> Result<Layout, Unsupported> {
     if frame.len() < hdr_len {
         return Err(Unsupported::Malformed);
     }
-    Ok(Layout { v4, l4, proto, hdr_len })
+    Ok(Layout {
+        v4,
+        l4,
+        proto,
+        hdr_len,
+    })
 }
 
 fn pseudo(frame: &[u8], lay: &Layout, l4_len: usize) -> u64 {
@@ -168,8 +173,14 @@ fn l4_checksum(frame: &mut [u8], lay: &Layout) {
 
 /// Finishes a partial checksum: sums from `csum_start` to the end (the field already holds
 /// the pseudo-header sum) and stores the result at `csum_start + csum_offset`.
-pub fn complete_checksum(frame: &mut [u8], csum_start: usize, csum_offset: usize) -> Result<(), Unsupported> {
-    let at = csum_start.checked_add(csum_offset).ok_or(Unsupported::BadCsum)?;
+pub fn complete_checksum(
+    frame: &mut [u8],
+    csum_start: usize,
+    csum_offset: usize,
+) -> Result<(), Unsupported> {
+    let at = csum_start
+        .checked_add(csum_offset)
+        .ok_or(Unsupported::BadCsum)?;
     if at + 2 > frame.len() {
         return Err(Unsupported::BadCsum);
     }
@@ -202,7 +213,11 @@ impl Segments {
 
     /// The `i`-th frame, without headroom.
     pub fn frame<'a>(&self, out: &'a [u8], i: usize, headroom: usize) -> &'a [u8] {
-        let len = if i + 1 == self.count { self.last } else { self.stride };
+        let len = if i + 1 == self.count {
+            self.last
+        } else {
+            self.stride
+        };
         &out[i * self.stride + headroom..i * self.stride + len]
     }
 }
@@ -211,7 +226,12 @@ impl Segments {
 /// frames of at most `vh.gso_size` payload bytes, each with complete checksums, written to
 /// `out` at equal stride after `headroom` bytes each. TCP sequence numbers advance, IPv4 IDs
 /// increment, FIN/PSH stay on the last segment and CWR on the first only.
-pub fn segment(frame: &[u8], vh: &vnet::Header, headroom: usize, out: &mut [u8]) -> Result<Segments, Unsupported> {
+pub fn segment(
+    frame: &[u8],
+    vh: &vnet::Header,
+    headroom: usize,
+    out: &mut [u8],
+) -> Result<Segments, Unsupported> {
     let lay = layout(frame)?;
     let want = match vh.gso_type & !vnet::gso::ECN {
         vnet::gso::TCPV4 => (true, TCP),
@@ -233,12 +253,24 @@ pub fn segment(frame: &[u8], vh: &vnet::Header, headroom: usize, out: &mut [u8])
     }
     let stride = headroom + lay.hdr_len + mss;
     let last_payload = payload.len() - (count - 1) * mss;
-    let segs = Segments { count, stride, last: headroom + lay.hdr_len + last_payload };
+    let segs = Segments {
+        count,
+        stride,
+        last: headroom + lay.hdr_len + last_payload,
+    };
     if out.len() < segs.len() {
         return Err(Unsupported::NoRoom);
     }
-    let seq0 = if lay.proto == TCP { get32(frame, lay.l4 + 4) } else { 0 };
-    for (i, chunk) in payload.chunks(mss).chain((payload.is_empty()).then_some(&[][..])).enumerate() {
+    let seq0 = if lay.proto == TCP {
+        get32(frame, lay.l4 + 4)
+    } else {
+        0
+    };
+    for (i, chunk) in payload
+        .chunks(mss)
+        .chain((payload.is_empty()).then_some(&[][..]))
+        .enumerate()
+    {
         let start = i * stride + headroom;
         let seg = &mut out[start..start + lay.hdr_len + chunk.len()];
         seg[..lay.hdr_len].copy_from_slice(&frame[..lay.hdr_len]);
@@ -289,7 +321,10 @@ impl Default for Coalescer {
 
 impl std::fmt::Debug for Coalescer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Coalescer").field("len", &self.len).field("flow", &self.flow).finish()
+        f.debug_struct("Coalescer")
+            .field("len", &self.len)
+            .field("flow", &self.flow)
+            .finish()
     }
 }
 
@@ -303,14 +338,20 @@ fn candidate(frame: &[u8]) -> Option<(Layout, u32, u8, usize)> {
         return None;
     }
     let flags = frame[lay.l4 + 13];
-    if flags & flag::ACK == 0 || flags & (flag::SYN | flag::FIN | flag::RST | flag::URG | flag::CWR) != 0 {
+    if flags & flag::ACK == 0
+        || flags & (flag::SYN | flag::FIN | flag::RST | flag::URG | flag::CWR) != 0
+    {
         return None;
     }
     let payload = frame.len() - lay.hdr_len;
     if payload == 0 {
         return None;
     }
-    let ip_len = if lay.v4 { usize::from(get16(frame, L3 + 2)) } else { usize::from(get16(frame, L3 + 4)) + 40 };
+    let ip_len = if lay.v4 {
+        usize::from(get16(frame, L3 + 2))
+    } else {
+        usize::from(get16(frame, L3 + 4)) + 40
+    };
     if ip_len != frame.len() - L3 {
         return None;
     }
@@ -346,11 +387,20 @@ fn same_flow(a: &[u8], b: &[u8], lay: &Layout) -> bool {
 
 impl Coalescer {
     pub fn new() -> Coalescer {
-        Coalescer { buf: vec![0u8; H + L3 + MAX_IP_LEN].into_boxed_slice(), len: 0, flow: None }
+        Coalescer {
+            buf: vec![0u8; H + L3 + MAX_IP_LEN].into_boxed_slice(),
+            len: 0,
+            flow: None,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.flow.is_none()
+    }
+
+    /// How many segments the super-frame being built holds.
+    pub fn segments(&self) -> usize {
+        self.flow.map_or(0, |f| f.segs)
     }
 
     /// Adds `frame` to the super-frame being built; false if it does not belong to it (or
@@ -409,7 +459,11 @@ impl Coalescer {
         put16(frame, lay.l4 + 16, partial);
         vnet::Header {
             flags: vnet::FLAG_NEEDS_CSUM,
-            gso_type: if lay.v4 { vnet::gso::TCPV4 } else { vnet::gso::TCPV6 },
+            gso_type: if lay.v4 {
+                vnet::gso::TCPV4
+            } else {
+                vnet::gso::TCPV6
+            },
             hdr_len: lay.hdr_len as u16,
             gso_size: f.gso_size as u16,
             csum_start: lay.l4 as u16,

@@ -189,7 +189,8 @@ pub(crate) mod tests {
 
     impl Netns {
         pub fn new(tag: &str) -> Netns {
-            let name = format!("ovt-{}-{tag}", std::process::id());
+            // Same shape as the harness (ovt-WORD-PID-...), so scripts/lib.sh reaps leftovers of killed runs.
+            let name = format!("ovt-{tag}-{}-ns", std::process::id());
             let _ = Command::new("ip")
                 .args(["netns", "del", &name])
                 .stderr(std::process::Stdio::null())

@@ -4,6 +4,12 @@
 //!
 //! A socket cannot choose its source port per datagram, so the outer source port of
 //! RFC 7348 §5 is chosen by picking the pool socket that matches the inner flow hash.
+//!
+//! For the offload path, [`send_gso`] sends equal-size datagrams laid out back to back in one
+//! `sendmsg` with `UDP_SEGMENT`, and [`recv_gro`] receives a `UDP_GRO` batch and its segment
+//! size. Those two and [`enable_gro`] need `sendmsg`/`recvmsg`/`setsockopt` with control
+//! messages, which std and socket2 do not offer for these options: they are the `unsafe` in
+//! the small `sys` module below.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
@@ -22,8 +28,10 @@ const SEND_BUFFER: usize = 4 << 20;
 pub fn bind_receiver(addr: SocketAddrV4) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_port(true)?;
-    // Best effort: the kernel caps it at net.core.rmem_max.
-    let _ = socket.set_recv_buffer_size(RECV_BUFFER);
+    // Best effort: beyond net.core.rmem_max only with CAP_NET_ADMIN.
+    if sys::force_buffer(&socket, libc::SO_RCVBUFFORCE, RECV_BUFFER).is_err() {
+        let _ = socket.set_recv_buffer_size(RECV_BUFFER);
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())
@@ -66,7 +74,12 @@ impl SendPool {
 
     /// The socket whose source port carries this flow hash.
     pub fn pick(&self, flow_hash: u32) -> &UdpSocket {
-        &self.sockets[flow_hash as usize % self.sockets.len()]
+        &self.sockets[self.index(flow_hash)]
+    }
+
+    /// The index of the socket [`pick`](Self::pick) returns.
+    pub fn index(&self, flow_hash: u32) -> usize {
+        flow_hash as usize % self.sockets.len()
     }
 
     pub fn len(&self) -> usize {
@@ -91,11 +104,181 @@ impl SendPool {
 /// instead of dropping.
 fn bind_sender(addr: SocketAddrV4) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    let _ = socket.set_send_buffer_size(SEND_BUFFER);
+    if sys::force_buffer(&socket, libc::SO_SNDBUFFORCE, SEND_BUFFER).is_err() {
+        let _ = socket.set_send_buffer_size(SEND_BUFFER);
+    }
     // We never expect datagrams here; keep the receive queue small.
     let _ = socket.set_recv_buffer_size(4096);
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+/// The most datagrams one `UDP_SEGMENT` send may carry (the kernel's `UDP_MAX_SEGMENTS`
+/// is 64 on older kernels).
+pub const GSO_MAX_SEGMENTS: usize = 64;
+/// The most bytes one `UDP_SEGMENT` send may carry (an IPv4 UDP payload).
+pub const GSO_MAX_BYTES: usize = 65_507;
+
+pub use sys::{enable_gro, recv_gro, send_gso};
+
+#[allow(unsafe_code)]
+mod sys {
+    use std::io;
+    use std::mem::{MaybeUninit, size_of, zeroed};
+    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+    use std::os::fd::AsRawFd;
+
+    fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: addr.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(addr.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        }
+    }
+
+    /// Sets a socket buffer size past `rmem_max`/`wmem_max` (`SO_RCVBUFFORCE` or
+    /// `SO_SNDBUFFORCE`); needs CAP_NET_ADMIN, else fails and nothing changes.
+    pub fn force_buffer(socket: &impl AsRawFd, option: libc::c_int, size: usize) -> io::Result<()> {
+        let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the pointer and length describe `size`, a live c_int, for the duration of the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                &size as *const libc::c_int as *const libc::c_void,
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Asks the kernel to coalesce received datagrams of one flow (`UDP_GRO`).
+    pub fn enable_gro(socket: &UdpSocket) -> io::Result<()> {
+        let on: libc::c_int = 1;
+        // SAFETY: the pointer and length describe `on`, a live c_int, for the duration of the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_GRO,
+                &on as *const libc::c_int as *const libc::c_void,
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Sends `buf` to `to` as datagrams of `segment` bytes (the last may be shorter) in one
+    /// `sendmsg` with `UDP_SEGMENT`. Returns the bytes sent.
+    pub fn send_gso(
+        socket: &UdpSocket,
+        buf: &[u8],
+        to: SocketAddrV4,
+        segment: u16,
+    ) -> io::Result<usize> {
+        let mut addr = sockaddr(to);
+        let mut iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // u64 storage keeps the control buffer aligned for cmsghdr.
+        let mut control = [0u64; 4];
+        // SAFETY: an all-zero msghdr is a valid empty message.
+        let mut msg: libc::msghdr = unsafe { zeroed() };
+        msg.msg_name = &mut addr as *mut libc::sockaddr_in as *mut libc::c_void;
+        msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        // SAFETY: CMSG_SPACE only computes a size.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as _;
+        // SAFETY: msg_control points at `control` (32 bytes, aligned), which is larger than
+        // CMSG_SPACE(2) = 24, so the first header and its u16 payload fit inside it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_UDP;
+            (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut u16, segment);
+        }
+        // SAFETY: every pointer in `msg` refers to a local that outlives the call; the kernel
+        // only reads through them.
+        let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, 0) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Receives one datagram or one `UDP_GRO` batch into `buf`. Returns the length, the
+    /// sender and the segment size of the batch (`None`: a single datagram).
+    pub fn recv_gro(
+        socket: &UdpSocket,
+        buf: &mut [u8],
+    ) -> io::Result<(usize, SocketAddr, Option<usize>)> {
+        let mut addr = MaybeUninit::<libc::sockaddr_storage>::zeroed();
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        let mut control = [0u64; 8];
+        // SAFETY: an all-zero msghdr is a valid empty message.
+        let mut msg: libc::msghdr = unsafe { zeroed() };
+        msg.msg_name = addr.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = size_of::<[u64; 8]>() as _;
+        // SAFETY: every pointer in `msg` refers to a live local or to `buf`, with the lengths
+        // given; the kernel writes at most those many bytes.
+        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut segment = None;
+        // SAFETY: the kernel filled msg_control/msg_controllen; CMSG_FIRSTHDR/NXTHDR stay
+        // within them and every header they return is complete.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
+                    let size =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int);
+                    segment = usize::try_from(size).ok().filter(|&s| s > 0);
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        // SAFETY: the kernel wrote a sockaddr of msg_namelen bytes; we only read it as
+        // sockaddr_in after checking the family, and sockaddr_storage is large enough.
+        let from = unsafe {
+            let storage = addr.assume_init();
+            if storage.ss_family == libc::AF_INET as libc::sa_family_t {
+                let sin = *(addr.as_ptr() as *const libc::sockaddr_in);
+                SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                    u16::from_be(sin.sin_port),
+                ))
+            } else {
+                SocketAddr::from(([0u16; 8], 0))
+            }
+        };
+        Ok((n as usize, from, segment))
+    }
 }
 
 #[cfg(test)]
@@ -121,6 +304,40 @@ mod tests {
             pool.pick(12345).local_addr().unwrap(),
             pool.pick(12345).local_addr().unwrap()
         );
+    }
+
+    #[test]
+    fn gso_send_and_gro_receive_on_loopback() {
+        let rx = bind_receiver(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let std::net::SocketAddr::V4(to) = rx.local_addr().unwrap() else {
+            unreachable!()
+        };
+        enable_gro(&rx).unwrap();
+        let pool = SendPool::bind(Ipv4Addr::LOCALHOST, 1).unwrap();
+        let buf: Vec<u8> = (0..1000 * 5 + 300).map(|i| i as u8).collect();
+        assert_eq!(send_gso(pool.pick(0), &buf, to, 1000).unwrap(), buf.len());
+        let mut got = Vec::new();
+        let mut sizes = Vec::new();
+        let mut out = vec![0u8; 65536];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while got.len() < buf.len() && std::time::Instant::now() < deadline {
+            match recv_gro(&rx, &mut out) {
+                Ok((n, from, seg)) => {
+                    assert_eq!(from.port(), pool.ports()[0]);
+                    sizes.push((n, seg));
+                    got.extend_from_slice(&out[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, buf, "segments {sizes:?}");
+        // Every batch is whole segments of 1000 (GRO may or may not have merged them).
+        for (n, seg) in sizes {
+            assert!(seg.unwrap_or(n) == 1000 || n == 300, "{n} {seg:?}");
+        }
     }
 
     #[test]

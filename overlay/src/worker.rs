@@ -20,8 +20,9 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::fdb::{Index, Learned};
+use crate::offload::{self, Coalescer};
 use crate::switch::{self, DropReason, Forward};
-use crate::udp::SendPool;
+use crate::udp::{self, SendPool};
 use crate::vxlan::{self, Vni};
 use crate::{flowhash, tap, vnet};
 
@@ -43,6 +44,8 @@ pub(crate) struct Counters {
     pub rx_vxlan: AtomicU64,
     pub arp_answered: AtomicU64,
     pub flooded: AtomicU64,
+    pub gso_frames: AtomicU64,
+    pub gro_frames: AtomicU64,
     pub drops: [AtomicU64; DROP_REASONS],
 }
 
@@ -86,6 +89,8 @@ pub(crate) struct Worker {
     pub pool: Arc<SendPool>,
     pub tables: Arc<ArcSwap<Index>>,
     pub counters: Arc<Counters>,
+    /// Offload path: receive with `UDP_GRO` and coalesce TCP before writing to the TAP.
+    pub offloads: bool,
 }
 
 struct State {
@@ -94,7 +99,78 @@ struct State {
     learned: Learned,
     buf: Box<[u8]>,
     reply: Box<[u8]>,
+    /// Segments of a super-frame, each behind its VXLAN header, at equal stride.
+    segs: Box<[u8]>,
+    coalescer: Coalescer,
+    batch: TxBatch,
+    /// `UDP_SEGMENT` works; cleared when the kernel refuses it.
+    gso: bool,
 }
+
+/// Datagrams to one VTEP through one send socket, gathered across TAP reads so that a run
+/// of equal-size frames (all but the last, which may be shorter) leaves in one
+/// `UDP_SEGMENT` send. Flushed whenever the TAP queue is drained, so it adds no latency.
+struct TxBatch {
+    buf: Box<[u8]>,
+    len: usize,
+    count: usize,
+    seg: usize,
+    closed: bool,
+    socket: usize,
+    hash: u32,
+    to: SocketAddrV4,
+}
+
+impl TxBatch {
+    fn new(offloads: bool) -> TxBatch {
+        TxBatch {
+            buf: vec![0u8; if offloads { udp::GSO_MAX_BYTES } else { 0 }].into_boxed_slice(),
+            len: 0,
+            count: 0,
+            seg: 0,
+            closed: false,
+            socket: 0,
+            hash: 0,
+            to: SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+        }
+    }
+
+    /// True if a datagram of `len` bytes to `to` through `socket` can join the batch.
+    fn accepts(&self, socket: usize, to: SocketAddrV4, len: usize) -> bool {
+        self.count > 0
+            && !self.closed
+            && self.socket == socket
+            && self.to == to
+            && len <= self.seg
+            && self.len + len <= self.buf.len()
+            && self.count < udp::GSO_MAX_SEGMENTS
+    }
+
+    /// Appends a datagram; call [`accepts`](Self::accepts) (or flush) first.
+    fn push(&mut self, socket: usize, hash: u32, to: SocketAddrV4, datagram: &[u8]) {
+        if self.count == 0 {
+            *self = TxBatch {
+                buf: std::mem::take(&mut self.buf),
+                len: 0,
+                count: 0,
+                seg: datagram.len(),
+                closed: false,
+                socket,
+                hash,
+                to,
+            };
+        }
+        self.buf[self.len..self.len + datagram.len()].copy_from_slice(datagram);
+        self.len += datagram.len();
+        self.count += 1;
+        if datagram.len() < self.seg {
+            self.closed = true;
+        }
+    }
+}
+
+/// Room for the segments of the largest super-frame with their headers repeated.
+const SEGS_LEN: usize = 160 * 1024;
 
 impl Worker {
     /// Runs until [`Control::Shutdown`] or until the control side is gone.
@@ -106,6 +182,7 @@ impl Worker {
             pool,
             tables,
             counters,
+            offloads,
         } = self;
         if let Err(e) =
             poll.registry()
@@ -120,12 +197,17 @@ impl Worker {
             learned: Learned::default(),
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
             reply: vec![0u8; 128].into_boxed_slice(),
+            segs: vec![0u8; if offloads { SEGS_LEN } else { 0 }].into_boxed_slice(),
+            coalescer: Coalescer::new(),
+            batch: TxBatch::new(offloads),
+            gso: offloads,
         };
         let io = Io {
             udp: &udp,
             pool: &pool,
             tables: &tables,
             counters: &counters,
+            offloads,
         };
         let mut events = Events::with_capacity(256);
         let mut pending: Vec<Token> = Vec::with_capacity(16);
@@ -223,16 +305,27 @@ struct Io<'a> {
     pool: &'a SendPool,
     tables: &'a ArcSwap<Index>,
     counters: &'a Counters,
+    offloads: bool,
 }
 
 impl Io<'_> {
     /// Handles up to [`BUDGET`] frames from one TAP queue; true if it may have more.
     fn on_tap(&self, st: &mut State, idx: usize) -> bool {
+        let more = self.on_tap_frames(st, idx);
+        // The queue is drained or the budget spent: what was gathered goes out now.
+        self.flush_batch(&mut st.batch, &mut st.gso);
+        more
+    }
+
+    fn on_tap_frames(&self, st: &mut State, idx: usize) -> bool {
         let State {
             taps,
             learned,
             buf,
             reply,
+            segs,
+            gso,
+            batch,
             ..
         } = st;
         let Some(Some(slot)) = taps.get(idx) else {
@@ -246,7 +339,7 @@ impl Io<'_> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::warn!(vni = %slot.vni, error = %e, "reading TAP; queue dropped");
+                    tracing::warn!(vni = %slot.vni, error = %e, "reading TAP failed");
                     return false;
                 }
             };
@@ -255,15 +348,46 @@ impl Io<'_> {
                 self.counters.drop(DropReason::MalformedFrame);
                 continue;
             };
-            if vh.is_gso() || vh.needs_csum() {
-                // Offloads are not enabled on this TAP; the kernel should never do this.
-                self.counters.drop(DropReason::Offload);
-                continue;
-            }
             let Some(net) = net else {
                 self.counters.drop(DropReason::UnknownNetwork);
                 continue;
             };
+            if vh.is_gso() {
+                let frame = &buf[TAP_HEADROOM..n];
+                let remote;
+                let targets = match switch::from_tap(frame, net, learned, Instant::now(), reply) {
+                    Forward::Remote(vtep) => {
+                        remote = [vtep];
+                        &remote[..]
+                    }
+                    Forward::Flood => {
+                        self.counters.add(&self.counters.flooded, 1);
+                        net.peers()
+                    }
+                    Forward::Drop(reason) => {
+                        self.counters.drop(reason);
+                        continue;
+                    }
+                    Forward::Reply(_) | Forward::Deliver(_) => {
+                        self.counters.drop(DropReason::Offload);
+                        continue;
+                    }
+                };
+                self.flush_batch(batch, gso);
+                self.send_super(slot.vni, frame, &vh, targets, segs, gso);
+                continue;
+            }
+            if vh.needs_csum()
+                && offload::complete_checksum(
+                    &mut buf[TAP_HEADROOM..n],
+                    usize::from(vh.csum_start),
+                    usize::from(vh.csum_offset),
+                )
+                .is_err()
+            {
+                self.counters.drop(DropReason::Offload);
+                continue;
+            }
             let frame = &buf[TAP_HEADROOM..n];
             let decision = switch::from_tap(frame, net, learned, Instant::now(), reply);
             match decision {
@@ -271,13 +395,25 @@ impl Io<'_> {
                     let hash = flowhash::hash(frame);
                     vxlan::Repr { vni: slot.vni }
                         .emit(&mut buf[TAP_HEADROOM - vxlan::HEADER_LEN..]);
-                    self.send(hash, &buf[TAP_HEADROOM - vxlan::HEADER_LEN..n], vtep);
+                    let datagram = &buf[TAP_HEADROOM - vxlan::HEADER_LEN..n];
+                    if datagram.len() <= batch.buf.len() {
+                        let socket = self.pool.index(hash);
+                        if !batch.accepts(socket, vtep, datagram.len()) {
+                            self.flush_batch(batch, gso);
+                        }
+                        batch.push(socket, hash, vtep, datagram);
+                    } else {
+                        // Offloads off (no batch buffer), or a frame too big to batch.
+                        self.flush_batch(batch, gso);
+                        self.send(hash, datagram, vtep);
+                    }
                 }
                 Forward::Flood => {
                     let hash = flowhash::hash(frame);
                     vxlan::Repr { vni: slot.vni }
                         .emit(&mut buf[TAP_HEADROOM - vxlan::HEADER_LEN..]);
                     self.counters.add(&self.counters.flooded, 1);
+                    self.flush_batch(batch, gso);
                     for &peer in net.peers() {
                         self.send(hash, &buf[TAP_HEADROOM - vxlan::HEADER_LEN..n], peer);
                     }
@@ -293,6 +429,98 @@ impl Io<'_> {
         true
     }
 
+    /// Segments a TSO/USO super-frame and sends the VXLAN datagrams with `UDP_SEGMENT`.
+    fn send_super(
+        &self,
+        vni: Vni,
+        frame: &[u8],
+        vh: &vnet::Header,
+        targets: &[SocketAddrV4],
+        out: &mut [u8],
+        gso: &mut bool,
+    ) {
+        let segs = match offload::segment(frame, vh, vxlan::HEADER_LEN, out) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::trace!(error = %e, "cannot segment super-frame");
+                self.counters.drop(DropReason::Offload);
+                return;
+            }
+        };
+        let repr = vxlan::Repr { vni };
+        for i in 0..segs.count {
+            repr.emit(&mut out[i * segs.stride..]);
+        }
+        self.counters.add(&self.counters.gso_frames, 1);
+        let hash = flowhash::hash(frame);
+        let data = &out[..segs.len()];
+        for &to in targets {
+            self.send_segments(hash, data, segs, to, gso);
+        }
+    }
+
+    /// Sends what the batch gathered, in as few `UDP_SEGMENT` sends as possible.
+    fn flush_batch(&self, batch: &mut TxBatch, gso: &mut bool) {
+        if batch.count == 0 {
+            return;
+        }
+        let segs = offload::Segments {
+            count: batch.count,
+            stride: batch.seg,
+            last: batch.len - (batch.count - 1) * batch.seg,
+        };
+        self.send_segments(batch.hash, &batch.buf[..batch.len], segs, batch.to, gso);
+        batch.count = 0;
+        batch.len = 0;
+    }
+
+    /// Sends datagrams laid out at `segs.stride`, as few `UDP_SEGMENT` sends as the kernel
+    /// allows, falling back to one send per datagram.
+    fn send_segments(
+        &self,
+        hash: u32,
+        data: &[u8],
+        segs: offload::Segments,
+        to: SocketAddrV4,
+        gso: &mut bool,
+    ) {
+        let socket = self.pool.pick(hash);
+        let per_send = (udp::GSO_MAX_BYTES / segs.stride).clamp(1, udp::GSO_MAX_SEGMENTS);
+        let mut i = 0;
+        while i < segs.count {
+            let k = per_send.min(segs.count - i);
+            let start = i * segs.stride;
+            let end = if i + k == segs.count {
+                segs.len()
+            } else {
+                (i + k) * segs.stride
+            };
+            if k > 1 && *gso {
+                match udp::send_gso(socket, &data[start..end], to, segs.stride as u16) {
+                    Ok(_) => {
+                        self.counters.add(&self.counters.tx_vxlan, k as u64);
+                        i += k;
+                        continue;
+                    }
+                    Err(e) => {
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EIO | libc::EOPNOTSUPP | libc::ENOPROTOOPT)
+                        ) {
+                            tracing::warn!(error = %e, "UDP_SEGMENT refused; sending datagrams one by one");
+                            *gso = false;
+                        }
+                    }
+                }
+            }
+            for j in 0..k {
+                let s = start + j * segs.stride;
+                self.send(hash, &data[s..(s + segs.stride).min(end)], to);
+            }
+            i += k;
+        }
+    }
+
     fn send(&self, hash: u32, datagram: &[u8], to: SocketAddrV4) {
         match self.pool.pick(hash).send_to(datagram, to) {
             Ok(_) => self.counters.add(&self.counters.tx_vxlan, 1),
@@ -305,6 +533,9 @@ impl Io<'_> {
 
     /// Handles up to [`BUDGET`] datagrams; true if there may be more.
     fn on_udp(&self, st: &mut State) -> bool {
+        if self.offloads {
+            return self.on_udp_gro(st);
+        }
         let State {
             taps,
             by_vni,
@@ -353,5 +584,156 @@ impl Io<'_> {
             }
         }
         true
+    }
+
+    /// The offload receive path: a `UDP_GRO` batch of equal-size datagrams, each checked
+    /// and decapsulated, consecutive TCP segments coalesced into one TAP write.
+    fn on_udp_gro(&self, st: &mut State) -> bool {
+        let State {
+            taps,
+            by_vni,
+            learned,
+            buf,
+            coalescer,
+            ..
+        } = st;
+        let tables = self.tables.load();
+        for _ in 0..BUDGET {
+            let (n, from, seg) = match udp::recv_gro(self.udp, &mut buf[..]) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::trace!(error = %e, "VXLAN receive error");
+                    continue;
+                }
+            };
+            let seg = seg.unwrap_or(n).max(1);
+            let SocketAddr::V4(from) = from else {
+                self.counters
+                    .add(&self.counters.rx_vxlan, n.div_ceil(seg) as u64);
+                self.counters.drop(DropReason::NotMember);
+                continue;
+            };
+            let now = Instant::now();
+            let mut current: Option<usize> = None;
+            for datagram in buf[..n].chunks(seg) {
+                self.counters.add(&self.counters.rx_vxlan, 1);
+                let vni = match switch::from_vtep(datagram, from, &tables, learned, now) {
+                    Forward::Deliver(vni) => vni,
+                    Forward::Drop(reason) => {
+                        self.counters.drop(reason);
+                        continue;
+                    }
+                    _ => {
+                        self.counters.drop(DropReason::MalformedFrame);
+                        continue;
+                    }
+                };
+                let Some(&idx) = by_vni.get(&vni) else {
+                    self.counters.drop(DropReason::NoTap);
+                    continue;
+                };
+                let inner = &datagram[vxlan::HEADER_LEN..];
+                if current != Some(idx) {
+                    self.flush(taps, current, coalescer);
+                    current = Some(idx);
+                }
+                if coalescer.push(inner) {
+                    continue;
+                }
+                self.flush(taps, current, coalescer);
+                if !coalescer.push(inner) {
+                    self.write_tap(taps, idx, &ZERO_VNET, inner);
+                }
+            }
+            self.flush(taps, current, coalescer);
+        }
+        true
+    }
+
+    fn flush(&self, taps: &[Option<TapSlot>], idx: Option<usize>, coalescer: &mut Coalescer) {
+        let merged = coalescer.segments() > 1;
+        let Some(out) = coalescer.finish() else {
+            return;
+        };
+        if merged {
+            self.counters.add(&self.counters.gro_frames, 1);
+        }
+        if let Some(idx) = idx {
+            self.write_tap(taps, idx, &[], out);
+        }
+    }
+
+    fn write_tap(&self, taps: &[Option<TapSlot>], idx: usize, header: &[u8], frame: &[u8]) {
+        let Some(Some(slot)) = taps.get(idx) else {
+            self.counters.drop(DropReason::NoTap);
+            return;
+        };
+        let written = if header.is_empty() {
+            slot.queue.write(frame)
+        } else {
+            slot.queue.write_parts(header, frame)
+        };
+        if written.is_err() {
+            self.counters.drop(DropReason::TapWrite);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn vtep(n: u8) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, n), 4789)
+    }
+
+    #[test]
+    fn batch_takes_equal_sizes_and_one_shorter_last() {
+        let mut b = TxBatch::new(true);
+        assert!(
+            !b.accepts(0, vtep(2), 100),
+            "empty batch accepts nothing (push starts it)"
+        );
+        b.push(3, 7, vtep(2), &[1u8; 100]);
+        assert!(b.accepts(3, vtep(2), 100));
+        assert!(!b.accepts(4, vtep(2), 100), "other socket");
+        assert!(!b.accepts(3, vtep(3), 100), "other VTEP");
+        assert!(!b.accepts(3, vtep(2), 101), "bigger than the segment size");
+        b.push(3, 7, vtep(2), &[2u8; 100]);
+        assert!(b.accepts(3, vtep(2), 60));
+        b.push(3, 7, vtep(2), &[3u8; 60]);
+        assert!(
+            !b.accepts(3, vtep(2), 60),
+            "closed after a shorter datagram"
+        );
+        assert_eq!((b.count, b.seg, b.len), (3, 100, 260));
+        assert_eq!(&b.buf[200..260], &[3u8; 60][..]);
+
+        // A fresh push after a flush restarts with the new size and key.
+        b.count = 0;
+        b.len = 0;
+        b.push(1, 9, vtep(3), &[4u8; 50]);
+        assert_eq!((b.count, b.seg, b.socket, b.to), (1, 50, 1, vtep(3)));
+        assert!(b.accepts(1, vtep(3), 50));
+    }
+
+    #[test]
+    fn batch_is_bounded() {
+        let mut b = TxBatch::new(true);
+        for _ in 0..udp::GSO_MAX_SEGMENTS {
+            b.push(0, 0, vtep(2), &[0u8; 10]);
+        }
+        assert!(!b.accepts(0, vtep(2), 10), "at most GSO_MAX_SEGMENTS");
+        let mut b = TxBatch::new(true);
+        b.push(0, 0, vtep(2), &[0u8; 40_000]);
+        assert!(!b.accepts(0, vtep(2), 40_000), "at most GSO_MAX_BYTES");
+        assert_eq!(
+            TxBatch::new(false).buf.len(),
+            0,
+            "no buffer when offloads are off"
+        );
     }
 }
