@@ -119,8 +119,9 @@ echo "overlayd RTT c1->c2: $O_RTT ms avg"
 
 ov_log "overlayd UDP 1350 B"
 iperf "$OV_WORK/o-udp.json" -u -b 0 -l 1350
-O_PPS=$(python3 -c 'import json,sys;s=json.load(open(sys.argv[1]))["end"]["sum"];print("%.0f"%(s["packets"]*(1-s["lost_percent"]/100)/s["seconds"]))' "$OV_WORK/o-udp.json" 2>/dev/null || echo "n/a")
-echo "overlayd 1-stream UDP 1350B c1->c2 (pps): $O_PPS"
+O_UDP=$(python3 -c 'import json,sys;s=json.load(open(sys.argv[1]))["end"]["sum"];print("%.0f pps recv, loss %.1f%%"%(s["packets"]*(1-s["lost_percent"]/100)/s["seconds"], s["lost_percent"]))' "$OV_WORK/o-udp.json" 2>/dev/null || echo "n/a")
+echo "overlayd 1-stream UDP 1350B c1->c2 (pps): $O_UDP"
+O_PPS=${O_UDP%% *}
 
 # --- the table -----------------------------------------------------------------------------------
 ratio() { awk -v o="$1" -v k="$2" 'BEGIN { if (o ~ /^[0-9.]+$/ && k ~ /^[0-9.]+$/ && k > 0) printf "%.2f", o / k; else print "n/a" }'; }

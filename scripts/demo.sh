@@ -54,12 +54,20 @@ fails=0
 for from in "${CTRS[@]}"; do
   for to in "${CTRS[@]}"; do
     [ "${NODE[$from]}" != "${NODE[$to]}" ] || continue
-    # The first packet may wait for ARP: up to 4 s (one echo a second) for one reply.
-    if line=$(ip netns exec "${P}$from" ping -c 1 -w 4 "${IP[$to]}" | grep -m1 'bytes from'); then
+    # The first packet may wait for ARP: up to 4 s (one echo a second) for one reply. The whole
+    # output is read before picking the line (a pipe into grep -m1 could SIGPIPE ping).
+    if out=$(ip netns exec "${P}$from" ping -c 1 -w 4 "${IP[$to]}" 2>&1) &&
+      line=$(grep -m1 'bytes from' <<<"$out"); then
       printf '  %-4s (node %s) -> %-4s (node %s): %s\n' "$from" "${NODE[$from]}" "$to" "${NODE[$to]}" "$line"
     else
       printf '  %-4s (node %s) -> %-4s (node %s): NO REPLY\n' "$from" "${NODE[$from]}" "$to" "${NODE[$to]}"
       fails=$((fails + 1))
+      # What a developer needs to see: the ARP state at both ends and both nodes' counters.
+      echo "    neighbour in $from: $(ip -n "${P}$from" neigh show "${IP[$to]}")" >&2
+      echo "    neighbour in $to: $(ip -n "${P}$to" neigh show "${IP[$from]}")" >&2
+      for i in "${NODE[$from]}" "${NODE[$to]}"; do
+        echo "    node $i dataplane: $(ov_cli "${OV_API[i]}" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin).get("dataplane"))' 2>&1)" >&2
+      done
     fi
   done
 done

@@ -126,7 +126,7 @@ ov_wire() {
 # Sets OV_LAST_PID (ip netns exec execs, so it is overlayd's own pid).
 ov_daemon() {
   local ns=$1 log=$2; shift 2
-  RUST_BACKTRACE=1 ip netns exec "$ns" "$OVERLAYD" "$@" </dev/null >>"$log" 2>&1 &
+  RUST_BACKTRACE=1 NO_COLOR=1 ip netns exec "$ns" "$OVERLAYD" "$@" </dev/null >>"$log" 2>&1 &
   OV_LAST_PID=$!
   OV_PIDS+=("$OV_LAST_PID")
 }

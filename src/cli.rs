@@ -92,7 +92,7 @@ pub struct DaemonArgs {
     #[arg(long)]
     pub workers: Option<usize>,
     /// Turn TAP and UDP offloads (TSO, GSO, GRO) off: the fallback for kernels that refuse them.
-    #[arg(long)]
+    #[arg(long, env = "OVERLAYD_NO_OFFLOADS")]
     pub no_offloads: bool,
 }
 

@@ -1,4 +1,4 @@
-//! Bad input is refused: non-zero exit, one clear message on stderr, nothing created or changed.
+//! Bad input is refused: exit 64, one clear line on stderr, nothing created or changed.
 //! Needs root (CI runs as root).
 //!
 //! All cases run against one cluster and are collected, so one run reports every case that fails.
@@ -15,25 +15,64 @@ use netns::{Cluster, run_bounded, show};
 struct Failures(Vec<String>);
 
 impl Failures {
-    /// Checks that `out` (None: still running at its deadline) is a refusal whose combined
-    /// output mentions one of `mentions` (case-insensitive).
+    /// Checks that `out` (None: still running at its deadline) is a usage refusal: exit 64
+    /// (EX_USAGE, STYLE.md: "bad configuration or arguments") and combined output mentioning
+    /// one of `mentions` (case-insensitive).
     fn refused(&mut self, case: &str, out: Option<Output>, mentions: &[&str]) {
+        self.refused_with(case, out, Some(64), mentions);
+    }
+
+    /// Like [`Failures::refused`]; `code` None accepts any non-zero exit code.
+    fn refused_with(
+        &mut self,
+        case: &str,
+        out: Option<Output>,
+        code: Option<i32>,
+        mentions: &[&str],
+    ) {
         let Some(out) = out else {
-            self.0.push(format!("{case}: did not exit (still running at the deadline)"));
+            self.0.push(format!(
+                "{case}: did not exit (still running at the deadline)"
+            ));
             return;
         };
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let lower = text.to_lowercase();
         if out.status.success() {
-            self.0.push(format!("{case}: succeeded, expected a refusal\n{}", show(&out)));
+            self.0.push(format!(
+                "{case}: succeeded, expected a refusal\n{}",
+                show(&out)
+            ));
         } else if out.status.code().is_none() {
-            self.0.push(format!("{case}: killed by a signal instead of exiting\n{}", show(&out)));
+            self.0.push(format!(
+                "{case}: killed by a signal instead of exiting\n{}",
+                show(&out)
+            ));
         } else if lower.contains("panicked at") {
-            self.0.push(format!("{case}: panicked instead of explaining\n{}", show(&out)));
-        } else if out.stderr.iter().all(u8::is_ascii_whitespace) {
-            self.0.push(format!("{case}: nothing on stderr\n{}", show(&out)));
+            self.0.push(format!(
+                "{case}: panicked instead of explaining\n{}",
+                show(&out)
+            ));
+        } else if explanation_lines(&out) != 1 {
+            self.0.push(format!(
+                "{case}: stderr is not one line (besides a --help hint)\n{}",
+                show(&out)
+            ));
         } else if !mentions.iter().any(|m| lower.contains(&m.to_lowercase())) {
-            self.0.push(format!("{case}: message mentions none of {mentions:?}\n{}", show(&out)));
+            self.0.push(format!(
+                "{case}: message mentions none of {mentions:?}\n{}",
+                show(&out)
+            ));
+        } else if code.is_some_and(|c| out.status.code() != Some(c)) {
+            self.0.push(format!(
+                "{case}: exit code {:?}, expected {code:?} (bad input)\n{}",
+                out.status.code(),
+                show(&out)
+            ));
         }
     }
 
@@ -59,7 +98,9 @@ fn bad_input_is_refused_with_a_clear_message_and_creates_nothing() {
     let node_links_before = c.links(&n1.netns);
     let unchanged = |f: &mut Failures, case: &str| {
         let networks = n1.json(&["network", "ls"]);
-        f.check(case, networks == networks_before, || format!("network ls changed: {networks}"));
+        f.check(case, networks == networks_before, || {
+            format!("network ls changed: {networks}")
+        });
         let links = c.links(&n1.netns);
         f.check(case, links == node_links_before, || {
             format!("links on the node changed: {node_links_before:?} -> {links:?}")
@@ -68,39 +109,77 @@ fn bad_input_is_refused_with_a_clear_message_and_creates_nothing() {
     };
 
     let case = "attach to an unknown network";
-    f.refused(case, run_bounded(&mut n1.cli_command(&["attach", &c2, "--network", "nosuch"]), t), &["nosuch"]);
+    f.refused(
+        case,
+        run_bounded(
+            &mut n1.cli_command(&["attach", &c2, "--network", "nosuch"]),
+            t,
+        ),
+        &["nosuch"],
+    );
     unchanged(&mut f, case);
 
     let case = "attach an unknown netns";
     let ghost = format!("{}-ghost", c.prefix);
-    f.refused(case, run_bounded(&mut n1.cli_command(&["attach", &ghost, "--network", "good"]), t), &[&ghost]);
+    f.refused(
+        case,
+        run_bounded(
+            &mut n1.cli_command(&["attach", &ghost, "--network", "good"]),
+            t,
+        ),
+        &[&ghost],
+    );
     unchanged(&mut f, case);
 
     let case = "create a network overlapping another";
-    let out = run_bounded(&mut n1.cli_command(&["network", "create", "other", "--subnet", "198.19.1.128/25"]), t);
+    let out = run_bounded(
+        &mut n1.cli_command(&["network", "create", "other", "--subnet", "198.19.1.128/25"]),
+        t,
+    );
     f.refused(case, out, &["overlap", "good", "198.19.1.0/24"]);
     unchanged(&mut f, case);
 
     for bad in ["198.19.300.0/24", "198.19.2.0/33", "banana"] {
         let case = format!("create a network with invalid subnet {bad}");
-        f.refused(&case, run_bounded(&mut n1.cli_command(&["network", "create", "inv", "--subnet", bad]), t), &[bad]);
+        f.refused(
+            &case,
+            run_bounded(
+                &mut n1.cli_command(&["network", "create", "inv", "--subnet", bad]),
+                t,
+            ),
+            &[bad],
+        );
         unchanged(&mut f, &case);
     }
 
     let case = "attach with --ip outside the subnet";
-    let out = run_bounded(&mut n1.cli_command(&["attach", &c2, "--network", "good", "--ip", "198.19.2.5"]), t);
+    let out = run_bounded(
+        &mut n1.cli_command(&["attach", &c2, "--network", "good", "--ip", "198.19.2.5"]),
+        t,
+    );
     f.refused(case, out, &["198.19.2.5"]);
     unchanged(&mut f, case);
 
     let case = "attach with --ip already taken";
-    let out = run_bounded(&mut n1.cli_command(&["attach", &c2, "--network", "good", "--ip", &first.ip]), t);
+    let out = run_bounded(
+        &mut n1.cli_command(&["attach", &c2, "--network", "good", "--ip", &first.ip]),
+        t,
+    );
     f.refused(case, out, &[&first.ip]);
     unchanged(&mut f, case);
 
     let case = "network rm while a container is attached";
-    f.refused(case, run_bounded(&mut n1.cli_command(&["network", "rm", "good"]), t), &["attach", &c1]);
+    f.refused(
+        case,
+        run_bounded(&mut n1.cli_command(&["network", "rm", "good"]), t),
+        &["attach", &c1],
+    );
     unchanged(&mut f, case);
-    f.check(case, c.eth0(&c1).is_some_and(|(ip, _, _)| ip == first.ip), || format!("{c1} lost its eth0"));
+    f.check(
+        case,
+        c.eth0(&c1).is_some_and(|(ip, _, _)| ip == first.ip),
+        || format!("{c1} lost its eth0"),
+    );
 
     // A host on the same switch, without a daemon, for init/join attempts.
     let host = c.host("h", "198.18.0.60");
@@ -111,37 +190,96 @@ fn bad_input_is_refused_with_a_clear_message_and_creates_nothing() {
     let state = n1.state_dir.to_string_lossy().into_owned();
     let other_api = c.dir.join("second-init.sock");
     let mut init = Command::new("ip");
-    init.args(["netns", "exec", &host, netns::BIN, "init", "--advertise-addr", "198.18.0.60"])
-        .args(["--state-dir", &state, "--api", &other_api.to_string_lossy()]);
-    f.refused(case, run_bounded(&mut init, Duration::from_secs(15)), &[&state, "already", "exist"]);
-    f.check(case, n1.cli_ok(&["join-token"]) == token_before, || "the join token changed".into());
-    f.check(case, c.links(&host) == host_links, || format!("links appeared on {host}"));
+    init.args([
+        "netns",
+        "exec",
+        &host,
+        netns::BIN,
+        "init",
+        "--advertise-addr",
+        "198.18.0.60",
+    ])
+    .args(["--state-dir", &state, "--api", &other_api.to_string_lossy()]);
+    f.refused(
+        case,
+        run_bounded(&mut init, Duration::from_secs(15)),
+        &[&state, "already", "exist"],
+    );
+    f.check(case, n1.cli_ok(&["join-token"]) == token_before, || {
+        "the join token changed".into()
+    });
+    f.check(case, c.links(&host) == host_links, || {
+        format!("links appeared on {host}")
+    });
 
     let case = "join with a wrong token";
     let real = c.token();
     let wrong = wrong_token(&real);
     let join_dir = c.dir.join("joiner-state");
     let mut join = Command::new("ip");
-    join.args(["netns", "exec", &host, netns::BIN, "join", &n1.addr, "--token", &wrong])
-        .args(["--advertise-addr", "198.18.0.60", "--state-dir", &join_dir.to_string_lossy()])
-        .args(["--api", &c.dir.join("joiner.sock").to_string_lossy()]);
-    f.refused(case, run_bounded(&mut join, Duration::from_secs(20)), &["token"]);
+    join.args([
+        "netns",
+        "exec",
+        &host,
+        netns::BIN,
+        "join",
+        &n1.addr,
+        "--token",
+        &wrong,
+    ])
+    .args([
+        "--advertise-addr",
+        "198.18.0.60",
+        "--state-dir",
+        &join_dir.to_string_lossy(),
+    ])
+    .args(["--api", &c.dir.join("joiner.sock").to_string_lossy()]);
+    // The token is checked by the peer, so any non-zero exit will do.
+    f.refused_with(
+        case,
+        run_bounded(&mut join, Duration::from_secs(20)),
+        None,
+        &["token"],
+    );
     let members = n1.members();
-    f.check(case, members.as_ref().is_ok_and(|m| m.len() == 1), || format!("node ls on node 1: {members:?}"));
-    f.check(case, c.links(&host) == host_links, || format!("links appeared on {host}"));
+    f.check(case, members.as_ref().is_ok_and(|m| m.len() == 1), || {
+        format!("node ls on node 1: {members:?}")
+    });
+    f.check(case, c.links(&host) == host_links, || {
+        format!("links appeared on {host}")
+    });
 
     // After all that, the next address is still the next one: no refusal leaked an allocation.
     let case = "attach after the refusals";
     let second = c.attach(1, &c2, "good", &[]);
-    f.check(case, second.ip == "198.19.1.3", || format!("got {}, expected 198.19.1.3", second.ip));
+    f.check(case, second.ip == "198.19.1.3", || {
+        format!("got {}, expected 198.19.1.3", second.ip)
+    });
     // And the refused rm works once nothing is attached.
     n1.cli_ok(&["detach", &c1, "--network", "good"]);
     n1.cli_ok(&["detach", &c2, "--network", "good"]);
     n1.cli_ok(&["network", "rm", "good"]);
     let left = n1.json(&["network", "ls"]);
-    f.check("network rm after detach", left.as_array().is_some_and(Vec::is_empty), || format!("left: {left}"));
+    f.check(
+        "network rm after detach",
+        left.as_array().is_some_and(Vec::is_empty),
+        || format!("left: {left}"),
+    );
 
-    assert!(f.0.is_empty(), "{} bad-input case(s) failed:\n\n{}", f.0.len(), f.0.join("\n\n"));
+    assert!(
+        f.0.is_empty(),
+        "{} bad-input case(s) failed:\n\n{}",
+        f.0.len(),
+        f.0.join("\n\n")
+    );
+}
+
+/// Non-blank stderr lines other than clap's "For more information, try '--help'." hint.
+fn explanation_lines(out: &Output) -> usize {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("For more information"))
+        .count()
 }
 
 /// The real token with its last character changed, so it is well-formed but wrong.

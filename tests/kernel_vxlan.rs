@@ -18,8 +18,20 @@ const TCP_BYTES: usize = 1 << 20;
 #[test]
 fn harness_two_kernel_vxlan_nodes_on_the_switch_carry_ping_and_tcp() {
     let c = Cluster::bare("kself", 0);
-    let a = c.kernel_vxlan_node("ka", "198.18.0.201", 77, &["198.18.0.202"], &[("a1", "198.19.7.1/24")]);
-    let b = c.kernel_vxlan_node("kb", "198.18.0.202", 77, &["198.18.0.201"], &[("b1", "198.19.7.2/24")]);
+    let a = c.kernel_vxlan_node(
+        "ka",
+        "198.18.0.201",
+        77,
+        &["198.18.0.202"],
+        &[("a1", "198.19.7.1/24")],
+    );
+    let b = c.kernel_vxlan_node(
+        "kb",
+        "198.18.0.202",
+        77,
+        &["198.18.0.201"],
+        &[("b1", "198.19.7.2/24")],
+    );
     c.assert_ping(&a[0], "198.19.7.2", PING_WAIT);
     c.assert_ping(&b[0], "198.19.7.1", PING_WAIT);
     let _sink = c.tcp_server(&b[0], TCP_PORT);
@@ -31,19 +43,38 @@ fn kernel_vxlan_node_and_overlayd_containers_reach_each_other_both_ways() {
     let c = Cluster::new("kvx", 2);
     let (net, vni, kaddr) = ("mixed", 4300, "198.18.0.100");
     c.node(1).cli_ok(&[
-        "network", "create", net, "--subnet", "198.19.3.0/24", "--vni", &vni.to_string(), "--vtep", kaddr,
+        "network",
+        "create",
+        net,
+        "--subnet",
+        "198.19.3.0/24",
+        "--vni",
+        &vni.to_string(),
+        "--vtep",
+        kaddr,
     ]);
     let entry = c.wait_network_everywhere(net);
     assert_eq!(entry["vni"], vni, "network ls: {entry}");
     assert!(
-        entry["vteps"].as_array().is_some_and(|v| v.iter().any(|x| x.as_str().is_some_and(|s| s.starts_with(kaddr)))),
+        entry["vteps"].as_array().is_some_and(|v| v
+            .iter()
+            .any(|x| x.as_str().is_some_and(|s| s.starts_with(kaddr)))),
         "network ls lists the static VTEP {kaddr}: {entry}"
     );
 
     let vteps: Vec<String> = c.nodes.iter().map(|n| n.addr.clone()).collect();
     let vteps: Vec<&str> = vteps.iter().map(String::as_str).collect();
-    let kernel = c.kernel_vxlan_node("kn", kaddr, vni, &vteps, &[("k1", "198.19.3.200/24"), ("k2", "198.19.3.201/24")]);
-    let kernel: Vec<(String, &str)> = kernel.into_iter().zip(["198.19.3.200", "198.19.3.201"]).collect();
+    let kernel = c.kernel_vxlan_node(
+        "kn",
+        kaddr,
+        vni,
+        &vteps,
+        &[("k1", "198.19.3.200/24"), ("k2", "198.19.3.201/24")],
+    );
+    let kernel: Vec<(String, &str)> = kernel
+        .into_iter()
+        .zip(["198.19.3.200", "198.19.3.201"])
+        .collect();
 
     let mut ours: Vec<(String, String)> = Vec::new();
     for node in [1, 2] {
@@ -58,7 +89,12 @@ fn kernel_vxlan_node_and_overlayd_containers_reach_each_other_both_ways() {
             c.assert_ping(ons, kip, PING_WAIT);
         }
     }
-    let _sinks: Vec<_> = kernel.iter().map(|(ns, _)| ns).chain(ours.iter().map(|(ns, _)| ns)).map(|ns| c.tcp_server(ns, TCP_PORT)).collect();
+    let _sinks: Vec<_> = kernel
+        .iter()
+        .map(|(ns, _)| ns)
+        .chain(ours.iter().map(|(ns, _)| ns))
+        .map(|ns| c.tcp_server(ns, TCP_PORT))
+        .collect();
     for (kns, kip) in &kernel {
         for (ons, oip) in &ours {
             c.assert_tcp(kns, oip, TCP_PORT, TCP_BYTES);

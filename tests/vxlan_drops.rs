@@ -14,7 +14,15 @@ const SENT: u64 = 5;
 fn malformed_and_stranger_vxlan_is_dropped_by_reason_and_forwarding_goes_on() {
     let c = Cluster::new("vxdrop", 2);
     let (net, vni) = ("wire", 4242u32);
-    c.node(1).cli_ok(&["network", "create", net, "--subnet", "198.19.2.0/24", "--vni", &vni.to_string()]);
+    c.node(1).cli_ok(&[
+        "network",
+        "create",
+        net,
+        "--subnet",
+        "198.19.2.0/24",
+        "--vni",
+        &vni.to_string(),
+    ]);
     c.wait_network_everywhere(net);
     let c1 = c.container(1, "c1");
     let c2 = c.container(2, "c2");
@@ -30,14 +38,32 @@ fn malformed_and_stranger_vxlan_is_dropped_by_reason_and_forwarding_goes_on() {
     let cases = [
         ("short", &c.node(1).netns, "short", vni.as_str()),
         ("no-i-flag", &c.node(1).netns, "no-i-flag", vni.as_str()),
-        ("unknown-vni", &c.node(1).netns, "unknown-vni", unknown_vni.as_str()),
+        (
+            "unknown-vni",
+            &c.node(1).netns,
+            "unknown-vni",
+            unknown_vni.as_str(),
+        ),
         ("not-member", &stranger, "good", vni.as_str()),
     ];
     let mut failures = Vec::new();
     for (reason, from, kind, vni) in cases {
         let before = target.drops(reason);
-        c.exec_ok(from, &["python3", "-c", VXLAN_SENDER, &target.addr, kind, &SENT.to_string(), vni]);
-        let counted = netns::wait_until(Duration::from_secs(10), || target.drops(reason) >= before + SENT);
+        c.exec_ok(
+            from,
+            &[
+                "python3",
+                "-c",
+                VXLAN_SENDER,
+                &target.addr,
+                kind,
+                &SENT.to_string(),
+                vni,
+            ],
+        );
+        let counted = netns::wait_until(Duration::from_secs(10), || {
+            target.drops(reason) >= before + SENT
+        });
         if !counted {
             let status = target.json(&["status"]);
             failures.push(format!(
@@ -46,11 +72,18 @@ fn malformed_and_stranger_vxlan_is_dropped_by_reason_and_forwarding_goes_on() {
                 status["dataplane"]
             ));
         }
-        assert!(target.daemon_alive(), "node 2's daemon died after `{kind}` packets");
+        assert!(
+            target.daemon_alive(),
+            "node 2's daemon died after `{kind}` packets"
+        );
     }
 
     // Still forwarding, both ways.
     c.assert_ping(&c1, &a2.ip, PING_WAIT);
     c.assert_ping(&c2, &a1.ip, PING_WAIT);
-    assert!(failures.is_empty(), "drop counters:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "drop counters:\n{}",
+        failures.join("\n")
+    );
 }

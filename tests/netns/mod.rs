@@ -23,8 +23,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -60,7 +60,10 @@ pub fn require_root() {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
-        assert!(found, "needs `{tool}` on PATH (scripts/test.sh installs it)");
+        assert!(
+            found,
+            "needs `{tool}` on PATH (scripts/test.sh installs it)"
+        );
     }
 }
 
@@ -82,8 +85,14 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Option<Output> {
         .spawn()
         .unwrap_or_else(|e| panic!("starting {desc}: {e}"));
     let readers = [
-        child.stdout.take().map(|o| Box::new(o) as Box<dyn Read + Send>),
-        child.stderr.take().map(|e| Box::new(e) as Box<dyn Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn Read + Send>),
     ]
     .map(|pipe| {
         thread::spawn(move || {
@@ -108,7 +117,11 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Option<Output> {
         }
     };
     let [out, err] = readers.map(|r| r.join().unwrap_or_default());
-    status.map(|status| Output { status, stdout: out, stderr: err })
+    status.map(|status| Output {
+        status,
+        stdout: out,
+        stderr: err,
+    })
 }
 
 fn describe(cmd: &Command) -> String {
@@ -133,13 +146,22 @@ pub fn show(out: &Output) -> String {
 /// Runs a host command (in the root namespace) and panics unless it succeeds.
 pub fn sh(args: &[&str]) -> String {
     let out = run(Command::new(args[0]).args(&args[1..]), CLI_TIMEOUT);
-    assert!(out.status.success(), "`{}` failed\n{}", args.join(" "), show(&out));
+    assert!(
+        out.status.success(),
+        "`{}` failed\n{}",
+        args.join(" "),
+        show(&out)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Polls `check` every 100 ms until it returns `Ok`, for at most `timeout`; panics with `what`
 /// and the last error otherwise.
-pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
     let deadline = Instant::now() + timeout;
     let mut tries = 0u32;
     loop {
@@ -215,14 +237,21 @@ impl Node {
     pub fn cli_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.netns, BIN]).args(args);
-        cmd.env("OVERLAYD_API", &self.api).env("RUST_BACKTRACE", "1");
+        cmd.env("OVERLAYD_API", &self.api)
+            .env("RUST_BACKTRACE", "1");
         cmd
     }
 
     /// Runs the CLI and panics unless it succeeds; returns stdout.
     pub fn cli_ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(out.status.success(), "node {}: `overlayd {}` failed\n{}", self.index, args.join(" "), show(&out));
+        assert!(
+            out.status.success(),
+            "node {}: `overlayd {}` failed\n{}",
+            self.index,
+            args.join(" "),
+            show(&out)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -234,19 +263,27 @@ impl Node {
         if !out.status.success() {
             return Err(format!("`overlayd {}`: {}", args.join(" "), show(&out)));
         }
-        serde_json::from_slice(&out.stdout)
-            .map_err(|e| format!("`overlayd {}` printed no JSON ({e}): {}", args.join(" "), show(&out)))
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!(
+                "`overlayd {}` printed no JSON ({e}): {}",
+                args.join(" "),
+                show(&out)
+            )
+        })
     }
 
     /// Runs the CLI with `--json` appended; panics unless it succeeds with JSON on stdout.
     pub fn json(&self, args: &[&str]) -> Value {
-        self.try_json(args).unwrap_or_else(|e| panic!("node {}: {e}", self.index))
+        self.try_json(args)
+            .unwrap_or_else(|e| panic!("node {}: {e}", self.index))
     }
 
     /// `node ls --json` as (address, state) pairs.
     pub fn members(&self) -> Result<Vec<(String, String)>, String> {
         let v = self.try_json(&["node", "ls"])?;
-        let arr = v.as_array().ok_or_else(|| format!("node ls is not a JSON array: {v}"))?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| format!("node ls is not a JSON array: {v}"))?;
         Ok(arr
             .iter()
             .map(|n| (str_field(n, "address"), str_field(n, "state")))
@@ -256,7 +293,9 @@ impl Node {
     /// `network ls --json`, the entry named `name` if any.
     pub fn network(&self, name: &str) -> Result<Option<Value>, String> {
         let v = self.try_json(&["network", "ls"])?;
-        let arr = v.as_array().ok_or_else(|| format!("network ls is not a JSON array: {v}"))?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| format!("network ls is not a JSON array: {v}"))?;
         Ok(arr.iter().find(|n| n["name"] == name).cloned())
     }
 
@@ -298,6 +337,7 @@ impl Node {
             .args(&args)
             .env_remove("OVERLAYD_API")
             .env("RUST_BACKTRACE", "1")
+            .env("NO_COLOR", "1") // plain logs in files and CI output
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -305,10 +345,15 @@ impl Node {
             .unwrap_or_else(|e| panic!("starting overlayd on node {}: {e}", self.index));
         *lock(&self.args) = args;
         let old = lock(&self.daemon).replace(child);
-        assert!(old.is_none(), "node {}: start_daemon while a daemon runs", self.index);
+        assert!(
+            old.is_none(),
+            "node {}: start_daemon while a daemon runs",
+            self.index
+        );
     }
 
-    /// Kills the daemon and starts it again with the arguments it was last started with.
+    /// Kills the daemon and starts it again with the arguments it was last started with (the
+    /// same state dir: a restart in place, not a new node).
     pub fn restart_daemon(&self) {
         self.kill_daemon();
         let args = lock(&self.args).clone();
@@ -353,7 +398,9 @@ pub struct Attachment {
 
 impl Attachment {
     pub fn from_json(v: &Value) -> Result<Self, String> {
-        let ip = v["ip"].as_str().ok_or_else(|| format!("attach JSON has no \"ip\": {v}"))?;
+        let ip = v["ip"]
+            .as_str()
+            .ok_or_else(|| format!("attach JSON has no \"ip\": {v}"))?;
         Ok(Self {
             netns: str_field(v, "netns"),
             ip: ip.split('/').next().unwrap_or(ip).to_owned(),
@@ -401,7 +448,14 @@ impl Cluster {
             })
             .collect();
         // Constructed before any namespace exists so Drop cleans up a half-built cluster.
-        let c = Self { prefix, dir, switch, nodes, extra: Mutex::new(Vec::new()), seq: AtomicUsize::new(0) };
+        let c = Self {
+            prefix,
+            dir,
+            switch,
+            nodes,
+            extra: Mutex::new(Vec::new()),
+            seq: AtomicUsize::new(0),
+        };
         add_netns(&c.switch);
         ip(&["-n", &c.switch, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &c.switch, "link", "set", "br0", "up"]);
@@ -428,18 +482,7 @@ impl Cluster {
         ]));
         let token = c.token();
         for node in &c.nodes[1..] {
-            node.start_daemon(strings(&[
-                "join",
-                &first.addr,
-                "--token",
-                &token,
-                "--advertise-addr",
-                &node.addr,
-                "--state-dir",
-                &node.state_dir.to_string_lossy(),
-                "--api",
-                &node.api.to_string_lossy(),
-            ]));
+            node.start_daemon(c.join_args(node, &token));
         }
         c.wait_all_ready(FORM_TIMEOUT);
         c
@@ -455,27 +498,67 @@ impl Cluster {
         let first = &self.nodes[0];
         wait_for(FORM_TIMEOUT, "node 1 to hand out a join token", || {
             first.panic_if_dead("waiting for the join token");
+            // A complete file ends with a newline (one write); else read the printed line.
             if let Ok(t) = fs::read_to_string(first.state_dir.join("join-token"))
+                && t.ends_with('\n')
                 && !t.trim().is_empty()
             {
                 return Ok(t.trim().to_owned());
             }
-            token_in(&first.log_text()).ok_or_else(|| "no join-token file and no `--token` line yet".into())
+            token_in(&first.log_text())
+                .ok_or_else(|| "no join-token file and no `--token` line yet".into())
         })
+    }
+
+    /// Kills node `i`'s daemon, wipes its state dir and API socket, and starts it again as a new
+    /// node joining through node 1 (`i` >= 2).
+    pub fn rejoin(&self, i: usize) {
+        assert!(i >= 2, "node 1 made the cluster; only nodes 2.. can rejoin");
+        let node = self.node(i);
+        node.kill_daemon();
+        let _ = fs::remove_dir_all(&node.state_dir);
+        let _ = fs::remove_file(&node.api);
+        node.start_daemon(self.join_args(node, &self.token()));
+    }
+
+    /// `join <node 1> --token TOKEN ...` for `node`, with its own state dir and API socket.
+    fn join_args(&self, node: &Node, token: &str) -> Vec<String> {
+        strings(&[
+            "join",
+            &self.nodes[0].addr,
+            "--token",
+            token,
+            "--advertise-addr",
+            &node.addr,
+            "--state-dir",
+            &node.state_dir.to_string_lossy(),
+            "--api",
+            &node.api.to_string_lossy(),
+        ])
     }
 
     /// Waits until every node's `node ls` shows every node, all `ready`.
     pub fn wait_all_ready(&self, timeout: Duration) {
         let want: Vec<String> = self.nodes.iter().map(|n| n.addr.clone()).collect();
         for node in &self.nodes {
-            wait_for(timeout, &format!("node {} to list all {} nodes ready", node.index, want.len()), || {
-                node.panic_if_dead("waiting for the cluster to form");
-                let members = node.members()?;
-                let ready = want
-                    .iter()
-                    .all(|a| members.iter().any(|(addr, state)| addr == a && state == "ready"));
-                if ready { Ok(()) } else { Err(format!("node ls: {members:?}")) }
-            });
+            wait_for(
+                timeout,
+                &format!("node {} to list all {} nodes ready", node.index, want.len()),
+                || {
+                    node.panic_if_dead("waiting for the cluster to form");
+                    let members = node.members()?;
+                    let ready = want.iter().all(|a| {
+                        members
+                            .iter()
+                            .any(|(addr, state)| addr == a && state == "ready")
+                    });
+                    if ready {
+                        Ok(())
+                    } else {
+                        Err(format!("node ls: {members:?}"))
+                    }
+                },
+            );
         }
     }
 
@@ -483,9 +566,14 @@ impl Cluster {
     pub fn wait_network_everywhere(&self, name: &str) -> Value {
         let mut entry = Value::Null;
         for node in self.nodes.iter().filter(|n| n.daemon_alive()) {
-            entry = wait_for(Duration::from_secs(20), &format!("network {name} on node {}", node.index), || {
-                node.network(name)?.ok_or_else(|| "not listed yet".to_owned())
-            });
+            entry = wait_for(
+                Duration::from_secs(20),
+                &format!("network {name} on node {}", node.index),
+                || {
+                    node.network(name)?
+                        .ok_or_else(|| "not listed yet".to_owned())
+                },
+            );
         }
         entry
     }
@@ -515,19 +603,54 @@ impl Cluster {
     /// all-zero FDB entries) on bridge `br0`, plus one container per `(name, "ip/len")` on that
     /// bridge with MTU 1450. Transmit checksum offload is off on the node's underlay port (needs
     /// `ethtool`). Returns the containers' namespaces.
-    pub fn kernel_vxlan_node(&self, name: &str, addr: &str, vni: u32, vteps: &[&str], ctrs: &[(&str, &str)]) -> Vec<String> {
+    pub fn kernel_vxlan_node(
+        &self,
+        name: &str,
+        addr: &str,
+        vni: u32,
+        vteps: &[&str],
+        ctrs: &[(&str, &str)],
+    ) -> Vec<String> {
         let k = self.host(name, addr);
         let vni = vni.to_string();
         ip(&["-n", &k, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &k, "link", "set", "br0", "up"]);
         ip(&[
-            "-n", &k, "link", "add", "vx0", "type", "vxlan", "id", &vni, "dstport", "4789", "local", addr, "dev", "eth0",
+            "-n",
+            &k,
+            "link",
+            "add",
+            "vx0",
+            "type",
+            "vxlan",
+            "id",
+            &vni,
+            "dstport",
+            "4789",
+            "local",
+            addr,
+            "dev",
+            "eth0",
             "nolearning",
         ]);
         for vtep in vteps {
-            self.exec_ok(&k, &["bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vx0", "dst", vtep]);
+            self.exec_ok(
+                &k,
+                &[
+                    "bridge",
+                    "fdb",
+                    "append",
+                    "00:00:00:00:00:00",
+                    "dev",
+                    "vx0",
+                    "dst",
+                    vtep,
+                ],
+            );
         }
-        ip(&["-n", &k, "link", "set", "vx0", "mtu", "1450", "master", "br0", "up"]);
+        ip(&[
+            "-n", &k, "link", "set", "vx0", "mtu", "1450", "master", "br0", "up",
+        ]);
         // Like a physical NIC, the node's underlay port puts complete checksums on the wire. A veth
         // would otherwise carry the inner TCP checksum still "partial" (only valid as kernel
         // metadata), which a userspace VTEP reading a UDP socket cannot see or complete.
@@ -539,7 +662,10 @@ impl Cluster {
                 lock(&self.extra).push(ns.clone());
                 add_netns(&ns);
                 let port = format!("k{i}");
-                ip(&["-n", &k, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+                ip(&[
+                    "-n", &k, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                    "netns", &ns,
+                ]);
                 ip(&["-n", &k, "link", "set", &port, "master", "br0", "up"]);
                 ip(&["-n", &ns, "addr", "add", cidr, "dev", "eth0"]);
                 ip(&["-n", &ns, "link", "set", "eth0", "mtu", "1450", "up"]);
@@ -558,13 +684,21 @@ impl Cluster {
 
     /// Runs `args` inside namespace `netns`.
     pub fn exec(&self, netns: &str, args: &[&str]) -> Output {
-        run(Command::new("ip").args(["netns", "exec", netns]).args(args), CLI_TIMEOUT)
+        run(
+            Command::new("ip").args(["netns", "exec", netns]).args(args),
+            CLI_TIMEOUT,
+        )
     }
 
     /// Runs `args` inside `netns` and panics unless it succeeds; returns stdout.
     pub fn exec_ok(&self, netns: &str, args: &[&str]) -> String {
         let out = self.exec(netns, args);
-        assert!(out.status.success(), "in {netns}: `{}` failed\n{}", args.join(" "), show(&out));
+        assert!(
+            out.status.success(),
+            "in {netns}: `{}` failed\n{}",
+            args.join(" "),
+            show(&out)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -572,8 +706,7 @@ impl Cluster {
     pub fn spawn(&self, netns: &str, args: &[&str]) -> Bg {
         let what = format!("{netns}: {}", args.join(" "));
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let log = File::create(self.dir.join(format!("bg{n}.log")))
-            .expect("creating helper log");
+        let log = File::create(self.dir.join(format!("bg{n}.log"))).expect("creating helper log");
         let child = Command::new("ip")
             .args(["netns", "exec", netns])
             .args(args)
@@ -587,21 +720,31 @@ impl Cluster {
 
     /// One ping from `from` to `ip` succeeds within a second.
     pub fn ping_once(&self, from: &str, ip: &str) -> bool {
-        self.exec(from, &["ping", "-c", "1", "-W", "1", "-q", ip]).status.success()
+        self.exec(from, &["ping", "-c", "1", "-W", "1", "-q", ip])
+            .status
+            .success()
     }
 
     /// Waits (at most `timeout`) until `from` can ping `ip`; panics with the last ping output.
     pub fn assert_ping(&self, from: &str, ip: &str, timeout: Duration) {
         wait_for(timeout, &format!("ping {from} -> {ip}"), || {
             let out = self.exec(from, &["ping", "-c", "1", "-W", "1", ip]);
-            if out.status.success() { Ok(()) } else { Err(show(&out)) }
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(show(&out))
+            }
         });
     }
 
     /// Asserts that 3 pings from `from` to `ip` all go unanswered.
     pub fn assert_no_ping(&self, from: &str, ip: &str) {
         let out = self.exec(from, &["ping", "-c", "3", "-i", "0.3", "-W", "1", ip]);
-        assert!(!out.status.success(), "{from} can still ping {ip}:\n{}", show(&out));
+        assert!(
+            !out.status.success(),
+            "{from} can still ping {ip}:\n{}",
+            show(&out)
+        );
     }
 
     /// Starts the checksumming TCP sink of [`TCP_SERVER`] on `port` in `netns`.
@@ -612,8 +755,22 @@ impl Cluster {
     /// Sends `bytes` random bytes from `from` to the sink at `ip:port`; panics unless the sink
     /// saw exactly those bytes (length and SHA-256).
     pub fn assert_tcp(&self, from: &str, ip: &str, port: u16, bytes: usize) {
-        let out = self.exec(from, &["python3", "-c", TCP_CLIENT, ip, &port.to_string(), &bytes.to_string()]);
-        assert!(out.status.success(), "TCP transfer {from} -> {ip}:{port} ({bytes} B) failed\n{}", show(&out));
+        let out = self.exec(
+            from,
+            &[
+                "python3",
+                "-c",
+                TCP_CLIENT,
+                ip,
+                &port.to_string(),
+                &bytes.to_string(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "TCP transfer {from} -> {ip}:{port} ({bytes} B) failed\n{}",
+            show(&out)
+        );
     }
 
     /// `eth0` in `netns`: (IPv4 address, prefix length, MTU), or `None` if there is no `eth0`.
@@ -625,9 +782,16 @@ impl Cluster {
         let v: Value = serde_json::from_slice(&out.stdout).ok()?;
         let link = v.get(0)?;
         let mtu = link["mtu"].as_u64().unwrap_or(0);
-        let inet = link["addr_info"].as_array()?.iter().find(|a| a["family"] == "inet");
+        let inet = link["addr_info"]
+            .as_array()?
+            .iter()
+            .find(|a| a["family"] == "inet");
         Some(match inet {
-            Some(a) => (str_field(a, "local"), a["prefixlen"].as_u64().unwrap_or(0), mtu),
+            Some(a) => (
+                str_field(a, "local"),
+                a["prefixlen"].as_u64().unwrap_or(0),
+                mtu,
+            ),
             None => (String::new(), 0, mtu),
         })
     }
@@ -636,7 +800,9 @@ impl Cluster {
     pub fn default_gateway(&self, netns: &str) -> Option<String> {
         let out = self.exec_ok(netns, &["ip", "-j", "-4", "route", "show", "default"]);
         let v: Value = serde_json::from_str(&out).ok()?;
-        v.get(0).map(|r| str_field(r, "gateway")).filter(|g| !g.is_empty())
+        v.get(0)
+            .map(|r| str_field(r, "gateway"))
+            .filter(|g| !g.is_empty())
     }
 
     /// Names of the links in `netns`.
@@ -653,10 +819,40 @@ impl Cluster {
 
     /// Plugs `netns` into the switch: switch port `port` <-> `eth0` with `addr`/24, MTU 1500.
     fn plug(&self, netns: &str, port: &str, addr: &str) {
-        ip(&["-n", &self.switch, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns]);
-        ip(&["-n", &self.switch, "link", "set", port, "master", "br0", "up"]);
+        ip(&[
+            "-n",
+            &self.switch,
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns,
+        ]);
+        ip(&[
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            port,
+            "master",
+            "br0",
+            "up",
+        ]);
         ip(&["-n", netns, "link", "set", "eth0", "mtu", "1500", "up"]);
-        ip(&["-n", netns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ip(&[
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ]);
     }
 
     fn dump_logs(&self) {
@@ -664,7 +860,12 @@ impl Cluster {
         for node in &self.nodes {
             let text = node.log_text();
             let tail: Vec<&str> = text.lines().rev().take(300).collect();
-            let _ = writeln!(s, "===== overlayd log, node {} ({}) =====", node.index, node.log.display());
+            let _ = writeln!(
+                s,
+                "===== overlayd log, node {} ({}) =====",
+                node.index,
+                node.log.display()
+            );
             for l in tail.iter().rev() {
                 let _ = writeln!(s, "{l}");
             }
@@ -701,7 +902,10 @@ impl Drop for Cluster {
 pub fn token_in(text: &str) -> Option<String> {
     text.lines().find_map(|l| {
         let rest = &l[l.find("--token")? + "--token".len()..];
-        let t = rest.trim_start_matches(['=', ' ']).split_whitespace().next()?;
+        let t = rest
+            .trim_start_matches(['=', ' '])
+            .split_whitespace()
+            .next()?;
         let t = t.trim_matches(|c: char| c == '"' || c == '\'' || c == '`');
         (!t.is_empty()).then(|| t.to_owned())
     })
@@ -714,7 +918,12 @@ fn strings(a: &[&str]) -> Vec<String> {
 /// Runs `ip ARGS` in the root namespace; panics unless it succeeds.
 pub fn ip(args: &[&str]) {
     let out = run(Command::new("ip").args(args), CLI_TIMEOUT);
-    assert!(out.status.success(), "`ip {}` failed\n{}", args.join(" "), show(&out));
+    assert!(
+        out.status.success(),
+        "`ip {}` failed\n{}",
+        args.join(" "),
+        show(&out)
+    );
 }
 
 fn add_netns(ns: &str) {
