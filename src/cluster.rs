@@ -104,6 +104,41 @@ impl View {
         view
     }
 
+    /// What this node must set and delete among its own keys (`mine`) so that it holds a copy
+    /// of every live network and every tombstone, and no copy of a removed network.
+    pub fn replication(
+        &self,
+        mine: &BTreeMap<String, String>,
+    ) -> (Vec<(String, String)>, Vec<String>) {
+        let mut set: Vec<(String, String)> = self
+            .networks
+            .values()
+            .map(|net| {
+                (
+                    key::network(&net.name),
+                    serde_json::to_string(net).expect("networks serialise"),
+                )
+            })
+            .filter(|(k, v)| mine.get(k) != Some(v))
+            .collect();
+        set.extend(
+            self.tombstones
+                .iter()
+                .map(|id| key::tombstone(id))
+                .filter(|k| !mine.contains_key(k))
+                .map(|k| (k, String::new())),
+        );
+        let delete = mine
+            .keys()
+            .filter(|k| {
+                k.strip_prefix(key::NETWORK_PREFIX)
+                    .is_some_and(|name| !self.networks.contains_key(name))
+            })
+            .cloned()
+            .collect();
+        (set, delete)
+    }
+
     /// The member that decides what must be unique (networks, addresses): the live member with
     /// the lowest id, so every node that sees the same members asks the same one.
     pub fn leader(&self) -> Option<&Member> {
@@ -268,6 +303,35 @@ mod tests {
         assert_eq!(view.endpoints.len(), 1);
         assert_eq!(view.leader().unwrap().node.id, "a");
         assert_eq!(view.members[2].node.state, NodeState::Down);
+    }
+
+    #[test]
+    fn every_node_copies_live_networks_and_tombstones_and_drops_removed_copies() {
+        let f = Fixture {
+            members: vec![
+                ("a".into(), true, kv(&[("net/old", network("n0", "old"))])),
+                (
+                    "b".into(),
+                    true,
+                    kv(&[
+                        ("net/web", network("n1", "web")),
+                        ("netrm/n0", String::new()),
+                    ]),
+                ),
+            ],
+        };
+        let view = f.view();
+        let mine: BTreeMap<String, String> = f.members[0].2.iter().cloned().collect();
+        let (set, delete) = view.replication(&mine);
+        let set_keys: Vec<&str> = set.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(set_keys, ["net/web", "netrm/n0"]);
+        assert_eq!(delete, ["net/old"]);
+        let mine: BTreeMap<String, String> = set.into_iter().collect();
+        assert_eq!(
+            view.replication(&mine),
+            (vec![], vec![]),
+            "converged: nothing more to do"
+        );
     }
 
     #[test]

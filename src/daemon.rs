@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -18,7 +19,7 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use crate::api::{self, Attachment, Failure, NetworkInfo};
-use crate::cluster::{MemberState, View};
+use crate::cluster::View;
 use crate::gossip::{self, Gossip};
 use crate::model::{Endpoint, Network, NodeState, key};
 use crate::peer;
@@ -60,6 +61,8 @@ pub struct Daemon {
     dataplane: overlay::DataPlane,
     /// Networks realised on this host (bridge + TAP), by id.
     realised: Mutex<BTreeMap<String, Network>>,
+    /// Set by [`Daemon::stop`]: nothing is realised any more.
+    stopping: AtomicBool,
     /// Serialises attach/detach on this node.
     plumbing: Mutex<()>,
     /// Leader-only bookkeeping; a mutex so concurrent peer requests are decided one at a time.
@@ -144,6 +147,7 @@ impl Daemon {
             gossip,
             dataplane,
             realised: Mutex::default(),
+            stopping: AtomicBool::new(false),
             plumbing: Mutex::default(),
             leader: Mutex::default(),
         });
@@ -158,9 +162,12 @@ impl Daemon {
     }
 
     /// Stops the data plane and removes what this node made on the host.
-    pub async fn stop(self: Arc<Daemon>) {
-        let realised = std::mem::take(&mut *self.realised.lock().await);
-        for net in realised.values() {
+    /// The data-path threads end with the process.
+    pub async fn stop(&self) {
+        let mut realised = self.realised.lock().await;
+        // Under the lock, so a reconcile round cannot make the bridges again behind us.
+        self.stopping.store(true, Ordering::Relaxed);
+        for net in std::mem::take(&mut *realised).values() {
             self.dataplane.remove_network(vni(net));
             host::remove_link(&net.bridge_name()).await;
         }
@@ -168,51 +175,16 @@ impl Daemon {
         if let Err(err) = self.gossip.handle.initiate_shutdown() {
             warn!(%err, "gossip did not shut down cleanly");
         }
-        if let Ok(daemon) = Arc::try_unwrap(self) {
-            daemon.dataplane.shutdown();
-        }
         info!(
             "node stopped; containers on this node are cut off from their networks until it runs again"
         );
-    }
-
-    async fn view(&self) -> View {
-        self.gossip
-            .handle
-            .with_chitchat(|c| {
-                let live: BTreeSet<&ChitchatId> = c.live_nodes().collect();
-                let self_id = c.self_chitchat_id().clone();
-                View::build(c.node_states().iter().map(|(id, state)| MemberState {
-                    id: &id.node_id,
-                    gossip: id.gossip_advertise_addr,
-                    live: live.contains(id),
-                    is_self: *id == self_id,
-                    keys: state.key_values().collect(),
-                }))
-            })
-            .await
-    }
-
-    async fn set_keys(&self, set: &[(String, String)], delete: &[String]) {
-        self.gossip
-            .handle
-            .with_chitchat(|c| {
-                let me = c.self_node_state();
-                for (k, v) in set {
-                    me.set(k, v);
-                }
-                for k in delete {
-                    me.delete(k);
-                }
-            })
-            .await
     }
 
     /// Waits until this node's view satisfies `done`, bounded by [`CONVERGE_WITHIN`].
     async fn converge(&self, what: &str, done: impl Fn(&View) -> bool) -> Result<View, Failure> {
         let deadline = Instant::now() + CONVERGE_WITHIN;
         loop {
-            let view = self.view().await;
+            let view = self.gossip.view().await;
             if done(&view) {
                 return Ok(view);
             }
@@ -242,10 +214,20 @@ impl Daemon {
         published: &mut overlay::Tables,
         members: &mut BTreeMap<String, NodeState>,
     ) -> anyhow::Result<()> {
-        let view = self.view().await;
+        let view = self.gossip.view().await;
         for m in &view.members {
-            if members.insert(m.node.id.clone(), m.node.state) != Some(m.node.state) {
-                info!(node = %m.node.id, address = %m.node.address, state = %m.node.state, "member state");
+            let (id, address, state) = (&m.node.id, m.node.address, m.node.state);
+            match members.insert(id.clone(), state) {
+                // A member is heard of before the failure detector has its heartbeats: it
+                // counts as joined once it is first seen ready.
+                None if state == NodeState::Down => {
+                    members.remove(id);
+                }
+                None => info!(node = %id, %address, "member joined"),
+                Some(before) if before != state => {
+                    info!(node = %id, %address, %state, "member state changed")
+                }
+                Some(_) => {}
             }
         }
         self.replicate(&view).await;
@@ -262,49 +244,18 @@ impl Daemon {
     /// Keeps a copy of every live network and every tombstone in this node's own state, so both
     /// survive the node that wrote them.
     async fn replicate(&self, view: &View) {
-        let (mine, my_tombstones) = self
-            .gossip
-            .handle
-            .with_chitchat(|c| {
-                let state = c.self_node_state();
-                let nets: BTreeMap<String, String> = state
-                    .key_values()
-                    .filter(|(k, _)| k.starts_with(key::NETWORK_PREFIX))
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect();
-                let tombs: BTreeSet<String> = state
-                    .key_values()
-                    .filter_map(|(k, _)| k.strip_prefix(key::TOMBSTONE_PREFIX).map(String::from))
-                    .collect();
-                (nets, tombs)
-            })
-            .await;
-        let mut set = Vec::new();
-        for net in view.networks.values() {
-            let k = key::network(&net.name);
-            let v = serde_json::to_string(net).expect("networks serialise");
-            if mine.get(&k) != Some(&v) {
-                set.push((k, v));
-            }
-        }
-        set.extend(
-            view.tombstones
-                .difference(&my_tombstones)
-                .map(|id| (key::tombstone(id), String::new())),
-        );
-        let delete: Vec<String> = mine
-            .keys()
-            .filter(|k| !view.networks.contains_key(&k[key::NETWORK_PREFIX.len()..]))
-            .cloned()
-            .collect();
+        let (set, delete) = view.replication(&self.gossip.own_keys().await);
         if !set.is_empty() || !delete.is_empty() {
-            self.set_keys(&set, &delete).await;
+            self.gossip.update(&set, &delete).await;
         }
     }
 
     /// Makes this host's bridges and TAPs match the view's networks.
     async fn realise(&self, view: &View) -> anyhow::Result<()> {
         let mut realised = self.realised.lock().await;
+        if self.stopping.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let wanted: BTreeMap<&str, &Network> =
             view.networks.values().map(|n| (n.id.as_str(), n)).collect();
         let gone: Vec<String> = realised
@@ -316,7 +267,7 @@ impl Daemon {
             let net = realised.remove(&id).expect("listed above");
             self.dataplane.remove_network(vni(&net));
             host::remove_link(&net.bridge_name()).await;
-            self.set_keys(&[], &[key::realised(&id)]).await;
+            self.gossip.update(&[], &[key::realised(&id)]).await;
             info!(network = %net.name, vni = net.vni, "network removed from this node");
         }
         for (id, net) in wanted {
@@ -329,7 +280,8 @@ impl Daemon {
                 .with_context(|| format!("creating the TAP of network {}", net.name))?;
             host::enslave_tap(net).await?;
             info!(network = %net.name, vni = net.vni, subnet = %net.subnet, mtu = net.mtu, "network ready on this node");
-            self.set_keys(&[(key::realised(id), String::new())], &[])
+            self.gossip
+                .update(&[(key::realised(id), String::new())], &[])
                 .await;
             realised.insert(id.to_string(), net.clone());
         }
@@ -360,6 +312,7 @@ impl Daemon {
         match request {
             NodeLs => Ok(json(
                 &self
+                    .gossip
                     .view()
                     .await
                     .members
@@ -369,7 +322,7 @@ impl Daemon {
             )),
             JoinToken => Ok(json(&self.secret.token())),
             NetworkLs => {
-                let view = self.view().await;
+                let view = self.gossip.view().await;
                 Ok(json(
                     &view
                         .networks
@@ -397,7 +350,7 @@ impl Daemon {
             Attach { netns, network, ip } => self.attach(netns, network, ip).await,
             Detach { netns, network } => self.detach(netns, network).await,
             Status => {
-                let view = self.view().await;
+                let view = self.gossip.view().await;
                 let node = view
                     .members
                     .iter()
@@ -410,10 +363,7 @@ impl Daemon {
                     })?,
                     vtep: self.vtep,
                     networks: view.networks.len(),
-                    gossip_rejected: self
-                        .gossip
-                        .rejected
-                        .load(std::sync::atomic::Ordering::Relaxed),
+                    gossip_rejected: self.gossip.rejected.load(Ordering::Relaxed),
                     dataplane: api::Dataplane {
                         rx_frames: stats.rx_frames,
                         tx_vxlan: stats.tx_vxlan,
@@ -488,7 +438,7 @@ impl Daemon {
                 "network namespace {netns} not found: create it with `ip netns add {netns}` (see `ip netns list`)"
             )));
         }
-        let view = self.view().await;
+        let view = self.gossip.view().await;
         let net = known_network(&view, &network)?.clone();
         // The reconcile loop may not have made the bridge yet for a network created just now.
         self.realise(&view).await?;
@@ -530,14 +480,15 @@ impl Daemon {
             netns: netns.clone(),
             host_if,
         };
-        self.set_keys(
-            &[(
-                key::endpoint(&net.id, ip),
-                serde_json::to_string(&endpoint).expect("serialises"),
-            )],
-            &[],
-        )
-        .await;
+        self.gossip
+            .update(
+                &[(
+                    key::endpoint(&net.id, ip),
+                    serde_json::to_string(&endpoint).expect("serialises"),
+                )],
+                &[],
+            )
+            .await;
         info!(%netns, network = %net.name, %ip, %mac, "container attached");
         Ok(json(&Attachment {
             netns,
@@ -550,18 +501,24 @@ impl Daemon {
 
     async fn detach(&self, netns: String, network: String) -> api::Reply {
         let _plumbing = self.plumbing.lock().await;
-        let view = self.view().await;
+        let view = self.gossip.view().await;
         let net = known_network(&view, &network)?;
-        let Some(placed) = view
+        let same_name: Vec<_> = view
             .endpoints_on(net)
-            .find(|p| p.node == self.id && p.endpoint.netns == netns)
-        else {
-            return Err(Failure::usage(format!(
-                "{netns} is not attached to network {network} on this node (attachments are listed per node by `overlayd network ls`)"
-            )));
+            .filter(|p| p.endpoint.netns == netns)
+            .collect();
+        let Some(placed) = same_name.iter().find(|p| p.node == self.id) else {
+            return Err(Failure::usage(match same_name.first() {
+                Some(p) => format!(
+                    "{netns} is attached to network {network} on node {}, not this one: run detach there",
+                    p.node
+                ),
+                None => format!("{netns} is not attached to network {network}"),
+            }));
         };
         host::remove_link(&placed.endpoint.host_if).await;
-        self.set_keys(&[], &[key::endpoint(&net.id, placed.endpoint.ip)])
+        self.gossip
+            .update(&[], &[key::endpoint(&net.id, placed.endpoint.ip)])
             .await;
         self.release(net, placed.endpoint.ip).await;
         info!(%netns, network = %net.name, ip = %placed.endpoint.ip, "container detached");
@@ -587,7 +544,7 @@ impl Daemon {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
             }
-            let view = self.view().await;
+            let view = self.gossip.view().await;
             let Some(leader) = view.leader() else {
                 continue;
             };
@@ -634,7 +591,7 @@ impl Daemon {
             return Ok(json(&self.secret.cluster_id()));
         }
         let mut ledger = self.leader.lock().await;
-        let view = self.view().await;
+        let view = self.gossip.view().await;
         if view.leader().map(|m| m.node.id.as_str()) != Some(self.id.as_str()) {
             return Err(Failure::runtime("this node is not the leader; retry"));
         }
@@ -658,14 +615,15 @@ impl Daemon {
                     mtu,
                     vteps,
                 };
-                self.set_keys(
-                    &[(
-                        key::network(&net.name),
-                        serde_json::to_string(&net).expect("serialises"),
-                    )],
-                    &[],
-                )
-                .await;
+                self.gossip
+                    .update(
+                        &[(
+                            key::network(&net.name),
+                            serde_json::to_string(&net).expect("serialises"),
+                        )],
+                        &[],
+                    )
+                    .await;
                 info!(network = %net.name, vni, %subnet, "network created");
                 Ok(json(&net))
             }
@@ -682,11 +640,12 @@ impl Daemon {
                         "network {name} still has {attached} attached container(s): detach them first (`overlayd detach NETNS --network {name}`)"
                     )));
                 }
-                self.set_keys(
-                    &[(key::tombstone(&net.id), String::new())],
-                    &[key::network(&name)],
-                )
-                .await;
+                self.gossip
+                    .update(
+                        &[(key::tombstone(&net.id), String::new())],
+                        &[key::network(&name)],
+                    )
+                    .await;
                 info!(network = %name, "network removed");
                 Ok(json(&name))
             }

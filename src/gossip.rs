@@ -5,6 +5,7 @@
 //! [`SignedUdp`] appends a truncated HMAC-SHA256 to each datagram and drops, and counts, any
 //! datagram whose tag does not verify, so only holders of the join token take part.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +19,7 @@ use chitchat::{
 };
 use tracing::debug;
 
+use crate::cluster::{MemberState, View};
 use crate::token::{Secret, TAG_LEN};
 
 /// Gossip rounds are frequent so that a dead node is noticed within seconds.
@@ -29,6 +31,52 @@ pub struct Gossip {
     pub handle: ChitchatHandle,
     /// Datagrams dropped because their tag did not verify under the cluster secret.
     pub rejected: Arc<AtomicU64>,
+}
+
+impl Gossip {
+    /// The cluster as this node's gossip state shows it now.
+    pub async fn view(&self) -> View {
+        self.handle
+            .with_chitchat(|c| {
+                let live: BTreeSet<&ChitchatId> = c.live_nodes().collect();
+                let self_id = c.self_chitchat_id().clone();
+                View::build(c.node_states().iter().map(|(id, state)| MemberState {
+                    id: &id.node_id,
+                    gossip: id.gossip_advertise_addr,
+                    live: live.contains(id),
+                    is_self: *id == self_id,
+                    keys: state.key_values().collect(),
+                }))
+            })
+            .await
+    }
+
+    /// This node's own keys.
+    pub async fn own_keys(&self) -> BTreeMap<String, String> {
+        self.handle
+            .with_chitchat(|c| {
+                c.self_node_state()
+                    .key_values()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+            .await
+    }
+
+    /// Sets and deletes keys of this node's state in one step.
+    pub async fn update(&self, set: &[(String, String)], delete: &[String]) {
+        self.handle
+            .with_chitchat(|c| {
+                let me = c.self_node_state();
+                for (k, v) in set {
+                    me.set(k, v);
+                }
+                for k in delete {
+                    me.delete(k);
+                }
+            })
+            .await
+    }
 }
 
 pub async fn start(
@@ -147,6 +195,88 @@ impl Socket for SignedSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::NodeState;
+
+    async fn node(name: &str, secret: &Secret, seeds: &[SocketAddr]) -> (Gossip, SocketAddr) {
+        let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let id = ChitchatId::new(name.to_string(), 1, addr);
+        let seeds = seeds.iter().map(|s| s.to_string()).collect();
+        (start(id, secret, addr, seeds, vec![]).await.unwrap(), addr)
+    }
+
+    /// Polls `done` over the views of `nodes` until it holds for all, for at most 15 s.
+    async fn converge(nodes: &[&Gossip], what: &str, done: impl Fn(&View) -> bool) {
+        for _ in 0..300 {
+            let mut all = true;
+            for node in nodes {
+                all &= done(&node.view().await);
+            }
+            if all {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("not converged within 15 s: {what}");
+    }
+
+    fn states(view: &View) -> Vec<(String, NodeState)> {
+        view.members
+            .iter()
+            .map(|m| (m.node.id.clone(), m.node.state))
+            .collect()
+    }
+
+    /// Three members on loopback: state spreads to all, a stranger with another secret never
+    /// gets in, and a stopped member is seen down by the others.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_converge_strangers_stay_out_and_failures_are_seen() {
+        let secret = Secret::generate();
+        let (a, a_addr) = node("a", &secret, &[]).await;
+        let (b, _) = node("b", &secret, &[a_addr]).await;
+        let (c, _) = node("c", &secret, &[a_addr]).await;
+        let (stranger, _) = node("x", &Secret::generate(), &[a_addr]).await;
+
+        b.update(&[("net/web".into(), "{}".into())], &[]).await;
+        let all_ready = |v: &View| {
+            states(v)
+                == [
+                    ("a".into(), NodeState::Ready),
+                    ("b".into(), NodeState::Ready),
+                    ("c".into(), NodeState::Ready),
+                ]
+        };
+        converge(&[&a, &b, &c], "three ready members", all_ready).await;
+        let on_a = a
+            .handle
+            .with_chitchat(|ch| {
+                ch.node_states()
+                    .keys()
+                    .map(|id| id.node_id.to_string())
+                    .collect::<Vec<_>>()
+            })
+            .await;
+        assert!(
+            on_a.iter().all(|id| id != "x"),
+            "the stranger's state reached a member: {on_a:?}"
+        );
+        assert!(
+            a.rejected.load(Ordering::Relaxed) > 0,
+            "the stranger's datagrams were not counted"
+        );
+        assert!(
+            stranger.view().await.members.len() == 1,
+            "the stranger learnt of members"
+        );
+
+        c.handle.initiate_shutdown().unwrap();
+        converge(&[&a, &b], "c seen down", |v| {
+            states(v).contains(&("c".into(), NodeState::Down))
+        })
+        .await;
+    }
 
     #[test]
     fn sealed_datagrams_open_only_under_the_same_secret() {
