@@ -42,6 +42,14 @@ pub enum Command {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// Restart a node from its state dir (after a crash or a reboot): same id, same cluster,
+    /// rejoining through the members it last knew; its containers keep their addresses.
+    Run {
+        #[arg(long, default_value = "/var/lib/overlayd")]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        data_path: DataPathArgs,
+    },
     /// Print the token other nodes join with.
     JoinToken,
     /// Cluster members.
@@ -88,6 +96,12 @@ pub struct DaemonArgs {
     /// UDP (gossip) and TCP (peer requests) port.
     #[arg(long, default_value_t = 7946)]
     pub gossip_port: u16,
+    #[command(flatten)]
+    pub data_path: DataPathArgs,
+}
+
+#[derive(Args)]
+pub struct DataPathArgs {
     /// Data-path threads, one per TAP queue (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -139,7 +153,7 @@ impl Command {
     pub fn request(self) -> Option<(api::Request, Render)> {
         use api::Request as R;
         Some(match self {
-            Command::Init(_) | Command::Join { .. } => return None,
+            Command::Init(_) | Command::Join { .. } | Command::Run { .. } => return None,
             Command::JoinToken => (R::JoinToken, Render::Token),
             Command::Node(NodeCommand::Ls { json }) => (R::NodeLs, Render::Nodes.or_json(json)),
             Command::Network(NetworkCommand::Create {

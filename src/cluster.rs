@@ -11,6 +11,8 @@ use crate::model::{Endpoint, Network, Node, NodeState, key};
 /// One member's gossip state, as chitchat holds it.
 pub struct MemberState<'a> {
     pub id: &'a str,
+    /// Grows with every restart of the node; only the newest generation counts.
+    pub generation: u64,
     pub gossip: SocketAddr,
     pub live: bool,
     pub is_self: bool,
@@ -46,7 +48,15 @@ impl View {
     pub fn build<'a>(states: impl IntoIterator<Item = MemberState<'a>>) -> View {
         let mut view = View::default();
         let mut seen_networks: Vec<Network> = Vec::new();
-        for state in states {
+        // A restarted node is a new generation; the old one lingers in gossip as a dead member
+        // until it is forgotten, and must count neither as a member nor for its endpoints.
+        let states: Vec<MemberState> = states.into_iter().collect();
+        let mut newest: BTreeMap<&str, u64> = BTreeMap::new();
+        for state in &states {
+            let g = newest.entry(state.id).or_default();
+            *g = (*g).max(state.generation);
+        }
+        for state in states.iter().filter(|s| newest[s.id] == s.generation) {
             let mut vtep: Option<SocketAddrV4> = None;
             let mut realised = BTreeSet::new();
             for &(k, v) in &state.keys {
@@ -252,6 +262,7 @@ mod tests {
                     .enumerate()
                     .map(|(i, (id, live, kv))| MemberState {
                         id,
+                        generation: 1,
                         gossip: format!("198.18.0.{}:7946", i + 1).parse().unwrap(),
                         live: *live,
                         is_self: i == 0,
@@ -303,6 +314,35 @@ mod tests {
         assert_eq!(view.endpoints.len(), 1);
         assert_eq!(view.leader().unwrap().node.id, "a");
         assert_eq!(view.members[2].node.state, NodeState::Down);
+    }
+
+    #[test]
+    fn only_the_newest_generation_of_a_restarted_node_counts() {
+        let old_ep = endpoint("n1", "198.19.0.2");
+        let new_ep = endpoint("n1", "198.19.0.3");
+        let net = network("n1", "web");
+        fn state<'a>(generation: u64, live: bool, net: &'a str, ep: &'a str) -> MemberState<'a> {
+            MemberState {
+                id: "a",
+                generation,
+                gossip: "198.18.0.1:7946".parse().unwrap(),
+                live,
+                is_self: false,
+                keys: vec![("net/web", net), ("ep/n1/x", ep)],
+            }
+        }
+        let view = View::build([
+            state(1, false, &net, &old_ep),
+            state(2, true, &net, &new_ep),
+        ]);
+        assert_eq!(view.members.len(), 1);
+        assert_eq!(view.members[0].node.state, NodeState::Ready);
+        let ips: Vec<String> = view
+            .endpoints
+            .iter()
+            .map(|p| p.endpoint.ip.to_string())
+            .collect();
+        assert_eq!(ips, ["198.19.0.3"]);
     }
 
     #[test]

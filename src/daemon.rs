@@ -48,7 +48,12 @@ pub struct Config {
 /// How this node enters a cluster.
 pub enum Start {
     Init,
-    Join { peer: SocketAddr, secret: Secret },
+    Join {
+        peer: SocketAddr,
+        secret: Secret,
+    },
+    /// Restart the node whose identity is in the state dir.
+    Resume(Identity),
 }
 
 pub struct Daemon {
@@ -65,8 +70,19 @@ pub struct Daemon {
     stopping: AtomicBool,
     /// Serialises attach/detach on this node.
     plumbing: Mutex<()>,
+    /// Endpoints this node hosted before a restart, waiting for their network's bridge.
+    restoring: Mutex<Vec<Endpoint>>,
     /// Leader-only bookkeeping; a mutex so concurrent peer requests are decided one at a time.
     leader: Mutex<Ledger>,
+}
+
+/// What the reconcile loop remembers between rounds.
+#[derive(Default)]
+struct Seen {
+    published: overlay::Tables,
+    members: BTreeMap<String, NodeState>,
+    /// Other members' gossip addresses, as last saved to the state dir.
+    peers: Vec<SocketAddr>,
 }
 
 /// What the leader remembers between gossip rounds.
@@ -81,13 +97,17 @@ struct Ledger {
 impl Daemon {
     /// Checks everything that could fail, then starts; on error nothing is left behind.
     pub async fn start(config: Config, start: Start) -> Result<Arc<Daemon>, Failure> {
-        state_dir::ensure_unused(&config.state_dir)?;
         let underlay_mtu = host::underlay_mtu(config.advertise)
             .await
             .map_err(|e| Failure::usage(format!("{e:#}")))?;
-        let (secret, seeds) = match start {
-            Start::Init => (Secret::generate(), vec![]),
+        let new_id = || hex::encode(rand::random::<[u8; 6]>());
+        let (id, secret, seeds, restored, identity_to_create) = match start {
+            Start::Init => {
+                state_dir::ensure_unused(&config.state_dir)?;
+                (new_id(), Secret::generate(), vec![], vec![], true)
+            }
             Start::Join { peer, secret } => {
+                state_dir::ensure_unused(&config.state_dir)?;
                 match peer::call(peer, &secret, &peer::Request::Hello).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(failure)) => return Err(failure),
@@ -95,7 +115,18 @@ impl Daemon {
                         return Err(Failure::usage(format!("joining through {peer}: {err:#}")));
                     }
                 }
-                (secret, vec![peer.to_string()])
+                (new_id(), secret, vec![peer.to_string()], vec![], true)
+            }
+            Start::Resume(identity) => {
+                let secret = Secret::from_token(&identity.token).map_err(Failure::usage)?;
+                let own = SocketAddr::from((config.advertise, config.gossip_port));
+                let seeds = state_dir::load_peers(&config.state_dir)
+                    .into_iter()
+                    .filter(|p| *p != own)
+                    .map(|p| p.to_string())
+                    .collect();
+                let restored = surviving_endpoints(&config.state_dir)?;
+                (identity.node_id, secret, seeds, restored, false)
             }
         };
         let api_listener = bind_api(&config.api).await?;
@@ -113,31 +144,41 @@ impl Daemon {
                 offloads: config.offloads,
             })
             .map_err(|e| Failure::runtime(format!("starting the data plane: {e}")))?;
-            let id = hex::encode(rand::random::<[u8; 6]>());
             let generation = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs();
             let chitchat_id = ChitchatId::new(id.clone(), generation, gossip_addr);
-            let initial = vec![(key::VTEP.to_string(), vtep.to_string())];
+            // A restarted node announces the endpoints it still hosts from its first gossip
+            // round, so their addresses are never seen free.
+            let initial = std::iter::once((key::VTEP.to_string(), vtep.to_string()))
+                .chain(
+                    restored
+                        .iter()
+                        .map(|e| (key::endpoint(&e.network_id, e.ip), endpoint_json(e))),
+                )
+                .collect();
             let gossip = gossip::start(chitchat_id, &secret, gossip_addr, seeds, initial).await?;
-            state_dir::save(
-                &config.state_dir,
-                &Identity {
+            if identity_to_create {
+                let identity = Identity {
                     node_id: id.clone(),
                     token: secret.token(),
-                },
-            )?;
-            Ok::<_, Failure>((peer_listener, vtep, dataplane, id, gossip))
+                    advertise: config.advertise,
+                    gossip_port: config.gossip_port,
+                    vxlan_port: config.vxlan_port,
+                };
+                state_dir::create(&config.state_dir, &identity)?;
+            }
+            Ok::<_, Failure>((peer_listener, vtep, dataplane, gossip))
         };
-        let (peer_listener, vtep, dataplane, id, gossip) = match started.await {
+        let (peer_listener, vtep, dataplane, gossip) = match started.await {
             Ok(parts) => parts,
             Err(failure) => {
                 let _ = std::fs::remove_file(&config.api);
                 return Err(failure);
             }
         };
-        info!(node = %id, %vtep, underlay_mtu, "node started");
+        info!(node = %id, %vtep, underlay_mtu, restored = restored.len(), "node started");
         let daemon = Arc::new(Daemon {
             id,
             secret,
@@ -149,6 +190,7 @@ impl Daemon {
             realised: Mutex::default(),
             stopping: AtomicBool::new(false),
             plumbing: Mutex::default(),
+            restoring: Mutex::new(restored),
             leader: Mutex::default(),
         });
         tokio::spawn(daemon.clone().serve_api(api_listener));
@@ -198,30 +240,25 @@ impl Daemon {
     }
 
     async fn reconcile_forever(self: Arc<Daemon>) {
-        let mut published = overlay::Tables::default();
-        let mut members = BTreeMap::new();
+        let mut seen = Seen::default();
         let mut ticker = tokio::time::interval(RECONCILE_EVERY);
         loop {
             ticker.tick().await;
-            if let Err(err) = self.reconcile(&mut published, &mut members).await {
+            if let Err(err) = self.reconcile(&mut seen).await {
                 warn!(err = %format!("{err:#}"), "reconcile failed; retrying");
             }
         }
     }
 
-    async fn reconcile(
-        &self,
-        published: &mut overlay::Tables,
-        members: &mut BTreeMap<String, NodeState>,
-    ) -> anyhow::Result<()> {
+    async fn reconcile(&self, seen: &mut Seen) -> anyhow::Result<()> {
         let view = self.gossip.view().await;
         for m in &view.members {
             let (id, address, state) = (&m.node.id, m.node.address, m.node.state);
-            match members.insert(id.clone(), state) {
+            match seen.members.insert(id.clone(), state) {
                 // A member is heard of before the failure detector has its heartbeats: it
                 // counts as joined once it is first seen ready.
                 None if state == NodeState::Down => {
-                    members.remove(id);
+                    seen.members.remove(id);
                 }
                 None => info!(node = %id, %address, "member joined"),
                 Some(before) if before != state => {
@@ -230,15 +267,78 @@ impl Daemon {
                 Some(_) => {}
             }
         }
+        let peers: Vec<SocketAddr> = view
+            .members
+            .iter()
+            .filter(|m| !m.node.is_self)
+            .map(|m| m.gossip)
+            .collect();
+        if peers != seen.peers {
+            state_dir::save_peers(&self.config.state_dir, &peers)?;
+            seen.peers = peers;
+        }
         self.replicate(&view).await;
         self.realise(&view).await?;
+        self.restore(&view).await;
         let tables = view.tables(&self.id, self.config.vxlan_port);
-        if tables != *published {
+        if tables != seen.published {
             debug!(networks = tables.networks.len(), "publishing tables");
             self.dataplane.publish(tables.clone());
-            *published = tables;
+            seen.published = tables;
         }
         Ok(())
+    }
+
+    /// Puts endpoints that survived a restart back on their bridge once it exists again; drops
+    /// those whose network was removed meanwhile.
+    async fn restore(&self, view: &View) {
+        let mut restoring = self.restoring.lock().await;
+        if restoring.is_empty() {
+            return;
+        }
+        let realised = self.realised.lock().await;
+        let mut changed = false;
+        let mut pending = Vec::new();
+        for endpoint in restoring.drain(..) {
+            if let Some(net) = realised.get(&endpoint.network_id) {
+                match host::enslave(&endpoint.host_if, net).await {
+                    Ok(()) => {
+                        info!(netns = %endpoint.netns, network = %net.name, ip = %endpoint.ip, "endpoint restored")
+                    }
+                    Err(err) => {
+                        warn!(netns = %endpoint.netns, err = %format!("{err:#}"), "endpoint not restored; its container is cut off")
+                    }
+                }
+            } else if view.tombstones.contains(&endpoint.network_id) {
+                host::remove_link(&endpoint.host_if).await;
+                let gone = key::endpoint(&endpoint.network_id, endpoint.ip);
+                self.gossip.update(&[], &[gone]).await;
+                changed = true;
+                info!(netns = %endpoint.netns, ip = %endpoint.ip, "network removed while this node was down; endpoint unplugged");
+            } else {
+                pending.push(endpoint);
+            }
+        }
+        *restoring = pending;
+        drop(realised);
+        if changed {
+            self.persist_endpoints().await;
+        }
+    }
+
+    /// Writes this node's endpoints to the state dir, for `overlayd run` after a restart.
+    async fn persist_endpoints(&self) {
+        let endpoints: Vec<Endpoint> = self
+            .gossip
+            .own_keys()
+            .await
+            .iter()
+            .filter(|(k, _)| k.starts_with(key::ENDPOINT_PREFIX))
+            .filter_map(|(_, v)| serde_json::from_str(v).ok())
+            .collect();
+        if let Err(err) = state_dir::save_endpoints(&self.config.state_dir, &endpoints) {
+            warn!(err = %format!("{err:#}"), "endpoints not saved: a restart will not restore them");
+        }
     }
 
     /// Keeps a copy of every live network and every tombstone in this node's own state, so both
@@ -278,7 +378,7 @@ impl Daemon {
             self.dataplane
                 .add_network(vni(net), &net.tap_name())
                 .with_context(|| format!("creating the TAP of network {}", net.name))?;
-            host::enslave_tap(net).await?;
+            host::enslave(&net.tap_name(), net).await?;
             info!(network = %net.name, vni = net.vni, subnet = %net.subnet, mtu = net.mtu, "network ready on this node");
             self.gossip
                 .update(&[(key::realised(id), String::new())], &[])
@@ -482,13 +582,11 @@ impl Daemon {
         };
         self.gossip
             .update(
-                &[(
-                    key::endpoint(&net.id, ip),
-                    serde_json::to_string(&endpoint).expect("serialises"),
-                )],
+                &[(key::endpoint(&net.id, ip), endpoint_json(&endpoint))],
                 &[],
             )
             .await;
+        self.persist_endpoints().await;
         info!(%netns, network = %net.name, %ip, %mac, "container attached");
         Ok(json(&Attachment {
             netns,
@@ -520,6 +618,7 @@ impl Daemon {
         self.gossip
             .update(&[], &[key::endpoint(&net.id, placed.endpoint.ip)])
             .await;
+        self.persist_endpoints().await;
         self.release(net, placed.endpoint.ip).await;
         info!(%netns, network = %net.name, ip = %placed.endpoint.ip, "container detached");
         Ok(json(&placed.endpoint.ip))
@@ -706,6 +805,25 @@ impl Ledger {
         });
         self.released.retain(|r| present.contains(r));
     }
+}
+
+fn endpoint_json(endpoint: &Endpoint) -> String {
+    serde_json::to_string(endpoint).expect("endpoints serialise")
+}
+
+/// Endpoints saved before a restart whose host-side veth still exists; the others' containers
+/// went away while overlayd was down.
+fn surviving_endpoints(dir: &std::path::Path) -> Result<Vec<Endpoint>, Failure> {
+    let (alive, gone): (Vec<Endpoint>, Vec<Endpoint>) =
+        state_dir::load_endpoints(dir)?.into_iter().partition(|e| {
+            std::path::Path::new("/sys/class/net")
+                .join(&e.host_if)
+                .exists()
+        });
+    for e in &gone {
+        info!(netns = %e.netns, ip = %e.ip, "container went away while this node was down; its address is free again");
+    }
+    Ok(alive)
 }
 
 fn json<T: serde::Serialize>(value: &T) -> serde_json::Value {

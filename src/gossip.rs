@@ -42,6 +42,7 @@ impl Gossip {
                 let self_id = c.self_chitchat_id().clone();
                 View::build(c.node_states().iter().map(|(id, state)| MemberState {
                     id: &id.node_id,
+                    generation: id.generation_id,
                     gossip: id.gossip_advertise_addr,
                     live: live.contains(id),
                     is_self: *id == self_id,

@@ -85,13 +85,14 @@ pub async fn ensure_bridge(net: &Network) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Puts the data plane's TAP on the network's bridge.
-pub async fn enslave_tap(net: &Network) -> anyhow::Result<()> {
+/// Puts `link` (the data plane's TAP, or a container's host-side veth) on the network's bridge,
+/// with the network's MTU, and brings it up.
+pub async fn enslave(link: &str, net: &Network) -> anyhow::Result<()> {
     let mtu = net.mtu.to_string();
     ip(&[
         "link",
         "set",
-        &net.tap_name(),
+        link,
         "master",
         &net.bridge_name(),
         "mtu",
@@ -154,17 +155,7 @@ pub async fn plug(p: &Plug<'_>) -> anyhow::Result<String> {
             ])
             .await?;
         }
-        ip(&[
-            "link",
-            "set",
-            p.host_if,
-            "master",
-            &p.net.bridge_name(),
-            "mtu",
-            &mtu,
-            "up",
-        ])
-        .await
+        enslave(p.host_if, p.net).await
     }
     .await;
     if let Err(err) = result {

@@ -29,7 +29,10 @@ use clap::Parser;
 use tracing::info;
 
 use crate::api::Failure;
-use crate::cli::{Cli, Command, DaemonArgs};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use crate::cli::{Cli, Command, DataPathArgs};
 use crate::daemon::{Daemon, Start};
 
 /// sysexits.h EX_USAGE: the command was wrong, nothing was changed.
@@ -72,15 +75,37 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<(), Failure> {
     let api_path = cli.api;
     match cli.command {
-        Command::Init(args) => serve(args, api_path, Start::Init).await,
+        Command::Init(args) => {
+            let ports = (args.advertise_addr, args.gossip_port, args.vxlan_port);
+            serve(
+                config(api_path, args.state_dir, ports, args.data_path),
+                Start::Init,
+            )
+            .await
+        }
         Command::Join {
             peer,
             token,
-            daemon,
+            daemon: args,
         } => {
             let secret = token::Secret::from_token(&token).map_err(Failure::usage)?;
-            let peer = cli::peer_addr(&peer, daemon.gossip_port).map_err(Failure::usage)?;
-            serve(daemon, api_path, Start::Join { peer, secret }).await
+            let peer = cli::peer_addr(&peer, args.gossip_port).map_err(Failure::usage)?;
+            let ports = (args.advertise_addr, args.gossip_port, args.vxlan_port);
+            let config = config(api_path, args.state_dir, ports, args.data_path);
+            serve(config, Start::Join { peer, secret }).await
+        }
+        Command::Run {
+            state_dir,
+            data_path,
+        } => {
+            let identity = state_dir::load_identity(&state_dir)?;
+            let ports = (
+                identity.advertise,
+                identity.gossip_port,
+                identity.vxlan_port,
+            );
+            let config = config(api_path, state_dir, ports, data_path);
+            serve(config, Start::Resume(identity)).await
         }
         command => {
             let (request, render) = command.request().expect("daemon verbs handled above");
@@ -91,33 +116,43 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-async fn serve(args: DaemonArgs, api: std::path::PathBuf, start: Start) -> Result<(), Failure> {
-    let initialising = matches!(start, Start::Init);
-    let config = daemon::Config {
-        advertise: args.advertise_addr,
-        gossip_port: args.gossip_port,
-        vxlan_port: args.vxlan_port,
-        state_dir: args.state_dir,
-        api,
-        workers: args
-            .workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        offloads: !args.no_offloads,
+async fn serve(config: daemon::Config, start: Start) -> Result<(), Failure> {
+    let greeting = match start {
+        Start::Init => "Cluster initialised.",
+        Start::Join { .. } => "Joined the cluster.",
+        Start::Resume(_) => "Node restarted; rejoining the cluster.",
     };
     let advertise = config.advertise;
     let daemon = Daemon::start(config, start).await?;
-    if initialising {
-        println!(
-            "Cluster initialised. To add a node, run on it:\n    overlayd join {advertise} --token {} --advertise-addr ADDR",
-            daemon.token()
-        );
-    } else {
-        println!("Joined the cluster.");
-    }
+    println!("{greeting} To add a node, run on it:");
+    println!(
+        "    overlayd join {advertise} --token {} --advertise-addr ADDR",
+        daemon.token()
+    );
     shutdown_signal().await;
     info!("shutting down");
     daemon.stop().await;
     Ok(())
+}
+
+fn config(
+    api: PathBuf,
+    state_dir: PathBuf,
+    identity: (Ipv4Addr, u16, u16),
+    data_path: DataPathArgs,
+) -> daemon::Config {
+    let (advertise, gossip_port, vxlan_port) = identity;
+    daemon::Config {
+        advertise,
+        gossip_port,
+        vxlan_port,
+        state_dir,
+        api,
+        workers: data_path
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        offloads: !data_path.no_offloads,
+    }
 }
 
 async fn shutdown_signal() {

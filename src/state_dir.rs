@@ -1,59 +1,149 @@
-//! The node's identity on disk: which cluster it belongs to and under which id.
+//! What a node keeps on disk so that it can be restarted (`overlayd run`) as the same member:
+//! its identity, the members it last knew (seeds to rejoin through) and the endpoints it hosts.
+//!
+//! Files are small JSON documents, replaced atomically (write, then rename).
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::api::Failure;
+use crate::model::Endpoint;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Identity {
     pub node_id: String,
     pub token: String,
+    pub advertise: Ipv4Addr,
+    pub gossip_port: u16,
+    pub vxlan_port: u16,
 }
 
-fn identity_path(dir: &Path) -> PathBuf {
-    dir.join("node.json")
-}
+const IDENTITY: &str = "node.json";
+const PEERS: &str = "peers.json";
+const ENDPOINTS: &str = "endpoints.json";
 
 /// Refuses a state dir that already belongs to a node: a second `init` or `join` must not
 /// silently make a new identity over an old one.
 pub fn ensure_unused(dir: &Path) -> Result<(), Failure> {
-    let path = identity_path(dir);
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let owner = serde_json::from_str::<Identity>(&text)
-            .map(|i| i.node_id)
-            .unwrap_or_else(|_| "?".into());
-        return Err(Failure::usage(format!(
-            "state dir {} already belongs to node {owner}: use another --state-dir, or remove {} to start a new node",
-            dir.display(),
-            path.display()
-        )));
+    match load_identity(dir) {
+        Err(_) if !dir.join(IDENTITY).exists() => Ok(()),
+        found => {
+            let owner = found.map(|i| i.node_id).unwrap_or_else(|_| "?".into());
+            Err(Failure::usage(format!(
+                "state dir {} already belongs to node {owner}: restart that node with `overlayd run --state-dir {}`, use another --state-dir, or remove {} to start a new node",
+                dir.display(),
+                dir.display(),
+                dir.join(IDENTITY).display()
+            )))
+        }
     }
-    Ok(())
 }
 
-pub fn save(dir: &Path, identity: &Identity) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+pub fn load_identity(dir: &Path) -> Result<Identity, Failure> {
+    read(&dir.join(IDENTITY)).map_err(|err| {
+        Failure::usage(format!(
+            "no node to restart in state dir {}: {err:#} (start a node with `overlayd init` or `overlayd join`)",
+            dir.display()
+        ))
+    })
+}
+
+/// Writes the identity of a new node, and the join token beside it for scripts.
+pub fn create(dir: &Path, identity: &Identity) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating state dir {}", dir.display()))?;
-    let path = identity_path(dir);
+    write(&dir.join(IDENTITY), identity)?;
+    let token = dir.join("join-token");
+    std::fs::write(&token, format!("{}\n", identity.token))
+        .with_context(|| format!("writing {}", token.display()))
+}
+
+/// Members' gossip addresses; missing or unreadable means none are known.
+pub fn load_peers(dir: &Path) -> Vec<SocketAddr> {
+    read(&dir.join(PEERS)).unwrap_or_default()
+}
+
+pub fn save_peers(dir: &Path, peers: &[SocketAddr]) -> anyhow::Result<()> {
+    write(&dir.join(PEERS), &peers)
+}
+
+/// The endpoints this node hosted; missing means none.
+pub fn load_endpoints(dir: &Path) -> anyhow::Result<Vec<Endpoint>> {
+    let path = dir.join(ENDPOINTS);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    read(&path)
+}
+
+pub fn save_endpoints(dir: &Path, endpoints: &[Endpoint]) -> anyhow::Result<()> {
+    write(&dir.join(ENDPOINTS), &endpoints)
+}
+
+fn read<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Readable only by root: the identity holds the cluster secret.
+fn write<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp: PathBuf = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    std::io::Write::write_all(
-        &mut file,
-        serde_json::to_string_pretty(identity)?.as_bytes(),
-    )?;
-    let token_path = dir.join("join-token");
-    std::fs::write(&token_path, format!("{}\n", identity.token))
-        .with_context(|| format!("writing {}", token_path.display()))
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::io::Write::write_all(&mut file, serde_json::to_string_pretty(value)?.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_used_state_dir_is_refused_and_an_empty_one_has_nothing_to_restart() {
+        let dir = std::env::temp_dir().join(format!("ovstate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(ensure_unused(&dir).is_ok());
+        assert!(
+            load_identity(&dir)
+                .unwrap_err()
+                .message
+                .contains("overlayd init")
+        );
+        let identity = Identity {
+            node_id: "n1".into(),
+            token: "OVL1-x".into(),
+            advertise: Ipv4Addr::new(198, 18, 0, 1),
+            gossip_port: 7946,
+            vxlan_port: 4789,
+        };
+        create(&dir, &identity).unwrap();
+        let refusal = ensure_unused(&dir).unwrap_err();
+        assert!(
+            refusal.usage && refusal.message.contains("node n1"),
+            "{refusal}"
+        );
+        assert_eq!(load_identity(&dir).unwrap().node_id, "n1");
+        assert!(load_peers(&dir).is_empty());
+        let peers: Vec<SocketAddr> = vec!["198.18.0.2:7946".parse().unwrap()];
+        save_peers(&dir, &peers).unwrap();
+        assert_eq!(load_peers(&dir), peers);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
