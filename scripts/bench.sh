@@ -2,18 +2,32 @@
 # The benchmark: overlayd against the anchors, in one run, on the anchors' topology.
 #
 #   node 1 ──(one veth, underlay 198.18.0.x/24, MTU 1500)── node 2
-#   container 1 (MTU 1450) on node 1, container 2 on node 2, iperf3 and ping between them
+#   container 1 (MTU 1450) on node 1, container 2 on node 2, iperf3/ping/sockperf between them
 #
 # Runs ../../shared/anchors/netns-vxlan-baseline.sh (kernel VXLAN), netns-nebula-baseline.sh
 # (if `nebula` is installed: apt-get install nebula), then overlayd on the same topology with the
-# same iperf3/ping commands, and prints one table. Ratios only mean something within one run.
+# same iperf3/ping commands, and prints one table of ratios (issue 3). Ratios only mean something
+# within one run, on an otherwise idle machine (CPU is measured system-wide).
 #
-#   DUR=5 scripts/bench.sh        # seconds per iperf3 run (default 5)
+# - Throughput per CPU-second, measured the same way for all three: busy CPU of the whole
+#   machine (/proc/stat: user+nice+system+irq+softirq+steal, so iperf3, softirq and daemons all
+#   count) during the single-stream TCP phase, Gbit moved (rate x DUR) per busy CPU-second. The
+#   anchors are not edited: their stdout goes through a reader that snapshots /proc/stat at each
+#   completed line, and the phase is the "c1->c2:" (kernel) / "n1->n2:" (Nebula) line minus the
+#   line before it (iperf3 server start, 0.5 s sleep, the run). overlayd's phase is bracketed the
+#   same way (server start, the run).
+# - TCP request/response: `sockperf pp --tcp -t DUR` against `sockperf sr --tcp`. The anchor cannot
+#   be extended, so the kernel's number comes from the identical topology built by
+#   ov_kernel_vxlan_pair (lib.sh), torn down before overlayd is measured.
+#
+#   DUR=5 scripts/bench.sh        # seconds per iperf3/sockperf run (default 5)
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 DUR=${DUR:-5}
+CMDLINE="DUR=$DUR $0${*:+ $*}"
+echo "== command: $CMDLINE"
 ANCHORS="$(dirname "$0")/../../shared/anchors"
 [ -f "$ANCHORS/netns-vxlan-baseline.sh" ] ||
   ov_die "anchor scripts not found in $ANCHORS (shared/ must sit beside the repository clone)"
@@ -25,18 +39,103 @@ ov_reap_stale
 ov_build_release
 ov_workdir ovbench
 trap ov_cleanup EXIT
-P="ovb$$"   # + k (kernel anchor), n (nebula anchor), o (overlayd); short: the anchors name veths with it
+P="ovb$$"   # + k (kernel anchor), n (nebula anchor), r (kernel sockperf), o (overlayd); short: veth names use it
+if pgrep -x iperf3 >/dev/null || pgrep -x sockperf >/dev/null; then
+  ov_log "WARNING: another iperf3/sockperf is running (another benchmark?): both runs' numbers are skewed"
+fi
+
+# --- /proc/stat snapshots ------------------------------------------------------------------------
+# stamp FILE [RSS_NS RSS_OUT]: copies stdin to stdout line by line; when a line is complete,
+# appends "<first line of /proc/stat><TAB><the line>" to FILE. With RSS_NS: at the first line
+# containing "ping ok", writes the RSS (MB) of the processes in namespace RSS_NS to RSS_OUT.
+stamp() {
+  local out=$1 rss_ns=${2:-} rss_out=${3:-} line cpu
+  while IFS= read -r line || [ -n "$line" ]; do
+    read -r cpu </proc/stat
+    printf '%s\t%s\n' "$cpu" "$line" >>"$out"
+    printf '%s\n' "$line"
+    if [ -n "$rss_ns" ] && [[ $line == *"ping ok"* ]] && [ ! -s "$rss_out" ]; then
+      ns_rss_mb "$rss_ns" >"$rss_out" || true
+    fi
+  done
+}
+
+# ns_rss_mb NS: summed VmRSS (MB) of the processes in namespace NS ("n/a" if none).
+ns_rss_mb() {
+  local kb=0 p v
+  for p in $(ip netns pids "$1" 2>/dev/null); do
+    v=$(awk '/^VmRSS/{print $2}' "/proc/$p/status" 2>/dev/null) || continue
+    kb=$((kb + ${v:-0}))
+  done
+  if [ "$kb" -gt 0 ]; then awk -v k="$kb" 'BEGIN{printf "%.1f", k/1024}'; else echo "n/a"; fi
+}
+
+# busy_cpu_s FILE REGEX: busy CPU-seconds (all CPUs) between the snapshot at the end of the line
+# before the first line matching REGEX and the snapshot at the end of that line.
+busy_cpu_s() {
+  python3 - "$1" "$2" "$(getconf CLK_TCK)" <<'PY' 2>/dev/null || echo "n/a"
+import re, sys
+path, pat, hz = sys.argv[1], re.compile(sys.argv[2]), int(sys.argv[3])
+def busy(cpu):  # cpu user nice system idle iowait irq softirq steal ...
+    f = [int(x) for x in cpu.split()[1:9]]
+    return f[0] + f[1] + f[2] + f[5] + f[6] + f[7]
+prev = None
+for row in open(path, errors="replace"):
+    cpu, _, line = row.rstrip("\n").partition("\t")
+    if pat.search(line) and prev is not None:
+        print("%.2f" % ((busy(cpu) - busy(prev)) / hz))
+        break
+    prev = cpu
+else:
+    print("n/a")
+PY
+}
+
+# snap: the first line of /proc/stat now. delta_cpu_s A B: busy CPU-seconds from snapshot A to B.
+snap() { local cpu; read -r cpu </proc/stat; echo "$cpu"; }
+delta_cpu_s() {
+  local f
+  f=$(mktemp "$OV_WORK/stamp.XXXXXX")
+  printf '%s\tbefore\n%s\tafter\n' "$1" "$2" >"$f"
+  busy_cpu_s "$f" '^after$'
+}
+
+# per_cpu GBITPS CPU_S: Gbit moved in the DUR-second run per busy CPU-second.
+per_cpu() { awk -v g="$1" -v c="$2" -v d="$DUR" 'BEGIN { if (g ~ /^[0-9.]+$/ && c ~ /^[0-9.]+$/ && c > 0) printf "%.2f", g * d / c; else print "n/a" }'; }
+
+# sockperf_rtt SERVER_NS CLIENT_NS IP: TCP ping-pong for DUR s; prints the average round trip in
+# microseconds (sockperf reports half of it as "Latency"), or n/a.
+sockperf_rtt() {
+  local sns=$1 cns=$2 ip=$3 spid lat
+  ip netns exec "$sns" sockperf sr --tcp -i "$ip" -p 11111 >"$OV_WORK/sockperf-sr-$sns.log" 2>&1 &
+  spid=$!
+  OV_PIDS+=("$spid")
+  ov_wait 10 "sockperf server in $sns" bash -c "ip netns exec '$sns' ss -Hltn 'sport = :11111' | grep -q ."
+  lat=$(timeout $((DUR + 30)) ip netns exec "$cns" sockperf pp --tcp -i "$ip" -p 11111 -t "$DUR" 2>&1 |
+    sed -n 's/.*Summary: Latency is \([0-9.]*\) usec.*/\1/p' | head -n1) || true
+  kill "$spid" 2>/dev/null || true
+  wait "$spid" 2>/dev/null || true
+  if [[ $lat =~ ^[0-9.]+$ ]]; then awk -v l="$lat" 'BEGIN{printf "%.1f", 2 * l}'; else echo "n/a"; fi
+}
+
+# CPU is measured machine-wide, so say how busy the machine was before anything started.
+I0=$(snap); sleep 1; I1=$(snap)
+IDLE_BUSY=$(delta_cpu_s "$I0" "$I1")
+echo "machine busy before the run: $IDLE_BUSY CPU-s in 1 s (of $(nproc)); more than ~0.1 skews the per-CPU row"
 
 # --- anchors -------------------------------------------------------------------------------------
 ov_log "kernel VXLAN anchor (DUR=$DUR)"
-if ! P="${P}k" DUR=$DUR bash "$ANCHORS/netns-vxlan-baseline.sh" 2>&1 | tee "$OV_WORK/kernel.txt"; then
+if ! P="${P}k" DUR=$DUR bash "$ANCHORS/netns-vxlan-baseline.sh" 2>&1 | stamp "$OV_WORK/kernel.stamped" | tee "$OV_WORK/kernel.txt"; then
   ov_log "kernel VXLAN anchor failed (its numbers show as n/a)"
 fi
+N_RSS="n/a"
 if command -v nebula >/dev/null 2>&1 && command -v nebula-cert >/dev/null 2>&1; then
   ov_log "Nebula anchor (DUR=$DUR)"
-  if ! P="${P}n" DUR=$DUR bash "$ANCHORS/netns-nebula-baseline.sh" 2>&1 | tee "$OV_WORK/nebula.txt"; then
+  if ! P="${P}n" DUR=$DUR bash "$ANCHORS/netns-nebula-baseline.sh" 2>&1 |
+    stamp "$OV_WORK/nebula.stamped" "${P}nn1" "$OV_WORK/nebula.rss" | tee "$OV_WORK/nebula.txt"; then
     ov_log "Nebula anchor failed (its numbers show as n/a)"
   fi
+  N_RSS=$(cat "$OV_WORK/nebula.rss" 2>/dev/null || echo "n/a")
 else
   ov_log "nebula not installed (apt-get install nebula): Nebula column is n/a"
 fi
@@ -47,11 +146,26 @@ field() {
   v=$(grep -E "$1" "$2" 2>/dev/null | head -n1 | awk -F': ' '{print $2}' | awk '{print $1}') || true
   if [[ $v =~ ^[0-9.]+$ ]]; then echo "$v"; else echo "n/a"; fi
 }
-K_TCP1=$(field '^kernel vxlan +c1->c2: ' "$OV_WORK/kernel.txt")
+K_TCP1_RE='^kernel vxlan +c1->c2: '
+N_TCP1_RE='^nebula .*n1->n2: '
+K_TCP1=$(field "$K_TCP1_RE" "$OV_WORK/kernel.txt")
 K_TCP4=$(field '^kernel vxlan 4 streams c1->c2: ' "$OV_WORK/kernel.txt")
 K_RTT=$(field '^kernel vxlan RTT c1->c2: ' "$OV_WORK/kernel.txt")
 K_PPS=$(field '^kernel vxlan 1-stream UDP 1350B c1->c2 \(pps\): ' "$OV_WORK/kernel.txt")
-N_TCP1=$(field '^nebula .*n1->n2: ' "$OV_WORK/nebula.txt")
+N_TCP1=$(field "$N_TCP1_RE" "$OV_WORK/nebula.txt")
+K_CPU=$(busy_cpu_s "$OV_WORK/kernel.stamped" "$K_TCP1_RE")
+N_CPU=$(busy_cpu_s "$OV_WORK/nebula.stamped" "$N_TCP1_RE")
+K_PER_CPU=$(per_cpu "$K_TCP1" "$K_CPU")
+N_PER_CPU=$(per_cpu "$N_TCP1" "$N_CPU")
+echo "kernel vxlan TCP 1 stream phase: $K_CPU busy CPU-s; nebula: $N_CPU busy CPU-s"
+
+# --- kernel VXLAN, TCP request/response (the anchor's topology, built by lib.sh) ------------------
+ov_log "kernel VXLAN: sockperf TCP ping-pong (anchor topology from lib.sh)"
+R="${P}r"
+ov_kernel_vxlan_pair "$R"
+K_RR=$(sockperf_rtt "${R}c2" "${R}c1" 198.19.0.2)
+echo "kernel vxlan TCP req/resp c1->c2: $K_RR us avg RTT"
+for n in c1 c2 n1 n2; do ov_ns_kill_del "${R}$n"; done
 
 # --- overlayd on the same topology ---------------------------------------------------------------
 ov_log "overlayd: 2 nodes on one veth, one container each"
@@ -95,17 +209,14 @@ gbps() { python3 -c 'import json,sys;d=json.load(open(sys.argv[1]));print("%.2f"
 
 ov_log "overlayd TCP 1 stream"
 T0=$(cpu_ticks)
+S0=$(snap)
 iperf "$OV_WORK/o-tcp1.json"
+S1=$(snap)
 T1=$(cpu_ticks)
 O_TCP1=$(gbps "$OV_WORK/o-tcp1.json")
-O_PER_CPU=$(python3 - "$OV_WORK/o-tcp1.json" "$((T1 - T0))" "$(getconf CLK_TCK)" <<'PY' 2>/dev/null || echo "n/a"
-import json, sys
-d = json.load(open(sys.argv[1]))
-cpu = int(sys.argv[2]) / int(sys.argv[3])
-print("%.2f" % (d["end"]["sum_received"]["bytes"] * 8 / 1e9 / cpu) if cpu > 0 else "n/a")
-PY
-)
-echo "overlayd c1->c2: $O_TCP1 Gbit/s (daemons used $(((T1 - T0) * 1000 / $(getconf CLK_TCK))) ms CPU)"
+O_CPU=$(delta_cpu_s "$S0" "$S1")
+O_PER_CPU=$(per_cpu "$O_TCP1" "$O_CPU")
+echo "overlayd c1->c2: $O_TCP1 Gbit/s ($O_CPU busy CPU-s machine-wide; the daemons' own share $(((T1 - T0) * 1000 / $(getconf CLK_TCK))) ms)"
 
 ov_log "overlayd TCP 4 streams"
 iperf "$OV_WORK/o-tcp4.json" -P 4
@@ -117,6 +228,10 @@ O_RTT=$(ip netns exec "${O}c1" ping -q -c 500 -i 0.002 "$C2_IP" | awk -F/ '/rtt/
 [[ $O_RTT =~ ^[0-9.]+$ ]] || O_RTT="n/a"
 echo "overlayd RTT c1->c2: $O_RTT ms avg"
 
+ov_log "overlayd TCP request/response (sockperf)"
+O_RR=$(sockperf_rtt "${O}c2" "${O}c1" "$C2_IP")
+echo "overlayd TCP req/resp c1->c2: $O_RR us avg RTT"
+
 ov_log "overlayd UDP 1350 B"
 iperf "$OV_WORK/o-udp.json" -u -b 0 -l 1350
 O_UDP=$(python3 -c 'import json,sys;s=json.load(open(sys.argv[1]))["end"]["sum"];print("%.0f pps recv, loss %.1f%%"%(s["packets"]*(1-s["lost_percent"]/100)/s["seconds"], s["lost_percent"]))' "$OV_WORK/o-udp.json" 2>/dev/null || echo "n/a")
@@ -125,16 +240,18 @@ O_PPS=${O_UDP%% *}
 
 # --- the table -----------------------------------------------------------------------------------
 ratio() { awk -v o="$1" -v k="$2" 'BEGIN { if (o ~ /^[0-9.]+$/ && k ~ /^[0-9.]+$/ && k > 0) printf "%.2f", o / k; else print "n/a" }'; }
-row() { printf '%-34s | %-12s | %-12s | %-12s | %s\n' "$1" "$2" "$3" "$4" "$5"; }
+row() { printf '%-40s | %-12s | %-12s | %-12s | %-15s | %s\n' "$1" "$2" "$3" "$4" "$5" "$6"; }
 echo
-echo "overlayd benchmark, DUR=${DUR}s, $(nproc) cores, kernel $(uname -r)"
-row "metric" "kernel vxlan" "nebula" "overlayd" "overlayd/kernel"
-row "----------------------------------" "------------" "------------" "------------" "---------------"
-row "TCP 1 stream (Gbit/s)" "$K_TCP1" "$N_TCP1" "$O_TCP1" "$(ratio "$O_TCP1" "$K_TCP1")"
-row "TCP 4 streams (Gbit/s)" "$K_TCP4" "n/a" "$O_TCP4" "$(ratio "$O_TCP4" "$K_TCP4")"
-row "ping RTT avg (ms, lower is better)" "$K_RTT" "n/a" "$O_RTT" "$(ratio "$O_RTT" "$K_RTT")"
-row "UDP 1350 B (pps received)" "$K_PPS" "n/a" "$O_PPS" "$(ratio "$O_PPS" "$K_PPS")"
-row "TCP Gbit per daemon CPU-second" "n/a (kernel)" "n/a" "$O_PER_CPU" "n/a"
-row "idle RSS of overlayd (MB)" "n/a (kernel)" "n/a" "$O_RSS" "n/a"
+echo "overlayd benchmark: $CMDLINE"
+echo "DUR=${DUR}s, $(nproc) cores, kernel $(uname -r); ratios are from this one run; busy before: $IDLE_BUSY CPU-s/s"
+row "metric" "kernel vxlan" "nebula" "overlayd" "overlayd/kernel" "overlayd/nebula"
+row "----------------------------------------" "------------" "------------" "------------" "---------------" "---------------"
+row "TCP 1 stream (Gbit/s)" "$K_TCP1" "$N_TCP1" "$O_TCP1" "$(ratio "$O_TCP1" "$K_TCP1")" "$(ratio "$O_TCP1" "$N_TCP1")"
+row "TCP 4 streams (Gbit/s)" "$K_TCP4" "n/a" "$O_TCP4" "$(ratio "$O_TCP4" "$K_TCP4")" "n/a"
+row "TCP 1 stream Gbit per busy CPU-s" "$K_PER_CPU" "$N_PER_CPU" "$O_PER_CPU" "$(ratio "$O_PER_CPU" "$K_PER_CPU")" "$(ratio "$O_PER_CPU" "$N_PER_CPU")"
+row "ping RTT avg (ms, lower is better)" "$K_RTT" "n/a" "$O_RTT" "$(ratio "$O_RTT" "$K_RTT")" "n/a"
+row "TCP req/resp RTT (us, sockperf, lower)" "$K_RR" "n/a" "$O_RR" "$(ratio "$O_RR" "$K_RR")" "n/a"
+row "UDP 1350 B (pps received)" "$K_PPS" "n/a" "$O_PPS" "$(ratio "$O_PPS" "$K_PPS")" "n/a"
+row "idle RSS, one daemon (MB)" "n/a (kernel)" "$N_RSS" "$O_RSS" "n/a" "$(ratio "$O_RSS" "$N_RSS")"
 
 [[ $O_TCP1 != n/a ]] || ov_die "overlayd TCP measurement failed (see above)"

@@ -19,21 +19,40 @@ ov_need_root() {
   [ "$(id -u)" = 0 ] || ov_die "must run as root: it builds network namespaces (try: sudo $0)"
 }
 
-# Installs the Debian packages the scripts and tests use, if any of their commands is missing.
+# Installs the Debian packages the scripts and tests use, if any of their commands is missing:
+# iproute2, iperf3, ping, curl, python3, ps, ethtool, sockperf (bench: TCP request/response) and
+# busybox-static (tests/docker.rs builds its container image from the static busybox).
 ov_install_deps() {
   local missing=() cmd
-  for cmd in ip bridge iperf3 ping curl python3 ps ethtool; do
+  for cmd in ip bridge iperf3 ping curl python3 ps ethtool sockperf; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
   done
+  ov_have_static_busybox || missing+=("busybox-static")
   [ ${#missing[@]} -eq 0 ] && return 0
   command -v apt-get >/dev/null 2>&1 || ov_die "missing ${missing[*]} and no apt-get to install them"
   ov_log "installing packages for: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq iproute2 iperf3 iputils-ping curl python3 procps ethtool >/dev/null
+  timeout 300 apt-get update -qq || ov_die "apt-get update failed (or took over 300 s)"
+  timeout 600 apt-get install -y -qq iproute2 iperf3 iputils-ping curl python3 procps ethtool sockperf \
+    busybox-static >/dev/null || ov_die "apt-get install failed (or took over 600 s)"
   for cmd in "${missing[@]}"; do
-    command -v "$cmd" >/dev/null 2>&1 || ov_die "$cmd still missing after apt-get install"
+    if [ "$cmd" = busybox-static ]; then
+      ov_have_static_busybox || ov_die "no static busybox after apt-get install busybox-static"
+    else
+      command -v "$cmd" >/dev/null 2>&1 || ov_die "$cmd still missing after apt-get install"
+    fi
   done
+}
+
+# Whether /bin/busybox is the statically linked one (Debian busybox-static): a container image of
+# busybox alone needs it.
+ov_have_static_busybox() {
+  [ -x /bin/busybox ] || return 1
+  if command -v dpkg-query >/dev/null 2>&1; then
+    dpkg-query -W -f '${Status}' busybox-static 2>/dev/null | grep -q 'ok installed'
+  else
+    ! ldd /bin/busybox >/dev/null 2>&1 # ldd fails on a static binary
+  fi
 }
 
 # Makes cargo reachable (rustup puts it in ~/.cargo/bin, which non-login shells may lack).
@@ -66,11 +85,12 @@ ov_wait() {
 
 # Deletes namespaces left by killed runs: names carry the pid of their maker, and those whose
 # maker is gone are removed (with their processes). Patterns: ovt-<test>-<pid>-* (cargo tests),
-# ovd<pid>-* (demo), ovb<pid>[kno]* (bench); also the tests' temp dirs $TMPDIR/ovt-<test>-<pid>.
+# ovd<pid>-* (demo), ovb<pid>[knor]* (bench); also the tests' temp dirs $TMPDIR/ovt-<test>-<pid>
+# and the tests' Docker containers and images.
 ov_reap_stale() {
   local ns pid
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}'); do
-    if [[ $ns =~ ^ovt-[a-z0-9]+-([0-9]+)- || $ns =~ ^ovd([0-9]+)- || $ns =~ ^ovb([0-9]+)[kno] ]]; then
+    if [[ $ns =~ ^ovt-[a-z0-9]+-([0-9]+)- || $ns =~ ^ovd([0-9]+)- || $ns =~ ^ovb([0-9]+)[knor] ]]; then
       pid=${BASH_REMATCH[1]}
       kill -0 "$pid" 2>/dev/null && continue
       ov_ns_kill_del "$ns"
@@ -80,6 +100,23 @@ ov_reap_stale() {
   for d in "${TMPDIR:-/tmp}"/ovt-*-[0-9]*; do
     [[ -d $d && $d =~ -([0-9]+)$ ]] || continue
     kill -0 "${BASH_REMATCH[1]}" 2>/dev/null || rm -rf "$d"
+  done
+  ov_reap_stale_docker
+}
+
+# Docker containers (ovt-<test>-<pid>-*) and images (ovt-<test>-<pid>:*) of killed test runs.
+# Every docker call is bounded; nothing happens when no Docker daemon answers.
+ov_reap_stale_docker() {
+  command -v docker >/dev/null 2>&1 || return 0
+  timeout 10 docker version >/dev/null 2>&1 || return 0
+  local name
+  for name in $(timeout 10 docker ps -a --format '{{.Names}}' 2>/dev/null); do
+    [[ $name =~ ^ovt-[a-z0-9]+-([0-9]+)- ]] || continue
+    kill -0 "${BASH_REMATCH[1]}" 2>/dev/null || timeout 30 docker rm -f -v "$name" >/dev/null 2>&1 || true
+  done
+  for name in $(timeout 10 docker images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null); do
+    [[ $name =~ ^ovt-[a-z0-9]+-([0-9]+): ]] || continue
+    kill -0 "${BASH_REMATCH[1]}" 2>/dev/null || timeout 30 docker rmi -f "$name" >/dev/null 2>&1 || true
   done
 }
 
@@ -120,6 +157,30 @@ ov_wire() {
   ip -n "$3" addr add "$4" dev eth0
   ip -n "$1" link set eth0 mtu 1500 up
   ip -n "$3" link set eth0 mtu 1500 up
+}
+
+# ov_kernel_vxlan_pair P: the topology of ../shared/anchors/netns-vxlan-baseline.sh, built with
+# its commands (links are made directly in their namespaces, so nothing is left in the root
+# namespace if the script dies): nodes ${P}n1, ${P}n2 joined by one veth (${P}u1/${P}u2,
+# underlay 198.18.0.1-2/24, MTU 1500); on each node bridge br0 with vx0 (VXLAN id 42, dstport
+# 4789, remote = the other node) and a veth ${P}h<i> to container ${P}c<i> (eth0 198.19.0.<i>/24,
+# MTU 1450). Waits (10 s) until c1 pings c2.
+ov_kernel_vxlan_pair() {
+  local P=$1 i o
+  for i in n1 n2 c1 c2; do ov_ns_add "${P}$i"; done
+  ip -n "${P}n1" link add "${P}u1" type veth peer name "${P}u2" netns "${P}n2"
+  ip -n "${P}n1" addr add 198.18.0.1/24 dev "${P}u1"; ip -n "${P}n1" link set "${P}u1" up
+  ip -n "${P}n2" addr add 198.18.0.2/24 dev "${P}u2"; ip -n "${P}n2" link set "${P}u2" up
+  for i in 1 2; do
+    o=$((3 - i))
+    ip -n "${P}n$i" link add br0 type bridge; ip -n "${P}n$i" link set br0 up
+    ip -n "${P}n$i" link add vx0 type vxlan id 42 dstport 4789 local "198.18.0.$i" remote "198.18.0.$o" dev "${P}u$i"
+    ip -n "${P}n$i" link set vx0 master br0 up
+    ip -n "${P}n$i" link add "${P}h$i" type veth peer name eth0 netns "${P}c$i"
+    ip -n "${P}n$i" link set "${P}h$i" master br0 up
+    ip -n "${P}c$i" addr add "198.19.0.$i/24" dev eth0; ip -n "${P}c$i" link set eth0 mtu 1450 up
+  done
+  ov_wait 10 "kernel VXLAN ping ${P}c1 -> 198.19.0.2" ip netns exec "${P}c1" ping -c1 -W1 198.19.0.2
 }
 
 # ov_daemon NS LOG ARGS...: starts `overlayd ARGS` in NS in the background, output to LOG.

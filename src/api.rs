@@ -109,6 +109,8 @@ pub struct Status {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Dataplane {
+    /// Whether TAP and UDP offloads were asked for (each TAP keeps what its kernel accepts).
+    pub offloads: bool,
     pub rx_frames: u64,
     pub tx_vxlan: u64,
     pub rx_vxlan: u64,

@@ -106,7 +106,7 @@ pub struct DataPathArgs {
     #[arg(long)]
     pub workers: Option<usize>,
     /// Turn TAP and UDP offloads (TSO, GSO, GRO) off: the fallback for kernels that refuse them.
-    #[arg(long, env = "OVERLAYD_NO_OFFLOADS")]
+    #[arg(long, env = "OVERLAYD_NO_OFFLOADS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_offloads: bool,
 }
 

@@ -19,7 +19,7 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use crate::api::{self, Attachment, Failure, NetworkInfo};
-use crate::cluster::View;
+use crate::cluster::{Placed, View};
 use crate::gossip::{self, Gossip};
 use crate::model::{Endpoint, Network, NodeState, key};
 use crate::peer;
@@ -465,6 +465,7 @@ impl Daemon {
                     networks: view.networks.len(),
                     gossip_rejected: self.gossip.rejected.load(Ordering::Relaxed),
                     dataplane: api::Dataplane {
+                        offloads: self.config.offloads,
                         rx_frames: stats.rx_frames,
                         tx_vxlan: stats.tx_vxlan,
                         rx_vxlan: stats.rx_vxlan,
@@ -728,12 +729,7 @@ impl Daemon {
             }
             RemoveNetwork { name } => {
                 let net = known_network(&view, &name)?;
-                let attached = view.endpoints_on(net).count()
-                    + ledger
-                        .reserved
-                        .keys()
-                        .filter(|(id, _)| *id == net.id)
-                        .count();
+                let attached = ledger.taken(&view, net).len();
                 if attached > 0 {
                     return Err(Failure::usage(format!(
                         "network {name} still has {attached} attached container(s): detach them first (`overlayd detach NETNS --network {name}`)"
@@ -750,23 +746,7 @@ impl Daemon {
             }
             Allocate { network, node, ip } => {
                 let net = known_network(&view, &network)?;
-                let taken: BTreeSet<Ipv4Addr> = view
-                    .endpoints_on(net)
-                    .filter(|p| {
-                        !ledger
-                            .released
-                            .contains(&(net.id.clone(), p.endpoint.ip, p.node.clone()))
-                    })
-                    .map(|p| p.endpoint.ip)
-                    .chain(
-                        ledger
-                            .reserved
-                            .keys()
-                            .filter(|(id, _)| *id == net.id)
-                            .map(|(_, ip)| *ip),
-                    )
-                    .collect();
-                let ip = ipam::allocate(net, ip, &taken)?;
+                let ip = ipam::allocate(net, ip, &ledger.taken(&view, net))?;
                 ledger.reserved.insert(
                     (net.id.clone(), ip),
                     (node, Instant::now() + RESERVATION_TTL),
@@ -791,6 +771,21 @@ impl Daemon {
 }
 
 impl Ledger {
+    /// Addresses in use on `net`: endpoints gossip shows, less those released since, plus those
+    /// handed out but not yet seen.
+    fn taken(&self, view: &View, net: &Network) -> BTreeSet<Ipv4Addr> {
+        let released = |p: &&Placed| {
+            self.released
+                .contains(&(net.id.clone(), p.endpoint.ip, p.node.clone()))
+        };
+        let reserved = self.reserved.keys().filter(|(id, _)| *id == net.id);
+        view.endpoints_on(net)
+            .filter(|p| !released(p))
+            .map(|p| p.endpoint.ip)
+            .chain(reserved.map(|(_, ip)| *ip))
+            .collect()
+    }
+
     /// Drops reservations whose endpoint gossip now shows (or that expired) and releases whose
     /// deletion gossip has carried.
     fn forget_settled(&mut self, view: &View) {

@@ -26,14 +26,11 @@ fn a_crashed_node_restarted_with_run_keeps_its_id_containers_and_addresses() {
     // A crash: SIGKILL, no clean-up; then the same state dir, restarted.
     let node2 = c.node(2);
     node2.kill_daemon();
-    assert!(!c.ping_once(&c1, &a2.ip), "c2 answered while its node was down");
-    node2.start_daemon(vec![
-        "run".into(),
-        "--state-dir".into(),
-        node2.state_dir.to_string_lossy().into_owned(),
-        "--api".into(),
-        node2.api.to_string_lossy().into_owned(),
-    ]);
+    assert!(
+        !c.ping_once(&c1, &a2.ip),
+        "c2 answered while its node was down"
+    );
+    node2.restart_daemon();
 
     // The same member id, ready, listed once (the old gossip generation does not count).
     wait_for(PING_WAIT, "node 2 ready again under its old id", || {

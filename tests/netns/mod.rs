@@ -39,6 +39,21 @@ pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a cluster may take to form (token written, every node `ready` everywhere).
 pub const FORM_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Set (to `1`, `true`, `yes` or `on`) to run every daemon the harness starts with
+/// `--no-offloads`: `scripts/test.sh` runs the netns suite once with offloads on and once with
+/// them forced off, the fallback path for kernels that refuse them.
+pub const NO_OFFLOADS_ENV: &str = "OVERLAYD_NO_OFFLOADS";
+
+/// Whether this run forces the daemons' offloads off (see [`NO_OFFLOADS_ENV`]).
+pub fn offloads_forced_off() -> bool {
+    std::env::var(NO_OFFLOADS_ENV).is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    })
+}
+
 /// Underlay address of node `i` (1-based).
 pub fn node_addr(i: usize) -> String {
     format!("198.18.0.{i}")
@@ -222,8 +237,6 @@ pub struct Node {
     pub state_dir: PathBuf,
     pub api: PathBuf,
     pub log: PathBuf,
-    /// The arguments the daemon was started with (`init ...` or `join ...`).
-    args: Mutex<Vec<String>>,
     daemon: Mutex<Option<Child>>,
 }
 
@@ -238,6 +251,7 @@ impl Node {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.netns, BIN]).args(args);
         cmd.env("OVERLAYD_API", &self.api)
+            .env_remove(NO_OFFLOADS_ENV) // a daemon setting, given to daemons as a flag
             .env("RUST_BACKTRACE", "1");
         cmd
     }
@@ -325,7 +339,11 @@ impl Node {
     }
 
     /// Starts the daemon with `args` (`init ...`/`join ...`), output appended to the node's log.
-    pub fn start_daemon(&self, args: Vec<String>) {
+    /// When the run forces offloads off ([`offloads_forced_off`]), `--no-offloads` is added.
+    pub fn start_daemon(&self, mut args: Vec<String>) {
+        if offloads_forced_off() && !args.iter().any(|a| a == "--no-offloads") {
+            args.push("--no-offloads".to_owned());
+        }
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -336,6 +354,8 @@ impl Node {
             .args(["netns", "exec", &self.netns, BIN])
             .args(&args)
             .env_remove("OVERLAYD_API")
+            // Passed as `--no-offloads` above, in whatever spelling the run used.
+            .env_remove(NO_OFFLOADS_ENV)
             .env("RUST_BACKTRACE", "1")
             .env("NO_COLOR", "1") // plain logs in files and CI output
             .stdin(Stdio::null())
@@ -343,7 +363,6 @@ impl Node {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("starting overlayd on node {}: {e}", self.index));
-        *lock(&self.args) = args;
         let old = lock(&self.daemon).replace(child);
         assert!(
             old.is_none(),
@@ -352,12 +371,17 @@ impl Node {
         );
     }
 
-    /// Kills the daemon and starts it again with the arguments it was last started with (the
-    /// same state dir: a restart in place, not a new node).
+    /// Kills the daemon (a crash) and restarts it in place with `overlayd run` on the same
+    /// state dir and API socket: the same member, not a new node.
     pub fn restart_daemon(&self) {
         self.kill_daemon();
-        let args = lock(&self.args).clone();
-        self.start_daemon(args);
+        self.start_daemon(strings(&[
+            "run",
+            "--state-dir",
+            &self.state_dir.to_string_lossy(),
+            "--api",
+            &self.api.to_string_lossy(),
+        ]));
     }
 
     /// The daemon log so far.
@@ -443,7 +467,6 @@ impl Cluster {
                 state_dir: dir.join(format!("n{i}-state")),
                 api: dir.join(format!("n{i}.sock")),
                 log: dir.join(format!("n{i}.log")),
-                args: Mutex::new(Vec::new()),
                 daemon: Mutex::new(None),
             })
             .collect();
@@ -585,6 +608,27 @@ impl Cluster {
         lock(&self.extra).push(ns.clone());
         add_netns(&ns);
         ns
+    }
+
+    /// Names the network namespace of process `pid` (a container made by a runtime such as Docker)
+    /// `<prefix>-<name>` with `ip netns attach`, so overlayd can attach it like any other. The
+    /// name is removed on drop (the namespace itself lives as long as the process).
+    pub fn adopt_netns(&self, name: &str, pid: u32) -> String {
+        let ns = format!("{}-{name}", self.prefix);
+        del_netns(&ns);
+        lock(&self.extra).push(ns.clone());
+        ip(&["netns", "attach", &ns, &pid.to_string()]);
+        ns
+    }
+
+    /// Whether link `dev` exists in namespace `netns` (`ip -n NETNS link show DEV` succeeds).
+    pub fn has_link(&self, netns: &str, dev: &str) -> bool {
+        run(
+            Command::new("ip").args(["-n", netns, "link", "show", dev]),
+            CLI_TIMEOUT,
+        )
+        .status
+        .success()
     }
 
     /// A namespace plugged into the switch with underlay address `addr`/24 on `eth0` (no daemon):
