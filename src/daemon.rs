@@ -4,7 +4,7 @@
 //! the [`View`] from gossip, makes the host match it (bridges, TAPs) and publishes fresh tables to
 //! the data plane. API and peer requests only change gossip state (and, for attach, the host).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,19 +19,18 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use crate::api::{self, Attachment, Failure, NetworkInfo};
-use crate::cluster::{Placed, View};
+use crate::cluster::View;
 use crate::gossip::{self, Gossip};
+use crate::leader::{self, Ledger};
 use crate::model::{Endpoint, Network, NodeState, key};
 use crate::peer;
 use crate::state_dir::{self, Identity};
 use crate::token::Secret;
-use crate::{host, ipam, wire};
+use crate::{host, wire};
 
 const RECONCILE_EVERY: Duration = Duration::from_millis(250);
 /// How long a node waits to see its own change come back through gossip.
 const CONVERGE_WITHIN: Duration = Duration::from_secs(10);
-/// An address the leader handed out but whose endpoint it has not yet seen in gossip.
-const RESERVATION_TTL: Duration = Duration::from_secs(60);
 /// Underlay bytes VXLAN adds over IPv4: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
 
@@ -73,7 +72,7 @@ pub struct Daemon {
     /// Endpoints this node hosted before a restart, waiting for their network's bridge.
     restoring: Mutex<Vec<Endpoint>>,
     /// Leader-only bookkeeping; a mutex so concurrent peer requests are decided one at a time.
-    leader: Mutex<Ledger>,
+    ledger: Mutex<Ledger>,
 }
 
 /// What the reconcile loop remembers between rounds.
@@ -83,15 +82,6 @@ struct Seen {
     members: BTreeMap<String, NodeState>,
     /// Other members' gossip addresses, as last saved to the state dir.
     peers: Vec<SocketAddr>,
-}
-
-/// What the leader remembers between gossip rounds.
-#[derive(Default)]
-struct Ledger {
-    /// (network id, ip) -> (node, expiry): handed out, endpoint not yet seen in gossip.
-    reserved: BTreeMap<(String, Ipv4Addr), (String, Instant)>,
-    /// (network id, ip, node): endpoints removed whose deletion gossip has not yet carried here.
-    released: BTreeSet<(String, Ipv4Addr, String)>,
 }
 
 impl Daemon {
@@ -191,7 +181,7 @@ impl Daemon {
             stopping: AtomicBool::new(false),
             plumbing: Mutex::default(),
             restoring: Mutex::new(restored),
-            leader: Mutex::default(),
+            ledger: Mutex::default(),
         });
         tokio::spawn(daemon.clone().serve_api(api_listener));
         tokio::spawn(daemon.clone().serve_peers(peer_listener));
@@ -540,7 +530,7 @@ impl Daemon {
             )));
         }
         let view = self.gossip.view().await;
-        let net = known_network(&view, &network)?.clone();
+        let net = leader::known(&view, &network)?.clone();
         // The reconcile loop may not have made the bridge yet for a network created just now.
         self.realise(&view).await?;
         if view
@@ -601,7 +591,7 @@ impl Daemon {
     async fn detach(&self, netns: String, network: String) -> api::Reply {
         let _plumbing = self.plumbing.lock().await;
         let view = self.gossip.view().await;
-        let net = known_network(&view, &network)?;
+        let net = leader::known(&view, &network)?;
         let same_name: Vec<_> = view
             .endpoints_on(net)
             .filter(|p| p.endpoint.netns == netns)
@@ -684,121 +674,24 @@ impl Daemon {
     }
 
     /// Peer requests. Those that change cluster state are decided here only while this node is
-    /// the leader, under one lock, against the latest view.
+    /// the leader, one at a time, against the latest view.
     async fn handle_peer(&self, request: peer::Request) -> peer::Reply {
-        use peer::Request::*;
-        if matches!(request, Hello) {
+        if matches!(request, peer::Request::Hello) {
             return Ok(json(&self.secret.cluster_id()));
         }
-        let mut ledger = self.leader.lock().await;
+        let mut ledger = self.ledger.lock().await;
         let view = self.gossip.view().await;
         if view.leader().map(|m| m.node.id.as_str()) != Some(self.id.as_str()) {
             return Err(Failure::runtime("this node is not the leader; retry"));
         }
-        ledger.forget_settled(&view);
-        match request {
-            Hello => unreachable!("answered above"),
-            CreateNetwork {
-                name,
-                subnet,
-                vni,
-                mtu,
-                vteps,
-            } => {
-                let existing: Vec<Network> = view.networks.values().cloned().collect();
-                let vni = ipam::admit_network(&name, subnet, vni, &existing)?;
-                let net = Network {
-                    id: hex::encode(rand::random::<[u8; 8]>()),
-                    name,
-                    subnet,
-                    vni,
-                    mtu,
-                    vteps,
-                };
-                self.gossip
-                    .update(
-                        &[(
-                            key::network(&net.name),
-                            serde_json::to_string(&net).expect("serialises"),
-                        )],
-                        &[],
-                    )
-                    .await;
-                info!(network = %net.name, vni, %subnet, "network created");
-                Ok(json(&net))
-            }
-            RemoveNetwork { name } => {
-                let net = known_network(&view, &name)?;
-                let attached = ledger.taken(&view, net).len();
-                if attached > 0 {
-                    return Err(Failure::usage(format!(
-                        "network {name} still has {attached} attached container(s): detach them first (`overlayd detach NETNS --network {name}`)"
-                    )));
-                }
-                self.gossip
-                    .update(
-                        &[(key::tombstone(&net.id), String::new())],
-                        &[key::network(&name)],
-                    )
-                    .await;
-                info!(network = %name, "network removed");
-                Ok(json(&name))
-            }
-            Allocate { network, node, ip } => {
-                let net = known_network(&view, &network)?;
-                let ip = ipam::allocate(net, ip, &ledger.taken(&view, net))?;
-                ledger.reserved.insert(
-                    (net.id.clone(), ip),
-                    (node, Instant::now() + RESERVATION_TTL),
-                );
-                Ok(json(&ip))
-            }
-            Release {
-                network_id,
-                node,
-                ip,
-            } => {
-                ledger.reserved.remove(&(network_id.clone(), ip));
-                if view.endpoints.iter().any(|p| {
-                    p.endpoint.network_id == network_id && p.endpoint.ip == ip && p.node == node
-                }) {
-                    ledger.released.insert((network_id, ip, node));
-                }
-                Ok(json(&ip))
-            }
+        let summary = format!("{request:?}");
+        let new_id = || hex::encode(rand::random::<[u8; 8]>());
+        let decision = ledger.decide(request, &view, Instant::now(), new_id)?;
+        if !decision.set.is_empty() || !decision.delete.is_empty() {
+            self.gossip.update(&decision.set, &decision.delete).await;
+            info!(request = %summary, "decided as leader");
         }
-    }
-}
-
-impl Ledger {
-    /// Addresses in use on `net`: endpoints gossip shows, less those released since, plus those
-    /// handed out but not yet seen.
-    fn taken(&self, view: &View, net: &Network) -> BTreeSet<Ipv4Addr> {
-        let released = |p: &&Placed| {
-            self.released
-                .contains(&(net.id.clone(), p.endpoint.ip, p.node.clone()))
-        };
-        let reserved = self.reserved.keys().filter(|(id, _)| *id == net.id);
-        view.endpoints_on(net)
-            .filter(|p| !released(p))
-            .map(|p| p.endpoint.ip)
-            .chain(reserved.map(|(_, ip)| *ip))
-            .collect()
-    }
-
-    /// Drops reservations whose endpoint gossip now shows (or that expired) and releases whose
-    /// deletion gossip has carried.
-    fn forget_settled(&mut self, view: &View) {
-        let now = Instant::now();
-        let present: BTreeSet<(String, Ipv4Addr, String)> = view
-            .endpoints
-            .iter()
-            .map(|p| (p.endpoint.network_id.clone(), p.endpoint.ip, p.node.clone()))
-            .collect();
-        self.reserved.retain(|(id, ip), (node, expiry)| {
-            *expiry > now && !present.contains(&(id.clone(), *ip, node.clone()))
-        });
-        self.released.retain(|r| present.contains(r));
+        Ok(decision.reply)
     }
 }
 
@@ -827,12 +720,6 @@ fn json<T: serde::Serialize>(value: &T) -> serde_json::Value {
 
 fn vni(net: &Network) -> overlay::Vni {
     overlay::Vni::new(net.vni).expect("admitted networks have valid VNIs")
-}
-
-fn known_network<'a>(view: &'a View, name: &str) -> Result<&'a Network, Failure> {
-    view.networks.get(name).ok_or_else(|| {
-        Failure::usage(format!("network {name} not found: create it with `overlayd network create {name} --subnet CIDR` (see `overlayd network ls`)"))
-    })
 }
 
 fn network_info(net: &Network, view: &View) -> NetworkInfo {

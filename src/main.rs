@@ -7,7 +7,8 @@
 //! - [`cluster`]: the cluster as derived from gossip (pure); [`model`]: its values and keys.
 //! - [`gossip`]: chitchat on a transport signed with the cluster secret ([`token`]).
 //! - [`peer`]: authenticated requests between members (join check, leader decisions).
-//! - [`ipam`]: subnet, VNI and address choices (pure).
+//! - [`leader`]: the cluster-wide unique decisions, made by one member (pure);
+//!   [`ipam`]: subnet, VNI and address choices (pure).
 //! - [`host`]: bridges and veth pairs via iproute2; [`state_dir`]: the node's identity on disk.
 
 mod api;
@@ -17,6 +18,7 @@ mod daemon;
 mod gossip;
 mod host;
 mod ipam;
+mod leader;
 mod model;
 mod peer;
 mod state_dir;

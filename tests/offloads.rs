@@ -18,13 +18,13 @@ const TCP_BYTES: usize = 8 << 20;
 fn logged_offload(log: &str, tap: &str) -> Option<u32> {
     let tap_field = format!("tap=\"{tap}\"");
     log.lines()
+        .rev()
         .filter(|l| l.contains("network added") && l.contains(&tap_field))
         .filter_map(|l| {
             l.split_whitespace()
                 .find_map(|w| w.strip_prefix("offload=0x"))
         })
-        .filter_map(|hex| u32::from_str_radix(hex, 16).ok())
-        .last()
+        .find_map(|hex| u32::from_str_radix(hex, 16).ok())
 }
 
 /// `ethtool -k` features of `dev` in `netns` as (name, "on"/"off") pairs.
