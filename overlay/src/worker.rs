@@ -68,12 +68,18 @@ const FIRST_TAP: usize = 2;
 
 /// Packets handled from one source before looking at the others.
 const BUDGET: usize = 64;
+/// How long a worker keeps polling (`epoll_wait` with timeout 0) after it last had work,
+/// before it blocks. A request/response crosses two workers per direction; the answer
+/// usually comes back within tens of microseconds, and catching it while still awake saves
+/// a thread wake-up (on a VM tens of microseconds itself) on each side. Long enough for one
+/// round trip through the peer, short enough that an idle worker sleeps at once: at most
+/// this much CPU per burst of traffic, none when idle. Between polls the worker yields, so
+/// other runnable threads on its core go first.
+const BUSY_POLL: Duration = Duration::from_micros(100);
 /// Largest frame (plus vnet header) read from a TAP, and largest datagram received.
 const BUF_LEN: usize = 65_536 + 64;
 /// Headroom before a TAP frame: the vnet header, which the VXLAN header then overwrites.
 const TAP_HEADROOM: usize = vnet::HEADER_LEN;
-/// Offset at which a VXLAN datagram is received, so its header ends where a vnet header would.
-const UDP_OFFSET: usize = vnet::HEADER_LEN - vxlan::HEADER_LEN;
 
 const ZERO_VNET: [u8; vnet::HEADER_LEN] = [0; vnet::HEADER_LEN];
 
@@ -99,35 +105,42 @@ struct State {
     learned: Learned,
     buf: Box<[u8]>,
     reply: Box<[u8]>,
-    /// Segments of a super-frame, each behind its VXLAN header, at equal stride.
-    segs: Box<[u8]>,
     coalescer: Coalescer,
     batch: TxBatch,
     /// `UDP_SEGMENT` works; cleared when the kernel refuses it.
     gso: bool,
 }
 
-/// Datagrams to one VTEP through one send socket, gathered across TAP reads so that a run
-/// of equal-size frames (all but the last, which may be shorter) leaves in one
-/// `UDP_SEGMENT` send. Flushed whenever the TAP queue is drained, so it adds no latency.
+/// Datagrams to one VTEP through one send socket, laid out back to back at one stride (the
+/// last may be shorter), gathered across TAP reads: runs of equal-size frames, and the
+/// segments of consecutive super-frames of one flow. A TSO super-frame of 46 segments does
+/// not fit one `UDP_SEGMENT` send (at most [`udp::GSO_MAX_BYTES`]); gathered, its last
+/// segments leave with the next super-frame's, so every send is a full group and the peer
+/// receives full GRO batches. Full groups leave at once, the rest whenever the TAP queue is
+/// drained, so the batch adds no latency.
 struct TxBatch {
     buf: Box<[u8]>,
     len: usize,
     count: usize,
-    seg: usize,
+    stride: usize,
     closed: bool,
     socket: usize,
     hash: u32,
     to: SocketAddrV4,
 }
 
+/// Room for less than one full group plus the segments of the largest super-frame
+/// ([`offload::MAX_SEGMENTS`] segments, each repeating up to 142 bytes of VXLAN, Ethernet,
+/// IPv4 and TCP headers with options, around 64 KiB of payload).
+const BATCH_LEN: usize = udp::GSO_MAX_BYTES + offload::MAX_SEGMENTS * 142 + 65_536;
+
 impl TxBatch {
     fn new(offloads: bool) -> TxBatch {
         TxBatch {
-            buf: vec![0u8; if offloads { udp::GSO_MAX_BYTES } else { 0 }].into_boxed_slice(),
+            buf: vec![0u8; if offloads { BATCH_LEN } else { 0 }].into_boxed_slice(),
             len: 0,
             count: 0,
-            seg: 0,
+            stride: 0,
             closed: false,
             socket: 0,
             hash: 0,
@@ -135,42 +148,79 @@ impl TxBatch {
         }
     }
 
-    /// True if a datagram of `len` bytes to `to` through `socket` can join the batch.
+    /// True if datagrams of `len` bytes (at most) to `to` through `socket` can join the batch.
     fn accepts(&self, socket: usize, to: SocketAddrV4, len: usize) -> bool {
         self.count > 0
             && !self.closed
             && self.socket == socket
             && self.to == to
-            && len <= self.seg
+            && len <= self.stride
             && self.len + len <= self.buf.len()
-            && self.count < udp::GSO_MAX_SEGMENTS
+    }
+
+    /// Starts an empty batch for datagrams of `stride` bytes.
+    fn start(&mut self, socket: usize, hash: u32, to: SocketAddrV4, stride: usize) {
+        debug_assert_eq!(self.count, 0);
+        self.len = 0;
+        self.stride = stride;
+        self.closed = false;
+        self.socket = socket;
+        self.hash = hash;
+        self.to = to;
     }
 
     /// Appends a datagram; call [`accepts`](Self::accepts) (or flush) first.
     fn push(&mut self, socket: usize, hash: u32, to: SocketAddrV4, datagram: &[u8]) {
         if self.count == 0 {
-            *self = TxBatch {
-                buf: std::mem::take(&mut self.buf),
-                len: 0,
-                count: 0,
-                seg: datagram.len(),
-                closed: false,
-                socket,
-                hash,
-                to,
-            };
+            self.start(socket, hash, to, datagram.len());
         }
         self.buf[self.len..self.len + datagram.len()].copy_from_slice(datagram);
-        self.len += datagram.len();
-        self.count += 1;
-        if datagram.len() < self.seg {
+        self.appended(1, datagram.len());
+    }
+
+    /// Counts `count` datagrams of `len` bytes in all that were written after the batch.
+    fn appended(&mut self, count: usize, len: usize) {
+        self.count += count;
+        self.len += len;
+        if self.len < self.count * self.stride {
             self.closed = true;
         }
     }
-}
 
-/// Room for the segments of the largest super-frame with their headers repeated.
-const SEGS_LEN: usize = 160 * 1024;
+    /// Datagrams per `UDP_SEGMENT` send at this stride.
+    fn per_send(&self) -> usize {
+        (udp::GSO_MAX_BYTES / self.stride.max(1)).clamp(1, udp::GSO_MAX_SEGMENTS)
+    }
+
+    /// What to send now, from the front of the buffer: the full groups, or with `all`
+    /// everything. `None` if that is nothing.
+    fn ready(&self, all: bool) -> Option<offload::Segments> {
+        let keep = if all { 0 } else { self.count % self.per_send() };
+        let count = self.count - keep;
+        if count == 0 {
+            return None;
+        }
+        let bytes = if keep == 0 {
+            self.len
+        } else {
+            count * self.stride
+        };
+        Some(offload::Segments {
+            count,
+            stride: self.stride,
+            last: bytes - (count - 1) * self.stride,
+        })
+    }
+
+    /// Forgets the datagrams [`ready`](Self::ready) returned (they were sent) and moves the
+    /// rest to the front.
+    fn consume(&mut self, sent: offload::Segments) {
+        let bytes = sent.len();
+        self.buf.copy_within(bytes..self.len, 0);
+        self.len -= bytes;
+        self.count -= sent.count;
+    }
+}
 
 impl Worker {
     /// Runs until [`Control::Shutdown`] or until the control side is gone.
@@ -197,7 +247,6 @@ impl Worker {
             learned: Learned::default(),
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
             reply: vec![0u8; 128].into_boxed_slice(),
-            segs: vec![0u8; if offloads { SEGS_LEN } else { 0 }].into_boxed_slice(),
             coalescer: Coalescer::new(),
             batch: TxBatch::new(offloads),
             gso: offloads,
@@ -212,8 +261,13 @@ impl Worker {
         let mut events = Events::with_capacity(256);
         let mut pending: Vec<Token> = Vec::with_capacity(16);
         let mut next: Vec<Token> = Vec::with_capacity(16);
+        // Until when to keep polling without sleeping (see BUSY_POLL).
+        let mut busy_until: Option<Instant> = None;
         loop {
-            let timeout = if pending.is_empty() {
+            let spinning =
+                pending.is_empty() && busy_until.is_some_and(|until| Instant::now() < until);
+            let timeout = if pending.is_empty() && !spinning {
+                busy_until = None;
                 None
             } else {
                 Some(Duration::ZERO)
@@ -235,11 +289,21 @@ impl Worker {
                     pending.push(t);
                 }
             }
+            if pending.is_empty() {
+                if spinning && std::env::var_os("OVQ_NOYIELD").is_none() {
+                    // Let whatever else is runnable on this core (often the application
+                    // we are waiting for) go first.
+                    std::thread::yield_now();
+                }
+                continue;
+            }
             next.clear();
+            let mut sent = false;
             for &t in &pending {
                 let more = if t == UDP {
                     io.on_udp(&mut st)
                 } else {
+                    sent = true;
                     io.on_tap(&mut st, t.0 - FIRST_TAP)
                 };
                 if more {
@@ -247,8 +311,22 @@ impl Worker {
                 }
             }
             std::mem::swap(&mut pending, &mut next);
+            if sent {
+                busy_until = Some(Instant::now() + busy_poll_tmp());
+            }
         }
     }
+}
+
+fn busy_poll_tmp() -> Duration {
+    static V: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("OVQ_BUSY_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_micros)
+            .unwrap_or(BUSY_POLL)
+    })
 }
 
 /// Applies queued control messages. Returns false on shutdown.
@@ -313,7 +391,7 @@ impl Io<'_> {
     fn on_tap(&self, st: &mut State, idx: usize) -> bool {
         let more = self.on_tap_frames(st, idx);
         // The queue is drained or the budget spent: what was gathered goes out now.
-        self.flush_batch(&mut st.batch, &mut st.gso);
+        self.send_batch(&mut st.batch, &mut st.gso, true);
         more
     }
 
@@ -323,7 +401,6 @@ impl Io<'_> {
             learned,
             buf,
             reply,
-            segs,
             gso,
             batch,
             ..
@@ -373,8 +450,7 @@ impl Io<'_> {
                         continue;
                     }
                 };
-                self.flush_batch(batch, gso);
-                self.send_super(slot.vni, frame, &vh, targets, segs, gso);
+                self.send_super(slot.vni, frame, &vh, targets, batch, gso);
                 continue;
             }
             if vh.needs_csum()
@@ -399,12 +475,13 @@ impl Io<'_> {
                     if datagram.len() <= batch.buf.len() {
                         let socket = self.pool.index(hash);
                         if !batch.accepts(socket, vtep, datagram.len()) {
-                            self.flush_batch(batch, gso);
+                            self.send_batch(batch, gso, true);
                         }
                         batch.push(socket, hash, vtep, datagram);
+                        self.send_batch(batch, gso, false);
                     } else {
                         // Offloads off (no batch buffer), or a frame too big to batch.
-                        self.flush_batch(batch, gso);
+                        self.send_batch(batch, gso, true);
                         self.send(hash, datagram, vtep);
                     }
                 }
@@ -413,7 +490,7 @@ impl Io<'_> {
                     vxlan::Repr { vni: slot.vni }
                         .emit(&mut buf[TAP_HEADROOM - vxlan::HEADER_LEN..]);
                     self.counters.add(&self.counters.flooded, 1);
-                    self.flush_batch(batch, gso);
+                    self.send_batch(batch, gso, true);
                     for &peer in net.peers() {
                         self.send(hash, &buf[TAP_HEADROOM - vxlan::HEADER_LEN..n], peer);
                     }
@@ -429,17 +506,28 @@ impl Io<'_> {
         true
     }
 
-    /// Segments a TSO/USO super-frame and sends the VXLAN datagrams with `UDP_SEGMENT`.
+    /// Segments a TSO/USO super-frame into the batch (joining what it holds if that goes the
+    /// same way) and sends the full `UDP_SEGMENT` groups; a flood goes to every target at once.
     fn send_super(
         &self,
         vni: Vni,
         frame: &[u8],
         vh: &vnet::Header,
         targets: &[SocketAddrV4],
-        out: &mut [u8],
+        batch: &mut TxBatch,
         gso: &mut bool,
     ) {
-        let segs = match offload::segment(frame, vh, vxlan::HEADER_LEN, out) {
+        let hash = flowhash::hash(frame);
+        let socket = self.pool.index(hash);
+        let to = match targets {
+            [to] => Some(*to),
+            _ => None,
+        };
+        if !to.is_some_and(|to| batch.accepts(socket, to, 0)) {
+            self.send_batch(batch, gso, true);
+        }
+        let at = batch.len;
+        let segs = match offload::segment(frame, vh, vxlan::HEADER_LEN, &mut batch.buf[at..]) {
             Ok(s) => s,
             Err(e) => {
                 tracing::trace!(error = %e, "cannot segment super-frame");
@@ -447,31 +535,36 @@ impl Io<'_> {
                 return;
             }
         };
+        self.counters.add(&self.counters.gso_frames, 1);
         let repr = vxlan::Repr { vni };
         for i in 0..segs.count {
-            repr.emit(&mut out[i * segs.stride..]);
+            repr.emit(&mut batch.buf[at + i * segs.stride..]);
         }
-        self.counters.add(&self.counters.gso_frames, 1);
-        let hash = flowhash::hash(frame);
-        let data = &out[..segs.len()];
-        for &to in targets {
-            self.send_segments(hash, data, segs, to, gso);
+        if batch.count > 0 && segs.stride != batch.stride {
+            // Another MSS through the same socket (rare): send what was there first.
+            batch.len = at;
+            self.send_batch(batch, gso, true);
+            batch.buf.copy_within(at..at + segs.len(), 0);
         }
+        let Some(to) = to else {
+            for &to in targets {
+                self.send_segments(hash, &batch.buf[..segs.len()], segs, to, gso);
+            }
+            return;
+        };
+        if batch.count == 0 {
+            batch.start(socket, hash, to, segs.stride);
+        }
+        batch.appended(segs.count, segs.len());
+        self.send_batch(batch, gso, false);
     }
 
-    /// Sends what the batch gathered, in as few `UDP_SEGMENT` sends as possible.
-    fn flush_batch(&self, batch: &mut TxBatch, gso: &mut bool) {
-        if batch.count == 0 {
-            return;
+    /// Sends the batch's full `UDP_SEGMENT` groups, or with `all` everything it holds.
+    fn send_batch(&self, batch: &mut TxBatch, gso: &mut bool, all: bool) {
+        if let Some(segs) = batch.ready(all) {
+            self.send_segments(batch.hash, &batch.buf[..segs.len()], segs, batch.to, gso);
+            batch.consume(segs);
         }
-        let segs = offload::Segments {
-            count: batch.count,
-            stride: batch.seg,
-            last: batch.len - (batch.count - 1) * batch.seg,
-        };
-        self.send_segments(batch.hash, &batch.buf[..batch.len], segs, batch.to, gso);
-        batch.count = 0;
-        batch.len = 0;
     }
 
     /// Sends datagrams laid out at `segs.stride`, as few `UDP_SEGMENT` sends as the kernel
@@ -531,64 +624,14 @@ impl Io<'_> {
         }
     }
 
-    /// Handles up to [`BUDGET`] datagrams; true if there may be more.
+    /// Handles up to [`BUDGET`] reads from the VXLAN socket; true if there may be more.
+    ///
+    /// One read is one datagram, or with `UDP_GRO` a batch of equal-size datagrams. Each
+    /// datagram is checked and decapsulated; with offloads, consecutive TCP segments of one
+    /// flow are coalesced into one TAP write, also across reads (a sender's super-frame often
+    /// arrives as two GSO batches), and the coalesced frame is written once the socket is
+    /// drained or the budget spent, so coalescing adds no wait.
     fn on_udp(&self, st: &mut State) -> bool {
-        if self.offloads {
-            return self.on_udp_gro(st);
-        }
-        let State {
-            taps,
-            by_vni,
-            learned,
-            buf,
-            ..
-        } = st;
-        let tables = self.tables.load();
-        for _ in 0..BUDGET {
-            let (n, from) = match self.udp.recv_from(&mut buf[UDP_OFFSET..]) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // ICMP errors surface here on some kernels; they do not stop the socket.
-                    tracing::trace!(error = %e, "VXLAN receive error");
-                    continue;
-                }
-            };
-            self.counters.add(&self.counters.rx_vxlan, 1);
-            let SocketAddr::V4(from) = from else {
-                self.counters.drop(DropReason::NotMember);
-                continue;
-            };
-            let end = UDP_OFFSET + n;
-            match switch::from_vtep(
-                &buf[UDP_OFFSET..end],
-                from,
-                &tables,
-                learned,
-                Instant::now(),
-            ) {
-                Forward::Deliver(vni) => {
-                    let Some(Some(slot)) = by_vni.get(&vni).and_then(|&i| taps.get(i)) else {
-                        self.counters.drop(DropReason::NoTap);
-                        continue;
-                    };
-                    // The vnet header takes the place of the VXLAN header: no copy.
-                    buf[..vnet::HEADER_LEN].fill(0);
-                    if slot.queue.write(&buf[..end]).is_err() {
-                        self.counters.drop(DropReason::TapWrite);
-                    }
-                }
-                Forward::Drop(reason) => self.counters.drop(reason),
-                _ => self.counters.drop(DropReason::MalformedFrame),
-            }
-        }
-        true
-    }
-
-    /// The offload receive path: a `UDP_GRO` batch of equal-size datagrams, each checked
-    /// and decapsulated, consecutive TCP segments coalesced into one TAP write.
-    fn on_udp_gro(&self, st: &mut State) -> bool {
         let State {
             taps,
             by_vni,
@@ -598,12 +641,19 @@ impl Io<'_> {
             ..
         } = st;
         let tables = self.tables.load();
+        // The TAP the coalescer is filling.
+        let mut current: Option<usize> = None;
+        let mut more = true;
         for _ in 0..BUDGET {
             let (n, from, seg) = match udp::recv_gro(self.udp, &mut buf[..]) {
                 Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    more = false;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
+                    // ICMP errors surface here on some kernels; they do not stop the socket.
                     tracing::trace!(error = %e, "VXLAN receive error");
                     continue;
                 }
@@ -616,7 +666,6 @@ impl Io<'_> {
                 continue;
             };
             let now = Instant::now();
-            let mut current: Option<usize> = None;
             for datagram in buf[..n].chunks(seg) {
                 self.counters.add(&self.counters.rx_vxlan, 1);
                 let vni = match switch::from_vtep(datagram, from, &tables, learned, now) {
@@ -635,6 +684,10 @@ impl Io<'_> {
                     continue;
                 };
                 let inner = &datagram[vxlan::HEADER_LEN..];
+                if !self.offloads {
+                    self.write_tap(taps, idx, &ZERO_VNET, inner);
+                    continue;
+                }
                 if current != Some(idx) {
                     self.flush(taps, current, coalescer);
                     current = Some(idx);
@@ -647,9 +700,9 @@ impl Io<'_> {
                     self.write_tap(taps, idx, &ZERO_VNET, inner);
                 }
             }
-            self.flush(taps, current, coalescer);
         }
-        true
+        self.flush(taps, current, coalescer);
+        more
     }
 
     fn flush(&self, taps: &[Option<TapSlot>], idx: Option<usize>, coalescer: &mut Coalescer) {
@@ -709,27 +762,73 @@ mod tests {
             !b.accepts(3, vtep(2), 60),
             "closed after a shorter datagram"
         );
-        assert_eq!((b.count, b.seg, b.len), (3, 100, 260));
+        assert_eq!((b.count, b.stride, b.len), (3, 100, 260));
         assert_eq!(&b.buf[200..260], &[3u8; 60][..]);
+        assert_eq!(b.ready(false), None, "no full group yet");
+        let all = b.ready(true).unwrap();
+        assert_eq!(
+            (all.count, all.stride, all.last, all.len()),
+            (3, 100, 60, 260)
+        );
 
         // A fresh push after a flush restarts with the new size and key.
-        b.count = 0;
-        b.len = 0;
+        b.consume(all);
+        assert_eq!((b.count, b.len), (0, 0));
         b.push(1, 9, vtep(3), &[4u8; 50]);
-        assert_eq!((b.count, b.seg, b.socket, b.to), (1, 50, 1, vtep(3)));
+        assert_eq!((b.count, b.stride, b.socket, b.to), (1, 50, 1, vtep(3)));
         assert!(b.accepts(1, vtep(3), 50));
     }
 
     #[test]
-    fn batch_is_bounded() {
+    fn batch_sends_full_groups_and_keeps_the_rest() {
+        // 1472-byte datagrams (MTU 1450 TCP in VXLAN): 44 per send.
         let mut b = TxBatch::new(true);
-        for _ in 0..udp::GSO_MAX_SEGMENTS {
+        assert_eq!(b.buf.len(), BATCH_LEN);
+        b.start(0, 0, vtep(2), 1472);
+        for i in 0..46u8 {
+            b.buf[b.len..b.len + 1472].fill(i);
+            b.appended(1, 1472);
+        }
+        assert_eq!(b.per_send(), 44);
+        let full = b.ready(false).unwrap();
+        assert_eq!((full.count, full.len()), (44, 44 * 1472));
+        b.consume(full);
+        assert_eq!((b.count, b.len), (2, 2 * 1472));
+        assert_eq!(b.buf[0], 44, "the rest moved to the front");
+        assert_eq!(b.buf[1472], 45);
+        assert!(b.accepts(0, vtep(2), 0), "the next super-frame can join");
+
+        // A shorter last segment closes the batch; it is sent with `all`.
+        b.buf[b.len..b.len + 700].fill(46);
+        b.appended(1, 700);
+        assert!(!b.accepts(0, vtep(2), 0));
+        assert_eq!(b.ready(false), None);
+        let all = b.ready(true).unwrap();
+        assert_eq!((all.count, all.last), (3, 700));
+        b.consume(all);
+        assert_eq!((b.count, b.len), (0, 0));
+    }
+
+    #[test]
+    fn batch_groups_are_bounded() {
+        let mut b = TxBatch::new(true);
+        for _ in 0..udp::GSO_MAX_SEGMENTS + 3 {
             b.push(0, 0, vtep(2), &[0u8; 10]);
         }
-        assert!(!b.accepts(0, vtep(2), 10), "at most GSO_MAX_SEGMENTS");
+        assert_eq!(
+            b.ready(false).unwrap().count,
+            udp::GSO_MAX_SEGMENTS,
+            "at most GSO_MAX_SEGMENTS"
+        );
         let mut b = TxBatch::new(true);
         b.push(0, 0, vtep(2), &[0u8; 40_000]);
-        assert!(!b.accepts(0, vtep(2), 40_000), "at most GSO_MAX_BYTES");
+        b.push(0, 0, vtep(2), &[0u8; 40_000]);
+        assert_eq!(
+            b.ready(false).unwrap().count,
+            2,
+            "at most GSO_MAX_BYTES per send"
+        );
+        assert_eq!(b.per_send(), 1);
         assert_eq!(
             TxBatch::new(false).buf.len(),
             0,
