@@ -1,5 +1,5 @@
 //! The forwarding database: per-network lookup indexes built once from a published
-//! [`NetworkTable`](crate::NetworkTable), and the per-worker table of learned MAC addresses.
+//! [`NetworkTable`], and the per-worker table of learned MAC addresses.
 //!
 //! [`Index`] is immutable and shared by all workers through an atomic pointer swap; [`Learned`]
 //! is owned by one worker and never shared, so neither needs a lock.

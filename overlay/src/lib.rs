@@ -14,7 +14,7 @@
 //!
 //! The packet logic is pure and sans-IO; the drivers are thin.
 //!
-//! - [`ethernet`], [`vxlan`], [`arp`], [`vnet`]: views over wire bytes (`new_checked`) and
+//! - [`ethernet`], [`vxlan`], [`arp`], [`nd`], [`vnet`]: views over wire bytes (`new_checked`) and
 //!   plain values that emit them. Offsets are in one place per header and cite their spec.
 //! - [`fdb`]: the per-network indexes built once per published [`Tables`], and the
 //!   per-worker table of MACs learned behind peers that are not in cluster state.
@@ -36,6 +36,7 @@ mod dataplane;
 pub mod ethernet;
 pub mod fdb;
 pub mod flowhash;
+pub mod nd;
 pub mod offload;
 pub mod switch;
 pub mod tap;

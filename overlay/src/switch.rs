@@ -7,11 +7,18 @@
 use std::net::SocketAddrV4;
 use std::time::Instant;
 
-use crate::arp;
 use crate::dataplane::Location;
 use crate::ethernet::{self, Frame};
 use crate::fdb::{Index, Learned, Network};
 use crate::vxlan::{self, Vni};
+use crate::{arp, nd};
+
+/// The reply buffer [`from_tap`] needs: the longest answer it writes.
+pub const REPLY_LEN: usize = if arp::REPLY_FRAME_LEN > nd::REPLY_FRAME_LEN {
+    arp::REPLY_FRAME_LEN
+} else {
+    nd::REPLY_FRAME_LEN
+};
 
 /// What to do with a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +71,8 @@ drop_reasons! {
     MalformedFrame => "malformed-frame",
     /// Frame to a local endpoint: the bridge already delivered it.
     Hairpin => "hairpin",
-    /// ARP for the gateway or a local endpoint: a local port answers it.
+    /// ARP (or an IPv6 Neighbor Solicitation) for the gateway or a local endpoint: a local
+    /// port answers it.
     ArpLocal => "arp-local",
     /// Broadcast or unknown destination on a network without peers.
     NoPeers => "no-peers",
@@ -84,7 +92,8 @@ drop_reasons! {
 
 /// Decides what to do with `frame`, read from the TAP of `net`.
 ///
-/// An ARP answer is written into `reply` (at least [`arp::REPLY_FRAME_LEN`] bytes).
+/// An ARP or Neighbor Advertisement answer is written into `reply` (at least
+/// [`REPLY_LEN`] bytes).
 pub fn from_tap(
     frame: &[u8],
     net: &Network,
@@ -97,10 +106,11 @@ pub fn from_tap(
     };
     let dst = eth.dst();
     if dst.is_multicast() {
-        if eth.ethertype() == ethernet::ethertype::ARP {
-            return arp_from_tap(&eth, net, reply);
+        match eth.ethertype() {
+            ethernet::ethertype::ARP => return arp_from_tap(&eth, net, reply),
+            ethernet::ethertype::IPV6 => return nd_from_tap(frame, net, reply),
+            _ => return flood(net),
         }
-        return flood(net);
     }
     match net.location(dst) {
         Some(Location::Local) => Forward::Drop(DropReason::Hairpin),
@@ -129,6 +139,22 @@ fn arp_from_tap(eth: &Frame<&[u8]>, net: &Network, reply: &mut [u8]) -> Forward 
     match net.endpoint(target) {
         Some(ep) if ep.location == Location::Local => Forward::Drop(DropReason::ArpLocal),
         Some(ep) => Forward::Reply(arp::emit_reply(&packet, ep.mac, ep.ip, reply)),
+        None => flood(net),
+    }
+}
+
+/// A Neighbor Solicitation for an endpoint's EUI-64 link-local address is answered like
+/// ARP; any other IPv6 multicast is flooded.
+fn nd_from_tap(frame: &[u8], net: &Network, reply: &mut [u8]) -> Forward {
+    let Some(ns) = nd::parse_solicitation(frame) else {
+        return flood(net);
+    };
+    let Some(mac) = nd::link_local_mac(ns.target) else {
+        return flood(net);
+    };
+    match net.location(mac) {
+        Some(Location::Local) => Forward::Drop(DropReason::ArpLocal),
+        Some(Location::Remote(_)) => Forward::Reply(nd::emit_advertisement(&ns, mac, reply)),
         None => flood(net),
     }
 }
@@ -184,7 +210,7 @@ mod tests {
     use crate::dataplane::Tables;
     use crate::ethernet::{Mac, emit_header, ethertype};
     use crate::fdb::tests::{mac, table, vni, vtep};
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn index() -> Index {
         Index::build(&Tables {
@@ -387,6 +413,38 @@ mod tests {
             Instant::now(),
         );
         assert_eq!(fwd, Forward::Drop(DropReason::MalformedFrame));
+    }
+
+    #[test]
+    fn neighbor_solicitations_for_known_link_locals_are_answered() {
+        use crate::nd::{self, tests::solicitation};
+        let index = index();
+        let net = index.network(vni(4096)).unwrap();
+        let asker = nd::link_local(mac(5));
+        let ask = |target: Mac| {
+            let mut reply = [0u8; REPLY_LEN];
+            let frame = solicitation(asker, nd::link_local(target), 255);
+            let fwd = from_tap(&frame, net, &Learned::default(), Instant::now(), &mut reply);
+            (fwd, reply)
+        };
+        // Remote endpoint .9: answered with its MAC.
+        let (fwd, reply) = ask(mac(9));
+        assert_eq!(fwd, Forward::Reply(nd::REPLY_FRAME_LEN));
+        let eth = Frame::new_checked(&reply[..nd::REPLY_FRAME_LEN]).unwrap();
+        assert_eq!((eth.src(), eth.ethertype()), (mac(9), ethertype::IPV6));
+        // Local endpoint: it answers itself; unknown MAC: flooded.
+        assert_eq!(ask(mac(5)).0, Forward::Drop(DropReason::ArpLocal));
+        assert_eq!(ask(mac(77)).0, Forward::Flood);
+        // Duplicate address detection is never answered.
+        let dad = solicitation(Ipv6Addr::UNSPECIFIED, nd::link_local(mac(9)), 255);
+        let fwd = from_tap(
+            &dad,
+            net,
+            &Learned::default(),
+            Instant::now(),
+            &mut [0u8; REPLY_LEN],
+        );
+        assert_eq!(fwd, Forward::Flood);
     }
 
     #[test]

@@ -139,17 +139,20 @@ mod sys {
         }
     }
 
-    /// Sets a socket buffer size past `rmem_max`/`wmem_max` (`SO_RCVBUFFORCE` or
-    /// `SO_SNDBUFFORCE`); needs CAP_NET_ADMIN, else fails and nothing changes.
-    pub fn force_buffer(socket: &impl AsRawFd, option: libc::c_int, size: usize) -> io::Result<()> {
-        let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
-        // SAFETY: the pointer and length describe `size`, a live c_int, for the duration of the call.
+    /// `setsockopt` of one `int` option; on error nothing changes.
+    fn set_int(
+        socket: &impl AsRawFd,
+        level: libc::c_int,
+        option: libc::c_int,
+        value: libc::c_int,
+    ) -> io::Result<()> {
+        // SAFETY: the pointer and length describe `value`, a live c_int, for the duration of the call.
         let rc = unsafe {
             libc::setsockopt(
                 socket.as_raw_fd(),
-                libc::SOL_SOCKET,
+                level,
                 option,
-                &size as *const libc::c_int as *const libc::c_void,
+                &value as *const libc::c_int as *const libc::c_void,
                 size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
@@ -160,24 +163,16 @@ mod sys {
         }
     }
 
+    /// Sets a socket buffer size past `rmem_max`/`wmem_max` (`SO_RCVBUFFORCE` or
+    /// `SO_SNDBUFFORCE`); needs CAP_NET_ADMIN, else fails and nothing changes.
+    pub fn force_buffer(socket: &impl AsRawFd, option: libc::c_int, size: usize) -> io::Result<()> {
+        let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+        set_int(socket, libc::SOL_SOCKET, option, size)
+    }
+
     /// Asks the kernel to coalesce received datagrams of one flow (`UDP_GRO`).
     pub fn enable_gro(socket: &UdpSocket) -> io::Result<()> {
-        let on: libc::c_int = 1;
-        // SAFETY: the pointer and length describe `on`, a live c_int, for the duration of the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_UDP,
-                libc::UDP_GRO,
-                &on as *const libc::c_int as *const libc::c_void,
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        set_int(socket, libc::SOL_UDP, libc::UDP_GRO, 1)
     }
 
     /// Sends `buf` to `to` as datagrams of `segment` bytes (the last may be shorter) in one

@@ -3,8 +3,14 @@
 //!
 //! Per packet there is no lock and no allocation: tables are read through an atomic pointer,
 //! frames are read into a buffer with headroom so the VXLAN header is written in place in
-//! front of the frame (and the vnet header in place of the VXLAN header on the way back),
-//! and counters are relaxed atomics read by [`DataPlane::stats`](crate::DataPlane::stats).
+//! front of the frame, decapsulated frames go to the TAP behind a vnet header in one
+//! `writev`, and counters are relaxed atomics read by
+//! [`DataPlane::stats`](crate::DataPlane::stats).
+//!
+//! Both directions gather: TAP to UDP, the segments of super-frames and runs of equal-size
+//! frames fill whole `UDP_SEGMENT` sends ([`TxBatch`]); UDP to TAP, the TCP segments of one
+//! flow are coalesced across `UDP_GRO` reads into one TAP write. What is gathered leaves as
+//! soon as the source has nothing more to read, so gathering never waits.
 
 use std::collections::HashMap;
 use std::io;
@@ -68,14 +74,6 @@ const FIRST_TAP: usize = 2;
 
 /// Packets handled from one source before looking at the others.
 const BUDGET: usize = 64;
-/// How long a worker keeps polling (`epoll_wait` with timeout 0) after it last had work,
-/// before it blocks. A request/response crosses two workers per direction; the answer
-/// usually comes back within tens of microseconds, and catching it while still awake saves
-/// a thread wake-up (on a VM tens of microseconds itself) on each side. Long enough for one
-/// round trip through the peer, short enough that an idle worker sleeps at once: at most
-/// this much CPU per burst of traffic, none when idle. Between polls the worker yields, so
-/// other runnable threads on its core go first.
-const BUSY_POLL: Duration = Duration::from_micros(100);
 /// Largest frame (plus vnet header) read from a TAP, and largest datagram received.
 const BUF_LEN: usize = 65_536 + 64;
 /// Headroom before a TAP frame: the vnet header, which the VXLAN header then overwrites.
@@ -246,7 +244,7 @@ impl Worker {
             by_vni: HashMap::new(),
             learned: Learned::default(),
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
-            reply: vec![0u8; 128].into_boxed_slice(),
+            reply: vec![0u8; switch::REPLY_LEN].into_boxed_slice(),
             coalescer: Coalescer::new(),
             batch: TxBatch::new(offloads),
             gso: offloads,
@@ -261,13 +259,8 @@ impl Worker {
         let mut events = Events::with_capacity(256);
         let mut pending: Vec<Token> = Vec::with_capacity(16);
         let mut next: Vec<Token> = Vec::with_capacity(16);
-        // Until when to keep polling without sleeping (see BUSY_POLL).
-        let mut busy_until: Option<Instant> = None;
         loop {
-            let spinning =
-                pending.is_empty() && busy_until.is_some_and(|until| Instant::now() < until);
-            let timeout = if pending.is_empty() && !spinning {
-                busy_until = None;
+            let timeout = if pending.is_empty() {
                 None
             } else {
                 Some(Duration::ZERO)
@@ -289,21 +282,11 @@ impl Worker {
                     pending.push(t);
                 }
             }
-            if pending.is_empty() {
-                if spinning && std::env::var_os("OVQ_NOYIELD").is_none() {
-                    // Let whatever else is runnable on this core (often the application
-                    // we are waiting for) go first.
-                    std::thread::yield_now();
-                }
-                continue;
-            }
             next.clear();
-            let mut sent = false;
             for &t in &pending {
                 let more = if t == UDP {
                     io.on_udp(&mut st)
                 } else {
-                    sent = true;
                     io.on_tap(&mut st, t.0 - FIRST_TAP)
                 };
                 if more {
@@ -311,22 +294,8 @@ impl Worker {
                 }
             }
             std::mem::swap(&mut pending, &mut next);
-            if sent {
-                busy_until = Some(Instant::now() + busy_poll_tmp());
-            }
         }
     }
-}
-
-fn busy_poll_tmp() -> Duration {
-    static V: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("OVQ_BUSY_US")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_micros)
-            .unwrap_or(BUSY_POLL)
-    })
 }
 
 /// Applies queued control messages. Returns false on shutdown.

@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
     let net = index.network(Vni::new(4096).unwrap()).unwrap();
     let mut learned = Learned::with_capacity(16);
     let now = Instant::now();
-    let mut reply = [0u8; 64];
+    let mut reply = [0u8; overlay::switch::REPLY_LEN];
     if let Forward::Reply(n) = from_tap(data, net, &learned, now, &mut reply) {
         assert!(n <= reply.len());
     }
