@@ -138,10 +138,24 @@ pub async fn plug(p: &Plug<'_>) -> anyhow::Result<String> {
     .await?;
     let result = async {
         let mtu = p.net.mtu.to_string();
+        // Super-frames no larger than one UDP_SEGMENT send: one send and one TAP write each.
+        let segs = overlay::udp::segments_per_send(p.net.mtu).to_string();
         let addr = format!("{}/{}", p.ip, p.net.subnet.prefix());
         ip(&["link", "set", &peer, "netns", p.netns]).await?;
         ip(&[
-            "-n", p.netns, "link", "set", &peer, "name", &ifname, "address", p.mac, "mtu", &mtu,
+            "-n",
+            p.netns,
+            "link",
+            "set",
+            &peer,
+            "name",
+            &ifname,
+            "address",
+            p.mac,
+            "mtu",
+            &mtu,
+            "gso_max_segs",
+            &segs,
         ])
         .await?;
         ip(&["-n", p.netns, "addr", "add", &addr, "dev", &ifname]).await?;

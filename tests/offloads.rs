@@ -107,6 +107,13 @@ fn tap_offloads_match_the_requested_mode_and_tcp_flows() {
     let b = c.container(2, "b");
     let aa = c.attach(1, &a, "offl", &[]);
     let ab = c.attach(2, &b, "offl", &[]);
+    // A container's TSO super-frames fit one UDP_SEGMENT send: 44 VXLAN datagrams of
+    // 8 + 14 + 1450 bytes in 65507.
+    let details = c.exec_ok(&a, &["ip", "-d", "link", "show", "eth0"]);
+    assert!(
+        details.contains("gso_max_segs 44 "),
+        "container eth0 is not capped at 44 GSO segments:\n{details}"
+    );
     c.assert_ping(&a, &ab.ip, PING_WAIT);
     c.assert_ping(&b, &aa.ip, PING_WAIT);
     let _sinks = [c.tcp_server(&a, TCP_PORT), c.tcp_server(&b, TCP_PORT)];

@@ -119,6 +119,14 @@ pub const GSO_MAX_SEGMENTS: usize = 64;
 /// The most bytes one `UDP_SEGMENT` send may carry (an IPv4 UDP payload).
 pub const GSO_MAX_BYTES: usize = 65_507;
 
+/// How many inner frames of a network with `mtu` fit in one `UDP_SEGMENT` send (44 at MTU
+/// 1450). A container whose TSO super-frames hold no more segments than this (its interface's
+/// `gso_max_segs`) costs exactly one send and one TAP write per super-frame, not two.
+pub fn segments_per_send(mtu: u32) -> u32 {
+    let datagram = mtu as usize + crate::vxlan::HEADER_LEN + crate::ethernet::HEADER_LEN;
+    (GSO_MAX_BYTES / datagram).clamp(1, GSO_MAX_SEGMENTS) as u32
+}
+
 pub use sys::{enable_gro, recv_gro, send_gso};
 
 #[allow(unsafe_code)]
@@ -279,6 +287,17 @@ mod sys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_mtu_super_frame_fits_one_send() {
+        assert_eq!(segments_per_send(1450), 44);
+        assert_eq!(segments_per_send(9000 - 50), 7);
+        assert_eq!(
+            segments_per_send(576),
+            64,
+            "capped by the kernel's segment limit"
+        );
+    }
 
     #[test]
     fn pool_ports_are_distinct_and_in_range() {
