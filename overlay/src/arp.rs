@@ -27,6 +27,8 @@ pub const PACKET_LEN: usize = 28;
 pub const REPLY_FRAME_LEN: usize = ethernet::HEADER_LEN + PACKET_LEN;
 
 const HTYPE_ETHERNET: u16 = 1;
+const OPER_REQUEST: u16 = 1;
+const OPER_REPLY: u16 = 2;
 
 /// The ARP operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,11 +38,13 @@ pub enum Operation {
     Other(u16),
 }
 
-/// Why bytes are not an Ethernet/IPv4 ARP packet.
+/// Why bytes are not an Ethernet/IPv4 ARP packet. Small and `Copy`; counted, not logged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Malformed {
+    /// Fewer bytes than the 28 of an Ethernet/IPv4 ARP packet.
     #[error("shorter than an ARP packet")]
     Short,
+    /// Another hardware or protocol type, or address lengths other than 6 and 4.
     #[error("not Ethernet/IPv4 ARP")]
     Unsupported,
 }
@@ -71,8 +75,8 @@ impl<T: AsRef<[u8]>> Packet<T> {
     pub fn operation(&self) -> Operation {
         let b = &self.buffer.as_ref()[field::OPER];
         match u16::from_be_bytes([b[0], b[1]]) {
-            1 => Operation::Request,
-            2 => Operation::Reply,
+            OPER_REQUEST => Operation::Request,
+            OPER_REPLY => Operation::Reply,
             n => Operation::Other(n),
         }
     }
@@ -113,35 +117,36 @@ pub fn emit_reply<T: AsRef<[u8]>>(
     ip: Ipv4Addr,
     out: &mut [u8],
 ) -> usize {
-    let out = &mut out[..REPLY_FRAME_LEN];
-    ethernet::emit_header(out, request.sender_mac(), mac, ethernet::ethertype::ARP);
-    let arp = &mut out[ethernet::HEADER_LEN..];
-    arp[field::HTYPE].copy_from_slice(&HTYPE_ETHERNET.to_be_bytes());
-    arp[field::PTYPE].copy_from_slice(&ethernet::ethertype::IPV4.to_be_bytes());
-    arp[field::HLEN] = 6;
-    arp[field::PLEN] = 4;
-    arp[field::OPER].copy_from_slice(&2u16.to_be_bytes());
-    arp[field::SHA].copy_from_slice(&mac.0);
-    arp[field::SPA].copy_from_slice(&ip.octets());
-    arp[field::THA].copy_from_slice(&request.sender_mac().0);
-    arp[field::TPA].copy_from_slice(&request.sender_ip().octets());
-    REPLY_FRAME_LEN
+    let requester = (request.sender_mac(), request.sender_ip());
+    emit(out, requester.0, OPER_REPLY, (mac, ip), requester)
 }
 
 /// Writes a complete ARP request frame (broadcast); used by tests and probes.
 pub fn emit_request(sender: (Mac, Ipv4Addr), target_ip: Ipv4Addr, out: &mut [u8]) -> usize {
+    let target = (Mac([0; 6]), target_ip);
+    emit(out, Mac::BROADCAST, OPER_REQUEST, sender, target)
+}
+
+/// Writes an Ethernet frame to `dst` carrying an Ethernet/IPv4 ARP packet.
+fn emit(
+    out: &mut [u8],
+    dst: Mac,
+    oper: u16,
+    sender: (Mac, Ipv4Addr),
+    target: (Mac, Ipv4Addr),
+) -> usize {
     let out = &mut out[..REPLY_FRAME_LEN];
-    ethernet::emit_header(out, Mac::BROADCAST, sender.0, ethernet::ethertype::ARP);
+    ethernet::emit_header(out, dst, sender.0, ethernet::ethertype::ARP);
     let arp = &mut out[ethernet::HEADER_LEN..];
     arp[field::HTYPE].copy_from_slice(&HTYPE_ETHERNET.to_be_bytes());
     arp[field::PTYPE].copy_from_slice(&ethernet::ethertype::IPV4.to_be_bytes());
     arp[field::HLEN] = 6;
     arp[field::PLEN] = 4;
-    arp[field::OPER].copy_from_slice(&1u16.to_be_bytes());
+    arp[field::OPER].copy_from_slice(&oper.to_be_bytes());
     arp[field::SHA].copy_from_slice(&sender.0.0);
     arp[field::SPA].copy_from_slice(&sender.1.octets());
-    arp[field::THA].fill(0);
-    arp[field::TPA].copy_from_slice(&target_ip.octets());
+    arp[field::THA].copy_from_slice(&target.0.0);
+    arp[field::TPA].copy_from_slice(&target.1.octets());
     REPLY_FRAME_LEN
 }
 

@@ -1,4 +1,7 @@
 //! The Internet checksum (RFC 1071) and the TCP/UDP pseudo-headers (RFC 9293 §3.1, RFC 8200 §8.1).
+//!
+//! Arithmetic over byte slices only: where a checksum lives in a packet is the business of
+//! `offload` and `nd`.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 

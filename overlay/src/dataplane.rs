@@ -1,5 +1,8 @@
 //! The data plane as the daemon sees it: start workers, add and remove networks, publish
 //! tables, read statistics, shut down.
+//!
+//! Nothing here runs per packet: the workers (`worker`) do that, reading what this module
+//! publishes. It creates TAPs but does not configure links (bridge, MTU, addresses).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -153,8 +156,7 @@ pub struct DataPlane {
     /// Control path only (add/remove network), never touched per packet.
     networks: Mutex<HashMap<Vni, String>>,
     local_vtep: SocketAddrV4,
-    send_ports: Vec<u16>,
-    config: Config,
+    offloads: bool,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -178,7 +180,7 @@ impl DataPlane {
         let ip = *config.local_vtep.ip();
         let pool = SendPool::bind(ip, udp::POOL_SIZE)
             .map_err(|source| Error::SendSockets { ip, source })?;
-        let send_ports = pool.ports();
+        let send_sockets = pool.len();
         let pool = Arc::new(pool);
 
         // Open every socket and poller first, so a failure leaves nothing running.
@@ -233,25 +235,19 @@ impl DataPlane {
                 }
             }
         }
-        tracing::info!(vtep = %addr, workers = config.workers, send_sockets = send_ports.len(), "data plane started");
+        tracing::info!(vtep = %addr, workers = config.workers, send_sockets, "data plane started");
         Ok(DataPlane {
             workers,
             tables,
             networks: Mutex::new(HashMap::new()),
             local_vtep: addr,
-            send_ports,
-            config,
+            offloads: config.offloads,
         })
     }
 
     /// The address VXLAN is received on (with the actual port if 0 was configured).
     pub fn local_vtep(&self) -> SocketAddrV4 {
         self.local_vtep
-    }
-
-    /// The outer source ports VXLAN is sent from.
-    pub fn send_ports(&self) -> &[u16] {
-        &self.send_ports
     }
 
     /// Creates TAP `tap_name` with one queue per worker and starts switching network `vni`
@@ -277,7 +273,7 @@ impl DataPlane {
         };
         let queues = tap::Queue::open_many(tap_name, self.workers.len()).map_err(tap_err)?;
         // The offload setting is per device, so one queue is enough.
-        let offload = if self.config.offloads {
+        let offload = if self.offloads {
             tap::probe_offload(&queues[0])
         } else {
             queues[0].set_offload(0).map_err(tap_err)?;
@@ -352,11 +348,6 @@ impl DataPlane {
             }
         }
         s
-    }
-
-    /// The configuration this data plane was started with.
-    pub fn config(&self) -> &Config {
-        &self.config
     }
 
     /// Stops and joins all workers; every TAP and socket is closed.
@@ -697,12 +688,11 @@ mod tests {
         };
         a.publish(peers_only(b.local_vtep()));
         b.publish(peers_only(a.local_vtep()));
-        let _ = Command::new("ip")
-            .args(["-n", &ca.name, "neigh", "flush", "all"])
-            .status();
-        let _ = Command::new("ip")
-            .args(["-n", &cb.name, "neigh", "flush", "all"])
-            .status();
+        for ns in [&ca, &cb] {
+            let _ = Command::new("ip")
+                .args(["-n", &ns.name, "neigh", "flush", "all"])
+                .status();
+        }
         assert!(
             ping(&cb, "198.19.0.1"),
             "ping by flooding failed: a={:?} b={:?}",

@@ -38,16 +38,6 @@ impl Mac {
         self.0[0] & 0x01 != 0
     }
 
-    /// True for `ff:ff:ff:ff:ff:ff`.
-    pub fn is_broadcast(&self) -> bool {
-        *self == Self::BROADCAST
-    }
-
-    /// True for an individual (unicast) address.
-    pub fn is_unicast(&self) -> bool {
-        !self.is_multicast()
-    }
-
     pub(crate) fn from_slice(bytes: &[u8]) -> Mac {
         let mut mac = [0; 6];
         mac.copy_from_slice(&bytes[..6]);
@@ -171,7 +161,6 @@ mod tests {
     #[test]
     fn multicast_bit() {
         assert!(Mac::BROADCAST.is_multicast());
-        assert!(Mac::BROADCAST.is_broadcast());
         assert!(Mac([0x01, 0, 0x5e, 0, 0, 1]).is_multicast());
         assert!(Mac([0x33, 0x33, 0, 0, 0, 1]).is_multicast());
         assert!(!Mac([0x02, 0x42, 0, 0, 0, 1]).is_multicast());

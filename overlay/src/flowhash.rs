@@ -1,16 +1,11 @@
-//! A stable hash of the inner flow, for the outer UDP source port (RFC 7348 §5, "Source Port")
-//! and for spreading flows across send sockets.
+//! A stable hash of the inner flow. It picks the send socket, and so the outer UDP source
+//! port (RFC 7348 §5, "Source Port"; see [`crate::udp::SendPool`]).
 //!
 //! IPv4/IPv6 frames hash addresses, protocol and (for TCP, UDP, SCTP, UDP-Lite, unless the
 //! packet is an IPv4 fragment) ports; anything else hashes the MACs and the EtherType. The
 //! hash is a fixed function of those bytes, so a flow always gets the same port.
 
 use crate::ethernet::{self, ethertype};
-
-/// Lowest outer source port (the dynamic range of RFC 6335).
-pub const PORT_MIN: u16 = 49152;
-/// Highest outer source port.
-pub const PORT_MAX: u16 = 65535;
 
 const FNV_OFFSET: u32 = 0x811c_9dc5;
 const FNV_PRIME: u32 = 0x0100_0193;
@@ -75,12 +70,6 @@ pub fn hash(frame: &[u8]) -> u32 {
     h.finish()
 }
 
-/// Maps a flow hash onto the outer source port range 49152..=65535.
-pub fn source_port(hash: u32) -> u16 {
-    let span = u32::from(PORT_MAX - PORT_MIN) + 1;
-    PORT_MIN + (hash % span) as u16
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,32 +116,39 @@ mod tests {
     }
 
     #[test]
-    fn ports_spread() {
-        let mut seen = std::collections::HashSet::new();
-        for sport in 0..1000u16 {
-            seen.insert(source_port(hash(&tcp4(
-                [198, 19, 0, 5],
-                [198, 19, 0, 9],
-                30000 + sport,
-                80,
-                b"",
-            ))));
+    fn flows_spread_over_send_sockets() {
+        let hashes: Vec<u32> = (0..1000u16)
+            .map(|sport| {
+                hash(&tcp4(
+                    [198, 19, 0, 5],
+                    [198, 19, 0, 9],
+                    30000 + sport,
+                    80,
+                    b"",
+                ))
+            })
+            .collect();
+        let distinct: std::collections::HashSet<_> = hashes.iter().collect();
+        assert!(
+            distinct.len() > 990,
+            "only {} distinct hashes",
+            distinct.len()
+        );
+        // The pool picks `hash % sockets`: every one of 32 sockets gets flows, none too many.
+        let mut per_socket = [0u32; 32];
+        for h in &hashes {
+            per_socket[*h as usize % 32] += 1;
         }
-        assert!(seen.len() > 950, "only {} distinct ports", seen.len());
+        assert!(
+            per_socket.iter().all(|&n| (10..=60).contains(&n)),
+            "{per_socket:?}"
+        );
     }
 
     proptest! {
         #[test]
-        fn port_always_in_range(h in any::<u32>()) {
-            let p = source_port(h);
-            prop_assert!((PORT_MIN..=PORT_MAX).contains(&p));
-        }
-
-        #[test]
         fn hash_is_stable_and_total(frame in proptest::collection::vec(any::<u8>(), 0..128)) {
             prop_assert_eq!(hash(&frame), hash(&frame.clone()));
-            let p = source_port(hash(&frame));
-            prop_assert!(p >= PORT_MIN);
         }
 
         #[test]

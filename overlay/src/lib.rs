@@ -2,8 +2,8 @@
 //! overlay network and the underlay UDP socket.
 //!
 //! It switches frames the local Linux bridge hands to the TAP (to a remote VTEP, answered
-//! locally for ARP, or flooded to the network's peers) and delivers VXLAN received from
-//! peers (RFC 7348, UDP 4789 by default). With [`Config::offloads`] it moves 64 KB
+//! locally for ARP and IPv6 neighbor solicitations, or flooded to the network's peers) and
+//! delivers VXLAN received from peers (RFC 7348, UDP 4789 by default). With [`Config::offloads`] it moves 64 KB
 //! super-frames: TSO/USO from the TAP segmented in userspace and sent with `UDP_SEGMENT`,
 //! `UDP_GRO` batches decapsulated and their TCP segments coalesced into one TAP write.
 //!
@@ -18,17 +18,21 @@
 //!   plain values that emit them. Offsets are in one place per header and cite their spec.
 //! - [`fdb`]: the per-network indexes built once per published [`Tables`], and the
 //!   per-worker table of MACs learned behind peers that are not in cluster state.
-//! - [`switch`]: the decision for a frame from the TAP or a datagram from a VTEP, returned
-//!   as a [`switch::Forward`] value; drops carry a [`switch::DropReason`].
-//! - [`flowhash`]: the inner-flow hash behind the outer UDP source port.
+//! - [`switch`]: the decision for a frame from the TAP (a [`switch::Forward`] value) or a
+//!   datagram from a VTEP (the VNI to deliver it to); drops carry a [`switch::DropReason`].
+//! - [`flowhash`]: the inner-flow hash that picks the send socket, so the outer UDP source port.
 //! - [`offload`], [`checksum`]: splitting super-frames into wire-sized segments with valid
 //!   checksums, and coalescing received TCP segments back into one super-frame.
-//! - [`tap`]: the multi-queue TAP with a virtio-net header (the only `unsafe`: its ioctls).
+//! - [`tap`]: the multi-queue TAP with a virtio-net header.
 //! - [`udp`]: the receive sockets (one per worker, `SO_REUSEPORT`), the send-socket pool, and
-//!   `UDP_SEGMENT`/`UDP_GRO` (the other `unsafe`: `sendmsg`/`recvmsg` with control messages).
+//!   `UDP_SEGMENT`/`UDP_GRO`.
 //! - `worker`: one thread per TAP queue; polls, switches and does the I/O, without locks or
 //!   allocation per packet.
 //! - [`DataPlane`]: starts workers, adds and removes networks, publishes tables, sums stats.
+//!
+//! `unsafe` is confined to three places, each with a `// SAFETY:` line per block: [`tap`]'s
+//! ioctls, `udp`'s `sys` module (`setsockopt`, `sendmsg`/`recvmsg` with control messages) and
+//! the call of the AVX2 loop in [`checksum`] after CPU detection.
 
 pub mod arp;
 pub mod checksum;

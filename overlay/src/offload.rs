@@ -4,8 +4,8 @@
 //!   [`vnet::Header`]) into wire-sized frames laid out back to back at equal stride, each
 //!   after `headroom` bytes left for the caller (the VXLAN header), with every IP and
 //!   TCP/UDP checksum computed. The result goes out in one `sendmsg` with `UDP_SEGMENT`.
-//! - [`Coalescer`] merges consecutive, in-order TCP segments of one flow (from one GRO read
-//!   of VXLAN datagrams) into one super-frame with a GSO virtio-net header, for one TAP write.
+//! - [`Coalescer`] merges consecutive, in-order TCP segments of one flow (decapsulated from
+//!   `UDP_GRO` reads) into one super-frame with a GSO virtio-net header, for one TAP write.
 //! - [`complete_checksum`] finishes a checksum the kernel left partial (`NEEDS_CSUM`).
 //!
 //! Offsets in the virtio-net header count from the start of the Ethernet header (TAP mode).
@@ -38,23 +38,30 @@ pub const MAX_SEGMENTS: usize = 256;
 pub const MAX_IP_LEN: usize = 65_535;
 
 /// Why a frame cannot be segmented or its checksum completed. Counted as "offload" drops.
+/// Nothing was written: neither the output buffer nor the frame changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Unsupported {
+    /// Not IPv4/IPv6 carrying TCP or UDP, or a GSO type this module does not segment.
     #[error("not an IPv4/IPv6 TCP or UDP frame we can segment")]
     NotIp,
+    /// The headers are truncated, or disagree with the GSO type of the virtio-net header.
     #[error("headers truncated or inconsistent with the virtio-net header")]
     Malformed,
-    #[error("gso_size is zero or yields too many segments")]
+    /// `gso_size` is zero, yields more than [`MAX_SEGMENTS`] segments, or segments longer
+    /// than an IP packet can be.
+    #[error("gso_size is zero or yields too many or too long segments")]
     BadGsoSize,
+    /// The output buffer cannot hold all segments.
     #[error("output buffer too small")]
     NoRoom,
+    /// `csum_start + csum_offset` points outside the frame.
     #[error("csum_start/csum_offset outside the frame")]
     BadCsum,
 }
 
 /// Where the headers of an IP frame end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Layout {
+struct Layout {
     pub v4: bool,
     /// Offset of the TCP/UDP header (from the start of the Ethernet header).
     pub l4: usize,
@@ -64,7 +71,7 @@ pub struct Layout {
 }
 
 /// Finds the IP and TCP/UDP headers of `frame`.
-pub fn layout(frame: &[u8]) -> Result<Layout, Unsupported> {
+fn layout(frame: &[u8]) -> Result<Layout, Unsupported> {
     let eth = ethernet::Frame::new_checked(frame).map_err(|_| Unsupported::Malformed)?;
     let (v4, l4, proto) = match eth.ethertype() {
         ethertype::IPV4 => {
@@ -158,17 +165,21 @@ fn fix_ip(frame: &mut [u8], lay: &Layout, id_add: u16) {
     }
 }
 
+/// The TCP/UDP checksum field value for an accumulated sum. 0x0000 and 0xffff are the same
+/// one's-complement zero; UDP needs the latter (0 means "no checksum").
+fn l4_checksum_value(acc: u64) -> u16 {
+    match checksum::finish(acc) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
 /// Computes the full TCP/UDP checksum of `frame` and stores it.
 fn l4_checksum(frame: &mut [u8], lay: &Layout) {
     let at = csum_field(lay);
     put16(frame, at, 0);
     let acc = pseudo(frame, lay, frame.len() - lay.l4) + checksum::sum(&frame[lay.l4..]);
-    // 0x0000 and 0xffff are the same one's-complement zero; UDP needs the latter.
-    let c = match checksum::finish(acc) {
-        0 => 0xffff,
-        c => c,
-    };
-    put16(frame, at, c);
+    put16(frame, at, l4_checksum_value(acc));
 }
 
 /// Finishes a partial checksum: sums from `csum_start` to the end (the field already holds
@@ -184,11 +195,11 @@ pub fn complete_checksum(
     if at + 2 > frame.len() {
         return Err(Unsupported::BadCsum);
     }
-    let c = match checksum::finish(checksum::sum(&frame[csum_start..])) {
-        0 => 0xffff,
-        c => c,
-    };
-    put16(frame, at, c);
+    put16(
+        frame,
+        at,
+        l4_checksum_value(checksum::sum(&frame[csum_start..])),
+    );
     Ok(())
 }
 
@@ -248,7 +259,10 @@ pub fn segment(
     }
     let payload = &frame[lay.hdr_len..];
     let count = payload.len().div_ceil(mss).max(1);
-    if count > MAX_SEGMENTS {
+    // A segment's length fields are 16 bits: IPv4's counts the IP header, IPv6's (and UDP's)
+    // only what follows it.
+    let counted_from = if lay.v4 { L3 } else { lay.l4 };
+    if count > MAX_SEGMENTS || lay.hdr_len - counted_from + mss.min(payload.len()) > MAX_IP_LEN {
         return Err(Unsupported::BadGsoSize);
     }
     let stride = headroom + lay.hdr_len + mss;
@@ -295,13 +309,26 @@ pub fn segment(
 
 /// Merges consecutive in-order TCP segments of one flow into one GSO super-frame.
 ///
-/// Feed frames with [`push`](Coalescer::push); when it refuses one, [`finish`](Coalescer::finish)
-/// the current super-frame, write it, and push again (a frame refused by an empty coalescer is
-/// not coalescable: write it as it is). The buffer is allocated once.
+/// Feed frames with [`push`](Coalescer::push), which says what to do with a frame it did not
+/// take; [`finish`](Coalescer::finish) returns the super-frame to write. The buffer is
+/// allocated once.
 pub struct Coalescer {
     buf: Box<[u8]>,
     len: usize,
     flow: Option<Flow>,
+}
+
+/// What [`Coalescer::push`] did with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Push {
+    /// Added to the super-frame being built.
+    Taken,
+    /// Does not continue the super-frame being built: finish and write that one, then push
+    /// this frame again.
+    Later,
+    /// Not coalescable (not an in-order TCP data segment with valid lengths and checksums):
+    /// finish and write the super-frame being built, then write this frame as it is.
+    Never,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -330,9 +357,18 @@ impl std::fmt::Debug for Coalescer {
 
 const H: usize = vnet::HEADER_LEN;
 
-/// A segment eligible for coalescing: TCP, ACK set, no SYN/FIN/RST/URG/CWR, with payload,
-/// exact IP length and valid checksums.
-fn candidate(frame: &[u8]) -> Option<(Layout, u32, u8, usize)> {
+/// The headers of a TCP segment that may be coalesced.
+struct Candidate {
+    lay: Layout,
+    seq: u32,
+    flags: u8,
+    payload: usize,
+}
+
+/// A segment eligible for coalescing, checksums aside: TCP, ACK set, no
+/// SYN/FIN/RST/URG/CWR, with payload, an IP length that matches the frame and fits
+/// [`MAX_IP_LEN`].
+fn candidate(frame: &[u8]) -> Option<Candidate> {
     let lay = layout(frame).ok()?;
     if lay.proto != TCP {
         return None;
@@ -352,17 +388,24 @@ fn candidate(frame: &[u8]) -> Option<(Layout, u32, u8, usize)> {
     } else {
         usize::from(get16(frame, L3 + 4)) + 40
     };
-    if ip_len != frame.len() - L3 {
+    if ip_len != frame.len() - L3 || ip_len > MAX_IP_LEN {
         return None;
     }
+    Some(Candidate {
+        lay,
+        seq: get32(frame, lay.l4 + 4),
+        flags,
+        payload,
+    })
+}
+
+/// True if the IPv4 header checksum (if any) and the TCP checksum of `frame` are valid.
+fn checksums_valid(frame: &[u8], lay: &Layout) -> bool {
     if lay.v4 && checksum::fold(checksum::sum(&frame[L3..lay.l4])) != 0xffff {
-        return None;
+        return false;
     }
-    let acc = pseudo(frame, &lay, frame.len() - lay.l4) + checksum::sum(&frame[lay.l4..]);
-    if checksum::fold(acc) != 0xffff {
-        return None;
-    }
-    Some((lay, get32(frame, lay.l4 + 4), flags, payload))
+    let acc = pseudo(frame, lay, frame.len() - lay.l4) + checksum::sum(&frame[lay.l4..]);
+    checksum::fold(acc) == 0xffff
 }
 
 /// True if `a` and `b` have the same headers apart from the fields that differ between
@@ -403,44 +446,54 @@ impl Coalescer {
         self.flow.map_or(0, |f| f.segs)
     }
 
-    /// Adds `frame` to the super-frame being built; false if it does not belong to it (or
-    /// cannot be coalesced at all) and was not taken.
-    pub fn push(&mut self, frame: &[u8]) -> bool {
-        let Some((lay, seq, flags, payload)) = candidate(frame) else {
-            return false;
+    /// Adds `frame` to the super-frame being built, or says why not.
+    pub fn push(&mut self, frame: &[u8]) -> Push {
+        let Some(c) = candidate(frame) else {
+            return Push::Never;
         };
-        let Some(f) = &mut self.flow else {
-            self.buf[H..H + frame.len()].copy_from_slice(frame);
-            self.len = H + frame.len();
-            self.flow = Some(Flow {
-                lay,
-                gso_size: payload,
-                segs: 1,
-                next_seq: seq.wrapping_add(payload as u32),
-                closed: flags & flag::PSH != 0,
-            });
-            return true;
-        };
-        if f.closed
-            || lay != f.lay
-            || payload > f.gso_size
-            || seq != f.next_seq
-            || self.len - H - L3 + payload > MAX_IP_LEN
-            || !same_flow(&self.buf[H..self.len], frame, &lay)
+        if let Some(f) = &self.flow
+            && (f.closed
+                || c.lay != f.lay
+                || c.payload > f.gso_size
+                || c.seq != f.next_seq
+                || self.len - H - L3 + c.payload > MAX_IP_LEN
+                || !same_flow(&self.buf[H..self.len], frame, &c.lay))
         {
-            return false;
+            return Push::Later;
         }
-        self.buf[self.len..self.len + payload].copy_from_slice(&frame[lay.hdr_len..]);
-        self.len += payload;
-        f.segs += 1;
-        f.next_seq = seq.wrapping_add(payload as u32);
-        if payload < f.gso_size || flags & flag::PSH != 0 {
-            f.closed = true;
+        // Checked last, as the only pass over the payload: a frame pushed again after
+        // `Later` is summed once.
+        if !checksums_valid(frame, &c.lay) {
+            return Push::Never;
         }
-        if flags & flag::PSH != 0 {
-            self.buf[H + lay.l4 + 13] |= flag::PSH;
+        let psh = c.flags & flag::PSH != 0;
+        let next_seq = c.seq.wrapping_add(c.payload as u32);
+        match &mut self.flow {
+            None => {
+                self.buf[H..H + frame.len()].copy_from_slice(frame);
+                self.len = H + frame.len();
+                self.flow = Some(Flow {
+                    lay: c.lay,
+                    gso_size: c.payload,
+                    segs: 1,
+                    next_seq,
+                    closed: psh,
+                });
+            }
+            Some(f) => {
+                self.buf[self.len..self.len + c.payload].copy_from_slice(&frame[c.lay.hdr_len..]);
+                self.len += c.payload;
+                f.segs += 1;
+                f.next_seq = next_seq;
+                if c.payload < f.gso_size || psh {
+                    f.closed = true;
+                }
+                if psh {
+                    self.buf[H + c.lay.l4 + 13] |= flag::PSH;
+                }
+            }
         }
-        true
+        Push::Taken
     }
 
     /// Completes the super-frame and returns virtio-net header + frame, ready for one TAP

@@ -2,7 +2,9 @@
 //!
 //! [`from_tap`] decides what to do with a frame the local bridge handed to the TAP;
 //! [`from_vtep`] checks a received VXLAN datagram and learns from it. Neither reads a clock
-//! or a socket, and neither allocates: an ARP answer is written into a caller buffer.
+//! or a socket, and neither allocates: an ARP or ND answer is written into a caller buffer.
+//! What the decisions do not cover: segmentation and coalescing ([`crate::offload`]) and
+//! the I/O itself (the worker).
 
 use std::net::SocketAddrV4;
 use std::time::Instant;
@@ -20,7 +22,7 @@ pub const REPLY_LEN: usize = if arp::REPLY_FRAME_LEN > nd::REPLY_FRAME_LEN {
     nd::REPLY_FRAME_LEN
 };
 
-/// What to do with a frame.
+/// What to do with a frame read from the TAP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Forward {
     /// Encapsulate and send to this VTEP.
@@ -29,8 +31,6 @@ pub enum Forward {
     Flood,
     /// Write the frame of this length, already built in the caller's reply buffer, back to the TAP.
     Reply(usize),
-    /// Decapsulated frame for this network: write the inner frame to its TAP.
-    Deliver(Vni),
     /// Count and forget.
     Drop(DropReason),
 }
@@ -169,39 +169,34 @@ fn flood(net: &Network) -> Forward {
 
 /// Checks a VXLAN `datagram` (the UDP payload) from `sender` and learns its inner source MAC.
 ///
-/// On [`Forward::Deliver`] the inner frame is `datagram[vxlan::HEADER_LEN..]`.
+/// `Ok(vni)`: deliver the inner frame, `datagram[vxlan::HEADER_LEN..]`, to the TAP of `vni`.
 pub fn from_vtep(
     datagram: &[u8],
     sender: SocketAddrV4,
     index: &Index,
     learned: &mut Learned,
     now: Instant,
-) -> Forward {
-    let header = match vxlan::Header::new_checked(datagram) {
-        Ok(h) => h,
-        Err(vxlan::Malformed::Short) => return Forward::Drop(DropReason::Short),
-        Err(vxlan::Malformed::NoIFlag) => return Forward::Drop(DropReason::NoIFlag),
-    };
+) -> Result<Vni, DropReason> {
+    let header = vxlan::Header::new_checked(datagram).map_err(|e| match e {
+        vxlan::Malformed::Short => DropReason::Short,
+        vxlan::Malformed::NoIFlag => DropReason::NoIFlag,
+    })?;
     let vni = header.vni();
-    let Some(net) = index.network(vni) else {
-        return Forward::Drop(DropReason::UnknownVni);
-    };
+    let net = index.network(vni).ok_or(DropReason::UnknownVni)?;
     if !net.is_peer(*sender.ip()) {
-        return Forward::Drop(DropReason::NotMember);
+        return Err(DropReason::NotMember);
     }
-    let Ok(inner) = Frame::new_checked(header.inner()) else {
-        return Forward::Drop(DropReason::Short);
-    };
+    let inner = Frame::new_checked(header.inner()).map_err(|_| DropReason::Short)?;
     let src = inner.src();
     if src.is_multicast() {
-        return Forward::Drop(DropReason::MalformedFrame);
+        return Err(DropReason::MalformedFrame);
     }
     match net.location(src) {
-        Some(Location::Local) => return Forward::Drop(DropReason::LocalSource),
+        Some(Location::Local) => return Err(DropReason::LocalSource),
         Some(Location::Remote(_)) => {}
         None => learned.learn(vni, src, *sender.ip(), now),
     }
-    Forward::Deliver(vni)
+    Ok(vni)
 }
 
 #[cfg(test)]
@@ -232,7 +227,7 @@ mod tests {
 
     fn tap(frame: &[u8]) -> (Forward, Vec<u8>) {
         let index = index();
-        let mut reply = vec![0u8; 128];
+        let mut reply = vec![0u8; REPLY_LEN];
         let fwd = from_tap(
             frame,
             index.network(vni(4096)).unwrap(),
@@ -241,6 +236,12 @@ mod tests {
             &mut reply,
         );
         (fwd, reply)
+    }
+
+    /// `from_tap` on network 4096 of `index`, with what `learned` holds at `now`.
+    fn tap_learned(index: &Index, learned: &Learned, now: Instant, frame: &[u8]) -> Forward {
+        let net = index.network(vni(4096)).unwrap();
+        from_tap(frame, net, learned, now, &mut [0u8; REPLY_LEN])
     }
 
     #[test]
@@ -366,53 +367,37 @@ mod tests {
         let index = index();
         let mut learned = Learned::default();
         let now = Instant::now();
-        let fwd = from_vtep(&datagram(4096, mac(40)), peer3(), &index, &mut learned, now);
-        assert_eq!(fwd, Forward::Deliver(vni(4096)));
+        let got = from_vtep(&datagram(4096, mac(40)), peer3(), &index, &mut learned, now);
+        assert_eq!(got, Ok(vni(4096)));
         assert_eq!(
             learned.lookup(vni(4096), mac(40), now),
             Some(Ipv4Addr::new(198, 18, 0, 3))
         );
         // ... and the learned MAC is now switched to that peer's VXLAN port.
-        let net = index.network(vni(4096)).unwrap();
-        let fwd = from_tap(
-            &frame(mac(40), mac(5), ethertype::IPV4),
-            net,
-            &learned,
-            now,
-            &mut [0u8; 64],
+        let to_learned = frame(mac(40), mac(5), ethertype::IPV4);
+        assert_eq!(
+            tap_learned(&index, &learned, now, &to_learned),
+            Forward::Remote(vtep(3))
         );
-        assert_eq!(fwd, Forward::Remote(vtep(3)));
     }
 
     #[test]
     fn cluster_endpoints_are_not_learned() {
         let index = index();
         let mut learned = Learned::default();
-        let fwd = from_vtep(
-            &datagram(4096, mac(9)),
-            vtep(2),
-            &index,
-            &mut learned,
-            Instant::now(),
-        );
-        assert_eq!(fwd, Forward::Deliver(vni(4096)));
+        let mut from_node2 = |src: Mac| {
+            from_vtep(
+                &datagram(4096, src),
+                vtep(2),
+                &index,
+                &mut learned,
+                Instant::now(),
+            )
+        };
+        assert_eq!(from_node2(mac(9)), Ok(vni(4096)));
+        assert_eq!(from_node2(mac(5)), Err(DropReason::LocalSource));
+        assert_eq!(from_node2(Mac::BROADCAST), Err(DropReason::MalformedFrame));
         assert!(learned.is_empty());
-        let fwd = from_vtep(
-            &datagram(4096, mac(5)),
-            vtep(2),
-            &index,
-            &mut learned,
-            Instant::now(),
-        );
-        assert_eq!(fwd, Forward::Drop(DropReason::LocalSource));
-        let fwd = from_vtep(
-            &datagram(4096, Mac::BROADCAST),
-            vtep(2),
-            &index,
-            &mut learned,
-            Instant::now(),
-        );
-        assert_eq!(fwd, Forward::Drop(DropReason::MalformedFrame));
     }
 
     #[test]
@@ -437,14 +422,7 @@ mod tests {
         assert_eq!(ask(mac(77)).0, Forward::Flood);
         // Duplicate address detection is never answered.
         let dad = solicitation(Ipv6Addr::UNSPECIFIED, nd::link_local(mac(9)), 255);
-        let fwd = from_tap(
-            &dad,
-            net,
-            &Learned::default(),
-            Instant::now(),
-            &mut [0u8; REPLY_LEN],
-        );
-        assert_eq!(fwd, Forward::Flood);
+        assert_eq!(tap(&dad).0, Forward::Flood);
     }
 
     #[test]
@@ -453,15 +431,11 @@ mod tests {
         let mut learned = Learned::default();
         let now = Instant::now();
         learned.learn(vni(4096), mac(40), Ipv4Addr::new(198, 18, 0, 99), now);
-        let net = index.network(vni(4096)).unwrap();
-        let fwd = from_tap(
-            &frame(mac(40), mac(5), ethertype::IPV4),
-            net,
-            &learned,
-            now,
-            &mut [0u8; 64],
+        let to_learned = frame(mac(40), mac(5), ethertype::IPV4);
+        assert_eq!(
+            tap_learned(&index, &learned, now, &to_learned),
+            Forward::Flood
         );
-        assert_eq!(fwd, Forward::Flood);
     }
 
     #[test]
@@ -472,7 +446,7 @@ mod tests {
         let mut check = |d: &[u8], from: SocketAddrV4, want: DropReason| {
             assert_eq!(
                 from_vtep(d, from, &index, &mut learned, now),
-                Forward::Drop(want),
+                Err(want),
                 "{want:?}"
             );
         };

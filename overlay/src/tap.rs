@@ -1,7 +1,9 @@
 //! The TAP device: open queues of a multi-queue TAP with a virtio-net header, set offloads.
 //!
-//! This is the one module with `unsafe`: three `ioctl`s on `/dev/net/tun`. Reads and writes
-//! go through [`std::fs::File`], which is safe.
+//! Its `unsafe` is three `ioctl`s on `/dev/net/tun` (the crate's only other `unsafe` is in
+//! `udp`'s `sys` module and one call in `checksum`). Reads and writes go through
+//! [`std::fs::File`], which is safe. It does not name, address or enslave the device: the
+//! daemon does.
 //!
 //! Why not the `tun-tap` crate: it opens a single queue without `IFF_VNET_HDR`, so it can
 //! neither spread a device over one queue per worker (`IFF_MULTI_QUEUE`) nor carry the

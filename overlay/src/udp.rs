@@ -16,10 +16,12 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::flowhash;
-
 /// How many send sockets the pool tries to bind.
 pub const POOL_SIZE: usize = 32;
+/// Lowest outer source port (the dynamic range of RFC 6335, as RFC 7348 §5 recommends).
+pub const PORT_MIN: u16 = 49152;
+/// Highest outer source port.
+pub const PORT_MAX: u16 = 65535;
 
 const RECV_BUFFER: usize = 4 << 20;
 const SEND_BUFFER: usize = 4 << 20;
@@ -49,12 +51,12 @@ impl SendPool {
     /// that are in use. Fails only if not a single port could be bound.
     pub fn bind(ip: Ipv4Addr, size: usize) -> io::Result<SendPool> {
         let size = size.clamp(1, 1024);
-        let span = usize::from(flowhash::PORT_MAX - flowhash::PORT_MIN) + 1;
+        let span = usize::from(PORT_MAX - PORT_MIN) + 1;
         let slice = span / size;
         let mut sockets = Vec::with_capacity(size);
         let mut last_err = None;
         for i in 0..size {
-            let base = usize::from(flowhash::PORT_MIN) + i * slice;
+            let base = usize::from(PORT_MIN) + i * slice;
             for port in base..base + slice {
                 match bind_sender(SocketAddrV4::new(ip, port as u16)) {
                     Ok(s) => {
@@ -119,12 +121,17 @@ pub const GSO_MAX_SEGMENTS: usize = 64;
 /// The most bytes one `UDP_SEGMENT` send may carry (an IPv4 UDP payload).
 pub const GSO_MAX_BYTES: usize = 65_507;
 
+/// How many datagrams of `len` bytes one `UDP_SEGMENT` send carries (at least 1).
+pub fn datagrams_per_send(len: usize) -> usize {
+    (GSO_MAX_BYTES / len.max(1)).clamp(1, GSO_MAX_SEGMENTS)
+}
+
 /// How many inner frames of a network with `mtu` fit in one `UDP_SEGMENT` send (44 at MTU
 /// 1450). A container whose TSO super-frames hold no more segments than this (its interface's
 /// `gso_max_segs`) costs exactly one send and one TAP write per super-frame, not two.
 pub fn segments_per_send(mtu: u32) -> u32 {
     let datagram = mtu as usize + crate::vxlan::HEADER_LEN + crate::ethernet::HEADER_LEN;
-    (GSO_MAX_BYTES / datagram).clamp(1, GSO_MAX_SEGMENTS) as u32
+    datagrams_per_send(datagram) as u32
 }
 
 pub use sys::{enable_gro, recv_gro, send_gso};
@@ -308,11 +315,7 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), 8);
-        assert!(
-            ports
-                .iter()
-                .all(|p| (flowhash::PORT_MIN..=flowhash::PORT_MAX).contains(p))
-        );
+        assert!(ports.iter().all(|p| (PORT_MIN..=PORT_MAX).contains(p)));
         // Same hash, same socket.
         assert_eq!(
             pool.pick(12345).local_addr().unwrap(),

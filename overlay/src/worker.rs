@@ -26,7 +26,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::fdb::{Index, Learned};
-use crate::offload::{self, Coalescer};
+use crate::offload::{self, Coalescer, Push};
 use crate::switch::{self, DropReason, Forward};
 use crate::udp::{self, SendPool};
 use crate::vxlan::{self, Vni};
@@ -185,15 +185,14 @@ impl TxBatch {
         }
     }
 
-    /// Datagrams per `UDP_SEGMENT` send at this stride.
-    fn per_send(&self) -> usize {
-        (udp::GSO_MAX_BYTES / self.stride.max(1)).clamp(1, udp::GSO_MAX_SEGMENTS)
-    }
-
     /// What to send now, from the front of the buffer: the full groups, or with `all`
     /// everything. `None` if that is nothing.
     fn ready(&self, all: bool) -> Option<offload::Segments> {
-        let keep = if all { 0 } else { self.count % self.per_send() };
+        let keep = if all {
+            0
+        } else {
+            self.count % udp::datagrams_per_send(self.stride)
+        };
         let count = self.count - keep;
         if count == 0 {
             return None;
@@ -379,6 +378,8 @@ impl Io<'_> {
         };
         let tables = self.tables.load();
         let net = tables.network(slot.vni);
+        // One clock read per batch: it only ages learned MACs (minutes).
+        let now = Instant::now();
         for _ in 0..BUDGET {
             let n = match slot.queue.read(buf) {
                 Ok(n) => n,
@@ -401,7 +402,7 @@ impl Io<'_> {
             if vh.is_gso() {
                 let frame = &buf[TAP_HEADROOM..n];
                 let remote;
-                let targets = match switch::from_tap(frame, net, learned, Instant::now(), reply) {
+                let targets = match switch::from_tap(frame, net, learned, now, reply) {
                     Forward::Remote(vtep) => {
                         remote = [vtep];
                         &remote[..]
@@ -414,7 +415,7 @@ impl Io<'_> {
                         self.counters.drop(reason);
                         continue;
                     }
-                    Forward::Reply(_) | Forward::Deliver(_) => {
+                    Forward::Reply(_) => {
                         self.counters.drop(DropReason::Offload);
                         continue;
                     }
@@ -434,8 +435,7 @@ impl Io<'_> {
                 continue;
             }
             let frame = &buf[TAP_HEADROOM..n];
-            let decision = switch::from_tap(frame, net, learned, Instant::now(), reply);
-            match decision {
+            match switch::from_tap(frame, net, learned, now, reply) {
                 Forward::Remote(vtep) => {
                     let hash = flowhash::hash(frame);
                     vxlan::Repr { vni: slot.vni }
@@ -468,7 +468,6 @@ impl Io<'_> {
                     Ok(_) => self.counters.add(&self.counters.arp_answered, 1),
                     Err(_) => self.counters.drop(DropReason::TapWrite),
                 },
-                Forward::Deliver(_) => self.counters.drop(DropReason::MalformedFrame),
                 Forward::Drop(reason) => self.counters.drop(reason),
             }
         }
@@ -510,8 +509,8 @@ impl Io<'_> {
             repr.emit(&mut batch.buf[at + i * segs.stride..]);
         }
         if batch.count > 0 && segs.stride != batch.stride {
-            // Another MSS through the same socket (rare): send what was there first.
-            batch.len = at;
+            // Another MSS through the same socket (rare): send what was there first (all of
+            // it: the batch ends at `at`), then move the new segments to the front.
             self.send_batch(batch, gso, true);
             batch.buf.copy_within(at..at + segs.len(), 0);
         }
@@ -547,7 +546,7 @@ impl Io<'_> {
         gso: &mut bool,
     ) {
         let socket = self.pool.pick(hash);
-        let per_send = (udp::GSO_MAX_BYTES / segs.stride).clamp(1, udp::GSO_MAX_SEGMENTS);
+        let per_send = udp::datagrams_per_send(segs.stride);
         let mut i = 0;
         while i < segs.count {
             let k = per_send.min(segs.count - i);
@@ -628,23 +627,18 @@ impl Io<'_> {
                 }
             };
             let seg = seg.unwrap_or(n).max(1);
+            self.counters
+                .add(&self.counters.rx_vxlan, n.div_ceil(seg) as u64);
             let SocketAddr::V4(from) = from else {
-                self.counters
-                    .add(&self.counters.rx_vxlan, n.div_ceil(seg) as u64);
                 self.counters.drop(DropReason::NotMember);
                 continue;
             };
             let now = Instant::now();
             for datagram in buf[..n].chunks(seg) {
-                self.counters.add(&self.counters.rx_vxlan, 1);
                 let vni = match switch::from_vtep(datagram, from, &tables, learned, now) {
-                    Forward::Deliver(vni) => vni,
-                    Forward::Drop(reason) => {
+                    Ok(vni) => vni,
+                    Err(reason) => {
                         self.counters.drop(reason);
-                        continue;
-                    }
-                    _ => {
-                        self.counters.drop(DropReason::MalformedFrame);
                         continue;
                     }
                 };
@@ -661,11 +655,13 @@ impl Io<'_> {
                     self.flush(taps, current, coalescer);
                     current = Some(idx);
                 }
-                if coalescer.push(inner) {
-                    continue;
+                let mut push = coalescer.push(inner);
+                if push == Push::Later {
+                    self.flush(taps, current, coalescer);
+                    push = coalescer.push(inner);
                 }
-                self.flush(taps, current, coalescer);
-                if !coalescer.push(inner) {
+                if push == Push::Never {
+                    self.flush(taps, current, coalescer);
                     self.write_tap(taps, idx, &ZERO_VNET, inner);
                 }
             }
@@ -758,7 +754,7 @@ mod tests {
             b.buf[b.len..b.len + 1472].fill(i);
             b.appended(1, 1472);
         }
-        assert_eq!(b.per_send(), 44);
+        assert_eq!(udp::datagrams_per_send(b.stride), 44);
         let full = b.ready(false).unwrap();
         assert_eq!((full.count, full.len()), (44, 44 * 1472));
         b.consume(full);
@@ -797,7 +793,7 @@ mod tests {
             2,
             "at most GSO_MAX_BYTES per send"
         );
-        assert_eq!(b.per_send(), 1);
+        assert_eq!(udp::datagrams_per_send(b.stride), 1);
         assert_eq!(
             TxBatch::new(false).buf.len(),
             0,

@@ -1,3 +1,6 @@
+//! Tests of [`super`]: segments checked field by field against etherparse, split then
+//! coalesce is the identity, and what is refused.
+
 use super::*;
 use etherparse::{
     IpHeaders, IpNumber, Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TcpOptionElement,
@@ -181,7 +184,7 @@ proptest! {
 
         let mut c = Coalescer::new();
         for s in &segs {
-            prop_assert!(c.push(s));
+            prop_assert_eq!(c.push(s), Push::Taken);
         }
         let merged = c.finish().unwrap().to_vec();
         prop_assert!(c.is_empty());
@@ -296,26 +299,70 @@ fn coalescer_keeps_flows_and_order_apart() {
     let a3_out_of_order = tcp_frame(true, &[3u8; 1000], 5000, false, 3, true);
     let v6 = tcp_frame(false, &[2u8; 1000], 2000, false, 2, true);
     let mut c = Coalescer::new();
-    assert!(c.push(&a1));
-    assert!(!c.push(&v6));
-    assert!(!c.push(&a3_out_of_order));
-    assert!(c.push(&a2));
+    assert_eq!(c.push(&a1), Push::Taken);
+    assert_eq!(c.push(&v6), Push::Later);
+    assert_eq!(c.push(&a3_out_of_order), Push::Later);
+    assert_eq!(c.push(&a2), Push::Taken);
     // A shorter segment is the last one.
     let short = tcp_frame(true, &[3u8; 10], 3000, false, 3, true);
-    assert!(c.push(&short));
-    assert!(!c.push(&tcp_frame(true, &[4u8; 1000], 3010, false, 4, true)));
+    assert_eq!(c.push(&short), Push::Taken);
+    let next = tcp_frame(true, &[4u8; 1000], 3010, false, 4, true);
+    assert_eq!(c.push(&next), Push::Later);
     let out = c.finish().unwrap();
     assert_eq!(out.len(), vnet::HEADER_LEN + a1.len() + 1010);
+    assert_eq!(c.push(&next), Push::Taken, "starts the next super-frame");
+    c.finish().unwrap();
 
-    // Bad checksum, SYN and pure ACK are not coalescable.
+    // Bad checksum, SYN and pure ACK are not coalescable, whether or not a flow is open.
     let mut bad = a1.clone();
     let n = bad.len();
     bad[n - 1] ^= 0xff;
-    assert!(!c.push(&bad));
     let mut syn = a1.clone();
     let l4 = layout(&syn).unwrap().l4;
     syn[l4 + 13] |= flag::SYN;
-    assert!(!c.push(&syn));
-    assert!(!c.push(&tcp_frame(true, &[], 1000, false, 1, true)));
-    assert!(c.is_empty());
+    let pure_ack = tcp_frame(true, &[], 1000, false, 1, true);
+    for frame in [&bad, &syn, &pure_ack] {
+        assert_eq!(c.push(frame), Push::Never);
+        assert!(c.is_empty());
+    }
+    assert_eq!(c.push(&a1), Push::Taken);
+    let mut bad_a2 = a2.clone();
+    let n = bad_a2.len();
+    bad_a2[n - 1] ^= 0xff;
+    assert_eq!(
+        c.push(&bad_a2),
+        Push::Never,
+        "continues the flow, bad checksum"
+    );
+    assert_eq!(c.push(&bad), Push::Later, "refused by sequence first");
+    assert_eq!(c.segments(), 1);
+}
+
+/// An IPv6 packet can be 40 bytes longer than [`MAX_IP_LEN`] (its length field leaves out
+/// the fixed header); such a segment is not coalesced, and not copied past the buffer.
+#[test]
+fn coalescer_refuses_ipv6_packets_longer_than_its_buffer() {
+    let payload = vec![7u8; MAX_IP_LEN - 20];
+    let jumbo = tcp_frame(false, &payload, 1, false, 0, false);
+    assert_eq!(jumbo.len(), L3 + 40 + MAX_IP_LEN);
+    assert_eq!(Coalescer::new().push(&jumbo), Push::Never);
+}
+
+/// A super-frame whose `gso_size` is not smaller than its payload yields one segment as long
+/// as the frame; if that is longer than an IPv4 length field counts, it is refused rather than
+/// sent with a wrapped length.
+#[test]
+fn segment_refuses_segments_longer_than_an_ip_packet() {
+    let mut sup = tcp_frame(true, &[0u8; 100], 1, false, 1, false);
+    sup.resize(L3 + MAX_IP_LEN + 1, 0);
+    let vh = gso_header(&sup, vnet::gso::TCPV4, u16::MAX);
+    assert_eq!(
+        segment(&sup, &vh, HEADROOM, &mut vec![0u8; 2 * sup.len()]),
+        Err(Unsupported::BadGsoSize)
+    );
+    // One byte less fits exactly.
+    sup.truncate(L3 + MAX_IP_LEN);
+    let segs = split(&sup, &vh);
+    assert_eq!(segs.len(), 1);
+    assert_eq!(usize::from(get16(&segs[0], L3 + 2)), MAX_IP_LEN);
 }
