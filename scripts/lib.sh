@@ -192,10 +192,11 @@ ov_daemon() {
   OV_PIDS+=("$OV_LAST_PID")
 }
 
-# ov_cli API ARGS...: the overlayd CLI against the daemon listening on API.
+# ov_cli API ARGS...: the overlayd CLI against the daemon listening on API; killed after 60 s
+# (the daemon bounds its own waits well below that).
 ov_cli() {
   local api=$1; shift
-  OVERLAYD_API=$api "$OVERLAYD" "$@"
+  OVERLAYD_API=$api timeout 60 "$OVERLAYD" "$@"
 }
 
 # ov_token STATE_DIR LOG PID: waits (20 s) for the join token: STATE_DIR/join-token, else the

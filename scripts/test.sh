@@ -34,9 +34,8 @@ echo "== [pass 1/2] offloads ON: cargo test --workspace --no-fail-fast ${PROFILE
 pass1=ok
 cargo test --workspace --no-fail-fast "${PROFILE[@]}" "$@" || pass1=FAILED
 
-# "true", not "1": the daemon's clap flag parses the variable as a strict bool and rejects "1"
-# (the harness accepts 1/true/yes/on and passes --no-offloads; tests that run the binary directly
-# see the variable itself).
+# The harness turns the variable into --no-offloads for every daemon it starts; the daemon's own
+# flag reads it too (1/true/yes/on), for tests that run the binary directly.
 echo "== [pass 2/2] offloads FORCED OFF: OVERLAYD_NO_OFFLOADS=true cargo test --no-fail-fast --test '*' ${PROFILE[*]} $*"
 pass2=ok
 OVERLAYD_NO_OFFLOADS=true cargo test --no-fail-fast --test '*' "${PROFILE[@]}" "$@" || pass2=FAILED

@@ -49,7 +49,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    pub fn usage(message: impl ToString) -> Failure {
+    pub fn usage(message: impl std::fmt::Display) -> Failure {
         Failure {
             message: message.to_string(),
             usage: true,

@@ -123,12 +123,7 @@ impl View {
         let mut set: Vec<(String, String)> = self
             .networks
             .values()
-            .map(|net| {
-                (
-                    key::network(&net.name),
-                    serde_json::to_string(net).expect("networks serialise"),
-                )
-            })
+            .map(|net| (key::network(&net.name), net.to_gossip()))
             .filter(|(k, v)| mine.get(k) != Some(v))
             .collect();
         set.extend(

@@ -1,36 +1,46 @@
-//! The daemon: wires gossip, the peer and API servers, the host configuration and the data plane.
+//! The daemon: starts and stops a node, and wires gossip, the peer and API servers, the host
+//! configuration and the data plane together.
 //!
-//! Control flow is level-triggered: [`Daemon::reconcile`] runs every [`RECONCILE_EVERY`], derives
-//! the [`View`] from gossip, makes the host match it (bridges, TAPs) and publishes fresh tables to
-//! the data plane. API and peer requests only change gossip state (and, for attach, the host).
+//! API and peer requests only change gossip state (and, for attach and detach, the host); the
+//! reconcile loop makes the host and the data plane follow.
+//!
+//! # Layout
+//! - this file: start and stop, the API and peer servers, requests that go to the leader.
+//! - [`reconcile`]: the loop that makes bridges, TAPs and the data plane's tables match the view.
+//! - [`endpoints`]: containers on this node (attach, detach, restore after a restart).
+
+mod endpoints;
+mod reconcile;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use chitchat::ChitchatId;
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
-use crate::api::{self, Attachment, Failure, NetworkInfo};
+use crate::api::{self, Failure, NetworkInfo};
 use crate::cluster::View;
 use crate::gossip::{self, Gossip};
-use crate::leader::{self, Ledger};
+use crate::leader::Ledger;
 use crate::model::{Endpoint, Network, NodeState, key};
 use crate::peer;
 use crate::state_dir::{self, Identity};
 use crate::token::Secret;
 use crate::{host, wire};
 
-const RECONCILE_EVERY: Duration = Duration::from_millis(250);
 /// How long a node waits to see its own change come back through gossip.
 const CONVERGE_WITHIN: Duration = Duration::from_secs(10);
+/// How long the API server waits for a client to send its request.
+const API_REQUEST_WITHIN: Duration = Duration::from_secs(10);
+/// Pause after a failed `accept` (such as EMFILE), so the server does not spin on it.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Underlay bytes VXLAN adds over IPv4: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
 
@@ -75,15 +85,6 @@ pub struct Daemon {
     ledger: Mutex<Ledger>,
 }
 
-/// What the reconcile loop remembers between rounds.
-#[derive(Default)]
-struct Seen {
-    published: overlay::Tables,
-    members: BTreeMap<String, NodeState>,
-    /// Other members' gossip addresses, as last saved to the state dir.
-    peers: Vec<SocketAddr>,
-}
-
 impl Daemon {
     /// Checks everything that could fail, then starts; on error nothing is left behind.
     pub async fn start(config: Config, start: Start) -> Result<Arc<Daemon>, Failure> {
@@ -115,7 +116,7 @@ impl Daemon {
                     .filter(|p| *p != own)
                     .map(|p| p.to_string())
                     .collect();
-                let restored = surviving_endpoints(&config.state_dir)?;
+                let restored = endpoints::surviving_endpoints(&config.state_dir)?;
                 (identity.node_id, secret, seeds, restored, false)
             }
         };
@@ -145,7 +146,7 @@ impl Daemon {
                 .chain(
                     restored
                         .iter()
-                        .map(|e| (key::endpoint(&e.network_id, e.ip), endpoint_json(e))),
+                        .map(|e| (key::endpoint(&e.network_id, e.ip), e.to_gossip())),
                 )
                 .collect();
             let gossip = gossip::start(chitchat_id, &secret, gossip_addr, seeds, initial).await?;
@@ -229,166 +230,31 @@ impl Daemon {
         }
     }
 
-    async fn reconcile_forever(self: Arc<Daemon>) {
-        let mut seen = Seen::default();
-        let mut ticker = tokio::time::interval(RECONCILE_EVERY);
-        loop {
-            ticker.tick().await;
-            if let Err(err) = self.reconcile(&mut seen).await {
-                warn!(err = %format!("{err:#}"), "reconcile failed; retrying");
-            }
-        }
-    }
-
-    async fn reconcile(&self, seen: &mut Seen) -> anyhow::Result<()> {
-        let view = self.gossip.view().await;
-        for m in &view.members {
-            let (id, address, state) = (&m.node.id, m.node.address, m.node.state);
-            match seen.members.insert(id.clone(), state) {
-                // A member is heard of before the failure detector has its heartbeats: it
-                // counts as joined once it is first seen ready.
-                None if state == NodeState::Down => {
-                    seen.members.remove(id);
-                }
-                None => info!(node = %id, %address, "member joined"),
-                Some(before) if before != state => {
-                    info!(node = %id, %address, %state, "member state changed")
-                }
-                Some(_) => {}
-            }
-        }
-        let peers: Vec<SocketAddr> = view
-            .members
-            .iter()
-            .filter(|m| !m.node.is_self)
-            .map(|m| m.gossip)
-            .collect();
-        if peers != seen.peers {
-            state_dir::save_peers(&self.config.state_dir, &peers)?;
-            seen.peers = peers;
-        }
-        self.replicate(&view).await;
-        self.realise(&view).await?;
-        self.restore(&view).await;
-        let tables = view.tables(&self.id, self.config.vxlan_port);
-        if tables != seen.published {
-            debug!(networks = tables.networks.len(), "publishing tables");
-            self.dataplane.publish(tables.clone());
-            seen.published = tables;
-        }
-        Ok(())
-    }
-
-    /// Puts endpoints that survived a restart back on their bridge once it exists again; drops
-    /// those whose network was removed meanwhile.
-    async fn restore(&self, view: &View) {
-        let mut restoring = self.restoring.lock().await;
-        if restoring.is_empty() {
-            return;
-        }
-        let realised = self.realised.lock().await;
-        let mut changed = false;
-        let mut pending = Vec::new();
-        for endpoint in restoring.drain(..) {
-            if let Some(net) = realised.get(&endpoint.network_id) {
-                match host::enslave(&endpoint.host_if, net).await {
-                    Ok(()) => {
-                        info!(netns = %endpoint.netns, network = %net.name, ip = %endpoint.ip, "endpoint restored")
-                    }
-                    Err(err) => {
-                        warn!(netns = %endpoint.netns, err = %format!("{err:#}"), "endpoint not restored; its container is cut off")
-                    }
-                }
-            } else if view.tombstones.contains(&endpoint.network_id) {
-                host::remove_link(&endpoint.host_if).await;
-                let gone = key::endpoint(&endpoint.network_id, endpoint.ip);
-                self.gossip.update(&[], &[gone]).await;
-                changed = true;
-                info!(netns = %endpoint.netns, ip = %endpoint.ip, "network removed while this node was down; endpoint unplugged");
-            } else {
-                pending.push(endpoint);
-            }
-        }
-        *restoring = pending;
-        drop(realised);
-        if changed {
-            self.persist_endpoints().await;
-        }
-    }
-
-    /// Writes this node's endpoints to the state dir, for `overlayd run` after a restart.
-    async fn persist_endpoints(&self) {
-        let endpoints: Vec<Endpoint> = self
-            .gossip
-            .own_keys()
-            .await
-            .iter()
-            .filter(|(k, _)| k.starts_with(key::ENDPOINT_PREFIX))
-            .filter_map(|(_, v)| serde_json::from_str(v).ok())
-            .collect();
-        if let Err(err) = state_dir::save_endpoints(&self.config.state_dir, &endpoints) {
-            warn!(err = %format!("{err:#}"), "endpoints not saved: a restart will not restore them");
-        }
-    }
-
-    /// Keeps a copy of every live network and every tombstone in this node's own state, so both
-    /// survive the node that wrote them.
-    async fn replicate(&self, view: &View) {
-        let (set, delete) = view.replication(&self.gossip.own_keys().await);
-        if !set.is_empty() || !delete.is_empty() {
-            self.gossip.update(&set, &delete).await;
-        }
-    }
-
-    /// Makes this host's bridges and TAPs match the view's networks.
-    async fn realise(&self, view: &View) -> anyhow::Result<()> {
-        let mut realised = self.realised.lock().await;
-        if self.stopping.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let wanted: BTreeMap<&str, &Network> =
-            view.networks.values().map(|n| (n.id.as_str(), n)).collect();
-        let gone: Vec<String> = realised
-            .keys()
-            .filter(|id| !wanted.contains_key(id.as_str()))
-            .cloned()
-            .collect();
-        for id in gone {
-            let net = realised.remove(&id).expect("listed above");
-            self.dataplane.remove_network(vni(&net));
-            host::remove_link(&net.bridge_name()).await;
-            self.gossip.update(&[], &[key::realised(&id)]).await;
-            info!(network = %net.name, vni = net.vni, "network removed from this node");
-        }
-        for (id, net) in wanted {
-            if realised.contains_key(id) {
-                continue;
-            }
-            host::ensure_bridge(net).await?;
-            self.dataplane
-                .add_network(vni(net), &net.tap_name())
-                .with_context(|| format!("creating the TAP of network {}", net.name))?;
-            host::enslave(&net.tap_name(), net).await?;
-            info!(network = %net.name, vni = net.vni, subnet = %net.subnet, mtu = net.mtu, "network ready on this node");
-            self.gossip
-                .update(&[(key::realised(id), String::new())], &[])
-                .await;
-            realised.insert(id.to_string(), net.clone());
-        }
-        Ok(())
-    }
-
     async fn serve_api(self: Arc<Daemon>, listener: UnixListener) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    warn!(%err, "API socket accept failed; retrying");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
             };
             let daemon = self.clone();
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
-                let reply = match wire::read::<api::Request, _>(&mut BufReader::new(read)).await {
-                    Ok(request) => daemon.handle_api(request).await,
-                    Err(err) => Err(Failure::usage(format!("bad API request: {err:#}"))),
+                let request = tokio::time::timeout(
+                    API_REQUEST_WITHIN,
+                    wire::read::<api::Request, _>(&mut BufReader::new(read)),
+                )
+                .await;
+                let reply = match request {
+                    Ok(Ok(request)) => daemon.handle_api(request).await,
+                    Ok(Err(err)) => Err(Failure::usage(format!("bad API request: {err:#}"))),
+                    Err(_) => {
+                        debug!("API client sent no request within {API_REQUEST_WITHIN:?}");
+                        return;
+                    }
                 };
                 if let Err(err) = wire::write(&mut write, &reply).await {
                     debug!(%err, "API client went away before the reply");
@@ -522,111 +388,6 @@ impl Daemon {
         Ok(json(&network_info(&created, &view)))
     }
 
-    async fn attach(&self, netns: String, network: String, ip: Option<Ipv4Addr>) -> api::Reply {
-        let _plumbing = self.plumbing.lock().await;
-        if !host::netns_exists(&netns) {
-            return Err(Failure::usage(format!(
-                "network namespace {netns} not found: create it with `ip netns add {netns}` (see `ip netns list`)"
-            )));
-        }
-        let view = self.gossip.view().await;
-        let net = leader::known(&view, &network)?.clone();
-        // The reconcile loop may not have made the bridge yet for a network created just now.
-        self.realise(&view).await?;
-        if view
-            .endpoints_on(&net)
-            .any(|p| p.node == self.id && p.endpoint.netns == netns)
-        {
-            return Err(Failure::usage(format!(
-                "{netns} is already attached to network {network}"
-            )));
-        }
-        let reply = self
-            .ask_leader(&peer::Request::Allocate {
-                network: network.clone(),
-                node: self.id.clone(),
-                ip,
-            })
-            .await?;
-        let ip: Ipv4Addr = serde_json::from_value(reply)
-            .map_err(|e| Failure::runtime(format!("leader's reply: {e}")))?;
-        let mac = Endpoint::mac_for(ip);
-        let host_if = format!("ovh{}", hex::encode(rand::random::<[u8; 4]>()));
-        let plugged = host::plug(&host::Plug {
-            net: &net,
-            netns: &netns,
-            host_if: &host_if,
-            ip,
-            mac: &mac,
-        })
-        .await;
-        if let Err(err) = plugged {
-            self.release(&net, ip).await;
-            return Err(err.into());
-        }
-        let endpoint = Endpoint {
-            network_id: net.id.clone(),
-            ip,
-            mac: mac.clone(),
-            netns: netns.clone(),
-            host_if,
-        };
-        self.gossip
-            .update(
-                &[(key::endpoint(&net.id, ip), endpoint_json(&endpoint))],
-                &[],
-            )
-            .await;
-        self.persist_endpoints().await;
-        info!(%netns, network = %net.name, %ip, %mac, "container attached");
-        Ok(json(&Attachment {
-            netns,
-            network,
-            ip,
-            mac,
-            node: self.id.clone(),
-        }))
-    }
-
-    async fn detach(&self, netns: String, network: String) -> api::Reply {
-        let _plumbing = self.plumbing.lock().await;
-        let view = self.gossip.view().await;
-        let net = leader::known(&view, &network)?;
-        let same_name: Vec<_> = view
-            .endpoints_on(net)
-            .filter(|p| p.endpoint.netns == netns)
-            .collect();
-        let Some(placed) = same_name.iter().find(|p| p.node == self.id) else {
-            return Err(Failure::usage(match same_name.first() {
-                Some(p) => format!(
-                    "{netns} is attached to network {network} on node {}, not this one: run detach there",
-                    p.node
-                ),
-                None => format!("{netns} is not attached to network {network}"),
-            }));
-        };
-        host::remove_link(&placed.endpoint.host_if).await;
-        self.gossip
-            .update(&[], &[key::endpoint(&net.id, placed.endpoint.ip)])
-            .await;
-        self.persist_endpoints().await;
-        self.release(net, placed.endpoint.ip).await;
-        info!(%netns, network = %net.name, ip = %placed.endpoint.ip, "container detached");
-        Ok(json(&placed.endpoint.ip))
-    }
-
-    /// Tells the leader an address is free again; if it is unreachable, its reservation expires.
-    async fn release(&self, net: &Network, ip: Ipv4Addr) {
-        let request = peer::Request::Release {
-            network_id: net.id.clone(),
-            node: self.id.clone(),
-            ip,
-        };
-        if let Err(failure) = self.ask_leader(&request).await {
-            warn!(%ip, network = %net.name, %failure, "leader not told of a released address; it frees it on its own later");
-        }
-    }
-
     /// Sends a request to the current leader, retrying while leadership is changing.
     async fn ask_leader(&self, request: &peer::Request) -> Result<serde_json::Value, Failure> {
         let mut last = None;
@@ -654,8 +415,13 @@ impl Daemon {
 
     async fn serve_peers(self: Arc<Daemon>, listener: TcpListener) {
         loop {
-            let Ok((stream, from)) = listener.accept().await else {
-                continue;
+            let (stream, from) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    warn!(%err, "peer socket accept failed; retrying");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
             };
             let daemon = self.clone();
             tokio::spawn(async move {
@@ -688,30 +454,11 @@ impl Daemon {
         let new_id = || hex::encode(rand::random::<[u8; 8]>());
         let decision = ledger.decide(request, &view, Instant::now(), new_id)?;
         if !decision.set.is_empty() || !decision.delete.is_empty() {
-            self.gossip.update(&decision.set, &decision.delete).await;
             info!(request = %summary, "decided as leader");
         }
+        self.gossip.update(&decision.set, &decision.delete).await;
         Ok(decision.reply)
     }
-}
-
-fn endpoint_json(endpoint: &Endpoint) -> String {
-    serde_json::to_string(endpoint).expect("endpoints serialise")
-}
-
-/// Endpoints saved before a restart whose host-side veth still exists; the others' containers
-/// went away while overlayd was down.
-fn surviving_endpoints(dir: &std::path::Path) -> Result<Vec<Endpoint>, Failure> {
-    let (alive, gone): (Vec<Endpoint>, Vec<Endpoint>) =
-        state_dir::load_endpoints(dir)?.into_iter().partition(|e| {
-            std::path::Path::new("/sys/class/net")
-                .join(&e.host_if)
-                .exists()
-        });
-    for e in &gone {
-        info!(netns = %e.netns, ip = %e.ip, "container went away while this node was down; its address is free again");
-    }
-    Ok(alive)
 }
 
 fn json<T: serde::Serialize>(value: &T) -> serde_json::Value {
@@ -751,7 +498,7 @@ fn validate_name(name: &str) -> Result<(), Failure> {
 }
 
 /// Binds the API socket, refusing one that a running daemon still answers on.
-async fn bind_api(path: &std::path::Path) -> Result<UnixListener, Failure> {
+async fn bind_api(path: &Path) -> Result<UnixListener, Failure> {
     if tokio::net::UnixStream::connect(path).await.is_ok() {
         return Err(Failure::usage(format!(
             "another overlayd already serves the API at {}: pass a different --api",

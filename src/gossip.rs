@@ -66,6 +66,9 @@ impl Gossip {
 
     /// Sets and deletes keys of this node's state in one step.
     pub async fn update(&self, set: &[(String, String)], delete: &[String]) {
+        if set.is_empty() && delete.is_empty() {
+            return;
+        }
         self.handle
             .with_chitchat(|c| {
                 let me = c.self_node_state();

@@ -6,6 +6,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::process::Command;
@@ -13,12 +14,20 @@ use tracing::warn;
 
 use crate::model::Network;
 
+/// Longest one `ip` command may take; it is killed after that.
+const IP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Runs `ip ARGS`, returning stdout, or an error that carries `ip`'s own complaint.
 async fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
+    let run = Command::new("ip").args(args).kill_on_drop(true).output();
+    let out = tokio::time::timeout(IP_TIMEOUT, run)
         .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "`ip {}` did not finish within {IP_TIMEOUT:?}",
+                args.join(" ")
+            )
+        })?
         .context("running `ip` (install iproute2)")?;
     if !out.status.success() {
         bail!(
@@ -48,15 +57,24 @@ pub async fn underlay_mtu(addr: Ipv4Addr) -> anyhow::Result<u32> {
         .with_context(|| format!("no interface in this network namespace holds {addr}: pass an --advertise-addr this node owns"))
 }
 
+/// Whether `name` is a namespace `ip netns add` made (a plain name under /run/netns).
 pub fn netns_exists(name: &str) -> bool {
-    !name.is_empty() && !name.contains('/') && Path::new("/run/netns").join(name).exists()
+    !matches!(name, "" | "." | "..")
+        && !name.contains('/')
+        && Path::new("/run/netns").join(name).exists()
 }
 
-/// Creates the network's bridge (anycast gateway address and MAC) unless it exists.
-pub async fn ensure_bridge(net: &Network) -> anyhow::Result<()> {
+/// Whether this network namespace has a link called `name`.
+pub fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+/// Creates the network's bridge (anycast gateway address and MAC) unless it exists; returns
+/// whether it made it.
+pub async fn ensure_bridge(net: &Network) -> anyhow::Result<bool> {
     let br = net.bridge_name();
-    if Path::new("/sys/class/net").join(&br).exists() {
-        return Ok(());
+    if link_exists(&br) {
+        return Ok(false);
     }
     ip(&["link", "add", &br, "type", "bridge"]).await?;
     let mac = mac_string(net.gateway_mac());
@@ -82,7 +100,7 @@ pub async fn ensure_bridge(net: &Network) -> anyhow::Result<()> {
         remove_link(&br).await;
         return Err(err.context(format!("configuring bridge {br}")));
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Puts `link` (the data plane's TAP, or a container's host-side veth) on the network's bridge,
@@ -193,4 +211,17 @@ async fn free_ifname(netns: &str) -> anyhow::Result<String> {
         .map(|i| format!("eth{i}"))
         .find(|name| !used.contains(&name.as_str()))
         .context("the namespace has no free ethN name")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_names_are_namespaces() {
+        // "/run/netns/.." is /run, which exists on every host.
+        for bad in ["", ".", "..", "../netns", "a/b"] {
+            assert!(!netns_exists(bad), "{bad:?} taken for a namespace");
+        }
+    }
 }

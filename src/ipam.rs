@@ -1,6 +1,6 @@
 //! Cluster-wide choices that must never collide: subnets, VNIs and container addresses.
 //!
-//! Pure functions over "what is taken"; the leader (see [`crate::peer`]) calls them under one
+//! Pure functions over "what is taken"; the leader (see [`crate::leader`]) calls them under one
 //! lock, so two nodes asking at the same moment get different answers.
 
 use std::collections::BTreeSet;

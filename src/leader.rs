@@ -75,10 +75,9 @@ impl Ledger {
                     mtu,
                     vteps,
                 };
-                let record = serde_json::to_string(&net).expect("networks serialise");
                 Ok(Decision {
                     reply: serde_json::to_value(&net).expect("networks serialise"),
-                    set: vec![(key::network(&net.name), record)],
+                    set: vec![(key::network(&net.name), net.to_gossip())],
                     delete: vec![],
                 })
             }

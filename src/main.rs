@@ -1,9 +1,10 @@
-//! `overlayd`: the daemon (`init`, `join`) and the CLI that talks to it (every other verb).
+//! `overlayd`: the daemon (`init`, `join`, `run`) and the CLI that talks to it (every other verb).
 //!
 //! # Layout
 //! - [`cli`]: the verbs and how their replies are printed.
 //! - [`api`]: requests and replies on the local unix socket; [`wire`] frames them.
-//! - [`daemon`]: wiring and the reconcile loop that makes host and data plane match the cluster.
+//! - [`daemon`]: a node's start and stop, its servers, the reconcile loop that makes host and
+//!   data plane match the cluster, and containers attached on this node.
 //! - [`cluster`]: the cluster as derived from gossip (pure); [`model`]: its values and keys.
 //! - [`gossip`]: chitchat on a transport signed with the cluster secret ([`token`]).
 //! - [`peer`]: authenticated requests between members (join check, leader decisions).
@@ -25,16 +26,14 @@ mod state_dir;
 mod token;
 mod wire;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use tracing::info;
 
 use crate::api::Failure;
-use std::net::Ipv4Addr;
-use std::path::PathBuf;
-
-use crate::cli::{Cli, Command, DataPathArgs};
+use crate::cli::{Cli, Command, DaemonArgs, DataPathArgs};
 use crate::daemon::{Daemon, Start};
 
 /// sysexits.h EX_USAGE: the command was wrong, nothing was changed.
@@ -75,16 +74,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let api_path = cli.api;
+    let api = cli.api;
     match cli.command {
-        Command::Init(args) => {
-            let ports = (args.advertise_addr, args.gossip_port, args.vxlan_port);
-            serve(
-                config(api_path, args.state_dir, ports, args.data_path),
-                Start::Init,
-            )
-            .await
-        }
+        Command::Init(args) => serve(config(api, args), Start::Init).await,
         Command::Join {
             peer,
             token,
@@ -92,26 +84,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let secret = token::Secret::from_token(&token).map_err(Failure::usage)?;
             let peer = cli::peer_addr(&peer, args.gossip_port).map_err(Failure::usage)?;
-            let ports = (args.advertise_addr, args.gossip_port, args.vxlan_port);
-            let config = config(api_path, args.state_dir, ports, args.data_path);
-            serve(config, Start::Join { peer, secret }).await
+            serve(config(api, args), Start::Join { peer, secret }).await
         }
         Command::Run {
             state_dir,
             data_path,
         } => {
             let identity = state_dir::load_identity(&state_dir)?;
-            let ports = (
-                identity.advertise,
-                identity.gossip_port,
-                identity.vxlan_port,
-            );
-            let config = config(api_path, state_dir, ports, data_path);
-            serve(config, Start::Resume(identity)).await
+            let args = DaemonArgs {
+                advertise_addr: identity.advertise,
+                state_dir,
+                vxlan_port: identity.vxlan_port,
+                gossip_port: identity.gossip_port,
+                data_path,
+            };
+            serve(config(api, args), Start::Resume(identity)).await
         }
         command => {
             let (request, render) = command.request().expect("daemon verbs handled above");
-            let reply = api::call(&api_path, &request).await?;
+            let reply = api::call(&api, &request).await?;
             println!("{}", render.show(reply?)?);
             Ok(())
         }
@@ -137,23 +128,20 @@ async fn serve(config: daemon::Config, start: Start) -> Result<(), Failure> {
     Ok(())
 }
 
-fn config(
-    api: PathBuf,
-    state_dir: PathBuf,
-    identity: (Ipv4Addr, u16, u16),
-    data_path: DataPathArgs,
-) -> daemon::Config {
-    let (advertise, gossip_port, vxlan_port) = identity;
+fn config(api: PathBuf, args: DaemonArgs) -> daemon::Config {
+    let DataPathArgs {
+        workers,
+        no_offloads,
+    } = args.data_path;
     daemon::Config {
-        advertise,
-        gossip_port,
-        vxlan_port,
-        state_dir,
+        advertise: args.advertise_addr,
+        gossip_port: args.gossip_port,
+        vxlan_port: args.vxlan_port,
+        state_dir: args.state_dir,
         api,
-        workers: data_path
-            .workers
+        workers: workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        offloads: !data_path.no_offloads,
+        offloads: !no_offloads,
     }
 }
 

@@ -31,6 +31,11 @@ impl Network {
             .expect("validated subnets have at least 4 addresses")
     }
 
+    /// The value of its gossip key ([`key::network`]).
+    pub fn to_gossip(&self) -> String {
+        serde_json::to_string(self).expect("networks serialise")
+    }
+
     pub fn bridge_name(&self) -> String {
         format!("ovbr-{}", self.vni)
     }
@@ -62,6 +67,11 @@ impl Endpoint {
     pub fn mac_for(ip: Ipv4Addr) -> String {
         let o = ip.octets();
         format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+    }
+
+    /// The value of its gossip key ([`key::endpoint`]).
+    pub fn to_gossip(&self) -> String {
+        serde_json::to_string(self).expect("endpoints serialise")
     }
 }
 

@@ -5,7 +5,7 @@
 
 mod netns;
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use netns::{Cluster, run_bounded, show};
@@ -189,17 +189,18 @@ fn bad_input_is_refused_with_a_clear_message_and_creates_nothing() {
     let token_before = n1.cli_ok(&["join-token"]);
     let state = n1.state_dir.to_string_lossy().into_owned();
     let other_api = c.dir.join("second-init.sock");
-    let mut init = Command::new("ip");
-    init.args([
-        "netns",
-        "exec",
+    let mut init = netns::overlayd_in(
         &host,
-        netns::BIN,
-        "init",
-        "--advertise-addr",
-        "198.18.0.60",
-    ])
-    .args(["--state-dir", &state, "--api", &other_api.to_string_lossy()]);
+        &[
+            "init",
+            "--advertise-addr",
+            "198.18.0.60",
+            "--state-dir",
+            &state,
+            "--api",
+            &other_api.to_string_lossy(),
+        ],
+    );
     f.refused(
         case,
         run_bounded(&mut init, Duration::from_secs(15)),
@@ -216,24 +217,21 @@ fn bad_input_is_refused_with_a_clear_message_and_creates_nothing() {
     let real = c.token();
     let wrong = wrong_token(&real);
     let join_dir = c.dir.join("joiner-state");
-    let mut join = Command::new("ip");
-    join.args([
-        "netns",
-        "exec",
+    let mut join = netns::overlayd_in(
         &host,
-        netns::BIN,
-        "join",
-        &n1.addr,
-        "--token",
-        &wrong,
-    ])
-    .args([
-        "--advertise-addr",
-        "198.18.0.60",
-        "--state-dir",
-        &join_dir.to_string_lossy(),
-    ])
-    .args(["--api", &c.dir.join("joiner.sock").to_string_lossy()]);
+        &[
+            "join",
+            &n1.addr,
+            "--token",
+            &wrong,
+            "--advertise-addr",
+            "198.18.0.60",
+            "--state-dir",
+            &join_dir.to_string_lossy(),
+            "--api",
+            &c.dir.join("joiner.sock").to_string_lossy(),
+        ],
+    );
     // The token is checked by the peer, so any non-zero exit will do.
     f.refused_with(
         case,

@@ -8,11 +8,7 @@ use std::sync::Barrier;
 use std::thread;
 use std::time::Duration;
 
-use netns::{Attachment, Cluster};
-
-const PING_WAIT: Duration = Duration::from_secs(10);
-const TCP_PORT: u16 = 5001;
-const TCP_BYTES: usize = 1 << 20;
+use netns::{Attachment, Cluster, PING_WAIT, TCP_BYTES, TCP_PORT};
 
 #[test]
 fn three_nodes_every_container_pair_pings_and_transfers_then_detach_frees_the_address() {

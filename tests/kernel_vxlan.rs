@@ -4,13 +4,7 @@
 
 mod netns;
 
-use std::time::Duration;
-
-use netns::Cluster;
-
-const PING_WAIT: Duration = Duration::from_secs(10);
-const TCP_PORT: u16 = 5001;
-const TCP_BYTES: usize = 1 << 20;
+use netns::{Cluster, PING_WAIT, TCP_BYTES, TCP_PORT};
 
 /// The harness's kernel-node recipe works on its own (no overlayd involved): two kernel VXLAN
 /// nodes on the switch carry ping and TCP between their containers. If this fails, the

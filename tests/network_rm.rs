@@ -6,9 +6,8 @@ mod netns;
 
 use std::time::Duration;
 
-use netns::{Cluster, wait_for};
+use netns::{Cluster, PING_WAIT, wait_for};
 
-const PING_WAIT: Duration = Duration::from_secs(10);
 const REMOVE_WAIT: Duration = Duration::from_secs(20);
 
 #[test]

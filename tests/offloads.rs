@@ -6,12 +6,8 @@
 
 mod netns;
 
-use std::time::Duration;
+use netns::{Cluster, PING_WAIT, TCP_PORT, offloads_forced_off};
 
-use netns::{Cluster, offloads_forced_off};
-
-const PING_WAIT: Duration = Duration::from_secs(10);
-const TCP_PORT: u16 = 5001;
 const TCP_BYTES: usize = 8 << 20;
 
 /// The `offload=0x..` flags (TUNSETOFFLOAD) of the `network added` line for `tap` in `log`.

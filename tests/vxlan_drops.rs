@@ -5,9 +5,8 @@ mod netns;
 
 use std::time::Duration;
 
-use netns::{Cluster, VXLAN_SENDER};
+use netns::{Cluster, PING_WAIT, VXLAN_SENDER};
 
-const PING_WAIT: Duration = Duration::from_secs(10);
 const SENT: u64 = 5;
 
 #[test]

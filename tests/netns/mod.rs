@@ -39,6 +39,13 @@ pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a cluster may take to form (token written, every node `ready` everywhere).
 pub const FORM_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a container may take to reach another one (ARP, tables published on every node).
+pub const PING_WAIT: Duration = Duration::from_secs(10);
+
+/// Port of the [`TCP_SERVER`] sinks, and how much a TCP check sends to one.
+pub const TCP_PORT: u16 = 5001;
+pub const TCP_BYTES: usize = 1 << 20;
+
 /// Set (to `1`, `true`, `yes` or `on`) to run every daemon the harness starts with
 /// `--no-offloads`: `scripts/test.sh` runs the netns suite once with offloads on and once with
 /// them forced off, the fallback path for kernels that refuse them.
@@ -248,8 +255,7 @@ impl Node {
 
     /// The command [`Node::cli`] runs, for callers that spawn it themselves.
     pub fn cli_command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.netns, BIN]).args(args);
+        let mut cmd = overlayd_in(&self.netns, args);
         cmd.env("OVERLAYD_API", &self.api)
             .env_remove(NO_OFFLOADS_ENV) // a daemon setting, given to daemons as a flag
             .env("RUST_BACKTRACE", "1");
@@ -350,9 +356,7 @@ impl Node {
             .open(&self.log)
             .unwrap_or_else(|e| panic!("opening {}: {e}", self.log.display()));
         let err = log.try_clone().expect("cloning log handle");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.netns, BIN])
-            .args(&args)
+        let child = overlayd_in(&self.netns, &args)
             .env_remove("OVERLAYD_API")
             // Passed as `--no-offloads` above, in whatever spelling the run used.
             .env_remove(NO_OFFLOADS_ENV)
@@ -399,6 +403,13 @@ impl Node {
             );
         }
     }
+}
+
+/// `overlayd ARGS` run inside namespace `netns`.
+pub fn overlayd_in(netns: &str, args: &[impl AsRef<std::ffi::OsStr>]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns, BIN]).args(args);
+    cmd
 }
 
 /// Locks `m`, also after a panic elsewhere poisoned it (cleanup must still run).

@@ -1,0 +1,202 @@
+//! Containers on this node: `attach` and `detach`, putting endpoints that survived a restart back
+//! on their bridge, and the `endpoints.json` that `overlayd run` restores them from.
+//!
+//! The address comes from the leader; the veth pair comes from [`host::plug`]; the endpoint is
+//! announced in this node's gossip state. It does not make bridges or TAPs (see
+//! [`super::reconcile`]).
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use tracing::{info, warn};
+
+use super::{Daemon, json};
+use crate::api::{self, Attachment, Failure};
+use crate::cluster::View;
+use crate::host;
+use crate::leader;
+use crate::model::{Endpoint, Network, key};
+use crate::peer;
+use crate::state_dir;
+
+impl Daemon {
+    pub(super) async fn attach(
+        &self,
+        netns: String,
+        network: String,
+        ip: Option<Ipv4Addr>,
+    ) -> api::Reply {
+        let _plumbing = self.plumbing.lock().await;
+        if !host::netns_exists(&netns) {
+            return Err(Failure::usage(format!(
+                "network namespace {netns} not found: create it with `ip netns add {netns}` (see `ip netns list`)"
+            )));
+        }
+        let view = self.gossip.view().await;
+        let net = leader::known(&view, &network)?.clone();
+        // The reconcile loop may not have made the bridge yet for a network created just now.
+        self.realise_network(&net).await?;
+        if view
+            .endpoints_on(&net)
+            .any(|p| p.node == self.id && p.endpoint.netns == netns)
+        {
+            return Err(Failure::usage(format!(
+                "{netns} is already attached to network {network}"
+            )));
+        }
+        let reply = self
+            .ask_leader(&peer::Request::Allocate {
+                network: network.clone(),
+                node: self.id.clone(),
+                ip,
+            })
+            .await?;
+        let ip: Ipv4Addr = serde_json::from_value(reply)
+            .map_err(|e| Failure::runtime(format!("leader's reply: {e}")))?;
+        let mac = Endpoint::mac_for(ip);
+        let host_if = format!("ovh{}", hex::encode(rand::random::<[u8; 4]>()));
+        let plugged = host::plug(&host::Plug {
+            net: &net,
+            netns: &netns,
+            host_if: &host_if,
+            ip,
+            mac: &mac,
+        })
+        .await;
+        let ifname = match plugged {
+            Ok(ifname) => ifname,
+            Err(err) => {
+                self.release(&net, ip).await;
+                return Err(err.into());
+            }
+        };
+        let endpoint = Endpoint {
+            network_id: net.id.clone(),
+            ip,
+            mac: mac.clone(),
+            netns: netns.clone(),
+            host_if,
+        };
+        self.gossip
+            .update(&[(key::endpoint(&net.id, ip), endpoint.to_gossip())], &[])
+            .await;
+        self.persist_endpoints().await;
+        info!(%netns, %ifname, network = %net.name, %ip, %mac, "container attached");
+        Ok(json(&Attachment {
+            netns,
+            network,
+            ip,
+            mac,
+            node: self.id.clone(),
+        }))
+    }
+
+    pub(super) async fn detach(&self, netns: String, network: String) -> api::Reply {
+        let _plumbing = self.plumbing.lock().await;
+        let view = self.gossip.view().await;
+        let net = leader::known(&view, &network)?;
+        let same_name: Vec<_> = view
+            .endpoints_on(net)
+            .filter(|p| p.endpoint.netns == netns)
+            .collect();
+        let Some(placed) = same_name.iter().find(|p| p.node == self.id) else {
+            return Err(Failure::usage(match same_name.first() {
+                Some(p) => format!(
+                    "{netns} is attached to network {network} on node {}, not this one: run detach there",
+                    p.node
+                ),
+                None => format!("{netns} is not attached to network {network}"),
+            }));
+        };
+        let endpoint = &placed.endpoint;
+        // Detached before its bridge came back after a restart: nothing is left to restore.
+        self.restoring
+            .lock()
+            .await
+            .retain(|e| e.host_if != endpoint.host_if);
+        host::remove_link(&endpoint.host_if).await;
+        self.gossip
+            .update(&[], &[key::endpoint(&net.id, endpoint.ip)])
+            .await;
+        self.persist_endpoints().await;
+        self.release(net, endpoint.ip).await;
+        info!(%netns, network = %net.name, ip = %endpoint.ip, "container detached");
+        Ok(json(&endpoint.ip))
+    }
+
+    /// Tells the leader an address is free again; if it is unreachable, its reservation expires.
+    async fn release(&self, net: &Network, ip: Ipv4Addr) {
+        let request = peer::Request::Release {
+            network_id: net.id.clone(),
+            node: self.id.clone(),
+            ip,
+        };
+        if let Err(failure) = self.ask_leader(&request).await {
+            warn!(%ip, network = %net.name, %failure, "leader not told of a released address; it frees it on its own later");
+        }
+    }
+
+    /// Puts endpoints that survived a restart back on their bridge once it exists again; drops
+    /// those whose network was removed meanwhile.
+    pub(super) async fn restore(&self, view: &View) {
+        let mut restoring = self.restoring.lock().await;
+        if restoring.is_empty() {
+            return;
+        }
+        let realised = self.realised.lock().await;
+        let mut changed = false;
+        let mut pending = Vec::new();
+        for endpoint in restoring.drain(..) {
+            if let Some(net) = realised.get(&endpoint.network_id) {
+                match host::enslave(&endpoint.host_if, net).await {
+                    Ok(()) => {
+                        info!(netns = %endpoint.netns, network = %net.name, ip = %endpoint.ip, "endpoint restored")
+                    }
+                    Err(err) => {
+                        warn!(netns = %endpoint.netns, err = %format!("{err:#}"), "endpoint not restored; its container is cut off")
+                    }
+                }
+            } else if view.tombstones.contains(&endpoint.network_id) {
+                host::remove_link(&endpoint.host_if).await;
+                let gone = key::endpoint(&endpoint.network_id, endpoint.ip);
+                self.gossip.update(&[], &[gone]).await;
+                changed = true;
+                info!(netns = %endpoint.netns, ip = %endpoint.ip, "network removed while this node was down; endpoint unplugged");
+            } else {
+                pending.push(endpoint);
+            }
+        }
+        *restoring = pending;
+        drop(realised);
+        if changed {
+            self.persist_endpoints().await;
+        }
+    }
+
+    /// Writes this node's endpoints to the state dir, for `overlayd run` after a restart.
+    async fn persist_endpoints(&self) {
+        let endpoints: Vec<Endpoint> = self
+            .gossip
+            .own_keys()
+            .await
+            .iter()
+            .filter(|(k, _)| k.starts_with(key::ENDPOINT_PREFIX))
+            .filter_map(|(_, v)| serde_json::from_str(v).ok())
+            .collect();
+        if let Err(err) = state_dir::save_endpoints(&self.config.state_dir, &endpoints) {
+            warn!(err = %format!("{err:#}"), "endpoints not saved: a restart will not restore them");
+        }
+    }
+}
+
+/// Endpoints saved before a restart whose host-side veth still exists; the others' containers
+/// went away while overlayd was down.
+pub(super) fn surviving_endpoints(dir: &Path) -> Result<Vec<Endpoint>, Failure> {
+    let (alive, gone): (Vec<Endpoint>, Vec<Endpoint>) = state_dir::load_endpoints(dir)?
+        .into_iter()
+        .partition(|e| host::link_exists(&e.host_if));
+    for e in &gone {
+        info!(netns = %e.netns, ip = %e.ip, "container went away while this node was down; its address is free again");
+    }
+    Ok(alive)
+}

@@ -1,0 +1,167 @@
+//! The reconcile loop: every [`RECONCILE_EVERY`] it derives the [`View`] from gossip and makes
+//! this node match it. It copies networks and tombstones into this node's own gossip state, makes
+//! and removes bridges and TAPs, puts restored endpoints back, publishes the data plane's tables
+//! and saves the members to rejoin through.
+//!
+//! Level-triggered: whatever fails is logged and tried again next round, and one network that
+//! cannot be made does not hold up the others. Containers are plugged in elsewhere (see
+//! [`super::endpoints`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use tracing::{debug, info, warn};
+
+use super::{Daemon, vni};
+use crate::cluster::View;
+use crate::host;
+use crate::model::{Network, NodeState, key};
+use crate::state_dir;
+
+const RECONCILE_EVERY: Duration = Duration::from_millis(250);
+
+/// What the reconcile loop remembers between rounds.
+#[derive(Default)]
+struct Seen {
+    published: overlay::Tables,
+    members: BTreeMap<String, NodeState>,
+    /// Other members' gossip addresses, as last saved to the state dir.
+    peers: Vec<SocketAddr>,
+}
+
+impl Daemon {
+    pub(super) async fn reconcile_forever(self: Arc<Daemon>) {
+        let mut seen = Seen::default();
+        let mut ticker = tokio::time::interval(RECONCILE_EVERY);
+        loop {
+            ticker.tick().await;
+            if let Err(err) = self.reconcile(&mut seen).await {
+                warn!(err = %format!("{err:#}"), "reconcile failed; retrying");
+            }
+        }
+    }
+
+    async fn reconcile(&self, seen: &mut Seen) -> anyhow::Result<()> {
+        let view = self.gossip.view().await;
+        log_member_changes(&view, &mut seen.members);
+        self.replicate(&view).await;
+        self.realise(&view).await;
+        self.restore(&view).await;
+        let tables = view.tables(&self.id, self.config.vxlan_port);
+        if tables != seen.published {
+            debug!(networks = tables.networks.len(), "publishing tables");
+            self.dataplane.publish(tables.clone());
+            seen.published = tables;
+        }
+        // Last: a state dir that cannot be written must not hold up the host or the data plane.
+        let peers: Vec<SocketAddr> = view
+            .members
+            .iter()
+            .filter(|m| !m.node.is_self)
+            .map(|m| m.gossip)
+            .collect();
+        if peers != seen.peers {
+            state_dir::save_peers(&self.config.state_dir, &peers)?;
+            seen.peers = peers;
+        }
+        Ok(())
+    }
+
+    /// Keeps a copy of every live network and every tombstone in this node's own state, so both
+    /// survive the node that wrote them.
+    async fn replicate(&self, view: &View) {
+        let (set, delete) = view.replication(&self.gossip.own_keys().await);
+        self.gossip.update(&set, &delete).await;
+    }
+
+    /// Makes this host's bridges and TAPs match the view's networks.
+    async fn realise(&self, view: &View) {
+        let mut realised = self.realised.lock().await;
+        let gone: Vec<String> = realised
+            .keys()
+            .filter(|id| !view.networks.values().any(|n| n.id == **id))
+            .cloned()
+            .collect();
+        for id in gone {
+            let net = realised.remove(&id).expect("listed above");
+            self.dataplane.remove_network(vni(&net));
+            host::remove_link(&net.bridge_name()).await;
+            self.gossip.update(&[], &[key::realised(&id)]).await;
+            info!(network = %net.name, vni = net.vni, "network removed from this node");
+        }
+        for net in view.networks.values() {
+            if let Err(err) = self.make_network(&mut realised, net).await {
+                warn!(network = %net.name, err = %format!("{err:#}"), "network not made on this node; retrying");
+            }
+        }
+    }
+
+    /// Makes `net`'s bridge and TAP now unless they exist, for an attach that cannot wait for
+    /// the next round.
+    pub(super) async fn realise_network(&self, net: &Network) -> anyhow::Result<()> {
+        let mut realised = self.realised.lock().await;
+        self.make_network(&mut realised, net).await
+    }
+
+    /// Makes the bridge and the TAP of `net` and records it in `realised`, unless it is there
+    /// already or the node is stopping. On failure nothing it made is left: the next try starts
+    /// from scratch rather than finding a TAP without a bridge.
+    async fn make_network(
+        &self,
+        realised: &mut BTreeMap<String, Network>,
+        net: &Network,
+    ) -> anyhow::Result<()> {
+        // Read under the `realised` lock, so `stop` cannot be overtaken by a network made here.
+        if self.stopping.load(Ordering::Relaxed) || realised.contains_key(&net.id) {
+            return Ok(());
+        }
+        let made_bridge = host::ensure_bridge(net).await?;
+        let tap = net.tap_name();
+        let made = async {
+            self.dataplane
+                .add_network(vni(net), &tap)
+                .with_context(|| format!("creating TAP {tap}"))?;
+            if let Err(err) = host::enslave(&tap, net).await {
+                self.dataplane.remove_network(vni(net));
+                return Err(err);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(err) = made {
+            if made_bridge {
+                host::remove_link(&net.bridge_name()).await;
+            }
+            return Err(err.context(format!("making network {} on this node", net.name)));
+        }
+        info!(network = %net.name, vni = net.vni, subnet = %net.subnet, mtu = net.mtu, "network ready on this node");
+        self.gossip
+            .update(&[(key::realised(&net.id), String::new())], &[])
+            .await;
+        realised.insert(net.id.clone(), net.clone());
+        Ok(())
+    }
+}
+
+/// Logs members that joined or changed state since the last round.
+fn log_member_changes(view: &View, seen: &mut BTreeMap<String, NodeState>) {
+    for m in &view.members {
+        let (id, address, state) = (&m.node.id, m.node.address, m.node.state);
+        match seen.insert(id.clone(), state) {
+            // A member is heard of before the failure detector has its heartbeats: it counts as
+            // joined once it is first seen ready.
+            None if state == NodeState::Down => {
+                seen.remove(id);
+            }
+            None => info!(node = %id, %address, "member joined"),
+            Some(before) if before != state => {
+                info!(node = %id, %address, %state, "member state changed")
+            }
+            Some(_) => {}
+        }
+    }
+}
