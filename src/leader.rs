@@ -219,6 +219,18 @@ mod tests {
         Ok(d.reply.as_str().unwrap().to_string())
     }
 
+    /// `node` tells the leader it detached the endpoint with `ip` on `net`.
+    fn release(ledger: &mut Ledger, view: &View, net: &Network, node: &str, ip: &str) {
+        let request = Request::Release {
+            network_id: net.id.clone(),
+            node: node.into(),
+            ip: ip.parse().unwrap(),
+        };
+        ledger
+            .decide(request, view, Instant::now(), || unreachable!())
+            .unwrap();
+    }
+
     #[test]
     fn back_to_back_allocations_before_gossip_catches_up_never_collide() {
         let mut ledger = Ledger::default();
@@ -253,14 +265,7 @@ mod tests {
         );
 
         // The detach was reported to the leader: gossip still shows the endpoint, yet rm works.
-        let release = Request::Release {
-            network_id: web.id.clone(),
-            node: "a".into(),
-            ip: "198.19.0.2".parse().unwrap(),
-        };
-        ledger
-            .decide(release, &view, Instant::now(), || unreachable!())
-            .unwrap();
+        release(&mut ledger, &view, &web, "a", "198.19.0.2");
         let d = ledger
             .decide(rm(), &view, Instant::now(), || unreachable!())
             .unwrap();
@@ -282,14 +287,7 @@ mod tests {
         let mut ledger = Ledger::default();
         let web = create(&mut ledger, &View::default(), "web", "198.19.0.0/24").unwrap();
         let view = view_with(&web, &[("a", "198.19.0.2")]);
-        let release = Request::Release {
-            network_id: web.id.clone(),
-            node: "a".into(),
-            ip: "198.19.0.2".parse().unwrap(),
-        };
-        ledger
-            .decide(release, &view, Instant::now(), || unreachable!())
-            .unwrap();
+        release(&mut ledger, &view, &web, "a", "198.19.0.2");
         assert_eq!(
             allocate(&mut ledger, &view, "b", Instant::now()).unwrap(),
             "198.19.0.2"
