@@ -279,8 +279,10 @@ impl DataPlane {
             queues[0].set_offload(0).map_err(tap_err)?;
             0
         };
+        let uso_flags = tap::offload::USO4 | tap::offload::USO6;
+        let uso = offload & uso_flags == uso_flags;
         for (index, (worker, queue)) in self.workers.iter().zip(queues).enumerate() {
-            if !worker.send(Control::AddQueue { vni, queue }) {
+            if !worker.send(Control::AddQueue { vni, queue, uso }) {
                 // Undo: workers that got a queue close it again.
                 self.remove_queues(vni);
                 return Err(Error::WorkerGone { index });

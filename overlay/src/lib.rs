@@ -5,7 +5,8 @@
 //! locally for ARP and IPv6 neighbor solicitations, or flooded to the network's peers) and
 //! delivers VXLAN received from peers (RFC 7348, UDP 4789 by default). With [`Config::offloads`] it moves 64 KB
 //! super-frames: TSO/USO from the TAP segmented in userspace and sent with `UDP_SEGMENT`,
-//! `UDP_GRO` batches decapsulated and their TCP segments coalesced into one TAP write.
+//! `UDP_GRO` batches decapsulated and their TCP segments (and, where the TAP accepts USO, UDP
+//! datagrams) coalesced into one TAP write.
 //!
 //! It knows nothing of services, gossip or the cluster: the daemon publishes [`Tables`] and
 //! reads [`Stats`]. It does not configure links (bridge, MTU, addresses): the daemon does.
@@ -22,7 +23,8 @@
 //!   datagram from a VTEP (the VNI to deliver it to); drops carry a [`switch::DropReason`].
 //! - [`flowhash`]: the inner-flow hash that picks the send socket, so the outer UDP source port.
 //! - [`offload`], [`checksum`]: splitting super-frames into wire-sized segments with valid
-//!   checksums, and coalescing received TCP segments back into one super-frame.
+//!   checksums, and coalescing received TCP segments (or UDP datagrams) back into one
+//!   super-frame.
 //! - [`tap`]: the multi-queue TAP with a virtio-net header.
 //! - [`udp`]: the receive sockets (one per worker, `SO_REUSEPORT`), the send-socket pool, and
 //!   `UDP_SEGMENT`/`UDP_GRO`.

@@ -5,7 +5,9 @@
 //!   after `headroom` bytes left for the caller (the VXLAN header), with every IP and
 //!   TCP/UDP checksum computed. The result goes out in one `sendmsg` with `UDP_SEGMENT`.
 //! - [`Coalescer`] merges consecutive, in-order TCP segments of one flow (decapsulated from
-//!   `UDP_GRO` reads) into one super-frame with a GSO virtio-net header, for one TAP write.
+//!   `UDP_GRO` reads) into one super-frame with a GSO virtio-net header, for one TAP write;
+//!   with [`Coalescer::push_with`] also equal-size UDP datagrams of one flow (a USO
+//!   super-frame, for TAPs that accepted `TUN_F_USO4|TUN_F_USO6`).
 //! - [`complete_checksum`] finishes a checksum the kernel left partial (`NEEDS_CSUM`).
 //!
 //! Offsets in the virtio-net header count from the start of the Ethernet header (TAP mode).
@@ -36,6 +38,9 @@ mod flag {
 pub const MAX_SEGMENTS: usize = 256;
 /// The largest IP packet a super-frame may carry (16-bit IP length fields).
 pub const MAX_IP_LEN: usize = 65_535;
+/// The most datagrams one coalesced USO super-frame holds: the kernel refuses a UDP_L4
+/// virtio-net header whose payload exceeds `gso_size * UDP_MAX_SEGMENTS` (64 before 6.13).
+pub const MAX_UDP_SEGMENTS: usize = 64;
 
 /// Why a frame cannot be segmented or its checksum completed. Counted as "offload" drops.
 /// Nothing was written: neither the output buffer nor the frame changed.
@@ -307,7 +312,9 @@ pub fn segment(
     Ok(segs)
 }
 
-/// Merges consecutive in-order TCP segments of one flow into one GSO super-frame.
+/// Merges consecutive in-order TCP segments of one flow into one GSO super-frame, and with
+/// [`push_with`](Coalescer::push_with) consecutive UDP datagrams of one flow into one USO
+/// super-frame (all but the last of one payload size, the last at most that size).
 ///
 /// Feed frames with [`push`](Coalescer::push), which says what to do with a frame it did not
 /// take; [`finish`](Coalescer::finish) returns the super-frame to write. The buffer is
@@ -326,8 +333,9 @@ pub enum Push {
     /// Does not continue the super-frame being built: finish and write that one, then push
     /// this frame again.
     Later,
-    /// Not coalescable (not an in-order TCP data segment with valid lengths and checksums):
-    /// finish and write the super-frame being built, then write this frame as it is.
+    /// Not coalescable (not an in-order TCP data segment, or a UDP datagram when UDP is
+    /// coalesced, with valid lengths and checksums): finish and write the super-frame being
+    /// built, then write this frame as it is.
     Never,
 }
 
@@ -357,7 +365,8 @@ impl std::fmt::Debug for Coalescer {
 
 const H: usize = vnet::HEADER_LEN;
 
-/// The headers of a TCP segment that may be coalesced.
+/// The headers of a TCP segment or UDP datagram that may be coalesced (`seq` and `flags`
+/// are zero for UDP).
 struct Candidate {
     lay: Layout,
     seq: u32,
@@ -366,19 +375,31 @@ struct Candidate {
 }
 
 /// A segment eligible for coalescing, checksums aside: TCP, ACK set, no
-/// SYN/FIN/RST/URG/CWR, with payload, an IP length that matches the frame and fits
-/// [`MAX_IP_LEN`].
-fn candidate(frame: &[u8]) -> Option<Candidate> {
+/// SYN/FIN/RST/URG/CWR, or with `udp` a UDP datagram whose length field matches the frame and
+/// whose checksum is not zero (absent); with payload, an IP length that matches the frame and
+/// fits [`MAX_IP_LEN`].
+fn candidate(frame: &[u8], udp: bool) -> Option<Candidate> {
     let lay = layout(frame).ok()?;
-    if lay.proto != TCP {
-        return None;
-    }
-    let flags = frame[lay.l4 + 13];
-    if flags & flag::ACK == 0
-        || flags & (flag::SYN | flag::FIN | flag::RST | flag::URG | flag::CWR) != 0
-    {
-        return None;
-    }
+    let flags = match lay.proto {
+        TCP => {
+            let flags = frame[lay.l4 + 13];
+            if flags & flag::ACK == 0
+                || flags & (flag::SYN | flag::FIN | flag::RST | flag::URG | flag::CWR) != 0
+            {
+                return None;
+            }
+            flags
+        }
+        UDP if udp => {
+            if usize::from(get16(frame, lay.l4 + 4)) != frame.len() - lay.l4
+                || get16(frame, lay.l4 + 6) == 0
+            {
+                return None;
+            }
+            0
+        }
+        _ => return None,
+    };
     let payload = frame.len() - lay.hdr_len;
     if payload == 0 {
         return None;
@@ -393,13 +414,17 @@ fn candidate(frame: &[u8]) -> Option<Candidate> {
     }
     Some(Candidate {
         lay,
-        seq: get32(frame, lay.l4 + 4),
+        seq: if lay.proto == TCP {
+            get32(frame, lay.l4 + 4)
+        } else {
+            0
+        },
         flags,
         payload,
     })
 }
 
-/// True if the IPv4 header checksum (if any) and the TCP checksum of `frame` are valid.
+/// True if the IPv4 header checksum (if any) and the TCP/UDP checksum of `frame` are valid.
 fn checksums_valid(frame: &[u8], lay: &Layout) -> bool {
     if lay.v4 && checksum::fold(checksum::sum(&frame[L3..lay.l4])) != 0xffff {
         return false;
@@ -409,7 +434,8 @@ fn checksums_valid(frame: &[u8], lay: &Layout) -> bool {
 }
 
 /// True if `a` and `b` have the same headers apart from the fields that differ between
-/// segments of one flow (lengths, IPv4 ID and checksum, TCP seq, PSH, window, checksum).
+/// segments of one flow (lengths, IPv4 ID and checksum, TCP seq, PSH, window, checksum; UDP
+/// length and checksum).
 fn same_flow(a: &[u8], b: &[u8], lay: &Layout) -> bool {
     let skip: &[(usize, usize)] = if lay.v4 {
         &[(L3 + 2, L3 + 6), (L3 + 10, L3 + 12)]
@@ -417,15 +443,19 @@ fn same_flow(a: &[u8], b: &[u8], lay: &Layout) -> bool {
         &[(L3 + 4, L3 + 6)]
     };
     let l4 = lay.l4;
+    let tcp = lay.proto == TCP;
     let tcp_skip = [(l4 + 4, l4 + 8), (l4 + 13, l4 + 18)];
+    let udp_skip = [(l4 + 4, l4 + 8)];
+    let l4_skip: &[(usize, usize)] = if tcp { &tcp_skip } else { &udp_skip };
     let mut pos = 0;
-    for &(s, e) in skip.iter().chain(tcp_skip.iter()) {
+    for &(s, e) in skip.iter().chain(l4_skip.iter()) {
         if a[pos..s] != b[pos..s] {
             return false;
         }
         pos = e;
     }
-    a[pos..lay.hdr_len] == b[pos..lay.hdr_len] && a[l4 + 13] & !flag::PSH == b[l4 + 13] & !flag::PSH
+    a[pos..lay.hdr_len] == b[pos..lay.hdr_len]
+        && (!tcp || a[l4 + 13] & !flag::PSH == b[l4 + 13] & !flag::PSH)
 }
 
 impl Coalescer {
@@ -446,9 +476,18 @@ impl Coalescer {
         self.flow.map_or(0, |f| f.segs)
     }
 
-    /// Adds `frame` to the super-frame being built, or says why not.
+    /// Adds the TCP segment `frame` to the super-frame being built, or says why not. UDP is
+    /// [`Push::Never`]: the same as [`push_with`](Self::push_with)`(frame, false)`.
     pub fn push(&mut self, frame: &[u8]) -> Push {
-        let Some(c) = candidate(frame) else {
+        self.push_with(frame, false)
+    }
+
+    /// Adds `frame` to the super-frame being built, or says why not. With `udp`, UDP
+    /// datagrams are coalesced too (only for a TAP that accepts USO super-frames): same
+    /// headers, each payload the size of the first but the last, at most
+    /// [`MAX_UDP_SEGMENTS`].
+    pub fn push_with(&mut self, frame: &[u8], udp: bool) -> Push {
+        let Some(c) = candidate(frame, udp) else {
             return Push::Never;
         };
         if let Some(f) = &self.flow
@@ -456,6 +495,7 @@ impl Coalescer {
                 || c.lay != f.lay
                 || c.payload > f.gso_size
                 || c.seq != f.next_seq
+                || (c.lay.proto == UDP && f.segs >= MAX_UDP_SEGMENTS)
                 || self.len - H - L3 + c.payload > MAX_IP_LEN
                 || !same_flow(&self.buf[H..self.len], frame, &c.lay))
         {
@@ -467,7 +507,12 @@ impl Coalescer {
             return Push::Never;
         }
         let psh = c.flags & flag::PSH != 0;
-        let next_seq = c.seq.wrapping_add(c.payload as u32);
+        // UDP has no sequence: `seq` and `next_seq` stay zero.
+        let next_seq = if c.lay.proto == TCP {
+            c.seq.wrapping_add(c.payload as u32)
+        } else {
+            0
+        };
         match &mut self.flow {
             None => {
                 self.buf[H..H + frame.len()].copy_from_slice(frame);
@@ -498,7 +543,8 @@ impl Coalescer {
 
     /// Completes the super-frame and returns virtio-net header + frame, ready for one TAP
     /// write; `None` if empty. A single segment goes out unchanged with a zero header; merged
-    /// segments get a TCP GSO header with a partial checksum (`NEEDS_CSUM`).
+    /// segments get a TCP GSO header, merged datagrams a UDP_L4 (USO) one with the UDP length
+    /// of the whole super-frame, both with a partial checksum (`NEEDS_CSUM`).
     pub fn finish(&mut self) -> Option<&[u8]> {
         let f = self.flow.take()?;
         let (hdr, frame) = self.buf[..self.len].split_at_mut(H);
@@ -508,19 +554,25 @@ impl Coalescer {
         }
         let lay = f.lay;
         fix_ip(frame, &lay, 0);
-        let partial = checksum::fold(pseudo(frame, &lay, frame.len() - lay.l4));
-        put16(frame, lay.l4 + 16, partial);
+        let l4_len = frame.len() - lay.l4;
+        let (gso_type, csum_offset) = match (lay.proto, lay.v4) {
+            (TCP, true) => (vnet::gso::TCPV4, 16),
+            (TCP, false) => (vnet::gso::TCPV6, 16),
+            _ => {
+                // The kernel splits by `gso_size` and adjusts the checksum from this length.
+                put16(frame, lay.l4 + 4, l4_len as u16);
+                (vnet::gso::UDP_L4, 6)
+            }
+        };
+        let partial = checksum::fold(pseudo(frame, &lay, l4_len));
+        put16(frame, lay.l4 + csum_offset, partial);
         vnet::Header {
             flags: vnet::FLAG_NEEDS_CSUM,
-            gso_type: if lay.v4 {
-                vnet::gso::TCPV4
-            } else {
-                vnet::gso::TCPV6
-            },
+            gso_type,
             hdr_len: lay.hdr_len as u16,
             gso_size: f.gso_size as u16,
             csum_start: lay.l4 as u16,
-            csum_offset: 16,
+            csum_offset: csum_offset as u16,
         }
         .emit(hdr);
         Some(&self.buf[..self.len])

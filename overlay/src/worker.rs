@@ -9,7 +9,8 @@
 //!
 //! Both directions gather: TAP to UDP, the segments of super-frames and runs of equal-size
 //! frames fill whole `UDP_SEGMENT` sends ([`TxBatch`]); UDP to TAP, the TCP segments of one
-//! flow are coalesced across `UDP_GRO` reads into one TAP write. What is gathered leaves as
+//! flow (and UDP datagrams of one flow, for a TAP that accepted USO) are coalesced across
+//! `UDP_GRO` reads into one TAP write. What is gathered leaves as
 //! soon as the source has nothing more to read, so gathering never waits.
 
 use std::collections::HashMap;
@@ -34,8 +35,13 @@ use crate::{flowhash, tap, vnet};
 
 /// Messages from the control side; each is followed by a wake-up.
 pub(crate) enum Control {
-    /// Serve this queue of the network's TAP.
-    AddQueue { vni: Vni, queue: tap::Queue },
+    /// Serve this queue of the network's TAP; `uso` if the TAP accepted USO (`TUN_F_USO4` and
+    /// `TUN_F_USO6`), so UDP datagrams of one flow may be coalesced into one TAP write.
+    AddQueue {
+        vni: Vni,
+        queue: tap::Queue,
+        uso: bool,
+    },
     /// Close the network's queue and forget what was learned on it, then acknowledge.
     Remove { vni: Vni, done: mpsc::Sender<()> },
     /// Exit the loop.
@@ -84,6 +90,8 @@ const ZERO_VNET: [u8; vnet::HEADER_LEN] = [0; vnet::HEADER_LEN];
 struct TapSlot {
     vni: Vni,
     queue: tap::Queue,
+    /// The TAP takes UDP_L4 (USO) super-frames.
+    uso: bool,
 }
 
 pub(crate) struct Worker {
@@ -301,7 +309,7 @@ impl Worker {
 fn handle_control(poll: &Poll, control: &mpsc::Receiver<Control>, st: &mut State) -> bool {
     loop {
         match control.try_recv() {
-            Ok(Control::AddQueue { vni, queue }) => {
+            Ok(Control::AddQueue { vni, queue, uso }) => {
                 if let Some(old) = st.by_vni.remove(&vni) {
                     remove_slot(poll, st, old);
                 }
@@ -322,7 +330,7 @@ fn handle_control(poll: &Poll, control: &mpsc::Receiver<Control>, st: &mut State
                 if idx == st.taps.len() {
                     st.taps.push(None);
                 }
-                st.taps[idx] = Some(TapSlot { vni, queue });
+                st.taps[idx] = Some(TapSlot { vni, queue, uso });
                 st.by_vni.insert(vni, idx);
             }
             Ok(Control::Remove { vni, done }) => {
@@ -596,9 +604,10 @@ impl Io<'_> {
     ///
     /// One read is one datagram, or with `UDP_GRO` a batch of equal-size datagrams. Each
     /// datagram is checked and decapsulated; with offloads, consecutive TCP segments of one
-    /// flow are coalesced into one TAP write, also across reads (a sender's super-frame often
-    /// arrives as two GSO batches), and the coalesced frame is written once the socket is
-    /// drained or the budget spent, so coalescing adds no wait.
+    /// flow (and, if the TAP accepted USO, equal-size UDP datagrams of one flow) are coalesced
+    /// into one TAP write, also across reads (a sender's super-frame often arrives as two GSO
+    /// batches), and the coalesced frame is written once the socket is drained or the budget
+    /// spent, so coalescing adds no wait.
     fn on_udp(&self, st: &mut State) -> bool {
         let State {
             taps,
@@ -655,10 +664,11 @@ impl Io<'_> {
                     self.flush(taps, current, coalescer);
                     current = Some(idx);
                 }
-                let mut push = coalescer.push(inner);
+                let uso = taps[idx].as_ref().is_some_and(|s| s.uso);
+                let mut push = coalescer.push_with(inner, uso);
                 if push == Push::Later {
                     self.flush(taps, current, coalescer);
-                    push = coalescer.push(inner);
+                    push = coalescer.push_with(inner, uso);
                 }
                 if push == Push::Never {
                     self.flush(taps, current, coalescer);

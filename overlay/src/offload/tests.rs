@@ -159,6 +159,37 @@ fn payload_strategy() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
+/// Splits a USO super-frame as the kernel does (`__udp_gso_segment` with `CHECKSUM_PARTIAL`):
+/// per segment the headers are copied, the IP length, IPv4 ID (+1 each) and header checksum
+/// and the UDP length set, and the partial UDP checksum adjusted from the super-frame's UDP
+/// length to the segment's; the checksum is then completed (as a NIC or `skb_checksum_help`).
+fn kernel_split_udp(frame: &[u8], h: &vnet::Header) -> Vec<Vec<u8>> {
+    let lay = layout(frame).unwrap();
+    let old_len = get16(frame, lay.l4 + 4);
+    let partial = get16(frame, lay.l4 + 6);
+    frame[lay.hdr_len..]
+        .chunks(usize::from(h.gso_size))
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut seg = frame[..lay.hdr_len].to_vec();
+            seg.extend_from_slice(chunk);
+            fix_ip(&mut seg, &lay, i as u16);
+            let new_len = (8 + chunk.len()) as u16;
+            put16(&mut seg, lay.l4 + 4, new_len);
+            let adjusted = u64::from(partial) + u64::from(!old_len) + u64::from(new_len);
+            put16(&mut seg, lay.l4 + 6, checksum::fold(adjusted));
+            complete_checksum(
+                &mut seg,
+                usize::from(h.csum_start),
+                usize::from(h.csum_offset),
+            )
+            .unwrap();
+            assert_valid(&seg);
+            seg
+        })
+        .collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -211,6 +242,47 @@ proptest! {
         prop_assert_eq!(joined, payload);
     }
 
+    /// USO: datagrams (as a sender's kernel splits them) coalesced then split the way the
+    /// kernel splits a UDP_L4 super-frame (`__udp_gso_segment`: headers copied, lengths set,
+    /// the partial checksum adjusted from the super-frame's UDP length, then completed) give
+    /// the same datagrams, all valid per etherparse.
+    #[test]
+    fn udp_coalesce_then_split_is_identity(v4: bool, payload in payload_strategy(), mss in 1u16..9000) {
+        let sup = udp_frame(v4, &payload);
+        let count = payload.len().div_ceil(usize::from(mss));
+        prop_assume!(count <= MAX_UDP_SEGMENTS);
+        let segs = split(&sup, &gso_header(&sup, vnet::gso::UDP_L4, mss));
+        prop_assert_eq!(segs.len(), count);
+        let mut c = Coalescer::new();
+        for s in &segs {
+            prop_assert_eq!(c.push(s), Push::Never, "UDP is not coalesced without USO");
+            prop_assert_eq!(c.push_with(s, true), Push::Taken);
+        }
+        let merged = c.finish().unwrap().to_vec();
+        prop_assert!(c.is_empty());
+        let (h, f) = merged.split_at(vnet::HEADER_LEN);
+        let h = vnet::Header::parse(h).unwrap();
+        if count == 1 {
+            prop_assert_eq!(h, vnet::Header::default());
+            prop_assert_eq!(f, &sup[..]);
+            return Ok(());
+        }
+        let lay = layout(&sup).unwrap();
+        prop_assert_eq!(h, vnet::Header {
+            flags: vnet::FLAG_NEEDS_CSUM,
+            gso_type: vnet::gso::UDP_L4,
+            hdr_len: lay.hdr_len as u16,
+            gso_size: mss,
+            csum_start: lay.l4 as u16,
+            csum_offset: 6,
+        });
+        prop_assert_eq!(kernel_split_udp(f, &h), segs);
+        let mut f = f.to_vec();
+        complete_checksum(&mut f, usize::from(h.csum_start), usize::from(h.csum_offset)).unwrap();
+        assert_valid(&f);
+        prop_assert_eq!(f, sup);
+    }
+
     /// Parsers of untrusted frames never panic.
     #[test]
     fn never_panics(frame in proptest::collection::vec(any::<u8>(), 0..200), gso_type: u8, gso_size: u16, start: u16, off: u16) {
@@ -220,6 +292,9 @@ proptest! {
         let mut c = Coalescer::new();
         let _ = c.push(&frame);
         let _ = c.push(&frame);
+        let _ = c.finish();
+        let _ = c.push_with(&frame, true);
+        let _ = c.push_with(&frame, true);
         let _ = c.finish();
         let mut f = frame.clone();
         let _ = complete_checksum(&mut f, usize::from(start), usize::from(off));
@@ -365,4 +440,61 @@ fn segment_refuses_segments_longer_than_an_ip_packet() {
     let segs = split(&sup, &vh);
     assert_eq!(segs.len(), 1);
     assert_eq!(usize::from(get16(&segs[0], L3 + 2)), MAX_IP_LEN);
+}
+
+#[test]
+fn udp_coalescer_keeps_flows_sizes_and_limits() {
+    let d = |payload: &[u8], port: u16| {
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ip(ip(true, 9, IpNumber::UDP))
+            .udp(5353, port);
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    };
+    let a = d(&[1u8; 1000], 4000);
+    let other_port = d(&[1u8; 1000], 4001);
+    let bigger = d(&[1u8; 1001], 4000);
+    let shorter = d(&[2u8; 10], 4000);
+    let tcp = tcp_frame(true, &[1u8; 1000], 1000, false, 1, true);
+    let mut c = Coalescer::new();
+    assert_eq!(c.push(&a), Push::Never, "no UDP without USO");
+    assert_eq!(c.push_with(&a, true), Push::Taken);
+    assert_eq!(c.push_with(&other_port, true), Push::Later);
+    assert_eq!(c.push_with(&tcp, true), Push::Later);
+    assert_eq!(c.push_with(&bigger, true), Push::Later);
+    assert_eq!(c.push_with(&a, true), Push::Taken);
+    assert_eq!(
+        c.push_with(&shorter, true),
+        Push::Taken,
+        "a shorter one ends it"
+    );
+    assert_eq!(c.push_with(&a, true), Push::Later);
+    assert_eq!(c.segments(), 3);
+    let out = c.finish().unwrap();
+    assert_eq!(out.len(), vnet::HEADER_LEN + a.len() + 1010);
+
+    // No checksum (zero), a bad checksum, a UDP length that disagrees, or no payload: never.
+    let mut no_csum = a.clone();
+    let l4 = layout(&a).unwrap().l4;
+    put16(&mut no_csum, l4 + 6, 0);
+    let mut bad = a.clone();
+    let n = bad.len();
+    bad[n - 1] ^= 0xff;
+    let mut bad_len = a.clone();
+    put16(&mut bad_len, l4 + 4, 100);
+    let empty = d(&[], 4000);
+    for frame in [&no_csum, &bad, &bad_len, &empty] {
+        assert_eq!(c.push_with(frame, true), Push::Never);
+        assert!(c.is_empty());
+    }
+
+    // At most MAX_UDP_SEGMENTS datagrams (small ones, far below MAX_IP_LEN).
+    let small = d(&[3u8; 100], 4000);
+    for _ in 0..MAX_UDP_SEGMENTS {
+        assert_eq!(c.push_with(&small, true), Push::Taken);
+    }
+    assert_eq!(c.push_with(&small, true), Push::Later);
+    let h = vnet::Header::parse(c.finish().unwrap()).unwrap();
+    assert_eq!((h.gso_type, h.gso_size), (vnet::gso::UDP_L4, 100));
 }
