@@ -168,12 +168,12 @@ pub fn show(out: &Output) -> String {
 /// Runs a host command (in the root namespace) and panics unless it succeeds.
 pub fn sh(args: &[&str]) -> String {
     let out = run(Command::new(args[0]).args(&args[1..]), CLI_TIMEOUT);
-    assert!(
-        out.status.success(),
-        "`{}` failed\n{}",
-        args.join(" "),
-        show(&out)
-    );
+    stdout_of_success(out, &format!("`{}`", args.join(" ")))
+}
+
+/// The stdout of a command that must have succeeded; `what` names it in the panic otherwise.
+fn stdout_of_success(out: Output, what: &str) -> String {
+    assert!(out.status.success(), "{what} failed\n{}", show(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -265,14 +265,10 @@ impl Node {
     /// Runs the CLI and panics unless it succeeds; returns stdout.
     pub fn cli_ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "node {}: `overlayd {}` failed\n{}",
-            self.index,
-            args.join(" "),
-            show(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        stdout_of_success(
+            out,
+            &format!("node {}: `overlayd {}`", self.index, args.join(" ")),
+        )
     }
 
     /// Runs the CLI with `--json` appended and parses stdout; `Err` says why not.
@@ -748,13 +744,7 @@ impl Cluster {
     /// Runs `args` inside `netns` and panics unless it succeeds; returns stdout.
     pub fn exec_ok(&self, netns: &str, args: &[&str]) -> String {
         let out = self.exec(netns, args);
-        assert!(
-            out.status.success(),
-            "in {netns}: `{}` failed\n{}",
-            args.join(" "),
-            show(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        stdout_of_success(out, &format!("in {netns}: `{}`", args.join(" ")))
     }
 
     /// Starts `args` inside `netns` in the background; killed when the returned guard drops.
