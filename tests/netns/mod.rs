@@ -371,17 +371,24 @@ impl Node {
         );
     }
 
-    /// Kills the daemon (a crash) and restarts it in place with `overlayd run` on the same
-    /// state dir and API socket: the same member, not a new node.
-    pub fn restart_daemon(&self) {
-        self.kill_daemon();
-        self.start_daemon(strings(&[
-            "run",
+    /// `verb_args` followed by this node's own state dir and API socket: every daemon verb
+    /// (`init`, `join`, `run`) needs both, so daemons side by side never share them.
+    fn daemon_args(&self, verb_args: &[&str]) -> Vec<String> {
+        let own = [
             "--state-dir",
             &self.state_dir.to_string_lossy(),
             "--api",
             &self.api.to_string_lossy(),
-        ]));
+        ]
+        .map(String::from);
+        strings(verb_args).into_iter().chain(own).collect()
+    }
+
+    /// Kills the daemon (a crash) and restarts it in place with `overlayd run` on the same
+    /// state dir and API socket: the same member, not a new node.
+    pub fn restart_daemon(&self) {
+        self.kill_daemon();
+        self.start_daemon(self.daemon_args(&["run"]));
     }
 
     /// The daemon log so far.
@@ -501,15 +508,7 @@ impl Cluster {
     pub fn new(name: &str, n: usize) -> Self {
         let c = Self::bare(name, n);
         let first = &c.nodes[0];
-        first.start_daemon(strings(&[
-            "init",
-            "--advertise-addr",
-            &first.addr,
-            "--state-dir",
-            &first.state_dir.to_string_lossy(),
-            "--api",
-            &first.api.to_string_lossy(),
-        ]));
+        first.start_daemon(first.daemon_args(&["init", "--advertise-addr", &first.addr]));
         let token = c.token();
         for node in &c.nodes[1..] {
             node.start_daemon(c.join_args(node, &token));
@@ -553,17 +552,13 @@ impl Cluster {
 
     /// `join <node 1> --token TOKEN ...` for `node`, with its own state dir and API socket.
     fn join_args(&self, node: &Node, token: &str) -> Vec<String> {
-        strings(&[
+        node.daemon_args(&[
             "join",
             &self.nodes[0].addr,
             "--token",
             token,
             "--advertise-addr",
             &node.addr,
-            "--state-dir",
-            &node.state_dir.to_string_lossy(),
-            "--api",
-            &node.api.to_string_lossy(),
         ])
     }
 
