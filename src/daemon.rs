@@ -39,6 +39,8 @@ use crate::{host, wire};
 const CONVERGE_WITHIN: Duration = Duration::from_secs(10);
 /// How long the API server waits for a client to send its request.
 const API_REQUEST_WITHIN: Duration = Duration::from_secs(10);
+/// The reply of a member asked to decide while it is not the leader; the asker retries.
+const NOT_LEADER: &str = "this node is not the leader";
 /// Pause after a failed `accept` (such as EMFILE), so the server does not spin on it.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Underlay bytes VXLAN adds over IPv4: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
@@ -388,7 +390,8 @@ impl Daemon {
         Ok(json(&network_info(&created, &view)))
     }
 
-    /// Sends a request to the current leader, retrying while leadership is changing.
+    /// Sends a request to the current leader, retrying while leadership is changing (the node
+    /// asked is unreachable, or no longer sees itself as the leader).
     async fn ask_leader(&self, request: &peer::Request) -> Result<serde_json::Value, Failure> {
         let mut last = None;
         for attempt in 0..5 {
@@ -400,6 +403,11 @@ impl Daemon {
                 continue;
             };
             match peer::call(leader.gossip, &self.secret, request).await {
+                // Our view named a leader whose own view names another: leadership is moving.
+                Ok(Err(failure)) if failure.message == NOT_LEADER => {
+                    debug!(leader = %leader.node.id, attempt, "asked a node that is not the leader");
+                    last = Some(anyhow::anyhow!("{NOT_LEADER}"));
+                }
                 Ok(reply) => return reply,
                 Err(err) => {
                     warn!(leader = %leader.node.id, attempt, err = %format!("{err:#}"), "leader unreachable");
@@ -448,7 +456,7 @@ impl Daemon {
         let mut ledger = self.ledger.lock().await;
         let view = self.gossip.view().await;
         if view.leader().map(|m| m.node.id.as_str()) != Some(self.id.as_str()) {
-            return Err(Failure::runtime("this node is not the leader; retry"));
+            return Err(Failure::runtime(NOT_LEADER));
         }
         let summary = format!("{request:?}");
         let new_id = || hex::encode(rand::random::<[u8; 8]>());
