@@ -7,21 +7,22 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicI32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use mio::{Poll, Waker};
 
 use crate::ethernet::Mac;
 use crate::fdb::Index;
+use crate::governor::{self, Governor};
 use crate::switch::DropReason;
-use crate::tap;
 use crate::udp::{self, SendPool};
 use crate::vxlan::{self, Vni};
 use crate::worker::{Control, Counters, WAKER, Worker};
+use crate::{steer, tap};
 
 /// How the data plane is started.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,7 +30,9 @@ pub struct Config {
     /// Underlay address and UDP port to receive VXLAN on (port 4789 by default). Port 0
     /// picks a free port (see [`DataPlane::local_vtep`]).
     pub local_vtep: SocketAddrV4,
-    /// Data-path threads, which is also the number of queues of every TAP (at least 1).
+    /// Data-path threads, which is also the number of queues of every TAP (at least 1). When
+    /// it equals the CPUs the process may run on (CPUs `0..workers`), twice as many are
+    /// started: a pinned small-frame worker and a bulk worker per CPU (see `steer`).
     pub workers: usize,
     /// The fast path: TAP offloads (checksum, TSO4/6, USO where the kernel accepts them,
     /// probed per TAP), `UDP_SEGMENT` on send, `UDP_GRO` and TCP coalescing on receive.
@@ -137,21 +140,97 @@ pub enum Error {
 }
 
 struct WorkerHandle {
-    control: mpsc::Sender<Control>,
-    waker: Arc<Waker>,
+    mailbox: Mailbox,
     counters: Arc<Counters>,
+    /// The worker thread's id (0 until it has started), for the governor's samples.
+    tid: Arc<AtomicI32>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl WorkerHandle {
     fn send(&self, msg: Control) -> bool {
+        self.mailbox.send(msg)
+    }
+}
+
+/// Where to send a worker control messages.
+#[derive(Clone)]
+struct Mailbox {
+    control: mpsc::Sender<Control>,
+    waker: Arc<Waker>,
+}
+
+impl Mailbox {
+    fn send(&self, msg: Control) -> bool {
         self.control.send(msg).is_ok() && self.waker.wake().is_ok()
+    }
+}
+
+/// The governor's thread: samples the workers' demand for CPU every [`governor::SAMPLE`] and
+/// tells them when the layout changes. It stops when `stop` is dropped.
+struct Governed {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Governed {
+    fn start(workers: &[WorkerHandle]) -> io::Result<Governed> {
+        let mailboxes: Vec<Mailbox> = workers.iter().map(|w| w.mailbox.clone()).collect();
+        let tids: Vec<Arc<AtomicI32>> = workers.iter().map(|w| w.tid.clone()).collect();
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("overlay-governor".into())
+            .spawn(move || {
+                let mut governor = Governor::default();
+                for m in &mailboxes {
+                    m.send(Control::Layout(governor.layout()));
+                }
+                let mut last: Vec<Duration> = vec![Duration::ZERO; tids.len()];
+                let mut at = Instant::now();
+                while let Err(mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(governor::SAMPLE)
+                {
+                    let now = Instant::now();
+                    let elapsed = now.duration_since(at).as_secs_f64();
+                    at = now;
+                    let mut busiest: f64 = 0.0;
+                    for (tid, last) in tids.iter().zip(last.iter_mut()) {
+                        // A worker that is gone or not yet started counts as idle.
+                        let Ok(ran) = steer::thread_demand(tid.load(Relaxed)) else {
+                            continue;
+                        };
+                        busiest = busiest.max(ran.saturating_sub(*last).as_secs_f64() / elapsed);
+                        *last = ran;
+                    }
+                    if let Some(layout) = governor.observe(busiest) {
+                        tracing::info!(
+                            ?layout,
+                            busiest = format_args!("{busiest:.2}"),
+                            "data-path layout changes"
+                        );
+                        for m in &mailboxes {
+                            m.send(Control::Layout(layout));
+                        }
+                    }
+                }
+            })?;
+        Ok(Governed { stop, thread })
+    }
+
+    fn stop(self) {
+        drop(self.stop);
+        if self.thread.join().is_err() {
+            tracing::error!("the data-path governor had panicked");
+        }
     }
 }
 
 /// The running data plane: worker threads, their sockets, and the published tables.
 pub struct DataPlane {
     workers: Vec<WorkerHandle>,
+    /// Switches the workers between the steered and the spread layout; `None` when they
+    /// cannot be steered.
+    governor: Option<Governed>,
     tables: Arc<ArcSwap<Index>>,
     /// Control path only (add/remove network), never touched per packet.
     networks: Mutex<HashMap<Vni, String>>,
@@ -204,12 +283,14 @@ impl DataPlane {
                 .map_err(|source| Error::Worker { index, source })?;
             prepared.push((udp, poll, Arc::new(waker)));
         }
-
+        // The steered layout needs worker i and CPU i to be the same thing (see `governor`).
+        let steerable = steer::identity_cpus() == Some(config.workers);
         let tables = Arc::new(ArcSwap::from_pointee(Index::default()));
         let mut workers: Vec<WorkerHandle> = Vec::with_capacity(config.workers);
         for (index, (udp, poll, waker)) in prepared.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
             let counters = Arc::new(Counters::default());
+            let tid = Arc::new(AtomicI32::new(0));
             let worker = Worker {
                 poll,
                 control: rx,
@@ -218,26 +299,49 @@ impl DataPlane {
                 tables: tables.clone(),
                 counters: counters.clone(),
                 offloads: config.offloads,
+                cpu: steerable.then_some((index, config.workers)),
             };
+            let thread_tid = tid.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("overlay-worker-{index}"))
-                .spawn(move || worker.run());
+                .spawn(move || {
+                    thread_tid.store(steer::current_thread_id(), Relaxed);
+                    worker.run()
+                });
             match spawned {
                 Ok(thread) => workers.push(WorkerHandle {
-                    control: tx,
-                    waker,
+                    mailbox: Mailbox { control: tx, waker },
                     counters,
+                    tid,
                     thread: Some(thread),
                 }),
                 Err(source) => {
-                    stop(&mut workers);
+                    stop(&mut workers, None);
                     return Err(Error::Worker { index, source });
                 }
             }
         }
-        tracing::info!(vtep = %addr, workers = config.workers, send_sockets, "data plane started");
+        let governor = if steerable {
+            match Governed::start(&workers) {
+                Ok(g) => Some(g),
+                Err(source) => {
+                    stop(&mut workers, None);
+                    return Err(Error::Worker {
+                        index: config.workers,
+                        source,
+                    });
+                }
+            }
+        } else {
+            tracing::info!(
+                "worker count differs from the CPUs this process may use: flows are hashed to workers, none is pinned"
+            );
+            None
+        };
+        tracing::info!(vtep = %addr, workers = config.workers, steerable, send_sockets, "data plane started");
         Ok(DataPlane {
             workers,
+            governor,
             tables,
             networks: Mutex::new(HashMap::new()),
             local_vtep: addr,
@@ -354,17 +458,21 @@ impl DataPlane {
 
     /// Stops and joins all workers; every TAP and socket is closed.
     pub fn shutdown(mut self) {
-        stop(&mut self.workers);
+        stop(&mut self.workers, self.governor.take());
     }
 }
 
 impl Drop for DataPlane {
     fn drop(&mut self) {
-        stop(&mut self.workers);
+        stop(&mut self.workers, self.governor.take());
     }
 }
 
-fn stop(workers: &mut [WorkerHandle]) {
+/// Stops the governor first (so it sends nothing more), then the workers.
+fn stop(workers: &mut [WorkerHandle], governor: Option<Governed>) {
+    if let Some(g) = governor {
+        g.stop();
+    }
     for w in workers.iter() {
         w.send(Control::Shutdown);
     }

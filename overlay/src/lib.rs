@@ -30,11 +30,17 @@
 //!   `UDP_SEGMENT`/`UDP_GRO`.
 //! - `worker`: one thread per TAP queue; polls, switches and does the I/O, without locks or
 //!   allocation per packet.
-//! - [`DataPlane`]: starts workers, adds and removes networks, publishes tables, sums stats.
+//! - `governor`: the choice between pinning workers to CPUs with packets steered to the
+//!   worker of their CPU (light load: short round trips) and letting them spread (heavy
+//!   load: throughput); `steer`: the system calls behind it (affinity, a BPF program for the
+//!   TAP and one for the `SO_REUSEPORT` group).
+//! - [`DataPlane`]: starts workers and the governor, adds and removes networks, publishes
+//!   tables, sums stats.
 //!
-//! `unsafe` is confined to three places, each with a `// SAFETY:` line per block: [`tap`]'s
-//! ioctls, `udp`'s `sys` module (`setsockopt`, `sendmsg`/`recvmsg` with control messages) and
-//! the call of the AVX2 loop in [`checksum`] after CPU detection.
+//! `unsafe` is confined to four places, each with a `// SAFETY:` line per block: [`tap`]'s
+//! ioctls, `udp`'s `sys` module (`setsockopt`, `sendmsg`/`recvmsg` with control messages),
+//! `steer` (affinity, loading and attaching the BPF programs) and the call of the AVX2 loop
+//! in [`checksum`] after CPU detection.
 
 pub mod arp;
 pub mod checksum;
@@ -42,8 +48,10 @@ mod dataplane;
 pub mod ethernet;
 pub mod fdb;
 pub mod flowhash;
+mod governor;
 pub mod nd;
 pub mod offload;
+mod steer;
 pub mod switch;
 pub mod tap;
 pub mod udp;

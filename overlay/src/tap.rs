@@ -1,7 +1,6 @@
 //! The TAP device: open queues of a multi-queue TAP with a virtio-net header, set offloads.
 //!
-//! Its `unsafe` is three `ioctl`s on `/dev/net/tun` (the crate's only other `unsafe` is in
-//! `udp`'s `sys` module and one call in `checksum`). Reads and writes go through
+//! Its `unsafe` is three `ioctl`s on `/dev/net/tun` (the steering ioctl is in `steer`). Reads and writes go through
 //! [`std::fs::File`], which is safe. It does not name, address or enslave the device: the
 //! daemon does.
 //!

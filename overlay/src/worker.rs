@@ -27,11 +27,12 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::fdb::{Index, Learned};
+use crate::governor::Layout;
 use crate::offload::{self, Coalescer, Push};
 use crate::switch::{self, DropReason, Forward};
 use crate::udp::{self, SendPool};
 use crate::vxlan::{self, Vni};
-use crate::{flowhash, tap, vnet};
+use crate::{flowhash, steer, tap, vnet};
 
 /// Messages from the control side; each is followed by a wake-up.
 pub(crate) enum Control {
@@ -44,6 +45,9 @@ pub(crate) enum Control {
     },
     /// Close the network's queue and forget what was learned on it, then acknowledge.
     Remove { vni: Vni, done: mpsc::Sender<()> },
+    /// Pin or unpin this worker and, on worker 0, attach or detach the steering programs
+    /// (see `governor`). Sent only to workers that have a `cpu`.
+    Layout(Layout),
     /// Exit the loop.
     Shutdown,
 }
@@ -103,6 +107,9 @@ pub(crate) struct Worker {
     pub counters: Arc<Counters>,
     /// Offload path: receive with `UDP_GRO` and coalesce TCP before writing to the TAP.
     pub offloads: bool,
+    /// `(i, n)`: this is worker `i` of `n`, one per CPU, so it can be steered (see
+    /// `governor`); `None` if workers and CPUs do not match.
+    pub cpu: Option<(usize, usize)>,
 }
 
 struct State {
@@ -115,6 +122,8 @@ struct State {
     batch: TxBatch,
     /// `UDP_SEGMENT` works; cleared when the kernel refuses it.
     gso: bool,
+    /// The layout last applied; new TAPs get worker 0's steering program while steered.
+    layout: Layout,
 }
 
 /// Datagrams to one VTEP through one send socket, laid out back to back at one stride (the
@@ -238,6 +247,7 @@ impl Worker {
             tables,
             counters,
             offloads,
+            cpu,
         } = self;
         if let Err(e) =
             poll.registry()
@@ -255,6 +265,7 @@ impl Worker {
             coalescer: Coalescer::new(),
             batch: TxBatch::new(offloads),
             gso: offloads,
+            layout: Layout::Spread,
         };
         let io = Io {
             udp: &udp,
@@ -282,7 +293,7 @@ impl Worker {
             for ev in events.iter() {
                 let t = ev.token();
                 if t == WAKER {
-                    if !handle_control(&poll, &control, &mut st) {
+                    if !handle_control(&poll, &control, &udp, cpu, &mut st) {
                         return;
                     }
                 } else if !pending.contains(&t) {
@@ -306,7 +317,13 @@ impl Worker {
 }
 
 /// Applies queued control messages. Returns false on shutdown.
-fn handle_control(poll: &Poll, control: &mpsc::Receiver<Control>, st: &mut State) -> bool {
+fn handle_control(
+    poll: &Poll,
+    control: &mpsc::Receiver<Control>,
+    udp: &UdpSocket,
+    cpu: Option<(usize, usize)>,
+    st: &mut State,
+) -> bool {
     loop {
         match control.try_recv() {
             Ok(Control::AddQueue { vni, queue, uso }) => {
@@ -330,8 +347,19 @@ fn handle_control(poll: &Poll, control: &mpsc::Receiver<Control>, st: &mut State
                 if idx == st.taps.len() {
                     st.taps.push(None);
                 }
+                if cpu.is_some_and(|(i, _)| i == 0)
+                    && st.layout == Layout::Steered
+                    && let Err(e) = steer::attach_tap(&queue)
+                {
+                    tracing::warn!(%vni, error = %e, "kernel refused the TAP steering program; its flows are hashed to workers");
+                }
                 st.taps[idx] = Some(TapSlot { vni, queue, uso });
                 st.by_vni.insert(vni, idx);
+            }
+            Ok(Control::Layout(layout)) => {
+                if let Some(cpu) = cpu {
+                    apply_layout(layout, cpu, udp, st);
+                }
             }
             Ok(Control::Remove { vni, done }) => {
                 if let Some(idx) = st.by_vni.remove(&vni) {
@@ -342,6 +370,43 @@ fn handle_control(poll: &Poll, control: &mpsc::Receiver<Control>, st: &mut State
             }
             Ok(Control::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => return false,
             Err(mpsc::TryRecvError::Empty) => return true,
+        }
+    }
+}
+
+/// Pins or unpins this worker; worker 0 also attaches or detaches the programs that steer
+/// packets by CPU, for the socket group and every TAP (each is per group or per device).
+/// A refusal is logged and leaves that part hashed, which is slower to wake but correct.
+fn apply_layout(layout: Layout, (index, cpus): (usize, usize), udp: &UdpSocket, st: &mut State) {
+    st.layout = layout;
+    let steered = layout == Layout::Steered;
+    let pinned = if steered {
+        steer::pin_current_thread(index)
+    } else {
+        steer::unpin_current_thread(cpus)
+    };
+    if let Err(e) = pinned {
+        tracing::warn!(worker = index, ?layout, error = %e, "cannot change the worker's CPU affinity");
+    }
+    if index != 0 {
+        return;
+    }
+    let group = if steered {
+        steer::attach_reuseport(udp, cpus as u32)
+    } else {
+        steer::detach_reuseport(udp)
+    };
+    if let Err(e) = group {
+        tracing::warn!(?layout, error = %e, "cannot change the VXLAN socket steering program");
+    }
+    for slot in st.taps.iter().flatten() {
+        let tap = if steered {
+            steer::attach_tap(&slot.queue)
+        } else {
+            steer::detach_tap(&slot.queue)
+        };
+        if let Err(e) = tap {
+            tracing::warn!(vni = %slot.vni, ?layout, error = %e, "cannot change the TAP steering program");
         }
     }
 }
