@@ -24,7 +24,7 @@ ov_need_root() {
 # busybox-static (tests/docker.rs builds its container image from the static busybox).
 ov_install_deps() {
   local missing=() cmd
-  for cmd in ip bridge iperf3 ping curl python3 ps ethtool sockperf; do
+  for cmd in ip bridge iperf3 ping curl python3 ps ethtool sockperf c++; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
   done
   ov_have_static_busybox || missing+=("busybox-static")
@@ -33,7 +33,7 @@ ov_install_deps() {
   ov_log "installing packages for: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   timeout 300 apt-get update -qq || ov_die "apt-get update failed (or took over 300 s)"
-  timeout 600 apt-get install -y -qq iproute2 iperf3 iputils-ping curl python3 procps ethtool sockperf \
+  timeout 600 apt-get install -y -qq iproute2 iperf3 iputils-ping curl python3 procps ethtool sockperf g++ \
     busybox-static >/dev/null || ov_die "apt-get install failed (or took over 600 s)"
   for cmd in "${missing[@]}"; do
     if [ "$cmd" = busybox-static ]; then

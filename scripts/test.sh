@@ -6,7 +6,8 @@
 # The netns integration tests (tests/*.rs) run twice: pass 1 with the data plane's offloads on
 # (with everything else), pass 2 with them forced off (OVERLAYD_NO_OFFLOADS=true; the harness starts
 # every daemon with --no-offloads), the fallback path for kernels that refuse them. Both passes
-# always run; the exit status is non-zero if either failed.
+# always run. Pass 3 fuzzes the packet parsers (scripts/fuzz.sh: vxlan, switch, offload; 20 s
+# each, FUZZ_SECS to change). The exit status is non-zero if any pass failed.
 #
 #   sudo scripts/test.sh              # debug build (fastest build; the tests are not benchmarks)
 #   OVT_RELEASE=1 scripts/test.sh     # release build
@@ -30,16 +31,21 @@ trap ov_reap_stale EXIT
 echo "== cargo build --workspace --all-targets ${PROFILE[*]}"
 cargo build --workspace --all-targets "${PROFILE[@]}"
 
-echo "== [pass 1/2] offloads ON: cargo test --workspace --no-fail-fast ${PROFILE[*]} $*"
+echo "== [pass 1/3] offloads ON: cargo test --workspace --no-fail-fast ${PROFILE[*]} $*"
 pass1=ok
 cargo test --workspace --no-fail-fast "${PROFILE[@]}" "$@" || pass1=FAILED
 
 # The harness turns the variable into --no-offloads for every daemon it starts; the daemon's own
 # flag reads it too (1/true/yes/on), for tests that run the binary directly.
-echo "== [pass 2/2] offloads FORCED OFF: OVERLAYD_NO_OFFLOADS=true cargo test --no-fail-fast --test '*' ${PROFILE[*]} $*"
+echo "== [pass 2/3] offloads FORCED OFF: OVERLAYD_NO_OFFLOADS=true cargo test --no-fail-fast --test '*' ${PROFILE[*]} $*"
 pass2=ok
 OVERLAYD_NO_OFFLOADS=true cargo test --no-fail-fast --test '*' "${PROFILE[@]}" "$@" || pass2=FAILED
 
+echo "== [pass 3/3] fuzzing: scripts/fuzz.sh (FUZZ_SECS=${FUZZ_SECS:-20} per target)"
+pass3=ok
+bash "$OV_REPO/scripts/fuzz.sh" || pass3=FAILED
+
 echo "== pass 1 (unit, property, netns; offloads on): $pass1"
 echo "== pass 2 (netns; offloads forced off):         $pass2"
-[ "$pass1" = ok ] && [ "$pass2" = ok ]
+echo "== pass 3 (fuzz targets):                       $pass3"
+[ "$pass1" = ok ] && [ "$pass2" = ok ] && [ "$pass3" = ok ]
