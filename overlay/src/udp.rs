@@ -134,12 +134,12 @@ pub fn segments_per_send(mtu: u32) -> u32 {
     datagrams_per_send(datagram) as u32
 }
 
-pub use sys::{enable_gro, recv_gro, send_gso};
+pub use sys::{RecvBatch, enable_gro, send_gso};
 
 #[allow(unsafe_code)]
 mod sys {
     use std::io;
-    use std::mem::{MaybeUninit, size_of, zeroed};
+    use std::mem::{size_of, zeroed};
     use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
     use std::os::fd::AsRawFd;
 
@@ -233,61 +233,140 @@ mod sys {
         }
     }
 
-    /// Receives one datagram or one `UDP_GRO` batch into `buf`. Returns the length, the
-    /// sender and the segment size of the batch (`None`: a single datagram).
-    pub fn recv_gro(
-        socket: &UdpSocket,
-        buf: &mut [u8],
-    ) -> io::Result<(usize, SocketAddr, Option<usize>)> {
-        let mut addr = MaybeUninit::<libc::sockaddr_storage>::zeroed();
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
-        let mut control = [0u64; 8];
-        // SAFETY: an all-zero msghdr is a valid empty message.
-        let mut msg: libc::msghdr = unsafe { zeroed() };
-        msg.msg_name = addr.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = size_of::<[u64; 8]>() as _;
-        // SAFETY: every pointer in `msg` refers to a live local or to `buf`, with the lengths
-        // given; the kernel writes at most those many bytes.
-        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
+    /// Buffers for receiving several datagrams (or `UDP_GRO` batches) in one `recvmmsg`, so
+    /// that small packets of different flows, which GRO cannot merge, cost one system call
+    /// together instead of one each.
+    ///
+    /// All storage is allocated once; the message headers point into it. The struct may move
+    /// (the pointers are to heap allocations it owns), but it is not `Send`: the pointers make
+    /// it one thread's, which is how workers use it.
+    pub struct RecvBatch {
+        data: Box<[u8]>,
+        len: usize,
+        names: Box<[libc::sockaddr_storage]>,
+        /// Control-message space and iovecs: only the headers' pointers read them.
+        _controls: Box<[[u64; 8]]>,
+        _iovs: Box<[libc::iovec]>,
+        hdrs: Box<[libc::mmsghdr]>,
+        /// What the last [`recv`](Self::recv) got, per message: length, sender, GRO segment.
+        got: Vec<(usize, SocketAddr, Option<usize>)>,
+    }
+
+    impl RecvBatch {
+        /// Room for `count` messages of up to `len` bytes each.
+        pub fn new(count: usize, len: usize) -> RecvBatch {
+            let count = count.max(1);
+            let mut data = vec![0u8; count * len].into_boxed_slice();
+            // SAFETY: all-zero sockaddr_storage, iovec and mmsghdr are valid (empty) values.
+            let mut names: Box<[libc::sockaddr_storage]> =
+                (0..count).map(|_| unsafe { zeroed() }).collect();
+            let mut controls: Box<[[u64; 8]]> = vec![[0u64; 8]; count].into_boxed_slice();
+            let mut iovs: Box<[libc::iovec]> = (0..count)
+                .map(|i| libc::iovec {
+                    // SAFETY: i * len is within `data` (count * len bytes).
+                    iov_base: unsafe { data.as_mut_ptr().add(i * len) } as *mut libc::c_void,
+                    iov_len: len,
+                })
+                .collect();
+            // SAFETY: as above.
+            let mut hdrs: Box<[libc::mmsghdr]> = (0..count).map(|_| unsafe { zeroed() }).collect();
+            for (i, h) in hdrs.iter_mut().enumerate() {
+                h.msg_hdr.msg_name =
+                    &mut names[i] as *mut libc::sockaddr_storage as *mut libc::c_void;
+                h.msg_hdr.msg_iov = &mut iovs[i];
+                h.msg_hdr.msg_iovlen = 1;
+                h.msg_hdr.msg_control = controls[i].as_mut_ptr() as *mut libc::c_void;
+            }
+            RecvBatch {
+                data,
+                len,
+                names,
+                _controls: controls,
+                _iovs: iovs,
+                hdrs,
+                got: Vec::with_capacity(count),
+            }
         }
+
+        /// Receives what is queued, up to the `count` messages given to [`new`](Self::new),
+        /// without blocking; returns how many (`WouldBlock` if none).
+        pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+            // The kernel rewrites these per message; give each its full room back.
+            for h in self.hdrs.iter_mut() {
+                h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                h.msg_hdr.msg_controllen = size_of::<[u64; 8]>() as _;
+                h.msg_len = 0;
+            }
+            // SAFETY: every header points into storage this struct owns (names, one iovec of
+            // `len` bytes into `data`, controls) with the sizes set above; the kernel writes
+            // within them only. No timeout is passed.
+            let n = unsafe {
+                libc::recvmmsg(
+                    socket.as_raw_fd(),
+                    self.hdrs.as_mut_ptr(),
+                    self.hdrs.len() as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            self.got.clear();
+            for i in 0..n as usize {
+                let h = &self.hdrs[i];
+                let segment = gro_segment(&h.msg_hdr);
+                let from = sender(&self.names[i]);
+                self.got.push((h.msg_len as usize, from, segment));
+            }
+            Ok(n as usize)
+        }
+
+        /// Message `i` of the last [`recv`](Self::recv): its bytes, its sender, and the
+        /// segment size if it is a `UDP_GRO` batch.
+        pub fn get(&self, i: usize) -> (&[u8], SocketAddr, Option<usize>) {
+            let (n, from, segment) = self.got[i];
+            (
+                &self.data[i * self.len..i * self.len + n.min(self.len)],
+                from,
+                segment,
+            )
+        }
+    }
+
+    /// The segment size from a received message's `UDP_GRO` control message (`None`: a
+    /// single datagram).
+    fn gro_segment(msg: &libc::msghdr) -> Option<usize> {
         let mut segment = None;
         // SAFETY: the kernel filled msg_control/msg_controllen; CMSG_FIRSTHDR/NXTHDR stay
         // within them and every header they return is complete.
         unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            let mut cmsg = libc::CMSG_FIRSTHDR(msg);
             while !cmsg.is_null() {
                 if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
                     let size =
                         std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int);
                     segment = usize::try_from(size).ok().filter(|&s| s > 0);
                 }
-                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+                cmsg = libc::CMSG_NXTHDR(msg, cmsg);
             }
         }
-        // SAFETY: the kernel wrote a sockaddr of msg_namelen bytes; we only read it as
-        // sockaddr_in after checking the family, and sockaddr_storage is large enough.
-        let from = unsafe {
-            let storage = addr.assume_init();
-            if storage.ss_family == libc::AF_INET as libc::sa_family_t {
-                let sin = *(addr.as_ptr() as *const libc::sockaddr_in);
-                SocketAddr::V4(SocketAddrV4::new(
-                    Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
-                    u16::from_be(sin.sin_port),
-                ))
-            } else {
-                SocketAddr::from(([0u16; 8], 0))
-            }
-        };
-        Ok((n as usize, from, segment))
+        segment
+    }
+
+    /// The sender the kernel wrote into `name` (IPv4; anything else maps to `[::]:0`, which
+    /// no peer has).
+    fn sender(name: &libc::sockaddr_storage) -> SocketAddr {
+        if name.ss_family != libc::AF_INET as libc::sa_family_t {
+            return SocketAddr::from(([0u16; 8], 0));
+        }
+        // SAFETY: the family says the storage holds a sockaddr_in, which it is large and
+        // aligned enough for.
+        let sin = unsafe { *(name as *const libc::sockaddr_storage as *const libc::sockaddr_in) };
+        SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+            u16::from_be(sin.sin_port),
+        ))
     }
 }
 
@@ -335,14 +414,17 @@ mod tests {
         assert_eq!(send_gso(pool.pick(0), &buf, to, 1000).unwrap(), buf.len());
         let mut got = Vec::new();
         let mut sizes = Vec::new();
-        let mut out = vec![0u8; 65536];
+        let mut batch = RecvBatch::new(4, 65536);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         while got.len() < buf.len() && std::time::Instant::now() < deadline {
-            match recv_gro(&rx, &mut out) {
-                Ok((n, from, seg)) => {
-                    assert_eq!(from.port(), pool.ports()[0]);
-                    sizes.push((n, seg));
-                    got.extend_from_slice(&out[..n]);
+            match batch.recv(&rx) {
+                Ok(count) => {
+                    for i in 0..count {
+                        let (data, from, seg) = batch.get(i);
+                        assert_eq!(from.port(), pool.ports()[0]);
+                        sizes.push((data.len(), seg));
+                        got.extend_from_slice(data);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     std::thread::sleep(std::time::Duration::from_millis(5))
@@ -355,6 +437,34 @@ mod tests {
         for (n, seg) in sizes {
             assert!(seg.unwrap_or(n) == 1000 || n == 300, "{n} {seg:?}");
         }
+    }
+
+    /// Datagrams of three flows (three source ports: GRO cannot merge them) that are queued
+    /// when the call is made all come back from one `recvmmsg`, each with its sender.
+    #[test]
+    fn one_call_receives_datagrams_of_different_flows() {
+        let rx = bind_receiver(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap();
+        enable_gro(&rx).unwrap();
+        let to = rx.local_addr().unwrap();
+        let senders: Vec<UdpSocket> = (0..3)
+            .map(|_| UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap())
+            .collect();
+        for (i, s) in senders.iter().enumerate() {
+            // Loopback delivers inside send_to, so all three are queued afterwards.
+            s.send_to(&[i as u8; 100], to).unwrap();
+        }
+        let mut batch = RecvBatch::new(8, 2048);
+        assert_eq!(batch.recv(&rx).unwrap(), 3, "one call, three flows");
+        for (i, s) in senders.iter().enumerate() {
+            let (data, from, seg) = batch.get(i);
+            assert_eq!(data, &[i as u8; 100][..]);
+            assert_eq!(from, s.local_addr().unwrap());
+            assert_eq!(seg, None, "a single datagram, not a GRO batch");
+        }
+        assert_eq!(
+            batch.recv(&rx).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::fdb::{Index, Learned};
 use crate::governor::Layout;
 use crate::offload::{self, Coalescer, Push};
 use crate::switch::{self, DropReason, Forward};
-use crate::udp::{self, SendPool};
+use crate::udp::{self, RecvBatch, SendPool};
 use crate::vxlan::{self, Vni};
 use crate::{flowhash, steer, tap, vnet};
 
@@ -86,6 +86,10 @@ const FIRST_TAP: usize = 2;
 const BUDGET: usize = 64;
 /// Largest frame (plus vnet header) read from a TAP, and largest datagram received.
 const BUF_LEN: usize = 65_536 + 64;
+/// Datagrams or `UDP_GRO` batches received per call: small packets of different flows,
+/// which GRO cannot merge, share one `recvmmsg`. Eight 64 KB buffers per worker, touched only
+/// as far as traffic fills them.
+const RECV_BATCH: usize = 8;
 /// Headroom before a TAP frame: the vnet header, which the VXLAN header then overwrites.
 const TAP_HEADROOM: usize = vnet::HEADER_LEN;
 
@@ -116,7 +120,10 @@ struct State {
     taps: Vec<Option<TapSlot>>,
     by_vni: HashMap<Vni, usize>,
     learned: Learned,
+    /// TAP frames are read into this.
     buf: Box<[u8]>,
+    /// VXLAN datagrams (or `UDP_GRO` batches) are received into this, several per call.
+    rx: RecvBatch,
     reply: Box<[u8]>,
     coalescer: Coalescer,
     batch: TxBatch,
@@ -261,6 +268,7 @@ impl Worker {
             by_vni: HashMap::new(),
             learned: Learned::default(),
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
+            rx: RecvBatch::new(RECV_BATCH, BUF_LEN),
             reply: vec![0u8; switch::REPLY_LEN].into_boxed_slice(),
             coalescer: Coalescer::new(),
             batch: TxBatch::new(offloads),
@@ -678,7 +686,7 @@ impl Io<'_> {
             taps,
             by_vni,
             learned,
-            buf,
+            rx,
             coalescer,
             ..
         } = st;
@@ -686,9 +694,10 @@ impl Io<'_> {
         // The TAP the coalescer is filling.
         let mut current: Option<usize> = None;
         let mut more = true;
-        for _ in 0..BUDGET {
-            let (n, from, seg) = match udp::recv_gro(self.udp, &mut buf[..]) {
-                Ok(r) => r,
+        let mut handled = 0;
+        while handled < BUDGET {
+            let count = match rx.recv(self.udp) {
+                Ok(count) => count,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     more = false;
                     break;
@@ -697,47 +706,52 @@ impl Io<'_> {
                 Err(e) => {
                     // ICMP errors surface here on some kernels; they do not stop the socket.
                     tracing::trace!(error = %e, "VXLAN receive error");
+                    handled += 1;
                     continue;
                 }
             };
-            let seg = seg.unwrap_or(n).max(1);
-            self.counters
-                .add(&self.counters.rx_vxlan, n.div_ceil(seg) as u64);
-            let SocketAddr::V4(from) = from else {
-                self.counters.drop(DropReason::NotMember);
-                continue;
-            };
+            handled += count;
             let now = Instant::now();
-            for datagram in buf[..n].chunks(seg) {
-                let vni = match switch::from_vtep(datagram, from, &tables, learned, now) {
-                    Ok(vni) => vni,
-                    Err(reason) => {
-                        self.counters.drop(reason);
+            for m in 0..count {
+                let (data, from, seg) = rx.get(m);
+                let seg = seg.unwrap_or(data.len()).max(1);
+                self.counters
+                    .add(&self.counters.rx_vxlan, data.len().div_ceil(seg) as u64);
+                let SocketAddr::V4(from) = from else {
+                    self.counters.drop(DropReason::NotMember);
+                    continue;
+                };
+                for datagram in data.chunks(seg) {
+                    let vni = match switch::from_vtep(datagram, from, &tables, learned, now) {
+                        Ok(vni) => vni,
+                        Err(reason) => {
+                            self.counters.drop(reason);
+                            continue;
+                        }
+                    };
+                    let Some(&idx) = by_vni.get(&vni) else {
+                        self.counters.drop(DropReason::NoTap);
+                        continue;
+                    };
+                    let inner = &datagram[vxlan::HEADER_LEN..];
+                    if !self.offloads {
+                        self.write_tap(taps, idx, &ZERO_VNET, inner);
                         continue;
                     }
-                };
-                let Some(&idx) = by_vni.get(&vni) else {
-                    self.counters.drop(DropReason::NoTap);
-                    continue;
-                };
-                let inner = &datagram[vxlan::HEADER_LEN..];
-                if !self.offloads {
-                    self.write_tap(taps, idx, &ZERO_VNET, inner);
-                    continue;
-                }
-                if current != Some(idx) {
-                    self.flush(taps, current, coalescer);
-                    current = Some(idx);
-                }
-                let uso = taps[idx].as_ref().is_some_and(|s| s.uso);
-                let mut push = coalescer.push_with(inner, uso);
-                if push == Push::Later {
-                    self.flush(taps, current, coalescer);
-                    push = coalescer.push_with(inner, uso);
-                }
-                if push == Push::Never {
-                    self.flush(taps, current, coalescer);
-                    self.write_tap(taps, idx, &ZERO_VNET, inner);
+                    if current != Some(idx) {
+                        self.flush(taps, current, coalescer);
+                        current = Some(idx);
+                    }
+                    let uso = taps[idx].as_ref().is_some_and(|s| s.uso);
+                    let mut push = coalescer.push_with(inner, uso);
+                    if push == Push::Later {
+                        self.flush(taps, current, coalescer);
+                        push = coalescer.push_with(inner, uso);
+                    }
+                    if push == Push::Never {
+                        self.flush(taps, current, coalescer);
+                        self.write_tap(taps, idx, &ZERO_VNET, inner);
+                    }
                 }
             }
         }
