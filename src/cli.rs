@@ -102,7 +102,8 @@ pub struct DaemonArgs {
 
 #[derive(Args)]
 pub struct DataPathArgs {
-    /// Data-path threads, one per TAP queue (default: one per core).
+    /// Data-path threads, one per TAP queue (default: one per core). With one per core they are
+    /// pinned to their core and packets steered to them while the load is light.
     #[arg(long)]
     pub workers: Option<usize>,
     /// Turn TAP and UDP offloads (TSO, GSO, GRO) off: the fallback for kernels that refuse them.
