@@ -31,8 +31,8 @@ pub struct Config {
     /// picks a free port (see [`DataPlane::local_vtep`]).
     pub local_vtep: SocketAddrV4,
     /// Data-path threads, which is also the number of queues of every TAP (at least 1). When
-    /// it equals the CPUs the process may run on (CPUs `0..workers`), twice as many are
-    /// started: a pinned small-frame worker and a bulk worker per CPU (see `steer`).
+    /// it equals the CPUs the process may run on (CPUs `0..workers`), a governor pins them to
+    /// their CPU under light load (see `governor`).
     pub workers: usize,
     /// The fast path: TAP offloads (checksum, TSO4/6, USO where the kernel accepts them,
     /// probed per TAP), `UDP_SEGMENT` on send, `UDP_GRO` and TCP coalescing on receive.
@@ -185,7 +185,11 @@ impl Governed {
                 for m in &mailboxes {
                     m.send(Control::Layout(governor.layout()));
                 }
-                let mut last: Vec<Duration> = vec![Duration::ZERO; tids.len()];
+                // A worker that is gone or not yet started counts as idle.
+                let demand = |tid: &AtomicI32| {
+                    steer::thread_demand(tid.load(Relaxed)).unwrap_or(Duration::ZERO)
+                };
+                let mut last: Vec<Duration> = tids.iter().map(|t| demand(t)).collect();
                 let mut at = Instant::now();
                 while let Err(mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(governor::SAMPLE)
@@ -195,15 +199,13 @@ impl Governed {
                     at = now;
                     let mut busiest: f64 = 0.0;
                     for (tid, last) in tids.iter().zip(last.iter_mut()) {
-                        // A worker that is gone or not yet started counts as idle.
-                        let Ok(ran) = steer::thread_demand(tid.load(Relaxed)) else {
-                            continue;
-                        };
+                        let ran = demand(tid);
                         busiest = busiest.max(ran.saturating_sub(*last).as_secs_f64() / elapsed);
                         *last = ran;
                     }
                     if let Some(layout) = governor.observe(busiest) {
-                        tracing::info!(
+                        // Debug: a bursty load may switch a few times a second.
+                        tracing::debug!(
                             ?layout,
                             busiest = format_args!("{busiest:.2}"),
                             "data-path layout changes"
