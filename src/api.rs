@@ -111,6 +111,10 @@ pub struct Status {
 pub struct Dataplane {
     /// Whether TAP and UDP offloads were asked for (each TAP keeps what its kernel accepts).
     pub offloads: bool,
+    /// Where the workers run: "steered" (light load: pinned, each packet handled on the CPU
+    /// it arrived on), "spread" (heavy load), or "hashed" (never steered: `--workers` is not
+    /// one per CPU).
+    pub layout: String,
     pub rx_frames: u64,
     pub tx_vxlan: u64,
     pub rx_vxlan: u64,

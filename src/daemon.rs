@@ -324,6 +324,7 @@ impl Daemon {
                     gossip_rejected: self.gossip.rejected.load(Ordering::Relaxed),
                     dataplane: api::Dataplane {
                         offloads: self.config.offloads,
+                        layout: stats.layout.to_owned(),
                         rx_frames: stats.rx_frames,
                         tx_vxlan: stats.tx_vxlan,
                         rx_vxlan: stats.rx_vxlan,

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::atomic::{AtomicI32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use mio::{Poll, Waker};
 
 use crate::ethernet::Mac;
 use crate::fdb::Index;
-use crate::governor::{self, Governor};
+use crate::governor::{self, Governor, Layout};
 use crate::switch::DropReason;
 use crate::udp::{self, SendPool};
 use crate::vxlan::{self, Vni};
@@ -104,6 +104,10 @@ pub struct Stats {
     pub gso_frames: u64,
     /// Coalesced super-frames (two or more TCP segments) written to a TAP.
     pub gro_frames: u64,
+    /// Where workers run (see `governor`): "steered" (pinned, packets steered to the worker
+    /// of their CPU), "spread" (heavy load: unpinned, flows hashed), or "hashed" (workers
+    /// and CPUs do not match, so never steered).
+    pub layout: &'static str,
     /// Dropped frames and datagrams by reason ("short", "no-i-flag", "unknown-vni",
     /// "not-member", "malformed-frame", "hairpin", ...). Reasons never seen are absent.
     pub drops: BTreeMap<&'static str, u64>,
@@ -171,6 +175,8 @@ impl Mailbox {
 struct Governed {
     stop: mpsc::Sender<()>,
     thread: JoinHandle<()>,
+    /// The layout last decided, for [`DataPlane::stats`].
+    steered: Arc<AtomicBool>,
 }
 
 impl Governed {
@@ -178,6 +184,8 @@ impl Governed {
         let mailboxes: Vec<Mailbox> = workers.iter().map(|w| w.mailbox.clone()).collect();
         let tids: Vec<Arc<AtomicI32>> = workers.iter().map(|w| w.tid.clone()).collect();
         let (stop, stopped) = mpsc::channel::<()>();
+        let steered = Arc::new(AtomicBool::new(true));
+        let decided = steered.clone();
         let thread = std::thread::Builder::new()
             .name("overlay-governor".into())
             .spawn(move || {
@@ -204,6 +212,7 @@ impl Governed {
                         *last = ran;
                     }
                     if let Some(layout) = governor.observe(busiest) {
+                        decided.store(layout == Layout::Steered, Relaxed);
                         // Debug: a bursty load may switch a few times a second.
                         tracing::debug!(
                             ?layout,
@@ -216,7 +225,11 @@ impl Governed {
                     }
                 }
             })?;
-        Ok(Governed { stop, thread })
+        Ok(Governed {
+            stop,
+            thread,
+            steered,
+        })
     }
 
     fn stop(self) {
@@ -436,9 +449,16 @@ impl DataPlane {
         self.tables.store(Arc::new(Index::build(&tables)));
     }
 
-    /// Counters summed over all workers.
+    /// Counters summed over all workers, and the current layout.
     pub fn stats(&self) -> Stats {
-        let mut s = Stats::default();
+        let mut s = Stats {
+            layout: match &self.governor {
+                None => "hashed",
+                Some(g) if g.steered.load(Relaxed) => "steered",
+                Some(_) => "spread",
+            },
+            ..Stats::default()
+        };
         for w in &self.workers {
             let c = &w.counters;
             s.rx_frames += c.rx_frames.load(Relaxed);
