@@ -150,7 +150,8 @@ pub fn attach_tap(queue: &impl AsRawFd) -> io::Result<()> {
         insn(BPF_CALL, BPF_FUNC_GET_SMP_PROCESSOR_ID),
         insn(BPF_EXIT, 0),
     ];
-    let license = c"Dual MIT/GPL";
+    // The project's own licence: the one helper used is not GPL-only.
+    let license = c"Apache-2.0";
     let attr = ProgLoad {
         prog_type: BPF_PROG_TYPE_SOCKET_FILTER,
         insn_cnt: insns.len() as u32,
