@@ -113,7 +113,7 @@ pub struct Dataplane {
     pub offloads: bool,
     /// Where the workers run: "steered" (light load: pinned, each packet handled on the CPU
     /// it arrived on), "spread" (heavy load), or "hashed" (never steered: `--workers` is not
-    /// one per CPU).
+    /// one per CPU, or the kernel refused the steering programs).
     pub layout: String,
     pub rx_frames: u64,
     pub tx_vxlan: u64,

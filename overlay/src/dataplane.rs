@@ -105,8 +105,8 @@ pub struct Stats {
     /// Coalesced super-frames (two or more TCP segments) written to a TAP.
     pub gro_frames: u64,
     /// Where workers run (see `governor`): "steered" (pinned, packets steered to the worker
-    /// of their CPU), "spread" (heavy load: unpinned, flows hashed), or "hashed" (workers
-    /// and CPUs do not match, so never steered).
+    /// of their CPU), "spread" (heavy load: unpinned, flows hashed), or "hashed" (never
+    /// steered: workers and CPUs do not match, or the kernel refused the programs).
     pub layout: &'static str,
     /// Dropped frames and datagrams by reason ("short", "no-i-flag", "unknown-vni",
     /// "not-member", "malformed-frame", "hairpin", ...). Reasons never seen are absent.
@@ -298,8 +298,19 @@ impl DataPlane {
                 .map_err(|source| Error::Worker { index, source })?;
             prepared.push((udp, poll, Arc::new(waker)));
         }
-        // The steered layout needs worker i and CPU i to be the same thing (see `governor`).
-        let steerable = steer::identity_cpus() == Some(config.workers);
+        // The steered layout needs worker i and CPU i to be the same thing, and the kernel to
+        // take the steering programs (see `governor`).
+        let steerable = if steer::identity_cpus() != Some(config.workers) {
+            tracing::info!(
+                "worker count differs from the CPUs this process may use: flows are hashed to workers, none is pinned"
+            );
+            false
+        } else if let Err(e) = steer::probe(&prepared[0].0, config.workers as u32) {
+            tracing::warn!(error = %e, "the kernel refused the steering programs (they need CAP_BPF or CAP_SYS_ADMIN): flows are hashed to workers, none is pinned");
+            false
+        } else {
+            true
+        };
         let tables = Arc::new(ArcSwap::from_pointee(Index::default()));
         let mut workers: Vec<WorkerHandle> = Vec::with_capacity(config.workers);
         for (index, (udp, poll, waker)) in prepared.into_iter().enumerate() {
@@ -348,9 +359,6 @@ impl DataPlane {
                 }
             }
         } else {
-            tracing::info!(
-                "worker count differs from the CPUs this process may use: flows are hashed to workers, none is pinned"
-            );
             None
         };
         tracing::info!(vtep = %addr, workers = config.workers, steerable, send_sockets, "data plane started");

@@ -12,7 +12,9 @@
 //! - [`thread_demand`]: how long a worker has run or waited to run, for the governor.
 //!
 //! Steering is only possible when this process may run on exactly CPUs `0..n` and there are
-//! `n` workers, so that CPU number and worker index are the same ([`identity_cpus`]).
+//! `n` workers, so that CPU number and worker index are the same ([`identity_cpus`]), and
+//! when the kernel lets this process load and attach both programs ([`probe`]: it needs
+//! `CAP_BPF` or `CAP_SYS_ADMIN`).
 #![allow(unsafe_code)]
 
 use std::io;
@@ -137,9 +139,25 @@ const BPF_CALL: u8 = 0x85;
 const BPF_EXIT: u8 = 0x95;
 const BPF_FUNC_GET_SMP_PROCESSOR_ID: i32 = 8;
 
+/// Whether this kernel and these privileges allow steering: loads the TAP program and
+/// attaches and detaches the socket group's program on `socket` (of a group of `sockets`).
+/// Nothing stays attached.
+pub fn probe(socket: &impl AsRawFd, sockets: u32) -> io::Result<()> {
+    load_tap_program()?;
+    attach_reuseport(socket, sockets)?;
+    detach_reuseport(socket)
+}
+
 /// Makes the TAP that `queue` belongs to queue each frame for the worker of the CPU that
 /// sends it. The setting is per device and lasts until [`detach_tap`] or the device goes.
 pub fn attach_tap(queue: &impl AsRawFd) -> io::Result<()> {
+    // The device keeps its own reference, so the program's descriptor is closed on return.
+    set_tap_program(queue, load_tap_program()?.as_raw_fd())
+}
+
+/// Loads "return the current CPU" as a socket-filter program, the type tun runs for queue
+/// selection.
+fn load_tap_program() -> io::Result<OwnedFd> {
     let insn = |code, imm| BpfInsn {
         code,
         regs: 0,
@@ -177,9 +195,7 @@ pub fn attach_tap(queue: &impl AsRawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the syscall returned a new descriptor that nothing else owns.
-    let prog = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
-    // The device keeps its own reference, so `prog` is closed on return.
-    set_tap_program(queue, prog.as_raw_fd())
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
 /// Lets the TAP hash flows to queues again.
@@ -303,6 +319,70 @@ mod tests {
         }
     }
 
+    /// Clears `CAP_SYS_ADMIN` and `CAP_BPF` from the calling thread's effective set (threads
+    /// it spawns inherit that), as in a container without them.
+    fn drop_bpf_capabilities() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        // linux/capability.h
+        const VERSION_3: u32 = 0x2008_0522;
+        const CAP_SYS_ADMIN: u32 = 21;
+        const CAP_BPF: u32 = 39;
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget writes two `Data` (version 3) for this thread; both live here.
+        let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+        assert_eq!(rc, 0, "capget: {}", io::Error::last_os_error());
+        data[0].effective &= !(1 << CAP_SYS_ADMIN);
+        data[1].effective &= !(1 << (CAP_BPF - 32));
+        // SAFETY: as above; capset only reads them.
+        let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+        assert_eq!(rc, 0, "capset: {}", io::Error::last_os_error());
+    }
+
+    /// Needs root: with one worker per CPU the data plane is steered; started from a thread
+    /// without `CAP_SYS_ADMIN`/`CAP_BPF`, the probe sees the refusal and it stays hashed.
+    #[test]
+    fn data_plane_is_steered_only_where_the_programs_load() {
+        require_root();
+        let Some(cpus) = identity_cpus() else {
+            eprintln!("skipped: this process may not use exactly CPUs 0..n");
+            return;
+        };
+        let ns = Netns::new("steercap");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                ns.enter();
+                ns.ip("link set lo up");
+                let config = crate::Config {
+                    local_vtep: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+                    workers: cpus,
+                    offloads: true,
+                };
+                let dp = crate::DataPlane::start(config.clone()).unwrap();
+                assert_eq!(dp.stats().layout, "steered", "idle and privileged");
+                dp.shutdown();
+                drop_bpf_capabilities();
+                let dp = crate::DataPlane::start(config).unwrap();
+                assert_eq!(dp.stats().layout, "hashed", "the programs cannot load");
+                dp.shutdown();
+            });
+        });
+    }
+
     /// Needs root: two sockets in one `SO_REUSEPORT` group in a fresh netns; with the program
     /// attached, a datagram sent (and so received, over loopback) on CPU `i` reaches socket
     /// `i`, for both CPUs and several rounds; detaching is accepted.
@@ -336,6 +416,7 @@ mod tests {
                 }
                 detach_reuseport(&group[0]).expect("detaching");
                 unpin_current_thread(2).unwrap();
+                probe(&group[1], 2).expect("probe on a working group");
             });
         });
     }
