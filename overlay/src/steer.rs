@@ -319,6 +319,25 @@ mod tests {
         }
     }
 
+    /// For a few rounds, on CPU 0 then CPU 1: pins the calling thread there, has `send` send
+    /// a fresh marker, and asserts that source `i` of `read` (0 or 1) is the one that gets it.
+    /// Leaves the thread unpinned.
+    fn each_cpu_gets_its_own(
+        send: impl Fn(&[u8]) -> std::io::Result<()>,
+        mut read: impl FnMut(usize, &mut [u8]) -> std::io::Result<usize>,
+    ) {
+        for round in 0..4u8 {
+            for cpu in 0..2usize {
+                pin_current_thread(cpu).unwrap();
+                let marker = [0xa5, round, cpu as u8, 0x5a];
+                send(&marker).unwrap();
+                let got = which_gets(&marker, 2, &mut read);
+                assert_eq!(got, cpu, "sent on CPU {cpu} (round {round})");
+            }
+        }
+        unpin_current_thread(2).unwrap();
+    }
+
     /// Clears `CAP_SYS_ADMIN` and `CAP_BPF` from the calling thread's effective set (threads
     /// it spawns inherit that), as in a container without them.
     fn drop_bpf_capabilities() {
@@ -363,23 +382,20 @@ mod tests {
             return;
         };
         let ns = Netns::new("steercap");
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                ns.enter();
-                ns.ip("link set lo up");
-                let config = crate::Config {
-                    local_vtep: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
-                    workers: cpus,
-                    offloads: true,
-                };
-                let dp = crate::DataPlane::start(config.clone()).unwrap();
-                assert_eq!(dp.stats().layout, "steered", "idle and privileged");
-                dp.shutdown();
-                drop_bpf_capabilities();
-                let dp = crate::DataPlane::start(config).unwrap();
-                assert_eq!(dp.stats().layout, "hashed", "the programs cannot load");
-                dp.shutdown();
-            });
+        ns.run_inside(|| {
+            ns.ip("link set lo up");
+            let config = crate::Config {
+                local_vtep: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+                workers: cpus,
+                offloads: true,
+            };
+            let dp = crate::DataPlane::start(config.clone()).unwrap();
+            assert_eq!(dp.stats().layout, "steered", "idle and privileged");
+            dp.shutdown();
+            drop_bpf_capabilities();
+            let dp = crate::DataPlane::start(config).unwrap();
+            assert_eq!(dp.stats().layout, "hashed", "the programs cannot load");
+            dp.shutdown();
         });
     }
 
@@ -393,31 +409,22 @@ mod tests {
             return;
         }
         let ns = Netns::new("steerudp");
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                ns.enter();
-                ns.ip("link set lo up");
-                let any = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0);
-                let first = crate::udp::bind_receiver(any).unwrap();
-                let std::net::SocketAddr::V4(at) = first.local_addr().unwrap() else {
-                    unreachable!()
-                };
-                let group = [first, crate::udp::bind_receiver(at).unwrap()];
-                attach_reuseport(&group[0], 2).expect("kernel refused the reuseport program");
-                let client = UdpSocket::bind(any).unwrap();
-                for round in 0..4u8 {
-                    for cpu in 0..2usize {
-                        pin_current_thread(cpu).unwrap();
-                        let marker = [0xa5, round, cpu as u8, 0x5a];
-                        client.send_to(&marker, at).unwrap();
-                        let got = which_gets(&marker, 2, |i, buf| group[i].recv(buf));
-                        assert_eq!(got, cpu, "datagram sent on CPU {cpu} (round {round})");
-                    }
-                }
-                detach_reuseport(&group[0]).expect("detaching");
-                unpin_current_thread(2).unwrap();
-                probe(&group[1], 2).expect("probe on a working group");
-            });
+        ns.run_inside(|| {
+            ns.ip("link set lo up");
+            let any = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0);
+            let first = crate::udp::bind_receiver(any).unwrap();
+            let std::net::SocketAddr::V4(at) = first.local_addr().unwrap() else {
+                unreachable!()
+            };
+            let group = [first, crate::udp::bind_receiver(at).unwrap()];
+            attach_reuseport(&group[0], 2).expect("kernel refused the reuseport program");
+            let client = UdpSocket::bind(any).unwrap();
+            each_cpu_gets_its_own(
+                |marker| client.send_to(marker, at).map(drop),
+                |i, buf| group[i].recv(buf),
+            );
+            detach_reuseport(&group[0]).expect("detaching");
+            probe(&group[1], 2).expect("probe on a working group");
         });
     }
 
@@ -431,29 +438,20 @@ mod tests {
             return;
         }
         let ns = Netns::new("steertap");
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                ns.enter();
-                let queues = Queue::open_many("ovs0", 2).expect("creating TAP ovs0");
-                queues[0].set_offload(0).unwrap();
-                ns.ip("link set ovs0 up");
-                ns.ip("addr add 198.19.254.1/24 dev ovs0");
-                ns.ip("neigh add 198.19.254.2 lladdr 02:00:c6:13:fe:02 dev ovs0 nud permanent");
-                attach_tap(&queues[0]).expect("kernel refused the TAP steering program");
-                let client = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-                let to = SocketAddrV4::new(Ipv4Addr::new(198, 19, 254, 2), 9);
-                for round in 0..4u8 {
-                    for cpu in 0..2usize {
-                        pin_current_thread(cpu).unwrap();
-                        let marker = [0xc3, round, cpu as u8, 0x3c];
-                        client.send_to(&marker, to).unwrap();
-                        let got = which_gets(&marker, 2, |i, buf| queues[i].read(buf));
-                        assert_eq!(got, cpu, "frame sent on CPU {cpu} (round {round})");
-                    }
-                }
-                detach_tap(&queues[0]).expect("detaching");
-                unpin_current_thread(2).unwrap();
-            });
+        ns.run_inside(|| {
+            let queues = Queue::open_many("ovs0", 2).expect("creating TAP ovs0");
+            queues[0].set_offload(0).unwrap();
+            ns.ip("link set ovs0 up");
+            ns.ip("addr add 198.19.254.1/24 dev ovs0");
+            ns.ip("neigh add 198.19.254.2 lladdr 02:00:c6:13:fe:02 dev ovs0 nud permanent");
+            attach_tap(&queues[0]).expect("kernel refused the TAP steering program");
+            let client = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            let to = SocketAddrV4::new(Ipv4Addr::new(198, 19, 254, 2), 9);
+            each_cpu_gets_its_own(
+                |marker| client.send_to(marker, to).map(drop),
+                |i, buf| queues[i].read(buf),
+            );
+            detach_tap(&queues[0]).expect("detaching");
         });
     }
 

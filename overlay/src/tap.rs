@@ -205,6 +205,17 @@ pub(crate) mod tests {
             Netns { name }
         }
 
+        /// Runs `f` on a thread of its own inside this namespace, and waits for it (a panic in
+        /// `f` fails the caller).
+        pub fn run_inside(&self, f: impl FnOnce() + Send) {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    self.enter();
+                    f()
+                });
+            });
+        }
+
         /// Moves the calling thread into this namespace (use a dedicated thread).
         pub fn enter(&self) {
             let f = File::open(format!("/var/run/netns/{}", self.name)).expect("opening netns");
@@ -251,56 +262,53 @@ pub(crate) mod tests {
     fn tap_round_trips_a_frame_in_a_netns() {
         require_root();
         let ns = Netns::new("tap");
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                ns.enter();
-                let queues = Queue::open_many("ovt0", 2).expect("creating TAP ovt0");
-                let accepted = probe_offload(&queues[0]);
-                assert_ne!(accepted & offload::CSUM, 0, "kernel refused TUN_F_CSUM");
-                ns.ip("link set ovt0 address 02:00:c6:13:ff:01 up");
-                ns.ip("addr add 198.19.255.1/24 dev ovt0");
+        ns.run_inside(|| {
+            let queues = Queue::open_many("ovt0", 2).expect("creating TAP ovt0");
+            let accepted = probe_offload(&queues[0]);
+            assert_ne!(accepted & offload::CSUM, 0, "kernel refused TUN_F_CSUM");
+            ns.ip("link set ovt0 address 02:00:c6:13:ff:01 up");
+            ns.ip("addr add 198.19.255.1/24 dev ovt0");
 
-                let me = crate::Mac([0x02, 0, 0xc6, 0x13, 0xff, 0x02]);
-                let mut frame = [0u8; crate::arp::REPLY_FRAME_LEN];
-                crate::arp::emit_request(
-                    (me, std::net::Ipv4Addr::new(198, 19, 255, 2)),
-                    std::net::Ipv4Addr::new(198, 19, 255, 1),
-                    &mut frame,
-                );
-                let n = queues[0]
-                    .write_parts(&[0u8; crate::vnet::HEADER_LEN], &frame)
-                    .expect("writing TAP");
-                assert_eq!(n, crate::vnet::HEADER_LEN + frame.len());
+            let me = crate::Mac([0x02, 0, 0xc6, 0x13, 0xff, 0x02]);
+            let mut frame = [0u8; crate::arp::REPLY_FRAME_LEN];
+            crate::arp::emit_request(
+                (me, std::net::Ipv4Addr::new(198, 19, 255, 2)),
+                std::net::Ipv4Addr::new(198, 19, 255, 1),
+                &mut frame,
+            );
+            let n = queues[0]
+                .write_parts(&[0u8; crate::vnet::HEADER_LEN], &frame)
+                .expect("writing TAP");
+            assert_eq!(n, crate::vnet::HEADER_LEN + frame.len());
 
-                let deadline = Instant::now() + Duration::from_secs(5);
-                let mut buf = [0u8; 2048];
-                loop {
-                    assert!(Instant::now() < deadline, "no ARP reply from the kernel");
-                    // The reply may come out of any queue.
-                    for q in &queues {
-                        let Ok(n) = q.read(&mut buf) else { continue };
-                        let (hdr, body) = buf[..n].split_at(crate::vnet::HEADER_LEN);
-                        let eth = crate::ethernet::Frame::new_checked(body).unwrap();
-                        if eth.dst() != me || eth.ethertype() != crate::ethernet::ethertype::ARP {
-                            continue;
-                        }
-                        assert_eq!(
-                            hdr,
-                            &[0u8; crate::vnet::HEADER_LEN][..],
-                            "ARP reply needs no offload"
-                        );
-                        let arp = crate::arp::Packet::new_checked(eth.payload()).unwrap();
-                        assert_eq!(arp.operation(), crate::arp::Operation::Reply);
-                        assert_eq!(arp.sender_ip(), std::net::Ipv4Addr::new(198, 19, 255, 1));
-                        assert_eq!(
-                            arp.sender_mac(),
-                            crate::Mac([0x02, 0, 0xc6, 0x13, 0xff, 0x01])
-                        );
-                        return;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut buf = [0u8; 2048];
+            loop {
+                assert!(Instant::now() < deadline, "no ARP reply from the kernel");
+                // The reply may come out of any queue.
+                for q in &queues {
+                    let Ok(n) = q.read(&mut buf) else { continue };
+                    let (hdr, body) = buf[..n].split_at(crate::vnet::HEADER_LEN);
+                    let eth = crate::ethernet::Frame::new_checked(body).unwrap();
+                    if eth.dst() != me || eth.ethertype() != crate::ethernet::ethertype::ARP {
+                        continue;
                     }
-                    std::thread::sleep(Duration::from_millis(10));
+                    assert_eq!(
+                        hdr,
+                        &[0u8; crate::vnet::HEADER_LEN][..],
+                        "ARP reply needs no offload"
+                    );
+                    let arp = crate::arp::Packet::new_checked(eth.payload()).unwrap();
+                    assert_eq!(arp.operation(), crate::arp::Operation::Reply);
+                    assert_eq!(arp.sender_ip(), std::net::Ipv4Addr::new(198, 19, 255, 1));
+                    assert_eq!(
+                        arp.sender_mac(),
+                        crate::Mac([0x02, 0, 0xc6, 0x13, 0xff, 0x01])
+                    );
+                    return;
                 }
-            });
+                std::thread::sleep(Duration::from_millis(10));
+            }
         });
     }
 }
