@@ -306,7 +306,7 @@ impl DataPlane {
             );
             false
         } else if let Err(e) = steer::probe(&prepared[0].0, config.workers as u32) {
-            tracing::warn!(error = %e, "the kernel refused the steering programs (they need CAP_BPF or CAP_SYS_ADMIN): flows are hashed to workers, none is pinned");
+            tracing::warn!(error = %e, "cannot steer packets to the worker of their CPU (the BPF programs need CAP_BPF or CAP_SYS_ADMIN; the governor reads /proc/self/task/*/schedstat): flows are hashed to workers, none is pinned");
             false
         } else {
             true

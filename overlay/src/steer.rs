@@ -13,8 +13,8 @@
 //!
 //! Steering is only possible when this process may run on exactly CPUs `0..n` and there are
 //! `n` workers, so that CPU number and worker index are the same ([`identity_cpus`]), and
-//! when the kernel lets this process load and attach both programs ([`probe`]: it needs
-//! `CAP_BPF` or `CAP_SYS_ADMIN`).
+//! when the kernel lets this process load and attach both programs and read schedstat
+//! ([`probe`]; the programs need `CAP_BPF` or `CAP_SYS_ADMIN`).
 #![allow(unsafe_code)]
 
 use std::io;
@@ -139,10 +139,11 @@ const BPF_CALL: u8 = 0x85;
 const BPF_EXIT: u8 = 0x95;
 const BPF_FUNC_GET_SMP_PROCESSOR_ID: i32 = 8;
 
-/// Whether this kernel and these privileges allow steering: loads the TAP program and
-/// attaches and detaches the socket group's program on `socket` (of a group of `sockets`).
-/// Nothing stays attached.
+/// Whether this kernel and these privileges allow steering: the governor can read how busy a
+/// thread is, the TAP program loads, and the socket group's program attaches (on `socket`, of
+/// a group of `sockets`) and detaches again. Nothing stays attached.
 pub fn probe(socket: &impl AsRawFd, sockets: u32) -> io::Result<()> {
+    thread_demand(current_thread_id())?;
     load_tap_program()?;
     attach_reuseport(socket, sockets)?;
     detach_reuseport(socket)
