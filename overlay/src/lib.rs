@@ -26,8 +26,8 @@
 //!   checksums, and coalescing received TCP segments (or UDP datagrams) back into one
 //!   super-frame.
 //! - [`tap`]: the multi-queue TAP with a virtio-net header.
-//! - [`udp`]: the receive sockets (one per worker, `SO_REUSEPORT`), the send-socket pool, and
-//!   `UDP_SEGMENT`/`UDP_GRO`.
+//! - [`udp`]: the receive sockets (one per worker, `SO_REUSEPORT`, read with `recvmmsg`), the
+//!   send-socket pool, and `UDP_SEGMENT`/`UDP_GRO`.
 //! - `worker`: one thread per TAP queue; polls, switches and does the I/O, without locks or
 //!   allocation per packet.
 //! - `governor`: the choice between pinning workers to CPUs with packets steered to the
