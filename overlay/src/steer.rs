@@ -4,8 +4,9 @@
 //!
 //! - [`pin_current_thread`] / [`unpin_current_thread`]: `sched_setaffinity`;
 //! - [`attach_tap`] / [`detach_tap`]: a two-instruction eBPF program, "return the current
-//!   CPU", attached to a TAP with `TUNSETSTEERINGEBPF` (tun takes it modulo its queues, and
-//!   worker `i` serves queue `i`); detached, tun hashes flows to queues again;
+//!   CPU", set as the TAP's queue selector ([`Queue::set_steering`]; tun takes the value
+//!   modulo its queues, and worker `i` serves queue `i`); detached, tun hashes flows to
+//!   queues again;
 //! - [`attach_reuseport`] / [`detach_reuseport`]: a classic BPF program, "current CPU modulo
 //!   the workers", on the `SO_REUSEPORT` group of the workers' VXLAN sockets (indexed in bind
 //!   order, worker `i` bound `i`-th); detached, the kernel hashes flows to sockets again;
@@ -19,7 +20,9 @@
 
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+use crate::tap::Queue;
 
 /// A CPU mask as `sched_{get,set}affinity` take it: 1024 bits.
 type CpuMask = [u64; 16];
@@ -151,9 +154,14 @@ pub fn probe(socket: &impl AsRawFd, sockets: u32) -> io::Result<()> {
 
 /// Makes the TAP that `queue` belongs to queue each frame for the worker of the CPU that
 /// sends it. The setting is per device and lasts until [`detach_tap`] or the device goes.
-pub fn attach_tap(queue: &impl AsRawFd) -> io::Result<()> {
+pub fn attach_tap(queue: &Queue) -> io::Result<()> {
     // The device keeps its own reference, so the program's descriptor is closed on return.
-    set_tap_program(queue, load_tap_program()?.as_raw_fd())
+    queue.set_steering(Some(load_tap_program()?.as_fd()))
+}
+
+/// Lets the TAP hash flows to queues again.
+pub fn detach_tap(queue: &Queue) -> io::Result<()> {
+    queue.set_steering(None)
 }
 
 /// Loads "return the current CPU" as a socket-filter program, the type tun runs for queue
@@ -199,28 +207,6 @@ fn load_tap_program() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
-/// Lets the TAP hash flows to queues again.
-pub fn detach_tap(queue: &impl AsRawFd) -> io::Result<()> {
-    set_tap_program(queue, -1)
-}
-
-fn set_tap_program(queue: &impl AsRawFd, prog_fd: libc::c_int) -> io::Result<()> {
-    // SAFETY: TUNSETSTEERINGEBPF reads one `int` (a program's descriptor, or -1 to detach)
-    // through the pointer, which points at `prog_fd`.
-    let rc = unsafe {
-        libc::ioctl(
-            queue.as_raw_fd(),
-            libc::TUNSETSTEERINGEBPF,
-            &prog_fd as *const libc::c_int,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 /// Makes the `SO_REUSEPORT` group that `socket` belongs to deliver each datagram received
 /// on CPU `i` to the socket at index `i % sockets`. The program is per group and lasts until
 /// [`detach_reuseport`].
@@ -264,28 +250,13 @@ pub fn attach_reuseport(socket: &impl AsRawFd, sockets: u32) -> io::Result<()> {
 
 /// Lets the kernel hash datagrams to the group's sockets again.
 pub fn detach_reuseport(socket: &impl AsRawFd) -> io::Result<()> {
-    let unused: libc::c_int = 0;
-    // SAFETY: the pointer and length describe `unused`, a live c_int the kernel ignores.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_DETACH_REUSEPORT_BPF,
-            &unused as *const libc::c_int as *const libc::c_void,
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // The kernel ignores the value.
+    crate::udp::set_int(socket, libc::SOL_SOCKET, libc::SO_DETACH_REUSEPORT_BPF, 0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tap::Queue;
     use crate::tap::tests::{Netns, require_root};
     use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
     use std::time::{Duration, Instant};

@@ -1,6 +1,6 @@
 //! The TAP device: open queues of a multi-queue TAP with a virtio-net header, set offloads.
 //!
-//! Its `unsafe` is three `ioctl`s on `/dev/net/tun` (the steering ioctl is in `steer`). Reads and writes go through
+//! Its `unsafe` is four `ioctl`s on `/dev/net/tun`. Reads and writes go through
 //! [`std::fs::File`], which is safe. It does not name, address or enslave the device: the
 //! daemon does.
 //!
@@ -110,6 +110,28 @@ impl Queue {
                 self.file.as_raw_fd(),
                 libc::TUNSETOFFLOAD,
                 flags as libc::c_ulong,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Sets the device's queue-selection program (`TUNSETSTEERINGEBPF`): a loaded eBPF
+    /// socket-filter program whose return value, modulo the queues, picks the queue for each
+    /// frame the kernel sends out of the TAP; `None` goes back to tun's flow hashing. The
+    /// setting is per device; the device keeps its own reference to the program.
+    pub fn set_steering(&self, program: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        let fd: libc::c_int = program.map_or(-1, |p| p.as_raw_fd());
+        // SAFETY: TUNSETSTEERINGEBPF reads one `int` (a program's descriptor, or -1) through
+        // the pointer, which points at `fd`.
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                libc::TUNSETSTEERINGEBPF,
+                &fd as *const libc::c_int,
             )
         };
         if rc < 0 {

@@ -134,6 +134,7 @@ pub fn segments_per_send(mtu: u32) -> u32 {
     datagrams_per_send(datagram) as u32
 }
 
+pub(crate) use sys::set_int;
 pub use sys::{RecvBatch, enable_gro, send_gso};
 
 #[allow(unsafe_code)]
@@ -155,7 +156,7 @@ mod sys {
     }
 
     /// `setsockopt` of one `int` option; on error nothing changes.
-    fn set_int(
+    pub(crate) fn set_int(
         socket: &impl AsRawFd,
         level: libc::c_int,
         option: libc::c_int,
