@@ -227,9 +227,11 @@ ov_log "overlayd RTT"
 # RTT at rest, as the kernel's is: after load, the governor keeps the workers spread for half a
 # second before it pins them again (overlay/src/governor.rs).
 sleep 1
+layout() { ov_cli "${OV_API[1]}" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["dataplane"]["layout"])' 2>/dev/null || echo "n/a"; }
+O_LAYOUT=$(layout)
 O_RTT=$(ip netns exec "${O}c1" ping -q -c 500 -i 0.002 "$C2_IP" | awk -F/ '/rtt/{print $5}') || true
 [[ $O_RTT =~ ^[0-9.]+$ ]] || O_RTT="n/a"
-echo "overlayd RTT c1->c2: $O_RTT ms avg"
+echo "overlayd RTT c1->c2: $O_RTT ms avg (node 1's data-path layout before: $O_LAYOUT, after: $(layout))"
 
 ov_log "overlayd TCP request/response (sockperf)"
 O_RR=$(sockperf_rtt "${O}c2" "${O}c1" "$C2_IP")
