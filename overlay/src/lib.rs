@@ -38,9 +38,9 @@
 //!   tables, sums stats.
 //!
 //! `unsafe` is confined to four places, each with a `// SAFETY:` line per block: [`tap`]'s
-//! ioctls, `udp`'s `sys` module (`setsockopt`, `sendmsg`/`recvmsg` with control messages),
-//! `steer` (affinity, loading and attaching the BPF programs) and the call of the AVX2 loop
-//! in [`checksum`] after CPU detection.
+//! ioctls, `udp`'s `sys` module (`setsockopt`, `sendmsg`/`recvmmsg` with control messages),
+//! `steer` (affinity, loading the TAP's eBPF program, attaching the sockets' classic one)
+//! and the call of the AVX2 loop in [`checksum`] after CPU detection.
 
 pub mod arp;
 pub mod checksum;

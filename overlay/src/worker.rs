@@ -734,29 +734,43 @@ impl Io<'_> {
                         continue;
                     };
                     let inner = &datagram[vxlan::HEADER_LEN..];
-                    if !self.offloads {
-                        self.write_tap(taps, idx, &ZERO_VNET, inner);
-                        continue;
-                    }
-                    if current != Some(idx) {
-                        self.flush(taps, current, coalescer);
-                        current = Some(idx);
-                    }
-                    let uso = taps[idx].as_ref().is_some_and(|s| s.uso);
-                    let mut push = coalescer.push_with(inner, uso);
-                    if push == Push::Later {
-                        self.flush(taps, current, coalescer);
-                        push = coalescer.push_with(inner, uso);
-                    }
-                    if push == Push::Never {
-                        self.flush(taps, current, coalescer);
-                        self.write_tap(taps, idx, &ZERO_VNET, inner);
-                    }
+                    self.deliver(taps, idx, inner, coalescer, &mut current);
                 }
             }
         }
         self.flush(taps, current, coalescer);
         more
+    }
+
+    /// Hands a decapsulated frame to TAP `idx`: written at once on the plain path, else
+    /// joined to what the coalescer holds for `current` (flushing that first if it cannot
+    /// join), or written alone if it can never be coalesced.
+    fn deliver(
+        &self,
+        taps: &[Option<TapSlot>],
+        idx: usize,
+        inner: &[u8],
+        coalescer: &mut Coalescer,
+        current: &mut Option<usize>,
+    ) {
+        if !self.offloads {
+            self.write_tap(taps, idx, &ZERO_VNET, inner);
+            return;
+        }
+        if *current != Some(idx) {
+            self.flush(taps, *current, coalescer);
+            *current = Some(idx);
+        }
+        let uso = taps[idx].as_ref().is_some_and(|s| s.uso);
+        let mut push = coalescer.push_with(inner, uso);
+        if push == Push::Later {
+            self.flush(taps, *current, coalescer);
+            push = coalescer.push_with(inner, uso);
+        }
+        if push == Push::Never {
+            self.flush(taps, *current, coalescer);
+            self.write_tap(taps, idx, &ZERO_VNET, inner);
+        }
     }
 
     fn flush(&self, taps: &[Option<TapSlot>], idx: Option<usize>, coalescer: &mut Coalescer) {
