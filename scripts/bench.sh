@@ -170,16 +170,8 @@ for n in c1 c2 n1 n2; do ov_ns_kill_del "${R}$n"; done
 # --- overlayd on the same topology ---------------------------------------------------------------
 ov_log "overlayd: 2 nodes on one veth, one container each"
 O="${P}o"
-ov_ns_add "${O}n1"
-ov_ns_add "${O}n2"
-ov_wire "${O}n1" 198.18.0.1/24 "${O}n2" 198.18.0.2/24
-ov_cluster "$O" 2 "198.18.0.%d"
-ov_cli "${OV_API[1]}" network create bench --subnet 198.19.0.0/24 --mtu 1450
-ov_wait 20 "network bench on node 2" ov_network_known "${OV_API[2]}" bench
-ov_ns_add "${O}c1"
-ov_ns_add "${O}c2"
-ov_attach "${OV_API[1]}" "${O}c1" bench >/dev/null
-C2_IP=$(ov_attach "${OV_API[2]}" "${O}c2" bench)
+ov_overlay_pair "$O"
+C2_IP=$OV_C2_IP
 DAEMONS=("${OV_NODE_PID[1]}" "${OV_NODE_PID[2]}")
 
 sleep 2 # idle: cluster formed, containers attached, no traffic yet

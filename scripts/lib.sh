@@ -262,6 +262,23 @@ ov_cluster() {
   ov_wait 30 "$n nodes ready" ov_has_ready "${OV_API[1]}" "$n"
 }
 
+# ov_overlay_pair PREFIX: the benchmark topology run by overlayd: nodes PREFIXn1 and PREFIXn2 on
+# one veth (198.18.0.1-2/24, MTU 1500) in a cluster, network "bench" (198.19.0.0/24, MTU 1450),
+# container PREFIXc1 attached on node 1 and PREFIXc2 on node 2. Sets OV_C2_IP to c2's address.
+ov_overlay_pair() {
+  local p=$1
+  ov_ns_add "${p}n1"
+  ov_ns_add "${p}n2"
+  ov_wire "${p}n1" 198.18.0.1/24 "${p}n2" 198.18.0.2/24
+  ov_cluster "$p" 2 "198.18.0.%d"
+  ov_cli "${OV_API[1]}" network create bench --subnet 198.19.0.0/24 --mtu 1450 >/dev/null
+  ov_wait 20 "network bench on node 2" ov_network_known "${OV_API[2]}" bench
+  ov_ns_add "${p}c1"
+  ov_ns_add "${p}c2"
+  ov_attach "${OV_API[1]}" "${p}c1" bench >/dev/null
+  OV_C2_IP=$(ov_attach "${OV_API[2]}" "${p}c2" bench)
+}
+
 # ov_dump_logs: prints the daemons' logs (for failures).
 ov_dump_logs() {
   local f

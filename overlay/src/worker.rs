@@ -737,6 +737,13 @@ impl Io<'_> {
                     self.deliver(taps, idx, inner, coalescer, &mut current);
                 }
             }
+            if count < RECV_BATCH {
+                // recvmmsg stops short only when the queue ran dry, and a datagram arriving
+                // after that raises a new edge: asking again would only return EAGAIN, one
+                // syscall more on every hop of a request/response.
+                more = false;
+                break;
+            }
         }
         self.flush(taps, current, coalescer);
         more
