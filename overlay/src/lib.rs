@@ -32,17 +32,19 @@
 //!   allocation per packet.
 //! - `governor`: the choice between pinning workers to CPUs with packets steered to the
 //!   worker of their CPU (light load: short round trips) and letting them spread (heavy
-//!   load: throughput); `steer`: the system calls behind it (affinity, a BPF program for the
-//!   TAP and one for the `SO_REUSEPORT` group).
+//!   load: throughput); `steer`: the system calls behind it (affinity, an eBPF program for
+//!   the TAP that keeps busy bulk flows on their worker, a classic BPF program for the
+//!   `SO_REUSEPORT` group); `bpf`: encoding, loading and the map for the eBPF one.
 //! - [`DataPlane`]: starts workers and the governor, adds and removes networks, publishes
 //!   tables, sums stats.
 //!
-//! `unsafe` is confined to four places, each with a `// SAFETY:` line per block: [`tap`]'s
+//! `unsafe` is confined to five places, each with a `// SAFETY:` line per block: [`tap`]'s
 //! ioctls, `udp`'s `sys` module (`setsockopt`, `sendmsg`/`recvmmsg` with control messages),
-//! `steer` (affinity, loading the TAP's eBPF program, attaching the sockets' classic one)
-//! and the call of the AVX2 loop in [`checksum`] after CPU detection.
+//! `steer` (affinity, attaching the sockets' classic BPF program), `bpf` (the `bpf(2)`
+//! calls) and the call of the AVX2 loop in [`checksum`] after CPU detection.
 
 pub mod arp;
+mod bpf;
 pub mod checksum;
 mod dataplane;
 pub mod ethernet;
