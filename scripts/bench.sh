@@ -35,7 +35,7 @@ ANCHORS=$(cd "$ANCHORS" && pwd)
 
 ov_need_root
 ov_install_deps
-if ! command -v nebula >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+if ! { command -v nebula && command -v nebula-cert; } >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   ov_log "installing nebula (Debian's package) for the Nebula anchor"
   { DEBIAN_FRONTEND=noninteractive timeout 300 apt-get update -qq &&
     DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq nebula >/dev/null; } ||

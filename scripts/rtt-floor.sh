@@ -49,11 +49,11 @@ relay_pair() {
   ov_wait 10 "relay ping ${p}c1 -> 198.19.0.2" ip netns exec "${p}c1" ping -c1 -W1 198.19.0.2
 }
 
-# rtt NS IP: bench.sh's ping, average RTT in ms.
-rtt() { ip netns exec "$1" ping -q -c 500 -i 0.002 "$2" | awk -F/ '/rtt/{print $5}'; }
+# rtt NS IP: bench.sh's ping, average RTT in ms (empty if every ping was lost).
+rtt() { ip netns exec "$1" ping -q -c 500 -i 0.002 "$2" | awk -F/ '/rtt/{print $5}' || true; }
 ratio() { awk -v o="$1" -v k="$2" 'BEGIN { if (o ~ /^[0-9.]+$/ && k ~ /^[0-9.]+$/ && k > 0) printf "%.2f", o / k; else print "n/a" }'; }
 
-ALL_CPUS="0-$(($(nproc) - 1))"
+CPUS=$(taskset -p -c $$ | sed 's/.*: //') # restored after the one-CPU mode
 declare -a RESULTS=()
 for mode in 0 1; do
   if [ "$mode" = 1 ]; then
@@ -75,7 +75,7 @@ for mode in 0 1; do
     echo "$label round $r: kernel $k ms, floor relay $f ms, overlayd $o ms"
     RESULTS+=("$(printf '%-8s | %-5s | %-8s | %-8s | %-8s | %-11s | %s' "$label" "$r" "$k" "$f" "$o" "$(ratio "$f" "$k")" "$(ratio "$o" "$k")")")
   done
-  taskset -p -c "$ALL_CPUS" $$ >/dev/null
+  taskset -p -c "$CPUS" $$ >/dev/null
   # The next mode starts from nothing: its processes must be started under its affinity.
   for ns in "${OV_NAMESPACES[@]}"; do ov_ns_kill_del "$ns"; done
   for p in "${OV_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done

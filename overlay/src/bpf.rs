@@ -1,8 +1,13 @@
 //! Just enough of `bpf(2)` for the steering program (`steer`): encoding eBPF instructions,
 //! loading a socket-filter program, creating an LRU hash map. Hand-encoded, because the one
-//! program is 39 instructions and a BPF toolchain (clang, libbpf, aya) would be a build
-//! dependency bigger than the program.
+//! program is 37 instructions (39 slots) and a BPF toolchain (clang, libbpf, aya) would be a
+//! build dependency bigger than the program.
 #![allow(unsafe_code)]
+
+// `struct bpf_insn` puts the destination register in the low nibble on little-endian hosts
+// only; `asm` encodes that order.
+#[cfg(target_endian = "big")]
+compile_error!("bpf.rs encodes eBPF instructions for little-endian hosts only");
 
 use std::io;
 use std::mem::size_of;
@@ -149,9 +154,9 @@ pub mod asm {
     pub const fn jeq_imm(dst: u8, imm: i32, off: i16) -> BpfInsn {
         insn(0x15, dst, 0, off, imm)
     }
-    /// if dst > imm (unsigned): skip `off` instructions.
-    pub const fn jgt_imm(dst: u8, imm: i32, off: i16) -> BpfInsn {
-        insn(0x25, dst, 0, off, imm)
+    /// if dst > imm (signed): skip `off` instructions.
+    pub const fn jsgt_imm(dst: u8, imm: i32, off: i16) -> BpfInsn {
+        insn(0x65, dst, 0, off, imm)
     }
     /// if dst <= imm (unsigned): skip `off` instructions.
     pub const fn jle_imm(dst: u8, imm: i32, off: i16) -> BpfInsn {

@@ -189,7 +189,9 @@ fn load_tap_program(sticky_ns: u32) -> io::Result<OwnedFd> {
         load64(1, 8, 8),
         mov(2, 9),
         sub(2, 1),
-        jgt_imm(2, sticky_ns.min(i32::MAX as u32) as i32, 3), // -> current CPU
+        // Signed: another CPU may have stored a time later than ours (a flow's frames can
+        // reach the TAP from two CPUs at once); that flow is busy, not quiet.
+        jsgt_imm(2, sticky_ns.min(i32::MAX as u32) as i32, 3), // -> current CPU
         store64(8, 8, 9),
         load32(0, 8, 0),
         exit(),
@@ -432,8 +434,8 @@ mod tests {
 
     const BEYOND_TAP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 254, 2), 9);
 
-    /// Needs root: with the program attached, a datagram of an unconnected socket (no flow
-    /// hash) that the kernel routes out of the TAP while running on CPU `i` is read from queue
+    /// Needs root: with the program attached, a datagram of an unconnected socket (normally
+    /// no flow hash) that the kernel routes out of the TAP while running on CPU `i` is read from queue
     /// `i`; detaching is accepted.
     #[test]
     fn tap_program_picks_the_queue_of_the_cpu() {
@@ -454,9 +456,10 @@ mod tests {
 
     /// Needs root: a connected socket's datagrams carry a flow hash. Its small datagrams
     /// follow the sending CPU at once. A `UDP_SEGMENT` super-frame makes the flow bulk: sent
-    /// from CPU 0 and then at once from CPU 1, both super-frames reach queue 0 (the flow keeps
-    /// its worker, so its frames cannot overtake each other); after the flow has been quiet
-    /// for longer than the program's window, the next one from CPU 1 reaches queue 1.
+    /// from CPU 0 and then at once from CPU 1, both super-frames (and a small datagram after
+    /// them) reach queue 0, so the flow keeps its worker and its frames cannot overtake each
+    /// other. After the flow has been quiet for longer than the program's window, it follows
+    /// its sender again, until its next super-frame.
     #[test]
     fn tap_program_keeps_a_busy_bulk_flow_on_its_queue() {
         require_root();
@@ -501,11 +504,14 @@ mod tests {
                 "also with a small frame"
             );
             std::thread::sleep(window * 2);
+            let quiet = "a quiet flow follows its sender";
+            assert_eq!(send_on(1, b"\xa5small3", false), 1, "{quiet}");
             assert_eq!(
-                send_on(1, b"\xa5third", true),
-                1,
-                "a quiet flow follows its sender"
+                send_on(0, b"\xa5third", true),
+                0,
+                "and is bulk again where it sends"
             );
+            assert_eq!(send_on(1, b"\xa5small4", false), 0, "busy once more");
             unpin_current_thread(2).unwrap();
         });
     }

@@ -738,9 +738,10 @@ impl Io<'_> {
                 }
             }
             if count < RECV_BATCH {
-                // recvmmsg stops short only when the queue ran dry, and a datagram arriving
-                // after that raises a new edge: asking again would only return EAGAIN, one
-                // syscall more on every hop of a request/response.
+                // recvmmsg stops short only when the queue ran dry or an error is pending (an
+                // ICMP error, which wakes the socket and so raises an edge of its own); a
+                // datagram arriving after that raises a new edge too. Asking again would only
+                // return EAGAIN, one syscall more on every hop of a request/response.
                 more = false;
                 break;
             }
