@@ -245,21 +245,15 @@ pub fn attach_reuseport(socket: &impl AsRawFd, sockets: u32) -> io::Result<()> {
         len: filter.len() as u16,
         filter: filter.as_mut_ptr(),
     };
-    // SAFETY: the pointer and length describe `prog`, whose filter array outlives the call;
-    // the kernel copies the program.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
+    // SAFETY: SO_ATTACH_REUSEPORT_CBPF takes a sock_fprog, and its filter array outlives the
+    // call; the kernel copies the program.
+    unsafe {
+        crate::udp::set_option(
+            socket,
             libc::SOL_SOCKET,
             libc::SO_ATTACH_REUSEPORT_CBPF,
-            &prog as *const libc::sock_fprog as *const libc::c_void,
-            size_of::<libc::sock_fprog>() as libc::socklen_t,
+            &prog,
         )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }
 

@@ -134,8 +134,8 @@ pub fn segments_per_send(mtu: u32) -> u32 {
     datagrams_per_send(datagram) as u32
 }
 
-pub(crate) use sys::set_int;
 pub use sys::{RecvBatch, enable_gro, send_gso};
+pub(crate) use sys::{set_int, set_option};
 
 #[allow(unsafe_code)]
 mod sys {
@@ -162,14 +162,29 @@ mod sys {
         option: libc::c_int,
         value: libc::c_int,
     ) -> io::Result<()> {
-        // SAFETY: the pointer and length describe `value`, a live c_int, for the duration of the call.
+        // SAFETY: an int option, and a c_int holds no pointer.
+        unsafe { set_option(socket, level, option, &value) }
+    }
+
+    /// `setsockopt` of `value`; on error nothing changes.
+    ///
+    /// # Safety
+    /// `T` must be the type `option` takes, and any pointer inside `value` valid for the call.
+    pub(crate) unsafe fn set_option<T>(
+        socket: &impl AsRawFd,
+        level: libc::c_int,
+        option: libc::c_int,
+        value: &T,
+    ) -> io::Result<()> {
+        // SAFETY: the pointer and length describe `value`, live for the duration of the call;
+        // the caller vouches for what it points to.
         let rc = unsafe {
             libc::setsockopt(
                 socket.as_raw_fd(),
                 level,
                 option,
-                &value as *const libc::c_int as *const libc::c_void,
-                size_of::<libc::c_int>() as libc::socklen_t,
+                value as *const T as *const libc::c_void,
+                size_of::<T>() as libc::socklen_t,
             )
         };
         if rc < 0 {
