@@ -15,6 +15,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 
 /// One eBPF instruction (`struct bpf_insn`).
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct BpfInsn {
     code: u8,
     /// dst register in the low nibble, src in the high one.

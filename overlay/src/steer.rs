@@ -168,8 +168,7 @@ fn load_tap_program(sticky_ns: u32) -> io::Result<OwnedFd> {
     // u32 flow hash -> (u32 CPU, u32 padding, u64 time of the last frame in ns).
     let map = bpf::create_lru_hash(4, 16, STICKY_FLOWS)?;
     let map_fd = map.as_raw_fd();
-    let [map_a, map_b] = load_map(1, map_fd);
-    let [map_c, map_d] = load_map(1, map_fd);
+    let [map_lo, map_hi] = load_map(1, map_fd);
     // r6 ctx, r7 flow hash (the key, also at fp-4), r8 map value or CPU, r9 now.
     // The new value is built at fp-24: CPU (u32), padding (u32), time (u64).
     let insns = [
@@ -177,8 +176,8 @@ fn load_tap_program(sticky_ns: u32) -> io::Result<OwnedFd> {
         load32(7, 6, SKB_HASH),
         jeq_imm(7, 0, 34), // -> no hash
         store32(10, -4, 7),
-        map_a,
-        map_b,
+        map_lo,
+        map_hi,
         mov(2, 10),
         add_imm(2, -4),
         call(MAP_LOOKUP_ELEM),
@@ -203,8 +202,8 @@ fn load_tap_program(sticky_ns: u32) -> io::Result<OwnedFd> {
         store32(10, -24, 8),
         store32_imm(10, -20, 0),
         store64(10, -16, 9),
-        map_c,
-        map_d,
+        map_lo,
+        map_hi,
         mov(2, 10),
         add_imm(2, -4),
         mov(3, 10),
