@@ -5,8 +5,8 @@
 //! - [`pin_current_thread`] / [`unpin_current_thread`]: `sched_setaffinity`;
 //! - [`attach_tap`] / [`detach_tap`]: an eBPF program, "the current CPU, unless the frame
 //!   belongs to a bulk flow busy in the last millisecond: then that flow's CPU", as the
-//!   TAP's queue selector ([`Queue::set_steering`]; tun takes the value modulo its queues, and worker `i`
-//!   serves queue `i`); detached, tun hashes flows to queues again;
+//!   TAP's queue selector ([`Queue::set_steering`]; tun takes the value modulo its queues,
+//!   and worker `i` serves queue `i`); detached, tun hashes flows to queues again;
 //! - [`attach_reuseport`] / [`detach_reuseport`]: a classic BPF program, "current CPU modulo
 //!   the workers", on the `SO_REUSEPORT` group of the workers' VXLAN sockets (indexed in bind
 //!   order, worker `i` bound `i`-th); detached, the kernel hashes flows to sockets again;
