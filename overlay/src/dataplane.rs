@@ -300,17 +300,21 @@ impl DataPlane {
         }
         // The steered layout needs worker i and CPU i to be the same thing, and the kernel to
         // take the steering programs (see `governor`).
-        let steerable = if steer::identity_cpus() != Some(config.workers) {
+        let mut tap_program = if steer::identity_cpus() != Some(config.workers) {
             tracing::info!(
                 "worker count differs from the CPUs this process may use: flows are hashed to workers, none is pinned"
             );
-            false
-        } else if let Err(e) = steer::probe(&prepared[0].0, config.workers as u32) {
-            tracing::warn!(error = %e, "cannot steer packets to the worker of their CPU (the BPF programs need CAP_BPF or CAP_SYS_ADMIN; the governor reads /proc/self/task/*/schedstat): flows are hashed to workers, none is pinned");
-            false
+            None
         } else {
-            true
+            match steer::probe(&prepared[0].0, config.workers as u32) {
+                Ok(program) => Some(program),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot steer packets to the worker of their CPU (the BPF programs need CAP_BPF or CAP_SYS_ADMIN; the governor reads /proc/self/task/*/schedstat): flows are hashed to workers, none is pinned");
+                    None
+                }
+            }
         };
+        let steerable = tap_program.is_some();
         let tables = Arc::new(ArcSwap::from_pointee(Index::default()));
         let mut workers: Vec<WorkerHandle> = Vec::with_capacity(config.workers);
         for (index, (udp, poll, waker)) in prepared.into_iter().enumerate() {
@@ -326,6 +330,8 @@ impl DataPlane {
                 counters: counters.clone(),
                 offloads: config.offloads,
                 cpu: steerable.then_some((index, config.workers)),
+                // Worker 0 attaches the per-device and per-group programs.
+                steering: tap_program.take(),
             };
             let thread_tid = tid.clone();
             let spawned = std::thread::Builder::new()

@@ -125,20 +125,26 @@ const SKB_GSO_SEGS: i16 = 164;
 
 /// Whether this kernel and these privileges allow steering: the governor can read how busy a
 /// thread is, the TAP program loads, and the socket group's program attaches (on `socket`, of
-/// a group of `sockets`) and detaches again. Nothing stays attached.
-pub fn probe(socket: &impl AsRawFd, sockets: u32) -> io::Result<()> {
+/// a group of `sockets`) and detaches again. Nothing stays attached; the loaded TAP program is
+/// returned for [`attach_tap`].
+pub fn probe(socket: &impl AsRawFd, sockets: u32) -> io::Result<TapProgram> {
     thread_demand(current_thread_id())?;
-    load_tap_program(STICKY_NS)?;
+    let program = TapProgram::load(STICKY_NS)?;
     attach_reuseport(socket, sockets)?;
-    detach_reuseport(socket)
+    detach_reuseport(socket)?;
+    Ok(program)
 }
 
+/// The TAP's queue selector (see [`TapProgram::load`]), loaded once and attached to every TAP
+/// while steered; the TAPs share it and its flow map (a flow hash is unique enough across them).
+#[derive(Debug)]
+pub struct TapProgram(OwnedFd);
+
 /// Makes the TAP that `queue` belongs to queue each frame for the worker of the CPU that sends
-/// it, except that a bulk flow stays with its worker while it is busy (see
-/// [`load_tap_program`]). The setting is per device and lasts until [`detach_tap`] or the device goes.
-pub fn attach_tap(queue: &Queue) -> io::Result<()> {
-    // The device keeps its own reference, so the program's descriptor is closed on return.
-    queue.set_steering(Some(load_tap_program(STICKY_NS)?.as_fd()))
+/// it, except that a bulk flow stays with its worker while it is busy (see [`TapProgram`]).
+/// The setting is per device and lasts until [`detach_tap`] or the device goes.
+pub fn attach_tap(queue: &Queue, program: &TapProgram) -> io::Result<()> {
+    queue.set_steering(Some(program.0.as_fd()))
 }
 
 /// Lets the TAP hash flows to queues again.
@@ -146,79 +152,81 @@ pub fn detach_tap(queue: &Queue) -> io::Result<()> {
     queue.set_steering(None)
 }
 
-/// Loads the TAP's queue selector, a socket-filter program (the type tun runs for it) that
-/// returns a CPU number, over a map of its own (flow hash -> CPU, time of the flow's last
-/// frame):
-///
-/// ```text
-///     if the frame has no flow hash: return the current CPU
-///     if the flow is remembered and sent a frame less than `sticky_ns` ago:
-///         note the time, return the flow's CPU
-///     if the frame is a super-frame: remember (current CPU, now) for the flow
-///     return the current CPU
-/// ```
-///
-/// Following the current CPU alone splits a bulk flow across two workers whenever its sender
-/// migrates, and the two then race each other's frames out of order: thousands of spurious
-/// TCP retransmissions at the start of an iperf3 run, hundreds per second at 2 Gbit/s. Only
-/// super-frames make a flow sticky, so a request/response flow of small messages keeps
-/// meeting the worker of its sender's CPU (with one request in flight it cannot be reordered).
-fn load_tap_program(sticky_ns: u32) -> io::Result<OwnedFd> {
-    use bpf::asm::*;
-    // u32 flow hash -> (u32 CPU, u32 padding, u64 time of the last frame in ns).
-    let map = bpf::create_lru_hash(4, 16, STICKY_FLOWS)?;
-    let map_fd = map.as_raw_fd();
-    let [map_lo, map_hi] = load_map(1, map_fd);
-    // r6 ctx, r7 flow hash (the key, also at fp-4), r8 map value or CPU, r9 now.
-    // The new value is built at fp-24: CPU (u32), padding (u32), time (u64).
-    let insns = [
-        mov(6, 1),
-        load32(7, 6, SKB_HASH),
-        jeq_imm(7, 0, 34), // -> no hash
-        store32(10, -4, 7),
-        map_lo,
-        map_hi,
-        mov(2, 10),
-        add_imm(2, -4),
-        call(MAP_LOOKUP_ELEM),
-        mov(8, 0),
-        call(KTIME_GET_NS),
-        mov(9, 0),
-        jeq_imm(8, 0, 7), // -> current CPU
-        load64(1, 8, 8),
-        mov(2, 9),
-        sub(2, 1),
-        // Signed: another CPU may have stored a time later than ours (a flow's frames can
-        // reach the TAP from two CPUs at once); that flow is busy, not quiet.
-        jsgt_imm(2, sticky_ns.min(i32::MAX as u32) as i32, 3), // -> current CPU
-        store64(8, 8, 9),
-        load32(0, 8, 0),
-        exit(),
-        // current CPU:
-        call(GET_SMP_PROCESSOR_ID),
-        mov(8, 0),
-        load32(1, 6, SKB_GSO_SEGS),
-        jle_imm(1, 1, 11), // -> return it
-        store32(10, -24, 8),
-        store32_imm(10, -20, 0),
-        store64(10, -16, 9),
-        map_lo,
-        map_hi,
-        mov(2, 10),
-        add_imm(2, -4),
-        mov(3, 10),
-        add_imm(3, -24),
-        mov_imm(4, 0), // BPF_ANY
-        call(MAP_UPDATE_ELEM),
-        // return it:
-        mov(0, 8),
-        exit(),
-        // no hash:
-        call(GET_SMP_PROCESSOR_ID),
-        exit(),
-    ];
-    // The program holds the map now; `map` (our descriptor) closes on return.
-    bpf::load_socket_filter(&insns)
+impl TapProgram {
+    /// Loads the TAP's queue selector, a socket-filter program (the type tun runs for it) that
+    /// returns a CPU number, over a map of its own (flow hash -> CPU, time of the flow's last
+    /// frame) that every TAP it is attached to shares:
+    ///
+    /// ```text
+    ///     if the frame has no flow hash: return the current CPU
+    ///     if the flow is remembered and sent a frame less than `sticky_ns` ago:
+    ///         note the time, return the flow's CPU
+    ///     if the frame is a super-frame: remember (current CPU, now) for the flow
+    ///     return the current CPU
+    /// ```
+    ///
+    /// Following the current CPU alone splits a bulk flow across two workers whenever its sender
+    /// migrates, and the two then race each other's frames out of order: thousands of spurious
+    /// TCP retransmissions at the start of an iperf3 run, hundreds per second at 2 Gbit/s. Only
+    /// super-frames make a flow sticky, so a request/response flow of small messages keeps
+    /// meeting the worker of its sender's CPU (with one request in flight it cannot be reordered).
+    fn load(sticky_ns: u32) -> io::Result<TapProgram> {
+        use bpf::asm::*;
+        // u32 flow hash -> (u32 CPU, u32 padding, u64 time of the last frame in ns).
+        let map = bpf::create_lru_hash(4, 16, STICKY_FLOWS)?;
+        let map_fd = map.as_raw_fd();
+        let [map_lo, map_hi] = load_map(1, map_fd);
+        // r6 ctx, r7 flow hash (the key, also at fp-4), r8 map value or CPU, r9 now.
+        // The new value is built at fp-24: CPU (u32), padding (u32), time (u64).
+        let insns = [
+            mov(6, 1),
+            load32(7, 6, SKB_HASH),
+            jeq_imm(7, 0, 34), // -> no hash
+            store32(10, -4, 7),
+            map_lo,
+            map_hi,
+            mov(2, 10),
+            add_imm(2, -4),
+            call(MAP_LOOKUP_ELEM),
+            mov(8, 0),
+            call(KTIME_GET_NS),
+            mov(9, 0),
+            jeq_imm(8, 0, 7), // -> current CPU
+            load64(1, 8, 8),
+            mov(2, 9),
+            sub(2, 1),
+            // Signed: another CPU may have stored a time later than ours (a flow's frames can
+            // reach the TAP from two CPUs at once); that flow is busy, not quiet.
+            jsgt_imm(2, sticky_ns.min(i32::MAX as u32) as i32, 3), // -> current CPU
+            store64(8, 8, 9),
+            load32(0, 8, 0),
+            exit(),
+            // current CPU:
+            call(GET_SMP_PROCESSOR_ID),
+            mov(8, 0),
+            load32(1, 6, SKB_GSO_SEGS),
+            jle_imm(1, 1, 11), // -> return it
+            store32(10, -24, 8),
+            store32_imm(10, -20, 0),
+            store64(10, -16, 9),
+            map_lo,
+            map_hi,
+            mov(2, 10),
+            add_imm(2, -4),
+            mov(3, 10),
+            add_imm(3, -24),
+            mov_imm(4, 0), // BPF_ANY
+            call(MAP_UPDATE_ELEM),
+            // return it:
+            mov(0, 8),
+            exit(),
+            // no hash:
+            call(GET_SMP_PROCESSOR_ID),
+            exit(),
+        ];
+        // The program holds the map now; `map` (our descriptor) closes on return.
+        bpf::load_socket_filter(&insns).map(TapProgram)
+    }
 }
 
 /// Makes the `SO_REUSEPORT` group that `socket` belongs to deliver each datagram received
@@ -428,8 +436,8 @@ mod tests {
     const BEYOND_TAP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 254, 2), 9);
 
     /// Needs root: with the program attached, a datagram of an unconnected socket (normally
-    /// no flow hash) that the kernel routes out of the TAP while running on CPU `i` is read from queue
-    /// `i`; detaching is accepted.
+    /// no flow hash) that the kernel routes out of the TAP while running on CPU `i` is read
+    /// from queue `i`; detaching is accepted.
     #[test]
     fn tap_program_picks_the_queue_of_the_cpu() {
         require_root();
@@ -437,7 +445,8 @@ mod tests {
             return;
         }
         with_two_queue_tap("steertap", "ovs0", |queues| {
-            attach_tap(&queues[0]).expect("kernel refused the TAP steering program");
+            let program = TapProgram::load(STICKY_NS).unwrap();
+            attach_tap(&queues[0], &program).expect("kernel refused the TAP steering program");
             let client = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).unwrap();
             each_cpu_gets_its_own(
                 |marker| client.send_to(marker, BEYOND_TAP).map(drop),
@@ -462,8 +471,8 @@ mod tests {
         // Wide enough that a busy test machine cannot make the first two sends "quiet".
         let window = Duration::from_millis(300);
         with_two_queue_tap("steerflow", "ovs1", |queues| {
-            let program = load_tap_program(window.as_nanos() as u32).unwrap();
-            queues[0].set_steering(Some(program.as_fd())).unwrap();
+            let program = TapProgram::load(window.as_nanos() as u32).unwrap();
+            attach_tap(&queues[0], &program).unwrap();
             let client = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).unwrap();
             client.connect(BEYOND_TAP).unwrap();
             let mut read = |i: usize, buf: &mut [u8]| queues[i].read(buf);

@@ -114,6 +114,9 @@ pub(crate) struct Worker {
     /// `(i, n)`: this is worker `i` of `n`, one per CPU, so it can be steered (see
     /// `governor`); `None` if workers and CPUs do not match.
     pub cpu: Option<(usize, usize)>,
+    /// On the one worker (0) that attaches the steering programs, which are per device and
+    /// per socket group: the TAP program.
+    pub steering: Option<steer::TapProgram>,
 }
 
 struct State {
@@ -255,6 +258,7 @@ impl Worker {
             counters,
             offloads,
             cpu,
+            steering,
         } = self;
         if let Err(e) =
             poll.registry()
@@ -301,7 +305,11 @@ impl Worker {
             for ev in events.iter() {
                 let t = ev.token();
                 if t == WAKER {
-                    if !handle_control(&poll, &control, &udp, cpu, &mut st) {
+                    let steer = Steer {
+                        cpu,
+                        program: steering.as_ref(),
+                    };
+                    if !handle_control(&poll, &control, &udp, steer, &mut st) {
                         return;
                     }
                 } else if !pending.contains(&t) {
@@ -324,12 +332,19 @@ impl Worker {
     }
 }
 
+/// What a worker may do about where it runs: its `Worker::cpu` and `Worker::steering`.
+#[derive(Clone, Copy)]
+struct Steer<'a> {
+    cpu: Option<(usize, usize)>,
+    program: Option<&'a steer::TapProgram>,
+}
+
 /// Applies queued control messages. Returns false on shutdown.
 fn handle_control(
     poll: &Poll,
     control: &mpsc::Receiver<Control>,
     udp: &UdpSocket,
-    cpu: Option<(usize, usize)>,
+    steering: Steer<'_>,
     st: &mut State,
 ) -> bool {
     loop {
@@ -355,9 +370,9 @@ fn handle_control(
                 if idx == st.taps.len() {
                     st.taps.push(None);
                 }
-                if cpu.is_some_and(|(i, _)| i == 0)
+                if let Some(program) = steering.program
                     && st.layout == Layout::Steered
-                    && let Err(e) = steer::attach_tap(&queue)
+                    && let Err(e) = steer::attach_tap(&queue, program)
                 {
                     tracing::warn!(%vni, error = %e, "kernel refused the TAP steering program; its flows are hashed to workers");
                 }
@@ -365,8 +380,8 @@ fn handle_control(
                 st.by_vni.insert(vni, idx);
             }
             Ok(Control::Layout(layout)) => {
-                if let Some(cpu) = cpu {
-                    apply_layout(layout, cpu, udp, st);
+                if let Some(cpu) = steering.cpu {
+                    apply_layout(layout, cpu, steering.program, udp, st);
                 }
             }
             Ok(Control::Remove { vni, done }) => {
@@ -382,10 +397,17 @@ fn handle_control(
     }
 }
 
-/// Pins or unpins this worker; worker 0 also attaches or detaches the programs that steer
-/// packets by CPU, for the socket group and every TAP (each is per group or per device).
-/// A refusal is logged and leaves that part hashed, which is slower to wake but correct.
-fn apply_layout(layout: Layout, (index, cpus): (usize, usize), udp: &UdpSocket, st: &mut State) {
+/// Pins or unpins this worker; the worker holding `program` also attaches or detaches the
+/// programs that steer packets by CPU, for the socket group and every TAP (each is per group
+/// or per device). A refusal is logged and leaves that part hashed, which is slower to wake
+/// but correct.
+fn apply_layout(
+    layout: Layout,
+    (index, cpus): (usize, usize),
+    program: Option<&steer::TapProgram>,
+    udp: &UdpSocket,
+    st: &mut State,
+) {
     st.layout = layout;
     let steered = layout == Layout::Steered;
     let pinned = if steered {
@@ -396,9 +418,9 @@ fn apply_layout(layout: Layout, (index, cpus): (usize, usize), udp: &UdpSocket, 
     if let Err(e) = pinned {
         tracing::warn!(worker = index, ?layout, error = %e, "cannot change the worker's CPU affinity");
     }
-    if index != 0 {
+    let Some(program) = program else {
         return;
-    }
+    };
     let group = if steered {
         steer::attach_reuseport(udp, cpus as u32)
     } else {
@@ -409,7 +431,7 @@ fn apply_layout(layout: Layout, (index, cpus): (usize, usize), udp: &UdpSocket, 
     }
     for slot in st.taps.iter().flatten() {
         let tap = if steered {
-            steer::attach_tap(&slot.queue)
+            steer::attach_tap(&slot.queue, program)
         } else {
             steer::detach_tap(&slot.queue)
         };
