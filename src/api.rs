@@ -104,6 +104,8 @@ pub struct Status {
     pub vtep: SocketAddrV4,
     pub networks: usize,
     pub gossip_rejected: u64,
+    /// Gossip entries (from members) refused because they broke the registry's rules.
+    pub gossip_refused: u64,
     pub dataplane: Dataplane,
 }
 

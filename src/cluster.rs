@@ -1,12 +1,19 @@
-//! The cluster as one node sees it, derived from the gossip state: members, networks, endpoints.
+//! The cluster as one node sees it: members and their endpoints from gossip, networks and
+//! address holders from the Raft-replicated [`Registry`].
 //!
-//! Pure: [`View::build`] takes each member's key-values and liveness, so the merge rules (network
-//! union with tombstones, which endpoints count) are tested without sockets.
+//! Pure: [`View::build`] takes each member's key-values and liveness and the registry, so the
+//! rules (which endpoints count, what is refused) are tested without sockets.
+//!
+//! Gossip is written by every member, so everything read from it is checked before it counts:
+//! an endpoint counts only if the registry gave its address to the member announcing it, with
+//! the MAC derived from it; a VTEP must parse. Anything else is refused and listed in
+//! [`View::refused`], never trusted.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use crate::model::{Endpoint, Network, Node, NodeState, key};
+use crate::registry::Registry;
 
 /// One member's gossip state, as chitchat holds it.
 pub struct MemberState<'a> {
@@ -37,17 +44,27 @@ pub struct Placed {
 #[derive(Clone, Debug, Default)]
 pub struct View {
     pub members: Vec<Member>,
-    /// Live networks by name.
+    /// Networks by name.
     pub networks: BTreeMap<String, Network>,
-    /// Ids of removed networks.
-    pub tombstones: BTreeSet<String>,
     pub endpoints: Vec<Placed>,
+    /// Gossip entries refused, as "member key: why".
+    pub refused: Vec<String>,
 }
 
 impl View {
-    pub fn build<'a>(states: impl IntoIterator<Item = MemberState<'a>>) -> View {
-        let mut view = View::default();
-        let mut seen_networks: Vec<Network> = Vec::new();
+    pub fn build<'a>(
+        states: impl IntoIterator<Item = MemberState<'a>>,
+        registry: &Registry,
+    ) -> View {
+        let mut view = View {
+            networks: registry.networks().clone(),
+            ..View::default()
+        };
+        let by_id: BTreeMap<&str, &Network> = registry
+            .networks()
+            .values()
+            .map(|n| (n.id.as_str(), n))
+            .collect();
         // A restarted node is a new generation; the old one lingers in gossip as a dead member
         // until it is forgotten, and must count neither as a member nor for its endpoints.
         let states: Vec<MemberState> = states.into_iter().collect();
@@ -56,25 +73,32 @@ impl View {
             let g = newest.entry(state.id).or_default();
             *g = (*g).max(state.generation);
         }
-        for state in states.iter().filter(|s| newest[s.id] == s.generation) {
+        for state in states
+            .iter()
+            .filter(|s| newest.get(s.id) == Some(&s.generation))
+        {
             let mut vtep: Option<SocketAddrV4> = None;
             let mut realised = BTreeSet::new();
             for &(k, v) in &state.keys {
-                if k == key::VTEP {
-                    vtep = v.parse().ok();
+                let checked = if k == key::VTEP {
+                    v.parse()
+                        .map(|addr| vtep = Some(addr))
+                        .map_err(|_| "not an IPv4 address:port".to_string())
                 } else if let Some(id) = k.strip_prefix(key::REALISED_PREFIX) {
                     realised.insert(id.to_string());
-                } else if k.starts_with(key::NETWORK_PREFIX) {
-                    seen_networks.extend(serde_json::from_str::<Network>(v).ok());
-                } else if let Some(id) = k.strip_prefix(key::TOMBSTONE_PREFIX) {
-                    view.tombstones.insert(id.to_string());
-                } else if k.starts_with(key::ENDPOINT_PREFIX)
-                    && let Ok(endpoint) = serde_json::from_str::<Endpoint>(v)
-                {
-                    view.endpoints.push(Placed {
-                        node: state.id.to_string(),
-                        endpoint,
-                    });
+                    Ok(())
+                } else if k.starts_with(key::ENDPOINT_PREFIX) {
+                    endpoint(state.id, v, &by_id, registry).map(|endpoint| {
+                        view.endpoints.push(Placed {
+                            node: state.id.to_string(),
+                            endpoint,
+                        })
+                    })
+                } else {
+                    Err("unknown key".to_string())
+                };
+                if let Err(why) = checked {
+                    view.refused.push(format!("{} {k}: {why}", state.id));
                 }
             }
             let address = match (vtep, state.gossip) {
@@ -98,58 +122,8 @@ impl View {
                 realised,
             });
         }
-        // Every node copies every network, so the same record arrives many times; a name
-        // re-used after removal arrives with a new id. The lowest live id wins a (rare) clash
-        // that only a leader change in mid-create could cause.
-        seen_networks.sort_by(|a, b| a.id.cmp(&b.id));
-        for network in seen_networks {
-            if !view.tombstones.contains(&network.id) {
-                view.networks.entry(network.name.clone()).or_insert(network);
-            }
-        }
-        let live_ids: BTreeSet<&str> = view.networks.values().map(|n| n.id.as_str()).collect();
-        view.endpoints
-            .retain(|p| live_ids.contains(p.endpoint.network_id.as_str()));
         view.members.sort_by(|a, b| a.node.id.cmp(&b.node.id));
         view
-    }
-
-    /// What this node must set and delete among its own keys (`mine`) so that it holds a copy
-    /// of every live network and every tombstone, and no copy of a removed network.
-    pub fn replication(
-        &self,
-        mine: &BTreeMap<String, String>,
-    ) -> (Vec<(String, String)>, Vec<String>) {
-        let mut set: Vec<(String, String)> = self
-            .networks
-            .values()
-            .map(|net| (key::network(&net.name), net.to_gossip()))
-            .filter(|(k, v)| mine.get(k) != Some(v))
-            .collect();
-        set.extend(
-            self.tombstones
-                .iter()
-                .map(|id| key::tombstone(id))
-                .filter(|k| !mine.contains_key(k))
-                .map(|k| (k, String::new())),
-        );
-        let delete = mine
-            .keys()
-            .filter(|k| {
-                k.strip_prefix(key::NETWORK_PREFIX)
-                    .is_some_and(|name| !self.networks.contains_key(name))
-            })
-            .cloned()
-            .collect();
-        (set, delete)
-    }
-
-    /// The member that decides what must be unique (networks, addresses): the live member with
-    /// the lowest id, so every node that sees the same members asks the same one.
-    pub fn leader(&self) -> Option<&Member> {
-        self.members
-            .iter()
-            .find(|m| m.node.state == NodeState::Ready)
     }
 
     pub fn endpoints_on<'a>(
@@ -214,24 +188,64 @@ impl View {
     }
 }
 
+/// An endpoint announced by `node`, if the registry gave it that address: a member cannot
+/// announce (and so draw the traffic of) an address it does not hold.
+fn endpoint(
+    node: &str,
+    value: &str,
+    networks: &BTreeMap<&str, &Network>,
+    registry: &Registry,
+) -> Result<Endpoint, String> {
+    let endpoint: Endpoint = serde_json::from_str(value).map_err(|e| format!("malformed: {e}"))?;
+    if !networks.contains_key(endpoint.network_id.as_str()) {
+        return Err(format!(
+            "network {} is not in the registry",
+            endpoint.network_id
+        ));
+    }
+    if registry.holder(&endpoint.network_id, endpoint.ip) != Some(node) {
+        return Err(format!("{} is not held by this member", endpoint.ip));
+    }
+    if endpoint.mac != Endpoint::mac_for(endpoint.ip) {
+        return Err(format!(
+            "MAC {} is not the one of {}",
+            endpoint.mac, endpoint.ip
+        ));
+    }
+    Ok(endpoint)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::Command;
 
-    fn network(id: &str, name: &str) -> String {
-        serde_json::to_string(&Network {
-            id: id.into(),
-            name: name.into(),
+    /// A registry holding network `web` (id `w`, 198.19.0.0/24, static VTEP 198.18.0.9) and
+    /// the addresses `held` as (node, last octet).
+    fn registry(held: &[(&str, u8)]) -> Registry {
+        let mut r = Registry::default();
+        r.apply(Command::CreateNetwork {
+            id: "w".into(),
+            name: "web".into(),
             subnet: "198.19.0.0/24".parse().unwrap(),
-            vni: 4096,
+            vni: None,
             mtu: 1450,
             vteps: vec!["198.18.0.9".parse().unwrap()],
         })
-        .unwrap()
+        .unwrap();
+        for (node, last) in held {
+            r.apply(Command::Allocate {
+                network: "web".into(),
+                node: node.to_string(),
+                ip: Some(Ipv4Addr::new(198, 19, 0, *last)),
+            })
+            .unwrap();
+        }
+        r
     }
 
-    fn endpoint(network_id: &str, ip: &str) -> String {
-        let ip: Ipv4Addr = ip.parse().unwrap();
+    fn endpoint(network_id: &str, last: u8) -> String {
+        let ip = Ipv4Addr::new(198, 19, 0, last);
         serde_json::to_string(&Endpoint {
             network_id: network_id.into(),
             ip,
@@ -243,93 +257,105 @@ mod tests {
     }
 
     /// (node id, live, key-values) per member; the first is this node.
-    type Member = (String, bool, Vec<(String, String)>);
+    type Gossip = Vec<(&'static str, bool, Vec<(&'static str, String)>)>;
 
-    struct Fixture {
-        members: Vec<Member>,
-    }
-
-    impl Fixture {
-        fn view(&self) -> View {
-            View::build(
-                self.members
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (id, live, kv))| MemberState {
-                        id,
-                        generation: 1,
-                        gossip: format!("198.18.0.{}:7946", i + 1).parse().unwrap(),
-                        live: *live,
-                        is_self: i == 0,
-                        keys: kv.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
-                    }),
-            )
-        }
-    }
-
-    fn kv(pairs: &[(&str, String)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect()
+    fn view(members: &Gossip, registry: &Registry) -> View {
+        View::build(
+            members
+                .iter()
+                .enumerate()
+                .map(|(i, (id, live, kv))| MemberState {
+                    id,
+                    generation: 1,
+                    gossip: format!("198.18.0.{}:7946", i + 1).parse().unwrap(),
+                    live: *live,
+                    is_self: i == 0,
+                    keys: kv.iter().map(|(k, v)| (*k, v.as_str())).collect(),
+                }),
+            registry,
+        )
     }
 
     #[test]
-    fn networks_merge_and_tombstones_win() {
-        let f = Fixture {
-            members: vec![
-                (
-                    "a".into(),
-                    true,
-                    kv(&[
-                        ("vtep", "198.18.0.1:4789".into()),
-                        ("net/web", network("n1", "web")),
-                    ]),
-                ),
-                (
-                    "b".into(),
-                    true,
-                    kv(&[
-                        ("net/web", network("n1", "web")),
-                        ("net/old", network("n0", "old")),
-                    ]),
-                ),
-                (
-                    "c".into(),
-                    false,
-                    kv(&[
-                        ("netrm/n0", String::new()),
-                        ("ep/n1/198.19.0.2", endpoint("n1", "198.19.0.2")),
-                    ]),
-                ),
-            ],
-        };
-        let view = f.view();
+    fn networks_come_from_the_registry_and_endpoints_only_from_their_holders() {
+        let registry = registry(&[("a", 2), ("b", 3)]);
+        let forged_mac = endpoint("w", 3).replace(
+            &Endpoint::mac_for(Ipv4Addr::new(198, 19, 0, 3)),
+            "02:42:c6:13:00:02",
+        );
+        let members: Gossip = vec![
+            (
+                "a",
+                true,
+                vec![
+                    ("vtep", "198.18.0.1:4789".into()),
+                    ("ep/w/198.19.0.2", endpoint("w", 2)),
+                ],
+            ),
+            (
+                "b",
+                true,
+                vec![
+                    ("vtep", "198.18.0.2:4789".into()),
+                    ("ep/w/198.19.0.3", endpoint("w", 3)),
+                    // Held by nobody, by another member, or with another MAC: refused.
+                    ("ep/w/198.19.0.4", endpoint("w", 4)),
+                    ("ep/w/198.19.0.2", endpoint("w", 2)),
+                    ("ep/w/x", forged_mac),
+                    ("ep/gone/198.19.0.3", endpoint("gone", 3)),
+                ],
+            ),
+            (
+                "c",
+                false,
+                vec![
+                    ("vtep", "198.18.0.300:4789".into()),
+                    ("ep/w/y", "{not json".into()),
+                    (
+                        "net/evil",
+                        r#"{"id":"e","name":"evil","subnet":"198.19.9.0/32","vni":7,"mtu":1450}"#
+                            .into(),
+                    ),
+                ],
+            ),
+        ];
+        let view = view(&members, &registry);
         assert_eq!(view.networks.keys().collect::<Vec<_>>(), ["web"]);
-        assert_eq!(view.endpoints.len(), 1);
-        assert_eq!(view.leader().unwrap().node.id, "a");
+        let placed: Vec<(String, String)> = view
+            .endpoints
+            .iter()
+            .map(|p| (p.node.clone(), p.endpoint.ip.to_string()))
+            .collect();
+        assert_eq!(
+            placed,
+            [
+                ("a".into(), "198.19.0.2".into()),
+                ("b".into(), "198.19.0.3".into())
+            ]
+        );
+        assert_eq!(view.refused.len(), 7, "{:#?}", view.refused);
         assert_eq!(view.members[2].node.state, NodeState::Down);
+        assert_eq!(view.members[2].node.vtep, None, "a bad VTEP is not used");
     }
 
     #[test]
     fn only_the_newest_generation_of_a_restarted_node_counts() {
-        let old_ep = endpoint("n1", "198.19.0.2");
-        let new_ep = endpoint("n1", "198.19.0.3");
-        let net = network("n1", "web");
-        fn state<'a>(generation: u64, live: bool, net: &'a str, ep: &'a str) -> MemberState<'a> {
+        let registry = registry(&[("a", 2), ("a", 3)]);
+        let (old_ep, new_ep) = (endpoint("w", 2), endpoint("w", 3));
+        fn state<'a>(generation: u64, live: bool, ep: &'a str) -> MemberState<'a> {
             MemberState {
                 id: "a",
                 generation,
                 gossip: "198.18.0.1:7946".parse().unwrap(),
                 live,
                 is_self: false,
-                keys: vec![("net/web", net), ("ep/n1/x", ep)],
+                keys: vec![("ep/w/x", ep)],
             }
         }
-        let view = View::build([
-            state(1, false, &net, &old_ep),
-            state(2, true, &net, &new_ep),
-        ]);
+        let view = View::build(
+            [state(1, false, &old_ep), state(2, true, &new_ep)],
+            &registry,
+        );
         assert_eq!(view.members.len(), 1);
         assert_eq!(view.members[0].node.state, NodeState::Ready);
         let ips: Vec<String> = view
@@ -341,66 +367,35 @@ mod tests {
     }
 
     #[test]
-    fn every_node_copies_live_networks_and_tombstones_and_drops_removed_copies() {
-        let f = Fixture {
-            members: vec![
-                ("a".into(), true, kv(&[("net/old", network("n0", "old"))])),
-                (
-                    "b".into(),
-                    true,
-                    kv(&[
-                        ("net/web", network("n1", "web")),
-                        ("netrm/n0", String::new()),
-                    ]),
-                ),
-            ],
-        };
-        let view = f.view();
-        let mine: BTreeMap<String, String> = f.members[0].2.iter().cloned().collect();
-        let (set, delete) = view.replication(&mine);
-        let set_keys: Vec<&str> = set.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(set_keys, ["net/web", "netrm/n0"]);
-        assert_eq!(delete, ["net/old"]);
-        let mine: BTreeMap<String, String> = set.into_iter().collect();
-        assert_eq!(
-            view.replication(&mine),
-            (vec![], vec![]),
-            "converged: nothing more to do"
-        );
-    }
-
-    #[test]
     fn tables_keep_down_members_and_add_static_vteps() {
-        let f = Fixture {
-            members: vec![
-                (
-                    "a".into(),
-                    true,
-                    kv(&[
-                        ("vtep", "198.18.0.1:4789".into()),
-                        ("net/web", network("n1", "web")),
-                        ("ep/n1/198.19.0.2", endpoint("n1", "198.19.0.2")),
-                    ]),
-                ),
-                (
-                    "b".into(),
-                    true,
-                    kv(&[
-                        ("vtep", "198.18.0.2:4789".into()),
-                        ("ep/n1/198.19.0.3", endpoint("n1", "198.19.0.3")),
-                    ]),
-                ),
-                (
-                    "c".into(),
-                    false,
-                    kv(&[
-                        ("vtep", "198.18.0.3:4789".into()),
-                        ("ep/n1/198.19.0.4", endpoint("n1", "198.19.0.4")),
-                    ]),
-                ),
-            ],
-        };
-        let tables = f.view().tables("a", 4789);
+        let registry = registry(&[("a", 2), ("b", 3), ("c", 4)]);
+        let members: Gossip = vec![
+            (
+                "a",
+                true,
+                vec![
+                    ("vtep", "198.18.0.1:4789".into()),
+                    ("ep/w/198.19.0.2", endpoint("w", 2)),
+                ],
+            ),
+            (
+                "b",
+                true,
+                vec![
+                    ("vtep", "198.18.0.2:4789".into()),
+                    ("ep/w/198.19.0.3", endpoint("w", 3)),
+                ],
+            ),
+            (
+                "c",
+                false,
+                vec![
+                    ("vtep", "198.18.0.3:4789".into()),
+                    ("ep/w/198.19.0.4", endpoint("w", 4)),
+                ],
+            ),
+        ];
+        let tables = view(&members, &registry).tables("a", 4789);
         let net = &tables.networks[0];
         assert_eq!(net.gateway, "198.19.0.1".parse::<Ipv4Addr>().unwrap());
         let peers: Vec<String> = net.peers.iter().map(|p| p.to_string()).collect();

@@ -5,7 +5,7 @@
 //! reconcile loop makes the host and the data plane follow.
 //!
 //! # Layout
-//! - this file: start and stop, the API and peer servers, requests that go to the leader.
+//! - this file: start and stop, the API and peer servers, changes proposed through Raft.
 //! - [`reconcile`]: the loop that makes bridges, TAPs and the data plane's tables match the view.
 //! - [`endpoints`]: containers on this node (attach, detach, restore after a restart).
 
@@ -16,21 +16,22 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chitchat::ChitchatId;
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Mutex;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::api::{self, Failure, NetworkInfo};
 use crate::cluster::View;
+use crate::consensus::{Change, Consensus, Elsewhere};
 use crate::gossip::{self, Gossip};
-use crate::leader::Ledger;
 use crate::model::{Endpoint, Network, NodeState, key};
 use crate::peer;
+use crate::registry::Command;
 use crate::state_dir::{self, Identity};
 use crate::token::Secret;
 use crate::{host, wire};
@@ -39,8 +40,13 @@ use crate::{host, wire};
 const CONVERGE_WITHIN: Duration = Duration::from_secs(10);
 /// How long the API server waits for a client to send its request.
 const API_REQUEST_WITHIN: Duration = Duration::from_secs(10);
-/// The reply of a member asked to decide while it is not the leader; the asker retries.
+/// The reply of a member asked to commit a change while it is not the Raft leader; the asker
+/// retries.
 const NOT_LEADER: &str = "this node is not the leader";
+/// How long a proposal may look for a leader that commits it.
+const PROPOSE_WITHIN: Duration = Duration::from_secs(12);
+/// How often a task that panicked is restarted, at most.
+const RESTART_PAUSE: Duration = Duration::from_secs(1);
 /// Pause after a failed `accept` (such as EMFILE), so the server does not spin on it.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Underlay bytes VXLAN adds over IPv4: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
@@ -83,8 +89,10 @@ pub struct Daemon {
     plumbing: Mutex<()>,
     /// Endpoints this node hosted before a restart, waiting for their network's bridge.
     restoring: Mutex<Vec<Endpoint>>,
-    /// Leader-only bookkeeping; a mutex so concurrent peer requests are decided one at a time.
-    ledger: Mutex<Ledger>,
+    /// Raft over the registry of networks and addresses.
+    consensus: Consensus,
+    /// Gossip entries refused for long enough to be logged (see `reconcile`).
+    gossip_refused: AtomicU64,
 }
 
 impl Daemon {
@@ -94,6 +102,11 @@ impl Daemon {
             .await
             .map_err(|e| Failure::usage(format!("{e:#}")))?;
         let new_id = || hex::encode(rand::random::<[u8; 6]>());
+        let joining = match &start {
+            Start::Join { peer, .. } => Some(*peer),
+            _ => None,
+        };
+        let initialising = matches!(start, Start::Init);
         let (id, secret, seeds, restored, identity_to_create) = match start {
             Start::Init => {
                 state_dir::ensure_unused(&config.state_dir)?;
@@ -162,9 +175,13 @@ impl Daemon {
                 };
                 state_dir::create(&config.state_dir, &identity)?;
             }
-            Ok::<_, Failure>((peer_listener, vtep, dataplane, gossip))
+            let consensus = Consensus::start(&id, config.state_dir.clone(), &secret).await?;
+            if initialising {
+                consensus.initialise(&id, gossip_addr).await?;
+            }
+            Ok::<_, Failure>((peer_listener, vtep, dataplane, gossip, consensus))
         };
-        let (peer_listener, vtep, dataplane, gossip) = match started.await {
+        let (peer_listener, vtep, dataplane, gossip, consensus) = match started.await {
             Ok(parts) => parts,
             Err(failure) => {
                 let _ = std::fs::remove_file(&config.api);
@@ -184,11 +201,45 @@ impl Daemon {
             stopping: AtomicBool::new(false),
             plumbing: Mutex::default(),
             restoring: Mutex::new(restored),
-            ledger: Mutex::default(),
+            consensus,
+            gossip_refused: AtomicU64::new(0),
         });
-        tokio::spawn(daemon.clone().serve_api(api_listener));
-        tokio::spawn(daemon.clone().serve_peers(peer_listener));
-        tokio::spawn(daemon.clone().reconcile_forever());
+        let api_listener = Arc::new(api_listener);
+        let peer_listener = Arc::new(peer_listener);
+        supervise("API server", {
+            let daemon = daemon.clone();
+            move || daemon.clone().serve_api(api_listener.clone())
+        });
+        supervise("peer server", {
+            let daemon = daemon.clone();
+            move || daemon.clone().serve_peers(peer_listener.clone())
+        });
+        supervise("reconcile loop", {
+            let daemon = daemon.clone();
+            move || daemon.clone().reconcile_forever()
+        });
+        if let Some(seed) = joining {
+            let addr = SocketAddr::from((daemon.config.advertise, daemon.config.gossip_port));
+            let join = Change::Join {
+                node: daemon.id.clone(),
+                addr,
+            };
+            let request = peer::Request::Propose {
+                change: join,
+                forward: true,
+            };
+            let joined = match peer::call(seed, &daemon.secret, &request).await {
+                Ok(reply) => reply.map(drop),
+                Err(err) => Err(Failure::runtime(format!("{err:#}"))),
+            };
+            if let Err(failure) = joined {
+                daemon.stop().await;
+                let _ = std::fs::remove_dir_all(&daemon.config.state_dir);
+                return Err(Failure::runtime(format!(
+                    "joining through {seed}: the cluster did not add this node: {failure}"
+                )));
+            }
+        }
         Ok(daemon)
     }
 
@@ -207,6 +258,7 @@ impl Daemon {
             host::remove_link(&net.bridge_name()).await;
         }
         let _ = std::fs::remove_file(&self.config.api);
+        self.consensus.shutdown().await;
         if let Err(err) = self.gossip.handle.initiate_shutdown() {
             warn!(%err, "gossip did not shut down cleanly");
         }
@@ -219,7 +271,7 @@ impl Daemon {
     async fn converge(&self, what: &str, done: impl Fn(&View) -> bool) -> Result<View, Failure> {
         let deadline = Instant::now() + CONVERGE_WITHIN;
         loop {
-            let view = self.gossip.view().await;
+            let view = self.view().await;
             if done(&view) {
                 return Ok(view);
             }
@@ -232,7 +284,12 @@ impl Daemon {
         }
     }
 
-    async fn serve_api(self: Arc<Daemon>, listener: UnixListener) {
+    /// The cluster as gossip and this node's copy of the registry show it now.
+    async fn view(&self) -> View {
+        self.gossip.view(&self.consensus.registry()).await
+    }
+
+    async fn serve_api(self: Arc<Daemon>, listener: Arc<UnixListener>) {
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -270,7 +327,6 @@ impl Daemon {
         match request {
             NodeLs => Ok(json(
                 &self
-                    .gossip
                     .view()
                     .await
                     .members
@@ -280,7 +336,7 @@ impl Daemon {
             )),
             JoinToken => Ok(json(&self.secret.token())),
             NetworkLs => {
-                let view = self.gossip.view().await;
+                let view = self.view().await;
                 Ok(json(
                     &view
                         .networks
@@ -297,8 +353,10 @@ impl Daemon {
                 vteps,
             } => self.network_create(name, subnet, vni, mtu, vteps).await,
             NetworkRm { name } => {
-                self.ask_leader(&peer::Request::RemoveNetwork { name: name.clone() })
-                    .await?;
+                self.propose(Change::Registry(Command::RemoveNetwork {
+                    name: name.clone(),
+                }))
+                .await?;
                 self.converge(&format!("removing network {name}"), |v| {
                     !v.networks.contains_key(&name)
                 })
@@ -308,7 +366,7 @@ impl Daemon {
             Attach { netns, network, ip } => self.attach(netns, network, ip).await,
             Detach { netns, network } => self.detach(netns, network).await,
             Status => {
-                let view = self.gossip.view().await;
+                let view = self.view().await;
                 let node = view
                     .members
                     .iter()
@@ -322,6 +380,7 @@ impl Daemon {
                     vtep: self.vtep,
                     networks: view.networks.len(),
                     gossip_rejected: self.gossip.rejected.load(Ordering::Relaxed),
+                    gossip_refused: self.gossip_refused.load(Ordering::Relaxed),
                     dataplane: api::Dataplane {
                         offloads: self.config.offloads,
                         layout: stats.layout.to_owned(),
@@ -349,7 +408,7 @@ impl Daemon {
         mtu: Option<u32>,
         vteps: Vec<Ipv4Addr>,
     ) -> api::Reply {
-        validate_name(&name)?;
+        crate::model::check_name(&name)?;
         let max_mtu = self.underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
         let mtu = match mtu {
             None => max_mtu,
@@ -367,13 +426,14 @@ impl Daemon {
             Some(m) => m,
         };
         let reply = self
-            .ask_leader(&peer::Request::CreateNetwork {
+            .propose(Change::Registry(Command::CreateNetwork {
+                id: hex::encode(rand::random::<[u8; 8]>()),
                 name: name.clone(),
                 subnet,
                 vni,
                 mtu,
                 vteps,
-            })
+            }))
             .await?;
         let created: Network = serde_json::from_value(reply)
             .map_err(|e| Failure::runtime(format!("leader's reply: {e}")))?;
@@ -391,38 +451,49 @@ impl Daemon {
         Ok(json(&network_info(&created, &view)))
     }
 
-    /// Sends a request to the current leader, retrying while leadership is changing (the node
-    /// asked is unreachable, or no longer sees itself as the leader).
-    async fn ask_leader(&self, request: &peer::Request) -> Result<serde_json::Value, Failure> {
-        let mut last = None;
-        for attempt in 0..5 {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
-            }
-            let view = self.gossip.view().await;
-            let Some(leader) = view.leader() else {
-                continue;
-            };
-            match peer::call(leader.gossip, &self.secret, request).await {
-                // Our view named a leader whose own view names another: leadership is moving.
-                Ok(Err(failure)) if failure.message == NOT_LEADER => {
-                    debug!(leader = %leader.node.id, attempt, "asked a node that is not the leader");
-                    last = Some(anyhow::anyhow!("{NOT_LEADER}"));
-                }
+    /// Commits `change` through the Raft leader (this node or the one it names), retrying
+    /// while leadership moves, for at most [`PROPOSE_WITHIN`].
+    async fn propose(&self, change: Change) -> Result<serde_json::Value, Failure> {
+        let deadline = Instant::now() + PROPOSE_WITHIN;
+        let mut attempt = 0;
+        let why = loop {
+            let why = match self.consensus.propose(change.clone()).await {
                 Ok(reply) => return reply,
-                Err(err) => {
-                    warn!(leader = %leader.node.id, attempt, err = %format!("{err:#}"), "leader unreachable");
-                    last = Some(err);
+                Err(Elsewhere::NoLeader) => "no leader is known".to_string(),
+                Err(Elsewhere::Leader(leader)) => {
+                    let request = peer::Request::Propose {
+                        change: change.clone(),
+                        forward: false,
+                    };
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(left, peer::call(leader, &self.secret, &request))
+                        .await
+                    {
+                        // Our Raft named a leader that no longer leads: leadership is moving.
+                        Ok(Ok(Err(failure))) if failure.message == NOT_LEADER => {
+                            format!("{leader} no longer leads")
+                        }
+                        Ok(Ok(reply)) => return reply,
+                        Ok(Err(err)) => format!("leader {leader} unreachable: {err:#}"),
+                        Err(_) => format!("leader {leader} did not answer"),
+                    }
                 }
+            };
+            attempt += 1;
+            debug!(attempt, %why, "proposal not committed yet");
+            let pause = Duration::from_millis(250 * attempt.min(4));
+            if Instant::now() + pause > deadline {
+                break why;
             }
-        }
+            tokio::time::sleep(pause).await;
+        };
         Err(Failure::runtime(format!(
-            "no leader answered: {:#}",
-            last.unwrap_or_else(|| anyhow::anyhow!("no live member"))
+            "no leader committed the change within {PROPOSE_WITHIN:?} ({why}): nothing was changed. \
+             A majority of the cluster's voters must be reachable; `overlayd node ls` shows who is"
         )))
     }
 
-    async fn serve_peers(self: Arc<Daemon>, listener: TcpListener) {
+    async fn serve_peers(self: Arc<Daemon>, listener: Arc<TcpListener>) {
         loop {
             let (stream, from) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -448,26 +519,49 @@ impl Daemon {
         }
     }
 
-    /// Peer requests. Those that change cluster state are decided here only while this node is
-    /// the leader, one at a time, against the latest view.
+    /// Peer requests. Proposals are committed only while this node leads; the asker retries
+    /// elsewhere otherwise, so a proposal is never forwarded twice.
     async fn handle_peer(&self, request: peer::Request) -> peer::Reply {
-        if matches!(request, peer::Request::Hello) {
-            return Ok(json(&self.secret.cluster_id()));
+        match request {
+            peer::Request::Hello => Ok(json(&self.secret.cluster_id())),
+            peer::Request::Propose {
+                change,
+                forward: true,
+            } => self.propose(change).await,
+            peer::Request::Propose { change, .. } => {
+                let summary = format!("{change:?}");
+                match self.consensus.propose(change).await {
+                    Ok(reply) => {
+                        info!(change = %summary, ok = reply.is_ok(), "committed as leader");
+                        reply
+                    }
+                    Err(_) => Err(Failure::runtime(NOT_LEADER)),
+                }
+            }
+            peer::Request::Raft(rpc) => Ok(self.consensus.serve(rpc).await),
         }
-        let mut ledger = self.ledger.lock().await;
-        let view = self.gossip.view().await;
-        if view.leader().map(|m| m.node.id.as_str()) != Some(self.id.as_str()) {
-            return Err(Failure::runtime(NOT_LEADER));
-        }
-        let summary = format!("{request:?}");
-        let new_id = || hex::encode(rand::random::<[u8; 8]>());
-        let decision = ledger.decide(request, &view, Instant::now(), new_id)?;
-        if !decision.set.is_empty() || !decision.delete.is_empty() {
-            info!(request = %summary, "decided as leader");
-        }
-        self.gossip.update(&decision.set, &decision.delete).await;
-        Ok(decision.reply)
     }
+}
+
+/// Runs the task `make` returns, and makes a new one if it panics, so one bad input cannot
+/// leave a node without its API, its peer server or its reconcile loop. The panic itself is
+/// printed by the panic hook; this logs that the task came back.
+fn supervise<F, T>(name: &'static str, make: F)
+where
+    F: Fn() -> T + Send + 'static,
+    T: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            match tokio::spawn(make()).await {
+                Err(err) if err.is_panic() => {
+                    error!(task = name, "task panicked; restarting it");
+                    tokio::time::sleep(RESTART_PAUSE).await;
+                }
+                _ => return,
+            }
+        }
+    });
 }
 
 fn json<T: serde::Serialize>(value: &T) -> serde_json::Value {
@@ -487,22 +581,6 @@ fn network_info(net: &Network, view: &View) -> NetworkInfo {
         mtu: net.mtu,
         vteps: net.vteps.clone(),
         endpoints: view.endpoints_on(net).count(),
-    }
-}
-
-fn validate_name(name: &str) -> Result<(), Failure> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        && !name.starts_with(['-', '.']);
-    if ok {
-        Ok(())
-    } else {
-        Err(Failure::usage(format!(
-            "network name {name:?} is not allowed: use 1 to 64 letters, digits, '-', '_' or '.'"
-        )))
     }
 }
 

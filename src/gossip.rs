@@ -20,6 +20,7 @@ use chitchat::{
 use tracing::debug;
 
 use crate::cluster::{MemberState, View};
+use crate::registry::Registry;
 use crate::token::{Secret, TAG_LEN};
 
 /// Gossip rounds are frequent so that a dead node is noticed within seconds.
@@ -34,20 +35,23 @@ pub struct Gossip {
 }
 
 impl Gossip {
-    /// The cluster as this node's gossip state shows it now.
-    pub async fn view(&self) -> View {
+    /// The cluster as this node's gossip state and `registry` show it now.
+    pub async fn view(&self, registry: &Registry) -> View {
         self.handle
             .with_chitchat(|c| {
                 let live: BTreeSet<&ChitchatId> = c.live_nodes().collect();
                 let self_id = c.self_chitchat_id().clone();
-                View::build(c.node_states().iter().map(|(id, state)| MemberState {
-                    id: &id.node_id,
-                    generation: id.generation_id,
-                    gossip: id.gossip_advertise_addr,
-                    live: live.contains(id),
-                    is_self: *id == self_id,
-                    keys: state.key_values().collect(),
-                }))
+                View::build(
+                    c.node_states().iter().map(|(id, state)| MemberState {
+                        id: &id.node_id,
+                        generation: id.generation_id,
+                        gossip: id.gossip_advertise_addr,
+                        live: live.contains(id),
+                        is_self: *id == self_id,
+                        keys: state.key_values().collect(),
+                    }),
+                    registry,
+                )
             })
             .await
     }
@@ -216,7 +220,7 @@ mod tests {
         for _ in 0..300 {
             let mut all = true;
             for node in nodes {
-                all &= done(&node.view().await);
+                all &= done(&node.view(&Registry::default()).await);
             }
             if all {
                 return;
@@ -243,7 +247,7 @@ mod tests {
         let (c, _) = node("c", &secret, &[a_addr]).await;
         let (stranger, _) = node("x", &Secret::generate(), &[a_addr]).await;
 
-        b.update(&[("net/web".into(), "{}".into())], &[]).await;
+        b.update(&[("up/web".into(), String::new())], &[]).await;
         let all_ready = |v: &View| {
             states(v)
                 == [
@@ -271,7 +275,7 @@ mod tests {
             "the stranger's datagrams were not counted"
         );
         assert!(
-            stranger.view().await.members.len() == 1,
+            stranger.view(&Registry::default()).await.members.len() == 1,
             "the stranger learnt of members"
         );
 

@@ -10,9 +10,10 @@ use ipnetwork::Ipv4Network;
 
 use crate::model::Network;
 
+const MAX_VNI: u32 = (1 << 24) - 1;
+
 /// VNIs below this are left to hand-made kernel VXLAN devices (Swarm starts at 4096 too).
 pub const FIRST_AUTO_VNI: u32 = 4096;
-const MAX_VNI: u32 = (1 << 24) - 1;
 
 /// A request that can never succeed as given; the message says what to change.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -29,6 +30,12 @@ pub enum Refusal {
     VniTaken(u32, String),
     #[error("VNI {0} is out of range: use 1 to {MAX_VNI}")]
     VniRange(u32),
+    #[error(
+        "network name {0:?} is not allowed: use 1 to 64 letters, digits, '-', '_' or '.', not starting with '-' or '.'"
+    )]
+    Name(String),
+    #[error("MTU {0} is out of range: use 576 (IPv4's minimum) to 65535")]
+    Mtu(u32),
     #[error("no free VNI left")]
     NoVni,
     #[error("{0} is not inside {1}: pick an address in the subnet")]
@@ -41,6 +48,26 @@ pub enum Refusal {
     Exhausted(String),
 }
 
+/// A subnet a network can have: no host bits, room for a gateway and containers.
+pub fn check_subnet(subnet: Ipv4Network) -> Result<(), Refusal> {
+    if subnet.prefix() > 29 {
+        return Err(Refusal::TooSmall(subnet));
+    }
+    if subnet.network() != subnet.ip() {
+        let fixed = Ipv4Network::new(subnet.network(), subnet.prefix())
+            .map_err(|_| Refusal::TooSmall(subnet))?;
+        return Err(Refusal::HostBits(subnet.to_string(), fixed));
+    }
+    Ok(())
+}
+
+pub fn check_vni(vni: u32) -> Result<(), Refusal> {
+    if vni == 0 || vni > MAX_VNI {
+        return Err(Refusal::VniRange(vni));
+    }
+    Ok(())
+}
+
 /// Checks a new network against the existing ones and picks its VNI.
 pub fn admit_network(
     name: &str,
@@ -48,13 +75,8 @@ pub fn admit_network(
     vni: Option<u32>,
     existing: &[Network],
 ) -> Result<u32, Refusal> {
-    if subnet.network() != subnet.ip() {
-        let fixed = Ipv4Network::new(subnet.network(), subnet.prefix()).expect("same prefix");
-        return Err(Refusal::HostBits(subnet.to_string(), fixed));
-    }
-    if subnet.prefix() > 29 {
-        return Err(Refusal::TooSmall(subnet));
-    }
+    crate::model::check_name(name)?;
+    check_subnet(subnet)?;
     if let Some(n) = existing.iter().find(|n| n.name == name) {
         return Err(Refusal::NameTaken(n.name.clone()));
     }
@@ -63,11 +85,13 @@ pub fn admit_network(
     }
     let used: BTreeSet<u32> = existing.iter().map(|n| n.vni).collect();
     match vni {
-        Some(v) if v == 0 || v > MAX_VNI => Err(Refusal::VniRange(v)),
-        Some(v) => match existing.iter().find(|n| n.vni == v) {
-            Some(n) => Err(Refusal::VniTaken(v, n.name.clone())),
-            None => Ok(v),
-        },
+        Some(v) => {
+            check_vni(v)?;
+            match existing.iter().find(|n| n.vni == v) {
+                Some(n) => Err(Refusal::VniTaken(v, n.name.clone())),
+                None => Ok(v),
+            }
+        }
         None => (FIRST_AUTO_VNI..=MAX_VNI)
             .find(|v| !used.contains(v))
             .ok_or(Refusal::NoVni),

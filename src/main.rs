@@ -7,21 +7,22 @@
 //!   data plane match the cluster, and containers attached on this node.
 //! - [`cluster`]: the cluster as derived from gossip (pure); [`model`]: its values and keys.
 //! - [`gossip`]: chitchat on a transport signed with the cluster secret ([`token`]).
-//! - [`peer`]: authenticated requests between members (join check, leader decisions).
-//! - [`leader`]: the cluster-wide unique decisions, made by one member (pure);
-//!   [`ipam`]: subnet, VNI and address choices (pure).
+//! - [`peer`]: authenticated requests between members (join check, proposals, Raft RPCs).
+//! - [`registry`]: what must be unique cluster-wide, as a state machine (pure), and
+//!   [`consensus`]: Raft that replicates it; [`ipam`]: subnet, VNI and address choices (pure).
 //! - [`host`]: bridges and veth pairs via iproute2; [`state_dir`]: the node's identity on disk.
 
 mod api;
 mod cli;
 mod cluster;
+mod consensus;
 mod daemon;
 mod gossip;
 mod host;
 mod ipam;
-mod leader;
 mod model;
 mod peer;
+mod registry;
 mod state_dir;
 mod token;
 mod wire;
@@ -53,7 +54,8 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

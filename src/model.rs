@@ -1,16 +1,23 @@
 //! What the cluster agrees on, as plain values, and how each value is keyed in the gossip state.
 //!
-//! Every node writes only its own keys (chitchat's rule). Networks outlive the node that created
-//! them because every node copies every network it sees into its own state (a grow-only set with
-//! tombstones, see [`crate::cluster`]).
+//! Every node writes only its own keys (chitchat's rule): its VTEP, the networks it has made and
+//! the endpoints it hosts. Networks and address holders are not gossiped; they live in the
+//! Raft-replicated [`crate::registry`].
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
+use crate::ipam::{self, Refusal};
+
 /// An overlay network, identical on every node.
+///
+/// Only valid networks exist: deserialising one checks the rules `network create` checks
+/// ([`Network::check`]), so a record read from a peer or from disk that breaks them is refused
+/// where it is read, before anything derives a gateway, a bridge or a table from it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "NetworkRecord")]
 pub struct Network {
     /// Unique per creation, so a network re-created under an old name is a new network.
     pub id: String,
@@ -23,17 +30,56 @@ pub struct Network {
     pub vteps: Vec<Ipv4Addr>,
 }
 
+/// A network as it arrives, before [`Network::check`].
+#[derive(Deserialize)]
+struct NetworkRecord {
+    id: String,
+    name: String,
+    subnet: Ipv4Network,
+    vni: u32,
+    mtu: u32,
+    #[serde(default)]
+    vteps: Vec<Ipv4Addr>,
+}
+
+impl TryFrom<NetworkRecord> for Network {
+    type Error = Refusal;
+
+    fn try_from(r: NetworkRecord) -> Result<Network, Refusal> {
+        let net = Network {
+            id: r.id,
+            name: r.name,
+            subnet: r.subnet,
+            vni: r.vni,
+            mtu: r.mtu,
+            vteps: r.vteps,
+        };
+        net.check()?;
+        Ok(net)
+    }
+}
+
+/// IPv4's minimum MTU (RFC 791), and the largest a Linux bridge takes.
+const MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=65_535;
+
 impl Network {
-    /// The anycast gateway: the first host address, held by the bridge on every node.
-    pub fn gateway(&self) -> Ipv4Addr {
-        self.subnet
-            .nth(1)
-            .expect("validated subnets have at least 4 addresses")
+    /// The rules every network obeys on its own, wherever it comes from (the API, a peer, the
+    /// state dir). Rules against other networks (names, subnets, VNIs in use) are
+    /// [`crate::ipam::admit_network`]'s.
+    pub fn check(&self) -> Result<(), Refusal> {
+        check_name(&self.name)?;
+        ipam::check_subnet(self.subnet)?;
+        ipam::check_vni(self.vni)?;
+        if !MTU_RANGE.contains(&self.mtu) {
+            return Err(Refusal::Mtu(self.mtu));
+        }
+        Ok(())
     }
 
-    /// The value of its gossip key ([`key::network`]).
-    pub fn to_gossip(&self) -> String {
-        serde_json::to_string(self).expect("networks serialise")
+    /// The anycast gateway: the first host address, held by the bridge on every node. A
+    /// checked subnet (/29 or larger) always has one.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.subnet.network()).wrapping_add(1))
     }
 
     pub fn bridge_name(&self) -> String {
@@ -48,6 +94,22 @@ impl Network {
     pub fn gateway_mac(&self) -> [u8; 6] {
         let v = self.vni.to_be_bytes();
         [0x02, 0x4f, 0x56, v[1], v[2], v[3]]
+    }
+}
+
+/// Names of networks (and of anything else users name): what Docker allows, short enough for
+/// logs and tables.
+pub fn check_name(name: &str) -> Result<(), Refusal> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !name.starts_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal::Name(name.to_string()))
     }
 }
 
@@ -81,22 +143,12 @@ pub mod key {
 
     /// `vtep` -> "198.18.0.1:4789": where this node receives VXLAN.
     pub const VTEP: &str = "vtep";
-    /// `net/<name>` -> JSON [`super::Network`].
-    pub const NETWORK_PREFIX: &str = "net/";
-    /// `netrm/<id>` -> "": the network with that id was removed.
-    pub const TOMBSTONE_PREFIX: &str = "netrm/";
     /// `ep/<network id>/<ip>` -> JSON [`super::Endpoint`], written by the node that hosts it.
     pub const ENDPOINT_PREFIX: &str = "ep/";
 
     /// `up/<network id>` -> "": this node has made the network's bridge and TAP.
     pub const REALISED_PREFIX: &str = "up/";
 
-    pub fn network(name: &str) -> String {
-        format!("{NETWORK_PREFIX}{name}")
-    }
-    pub fn tombstone(id: &str) -> String {
-        format!("{TOMBSTONE_PREFIX}{id}")
-    }
     pub fn realised(network_id: &str) -> String {
         format!("{REALISED_PREFIX}{network_id}")
     }

@@ -1,52 +1,37 @@
-//! Requests between members over TCP (port 7946, beside gossip's UDP): the join handshake and the
-//! operations that must be decided in one place (creating networks, handing out addresses).
+//! Requests between members over TCP (port 7946, beside gossip's UDP): the join handshake,
+//! changes proposed to the Raft leader (creating networks, handing out addresses) and Raft's own
+//! RPCs.
 //!
 //! Each exchange is challenge-response under the cluster secret: the server sends a fresh nonce,
 //! the client answers with its request and HMAC(secret, nonce ‖ request), the server replies with
 //! HMAC(secret, nonce ‖ "reply" ‖ reply). Neither side ever sends the secret, and a reply cannot be
 //! replayed into another exchange.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
 
 use crate::api::Failure;
+use crate::consensus::{Change, Rpc};
 use crate::token::Secret;
 use crate::wire;
 
 const TIMEOUT: Duration = Duration::from_secs(15);
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
     /// Proves the token before a node joins; answered with the cluster id.
     Hello,
-    CreateNetwork {
-        name: String,
-        subnet: Ipv4Network,
-        vni: Option<u32>,
-        mtu: u32,
-        vteps: Vec<Ipv4Addr>,
-    },
-    RemoveNetwork {
-        name: String,
-    },
-    /// Reserve an address on `network` for an endpoint that `node` is about to create.
-    Allocate {
-        network: String,
-        node: String,
-        ip: Option<Ipv4Addr>,
-    },
-    /// `node` removed its endpoint with `ip`: the address may be handed out again.
-    Release {
-        network_id: String,
-        node: String,
-        ip: Ipv4Addr,
-    },
+    /// A change to commit through Raft. The Raft leader commits it; another member refuses it,
+    /// unless `forward` asks it to pass it on to the leader (a joining node does not know the
+    /// leader yet). A forwarded proposal is not forwarded again.
+    Propose { change: Change, forward: bool },
+    /// Raft's own traffic between members.
+    Raft(Rpc),
 }
 
 pub type Reply = Result<serde_json::Value, Failure>;

@@ -26,6 +26,8 @@ pub struct Identity {
 const IDENTITY: &str = "node.json";
 const PEERS: &str = "peers.json";
 const ENDPOINTS: &str = "endpoints.json";
+/// The Raft vote, log and registry ([`crate::consensus`]).
+const RAFT: &str = "raft.json";
 
 /// Refuses a state dir that already belongs to a node: a second `init` or `join` must not
 /// silently make a new identity over an old one.
@@ -87,6 +89,19 @@ pub fn load_endpoints(dir: &Path) -> anyhow::Result<Vec<Endpoint>> {
 
 pub fn save_endpoints(dir: &Path, endpoints: &[Endpoint]) -> anyhow::Result<()> {
     write(&dir.join(ENDPOINTS), &endpoints)
+}
+
+/// The node's Raft state, or `None` for a node that has none yet.
+pub fn load_raft<T: DeserializeOwned>(dir: &Path) -> anyhow::Result<Option<T>> {
+    let path = dir.join(RAFT);
+    if !path.exists() {
+        return Ok(None);
+    }
+    read(&path).map(Some)
+}
+
+pub fn save_raft<T: Serialize>(dir: &Path, raft: &T) -> anyhow::Result<()> {
+    write(&dir.join(RAFT), raft)
 }
 
 fn read<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {

@@ -1,7 +1,7 @@
 //! Containers on this node: `attach` and `detach`, putting endpoints that survived a restart back
 //! on their bridge, and the `endpoints.json` that `overlayd run` restores them from.
 //!
-//! The address comes from the leader; the veth pair comes from [`host::plug`]; the endpoint is
+//! The address comes from the registry (through Raft); the veth pair comes from [`host::plug`]; the endpoint is
 //! announced in this node's gossip state. It does not make bridges or TAPs (see
 //! [`super::reconcile`]).
 
@@ -13,10 +13,10 @@ use tracing::{info, warn};
 use super::{Daemon, json};
 use crate::api::{self, Attachment, Failure};
 use crate::cluster::View;
+use crate::consensus::Change;
 use crate::host;
-use crate::leader;
 use crate::model::{Endpoint, Network, key};
-use crate::peer;
+use crate::registry::{Command, known};
 use crate::state_dir;
 
 impl Daemon {
@@ -32,8 +32,8 @@ impl Daemon {
                 "network namespace {netns} not found: create it with `ip netns add {netns}` (see `ip netns list`)"
             )));
         }
-        let view = self.gossip.view().await;
-        let net = leader::known(&view, &network)?.clone();
+        let view = self.view().await;
+        let net = known(&view.networks, &network)?.clone();
         // The reconcile loop may not have made the bridge yet for a network created just now.
         self.realise_network(&net).await?;
         if view
@@ -45,11 +45,11 @@ impl Daemon {
             )));
         }
         let reply = self
-            .ask_leader(&peer::Request::Allocate {
+            .propose(Change::Registry(Command::Allocate {
                 network: network.clone(),
                 node: self.id.clone(),
                 ip,
-            })
+            }))
             .await?;
         let ip: Ipv4Addr = serde_json::from_value(reply)
             .map_err(|e| Failure::runtime(format!("leader's reply: {e}")))?;
@@ -93,8 +93,8 @@ impl Daemon {
 
     pub(super) async fn detach(&self, netns: String, network: String) -> api::Reply {
         let _plumbing = self.plumbing.lock().await;
-        let view = self.gossip.view().await;
-        let net = leader::known(&view, &network)?;
+        let view = self.view().await;
+        let net = known(&view.networks, &network)?;
         let same_name: Vec<_> = view
             .endpoints_on(net)
             .filter(|p| p.endpoint.netns == netns)
@@ -124,15 +124,16 @@ impl Daemon {
         Ok(json(&endpoint.ip))
     }
 
-    /// Tells the leader an address is free again; if it is unreachable, its reservation expires.
+    /// Gives an address back to the registry. If no leader commits it, the address stays
+    /// held (and unused) until this node detaches again: better than handing it out twice.
     async fn release(&self, net: &Network, ip: Ipv4Addr) {
-        let request = peer::Request::Release {
+        let command = Command::Release {
             network_id: net.id.clone(),
             node: self.id.clone(),
             ip,
         };
-        if let Err(failure) = self.ask_leader(&request).await {
-            warn!(%ip, network = %net.name, %failure, "leader not told of a released address; it frees it on its own later");
+        if let Err(failure) = self.propose(Change::Registry(command)).await {
+            warn!(%ip, network = %net.name, %failure, "address not released: it stays held by this node");
         }
     }
 
@@ -156,7 +157,7 @@ impl Daemon {
                         warn!(netns = %endpoint.netns, err = %format!("{err:#}"), "endpoint not restored; its container is cut off")
                     }
                 }
-            } else if view.tombstones.contains(&endpoint.network_id) {
+            } else if !view.networks.values().any(|n| n.id == endpoint.network_id) {
                 host::remove_link(&endpoint.host_if).await;
                 let gone = key::endpoint(&endpoint.network_id, endpoint.ip);
                 self.gossip.update(&[], &[gone]).await;

@@ -1,7 +1,7 @@
-//! The reconcile loop: every [`RECONCILE_EVERY`] it derives the [`View`] from gossip and makes
-//! this node match it. It copies networks and tombstones into this node's own gossip state, makes
-//! and removes bridges and TAPs, puts restored endpoints back, publishes the data plane's tables
-//! and saves the members to rejoin through.
+//! The reconcile loop: every [`RECONCILE_EVERY`] it derives the [`View`] from gossip and the
+//! registry and makes this node match it. It makes and removes bridges and TAPs, puts restored
+//! endpoints back, publishes the data plane's tables, saves the members to rejoin through, and
+//! logs gossip entries that stay refused.
 //!
 //! Level-triggered: whatever fails is logged and tried again next round, and one network that
 //! cannot be made does not hold up the others. Containers are plugged in elsewhere (see
@@ -23,6 +23,9 @@ use crate::model::{Network, NodeState, key};
 use crate::state_dir;
 
 const RECONCILE_EVERY: Duration = Duration::from_millis(250);
+/// Rounds a gossip entry stays refused before it is logged and counted. An endpoint announced
+/// just before this node's registry applies its address is refused for a round or two.
+const REFUSED_ROUNDS: u32 = 8;
 
 /// What the reconcile loop remembers between rounds.
 #[derive(Default)]
@@ -31,6 +34,8 @@ struct Seen {
     members: BTreeMap<String, NodeState>,
     /// Other members' gossip addresses, as last saved to the state dir.
     peers: Vec<SocketAddr>,
+    /// Refused gossip entries and for how many rounds in a row.
+    refused: BTreeMap<String, u32>,
 }
 
 impl Daemon {
@@ -46,9 +51,9 @@ impl Daemon {
     }
 
     async fn reconcile(&self, seen: &mut Seen) -> anyhow::Result<()> {
-        let view = self.gossip.view().await;
+        let view = self.view().await;
         log_member_changes(&view, &mut seen.members);
-        self.replicate(&view).await;
+        self.note_refused(&view, &mut seen.refused);
         self.realise(&view).await;
         self.restore(&view).await;
         let tables = view.tables(&self.id, self.config.vxlan_port);
@@ -71,11 +76,17 @@ impl Daemon {
         Ok(())
     }
 
-    /// Keeps a copy of every live network and every tombstone in this node's own state, so both
-    /// survive the node that wrote them.
-    async fn replicate(&self, view: &View) {
-        let (set, delete) = view.replication(&self.gossip.own_keys().await);
-        self.gossip.update(&set, &delete).await;
+    /// Logs and counts gossip entries that stay refused: once each, not every round.
+    fn note_refused(&self, view: &View, seen: &mut BTreeMap<String, u32>) {
+        seen.retain(|entry, _| view.refused.contains(entry));
+        for entry in &view.refused {
+            let rounds = seen.entry(entry.clone()).or_default();
+            *rounds += 1;
+            if *rounds == REFUSED_ROUNDS {
+                self.gossip_refused.fetch_add(1, Ordering::Relaxed);
+                warn!(%entry, "gossip entry refused");
+            }
+        }
     }
 
     /// Makes this host's bridges and TAPs match the view's networks.

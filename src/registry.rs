@@ -1,0 +1,303 @@
+//! The registry: what must be unique cluster-wide (network names, subnets, VNIs, container
+//! addresses), as the state machine that Raft replicates ([`crate::consensus`]).
+//!
+//! Pure: [`Registry::apply`] takes a committed [`Command`] and returns its reply. Every member
+//! applies the same commands in the same order and reaches the same state, so each choice is
+//! made once for the whole cluster. A command is committed only once a majority of the voters
+//! has it, so the minority side of a partition cannot hand out anything (see the README's
+//! "Partitions").
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{Failure, Reply};
+use crate::ipam;
+use crate::model::Network;
+
+/// A change to the registry. Everything random (a new network's id) is chosen before the
+/// command is proposed, so applying it is deterministic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    CreateNetwork {
+        id: String,
+        name: String,
+        subnet: Ipv4Network,
+        vni: Option<u32>,
+        mtu: u32,
+        vteps: Vec<Ipv4Addr>,
+    },
+    RemoveNetwork {
+        name: String,
+    },
+    /// Reserve an address on `network` for an endpoint that `node` is about to create.
+    Allocate {
+        network: String,
+        node: String,
+        ip: Option<Ipv4Addr>,
+    },
+    /// `node` removed its endpoint with `ip`: the address may be handed out again.
+    Release {
+        network_id: String,
+        node: String,
+        ip: Ipv4Addr,
+    },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Registry {
+    /// Networks by name. Each one passed [`Network::check`] when it was read.
+    networks: BTreeMap<String, Network>,
+    /// Network id -> address -> the node that holds it.
+    addresses: BTreeMap<String, BTreeMap<Ipv4Addr, String>>,
+}
+
+impl Registry {
+    pub fn networks(&self) -> &BTreeMap<String, Network> {
+        &self.networks
+    }
+
+    /// The node holding `ip` on the network with `network_id`, if any.
+    pub fn holder(&self, network_id: &str, ip: Ipv4Addr) -> Option<&str> {
+        self.addresses.get(network_id)?.get(&ip).map(String::as_str)
+    }
+
+    pub fn apply(&mut self, command: Command) -> Reply {
+        match command {
+            Command::CreateNetwork {
+                id,
+                name,
+                subnet,
+                vni,
+                mtu,
+                vteps,
+            } => {
+                let existing: Vec<Network> = self.networks.values().cloned().collect();
+                let vni = ipam::admit_network(&name, subnet, vni, &existing)?;
+                let net = Network {
+                    id,
+                    name,
+                    subnet,
+                    vni,
+                    mtu,
+                    vteps,
+                };
+                net.check()?;
+                let reply = json(&net);
+                self.networks.insert(net.name.clone(), net);
+                Ok(reply)
+            }
+            Command::RemoveNetwork { name } => {
+                let net = known(&self.networks, &name)?;
+                let attached = self.addresses.get(&net.id).map_or(0, BTreeMap::len);
+                if attached > 0 {
+                    return Err(Failure::usage(format!(
+                        "network {name} still has {attached} attached container(s): detach them first (`overlayd detach NETNS --network {name}`)"
+                    )));
+                }
+                self.networks.remove(&name);
+                Ok(name.into())
+            }
+            Command::Allocate { network, node, ip } => {
+                let net = known(&self.networks, &network)?;
+                let taken = self
+                    .addresses
+                    .get(&net.id)
+                    .map(|held| held.keys().copied().collect())
+                    .unwrap_or_default();
+                let ip = ipam::allocate(net, ip, &taken)?;
+                self.addresses
+                    .entry(net.id.clone())
+                    .or_default()
+                    .insert(ip, node);
+                Ok(ip.to_string().into())
+            }
+            Command::Release {
+                network_id,
+                node,
+                ip,
+            } => {
+                let Some(held) = self.addresses.get_mut(&network_id) else {
+                    return Ok(ip.to_string().into());
+                };
+                match held.get(&ip) {
+                    Some(holder) if *holder != node => Err(Failure::usage(format!(
+                        "{ip} is held by node {holder}, not {node}: only its holder releases it"
+                    ))),
+                    _ => {
+                        held.remove(&ip);
+                        if held.is_empty() {
+                            self.addresses.remove(&network_id);
+                        }
+                        Ok(ip.to_string().into())
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The network called `name`, or a refusal that says how to make it.
+pub fn known<'a>(
+    networks: &'a BTreeMap<String, Network>,
+    name: &str,
+) -> Result<&'a Network, Failure> {
+    networks.get(name).ok_or_else(|| {
+        Failure::usage(format!(
+            "network {name} not found: create it with `overlayd network create {name} --subnet CIDR` (see `overlayd network ls`)"
+        ))
+    })
+}
+
+fn json<T: Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn create(registry: &mut Registry, name: &str, subnet: &str) -> Result<Network, Failure> {
+        let reply = registry.apply(Command::CreateNetwork {
+            id: format!("id-{name}"),
+            name: name.into(),
+            subnet: subnet.parse().unwrap(),
+            vni: None,
+            mtu: 1450,
+            vteps: vec![],
+        })?;
+        Ok(serde_json::from_value(reply).unwrap())
+    }
+
+    fn allocate(registry: &mut Registry, node: &str, ip: Option<&str>) -> Result<String, Failure> {
+        let reply = registry.apply(Command::Allocate {
+            network: "web".into(),
+            node: node.into(),
+            ip: ip.map(|ip| ip.parse().unwrap()),
+        })?;
+        Ok(reply.as_str().unwrap().to_string())
+    }
+
+    fn release(registry: &mut Registry, net: &Network, node: &str, ip: &str) -> Reply {
+        registry.apply(Command::Release {
+            network_id: net.id.clone(),
+            node: node.into(),
+            ip: ip.parse().unwrap(),
+        })
+    }
+
+    #[test]
+    fn addresses_are_handed_out_once_and_again_after_release() {
+        let mut r = Registry::default();
+        let web = create(&mut r, "web", "198.19.0.0/24").unwrap();
+        let got: Vec<String> = ["a", "b", "a"]
+            .iter()
+            .map(|n| allocate(&mut r, n, None).unwrap())
+            .collect();
+        assert_eq!(got, ["198.19.0.2", "198.19.0.3", "198.19.0.4"]);
+        assert_eq!(r.holder(&web.id, "198.19.0.3".parse().unwrap()), Some("b"));
+        let taken = allocate(&mut r, "c", Some("198.19.0.3")).unwrap_err();
+        assert!(taken.message.contains("already in use"), "{taken}");
+
+        let refusal = release(&mut r, &web, "a", "198.19.0.3").unwrap_err();
+        assert!(refusal.message.contains("held by node b"), "{refusal}");
+        release(&mut r, &web, "b", "198.19.0.3").unwrap();
+        assert_eq!(allocate(&mut r, "c", None).unwrap(), "198.19.0.3");
+    }
+
+    #[test]
+    fn a_network_is_removed_only_when_no_address_is_held() {
+        let mut r = Registry::default();
+        let web = create(&mut r, "web", "198.19.0.0/24").unwrap();
+        allocate(&mut r, "a", None).unwrap();
+        let rm = || Command::RemoveNetwork { name: "web".into() };
+        let refusal = r.apply(rm()).unwrap_err();
+        assert!(
+            refusal.usage && refusal.message.contains("1 attached"),
+            "{refusal}"
+        );
+        release(&mut r, &web, "a", "198.19.0.2").unwrap();
+        r.apply(rm()).unwrap();
+        assert!(r.networks().is_empty());
+        // The name is free again, with a new id.
+        let again = create(&mut r, "web", "198.19.0.0/24").unwrap();
+        assert_eq!(again.vni, web.vni);
+    }
+
+    #[test]
+    fn clashing_and_invalid_networks_are_refused_and_change_nothing() {
+        let mut r = Registry::default();
+        create(&mut r, "web", "198.19.0.0/24").unwrap();
+        let before = r.clone();
+        for (name, subnet, why) in [
+            ("web", "198.19.1.0/24", "already exists"),
+            ("db", "198.19.0.0/25", "overlaps"),
+            ("db", "198.19.9.1/32", "too small"),
+            ("-db", "198.19.9.0/24", "not allowed"),
+        ] {
+            let refusal = create(&mut r, name, subnet).unwrap_err();
+            assert!(refusal.message.contains(why), "{name} {subnet}: {refusal}");
+        }
+        let refusal = allocate(&mut r, "a", Some("198.19.0.1")).unwrap_err();
+        assert!(refusal.message.contains("reserved"), "{refusal}");
+        let refusal = r
+            .apply(Command::Allocate {
+                network: "nope".into(),
+                node: "a".into(),
+                ip: None,
+            })
+            .unwrap_err();
+        assert!(refusal.message.contains("not found"), "{refusal}");
+        assert_eq!(r, before);
+    }
+
+    #[test]
+    fn a_registry_with_an_invalid_network_does_not_deserialise() {
+        let mut r = Registry::default();
+        create(&mut r, "web", "198.19.0.0/24").unwrap();
+        let good = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Registry>(&good).unwrap(), r);
+        let bad = good.replace("198.19.0.0/24", "198.19.0.0/32");
+        let err = serde_json::from_str::<Registry>(&bad).unwrap_err();
+        assert!(err.to_string().contains("too small"), "{err}");
+    }
+
+    proptest! {
+        /// Whatever the order of allocations and releases, no address is ever held twice and
+        /// every held address is inside its network and not reserved.
+        #[test]
+        fn addresses_stay_unique(ops in proptest::collection::vec((0u8..3, 0u8..4, proptest::option::of(2u8..9)), 1..60)) {
+            let mut r = Registry::default();
+            let web = create(&mut r, "web", "198.19.0.0/28").unwrap();
+            let mut held: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+            for (op, node, last) in ops {
+                let node = format!("n{node}");
+                let ip = last.map(|l| format!("198.19.0.{l}"));
+                match op {
+                    0 | 1 => {
+                        if let Ok(got) = allocate(&mut r, &node, ip.as_deref()) {
+                            prop_assert!(held.insert(got.parse().unwrap(), node).is_none());
+                        }
+                    }
+                    _ => {
+                        if let Some(ip) = ip
+                            && release(&mut r, &web, &node, &ip).is_ok()
+                        {
+                            let ip: Ipv4Addr = ip.parse().unwrap();
+                            if held.get(&ip) == Some(&node) {
+                                held.remove(&ip);
+                            }
+                        }
+                    }
+                }
+                for (ip, holder) in &held {
+                    prop_assert_eq!(r.holder(&web.id, *ip), Some(holder.as_str()));
+                    prop_assert!(web.subnet.contains(*ip) && *ip != web.gateway());
+                }
+            }
+        }
+    }
+}
