@@ -220,14 +220,15 @@ impl Render {
             Render::Nodes => {
                 let nodes: Vec<Node> = serde_json::from_value(value)?;
                 table(
-                    &["ID", "ADDRESS", "STATE"],
+                    &["ID", "ADDRESS", "STATE", "RAFT"],
                     nodes.iter().map(|n| {
                         let id = if n.is_self {
                             format!("{} *", n.id)
                         } else {
                             n.id.clone()
                         };
-                        vec![id, n.address.to_string(), n.state.to_string()]
+                        let raft = n.raft.map(|r| r.to_string()).unwrap_or_default();
+                        vec![id, n.address.to_string(), n.state.to_string(), raft]
                     }),
                 )
             }

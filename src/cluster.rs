@@ -117,6 +117,7 @@ impl View {
                         NodeState::Down
                     },
                     is_self: state.is_self,
+                    raft: None,
                 },
                 gossip: state.gossip,
                 realised,

@@ -39,6 +39,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::api::{Failure, Reply};
+use crate::model::RaftRole;
 use crate::peer;
 use crate::registry::{Command, Registry};
 use crate::token::Secret;
@@ -153,11 +154,27 @@ impl Consensus {
         self.registry.borrow().clone()
     }
 
-    /// Voters and learners, by Raft id, and whether this node leads.
-    pub fn roles(&self) -> (BTreeSet<NodeId>, Option<NodeId>) {
+    /// The Raft voters, and the leader if one is known.
+    pub fn voters(&self) -> (BTreeSet<NodeId>, Option<NodeId>) {
         let metrics = self.raft.metrics().borrow().clone();
         let voters = metrics.membership_config.membership().voter_ids().collect();
         (voters, metrics.current_leader)
+    }
+
+    /// `node`'s part in the Raft group, as this node knows it.
+    pub fn role(&self, node: &str) -> Option<RaftRole> {
+        let id = raft_id(node).ok()?;
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        if metrics.current_leader == Some(id) {
+            Some(RaftRole::Leader)
+        } else if membership.voter_ids().any(|v| v == id) {
+            Some(RaftRole::Voter)
+        } else if membership.nodes().any(|(n, _)| *n == id) {
+            Some(RaftRole::Learner)
+        } else {
+            None
+        }
     }
 
     /// Commits `change` if this node leads, waiting at most [`COMMIT_WITHIN`].
@@ -198,7 +215,7 @@ impl Consensus {
         self.raft
             .add_learner(id, BasicNode::new(addr.to_string()), true)
             .await?;
-        let (voters, _) = self.roles();
+        let (voters, _) = self.voters();
         if voters.len() < MAX_VOTERS && !voters.contains(&id) {
             self.raft
                 .change_membership(ChangeMembers::AddVoterIds([id].into()), false)

@@ -29,7 +29,7 @@ use crate::api::{self, Failure, NetworkInfo};
 use crate::cluster::View;
 use crate::consensus::{Change, Consensus, Elsewhere};
 use crate::gossip::{self, Gossip};
-use crate::model::{Endpoint, Network, NodeState, key};
+use crate::model::{Endpoint, Network, Node, NodeState, key};
 use crate::peer;
 use crate::registry::Command;
 use crate::state_dir::{self, Identity};
@@ -331,7 +331,10 @@ impl Daemon {
                     .await
                     .members
                     .into_iter()
-                    .map(|m| m.node)
+                    .map(|m| Node {
+                        raft: self.consensus.role(&m.node.id),
+                        ..m.node
+                    })
                     .collect::<Vec<_>>(),
             )),
             JoinToken => Ok(json(&self.secret.token())),
@@ -569,7 +572,7 @@ fn json<T: serde::Serialize>(value: &T) -> serde_json::Value {
 }
 
 fn vni(net: &Network) -> overlay::Vni {
-    overlay::Vni::new(net.vni).expect("admitted networks have valid VNIs")
+    overlay::Vni::new(net.vni).expect("Network::check keeps VNIs in range")
 }
 
 fn network_info(net: &Network, view: &View) -> NetworkInfo {
@@ -601,4 +604,31 @@ async fn bind_api(path: &Path) -> Result<UnixListener, Failure> {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicked_task_is_started_again() {
+        let runs = Arc::new(AtomicU64::new(0));
+        let (done, finished) = tokio::sync::mpsc::channel::<u64>(1);
+        let counter = runs.clone();
+        supervise("test task", move || {
+            let (runs, done) = (counter.clone(), done.clone());
+            async move {
+                let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                assert!(run > 1, "the first run fails");
+                let _ = done.send(run).await;
+            }
+        });
+        let mut finished = finished;
+        let run = tokio::time::timeout(RESTART_PAUSE * 5, finished.recv()).await;
+        assert_eq!(
+            run,
+            Ok(Some(2)),
+            "the task was not run again after its panic"
+        );
+    }
 }

@@ -166,6 +166,27 @@ pub struct Node {
     pub state: NodeState,
     #[serde(rename = "self")]
     pub is_self: bool,
+    /// Its part in the Raft group that keeps the registry, as this node's Raft knows it.
+    #[serde(default)]
+    pub raft: Option<RaftRole>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RaftRole {
+    Leader,
+    Voter,
+    Learner,
+}
+
+impl std::fmt::Display for RaftRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RaftRole::Leader => "leader",
+            RaftRole::Voter => "voter",
+            RaftRole::Learner => "learner",
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

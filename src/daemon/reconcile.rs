@@ -98,7 +98,9 @@ impl Daemon {
             .cloned()
             .collect();
         for id in gone {
-            let net = realised.remove(&id).expect("listed above");
+            let Some(net) = realised.remove(&id) else {
+                continue;
+            };
             self.dataplane.remove_network(vni(&net));
             host::remove_link(&net.bridge_name()).await;
             self.gossip.update(&[], &[key::realised(&id)]).await;
