@@ -109,9 +109,13 @@ impl Consensus {
             heartbeat_interval: 250,
             election_timeout_min: 1000,
             election_timeout_max: 2000,
-            // Keep messages well under the peer protocol's size limit.
+            // Keep messages well under the peer protocol's request limit (JSON inside JSON
+            // roughly doubles an entry, and a snapshot chunk's bytes are a JSON array).
             max_payload_entries: 64,
-            snapshot_max_chunk_size: 32 * 1024,
+            snapshot_max_chunk_size: 16 * 1024,
+            // The whole store is rewritten on each change, so keep the log short.
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(500),
+            max_in_snapshot_log_to_keep: 100,
             ..Default::default()
         }
         .validate()

@@ -100,8 +100,9 @@ pub fn load_raft<T: DeserializeOwned>(dir: &Path) -> anyhow::Result<Option<T>> {
     read(&path).map(Some)
 }
 
+/// Compact, unlike the other files: it is rewritten on every Raft change and read by no one.
 pub fn save_raft<T: Serialize>(dir: &Path, raft: &T) -> anyhow::Result<()> {
-    write(&dir.join(RAFT), raft)
+    replace(&dir.join(RAFT), &serde_json::to_vec(raft)?)
 }
 
 fn read<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
@@ -110,8 +111,13 @@ fn read<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// Readable only by root: the identity holds the cluster secret.
 fn write<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    replace(path, serde_json::to_string_pretty(value)?.as_bytes())
+}
+
+/// Replaces `path` with `bytes` atomically and durably. Readable only by root: the identity
+/// holds the cluster secret.
+fn replace(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp: PathBuf = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
@@ -121,7 +127,7 @@ fn write<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    std::io::Write::write_all(&mut file, serde_json::to_string_pretty(value)?.as_bytes())?;
+    std::io::Write::write_all(&mut file, bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }

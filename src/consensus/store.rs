@@ -175,6 +175,10 @@ impl RaftStorage<TypeConfig> for Store {
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
     {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        if entries.is_empty() {
+            return Ok(());
+        }
         self.change(|disk| {
             for entry in entries {
                 disk.log.insert(entry.log_id.index, entry);
