@@ -77,6 +77,12 @@ impl From<anyhow::Error> for Failure {
 
 pub type Reply = Result<serde_json::Value, Failure>;
 
+/// Longest request the daemon reads from an API client: the largest, `network create` with its
+/// `--vtep` list, is well under this.
+pub const REQUEST_LIMIT: usize = 64 << 10;
+/// Longest reply the CLI reads: lists grow with the cluster.
+const REPLY_LIMIT: usize = 1 << 20;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NetworkInfo {
     pub name: String,
@@ -103,9 +109,14 @@ pub struct Status {
     pub node: crate::model::Node,
     pub vtep: SocketAddrV4,
     pub networks: usize,
-    pub gossip_rejected: u64,
-    /// Gossip entries (from members) refused because they broke the registry's rules.
+    /// Gossip datagrams dropped, by reason (`bad_tag`, `stale`, `malformed`, `not_member`).
+    pub gossip_dropped: BTreeMap<String, u64>,
+    /// Gossip entries of members refused (and logged) because they break the registry's rules:
+    /// an endpoint whose address the member does not hold, a malformed value.
     pub gossip_refused: u64,
+    /// Connections to the peer port closed before the client proved the token, by reason
+    /// (`busy`, `slow`, `malformed`, `wrong_token`).
+    pub peer_refused: BTreeMap<String, u64>,
     pub dataplane: Dataplane,
 }
 
@@ -135,7 +146,7 @@ pub async fn call(socket: &Path, request: &Request) -> anyhow::Result<Reply> {
     })?;
     let (read, mut write) = stream.into_split();
     wire::write(&mut write, request).await?;
-    wire::read(&mut BufReader::new(read))
+    wire::read(&mut BufReader::new(read), REPLY_LIMIT)
         .await
         .context("reading the daemon's reply")
 }

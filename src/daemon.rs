@@ -93,6 +93,8 @@ pub struct Daemon {
     consensus: Consensus,
     /// Gossip entries refused for long enough to be logged (see `reconcile`).
     gossip_refused: AtomicU64,
+    /// Admission to the peer port before clients prove the token.
+    peer_gate: Arc<peer::Gate>,
 }
 
 impl Daemon {
@@ -203,6 +205,7 @@ impl Daemon {
             restoring: Mutex::new(restored),
             consensus,
             gossip_refused: AtomicU64::new(0),
+            peer_gate: Arc::default(),
         });
         let api_listener = Arc::new(api_listener);
         let peer_listener = Arc::new(peer_listener);
@@ -304,7 +307,7 @@ impl Daemon {
                 let (read, mut write) = stream.into_split();
                 let request = tokio::time::timeout(
                     API_REQUEST_WITHIN,
-                    wire::read::<api::Request, _>(&mut BufReader::new(read)),
+                    wire::read::<api::Request, _>(&mut BufReader::new(read), api::REQUEST_LIMIT),
                 )
                 .await;
                 let reply = match request {
@@ -382,8 +385,9 @@ impl Daemon {
                     })?,
                     vtep: self.vtep,
                     networks: view.networks.len(),
-                    gossip_rejected: self.gossip.rejected.load(Ordering::Relaxed),
+                    gossip_dropped: self.gossip.dropped(),
                     gossip_refused: self.gossip_refused.load(Ordering::Relaxed),
+                    peer_refused: self.peer_gate.refused(),
                     dataplane: api::Dataplane {
                         offloads: self.config.offloads,
                         layout: stats.layout.to_owned(),
@@ -506,27 +510,37 @@ impl Daemon {
                     continue;
                 }
             };
+            // Over the cap the stream is dropped here: closed at once, counted by the gate.
+            let Some(slot) = self.peer_gate.admit(from) else {
+                continue;
+            };
             let daemon = self.clone();
             tokio::spawn(async move {
-                match peer::accept(stream, &daemon.secret).await {
+                match peer::accept(stream, &daemon.secret, slot).await {
                     Ok(Some((request, responder))) => {
-                        let reply = daemon.handle_peer(request).await;
+                        let reply = daemon.handle_peer(from, request).await;
                         if let Err(err) = responder.reply(&reply).await {
                             debug!(%from, %err, "peer went away before the reply");
                         }
                     }
-                    Ok(None) => warn!(%from, "peer request with a wrong token refused"),
+                    // Refused before proving the token: counted and logged by the gate.
+                    Ok(None) => {}
                     Err(err) => debug!(%from, err = %format!("{err:#}"), "peer exchange failed"),
                 }
             });
         }
     }
 
-    /// Peer requests. Proposals are committed only while this node leads; the asker retries
-    /// elsewhere otherwise, so a proposal is never forwarded twice.
-    async fn handle_peer(&self, request: peer::Request) -> peer::Reply {
+    /// Peer requests from `from`. Proposals are committed only while this node leads; the
+    /// asker retries elsewhere otherwise, so a proposal is never forwarded twice.
+    async fn handle_peer(&self, from: SocketAddr, request: peer::Request) -> peer::Reply {
         match request {
-            peer::Request::Hello => Ok(json(&self.secret.cluster_id())),
+            peer::Request::Hello => {
+                // A joiner proved the token and gossips next: take its gossip before it is a
+                // member.
+                self.gossip.admit_joiner(from.ip());
+                Ok(json(&self.secret.cluster_id()))
+            }
             peer::Request::Propose {
                 change,
                 forward: true,
@@ -587,7 +601,9 @@ fn network_info(net: &Network, view: &View) -> NetworkInfo {
     }
 }
 
-/// Binds the API socket, refusing one that a running daemon still answers on.
+/// Binds the API socket, refusing one that a running daemon still answers on. The socket is
+/// created owner-only: `bind` makes it under the umask, so there is no moment when another user
+/// could connect (a `chmod` after `bind` leaves one).
 async fn bind_api(path: &Path) -> Result<UnixListener, Failure> {
     if tokio::net::UnixStream::connect(path).await.is_ok() {
         return Err(Failure::usage(format!(
@@ -599,11 +615,12 @@ async fn bind_api(path: &Path) -> Result<UnixListener, Failure> {
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| Failure::runtime(format!("binding the API socket {}: {e}", path.display())))?;
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-    Ok(listener)
+    // The umask is process-wide: this runs during start-up, before this process makes any other
+    // file, and puts the old mask back at once.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = UnixListener::bind(path);
+    rustix::process::umask(old);
+    bound.map_err(|e| Failure::runtime(format!("binding the API socket {}: {e}", path.display())))
 }
 
 #[cfg(test)]

@@ -1,15 +1,22 @@
 //! Membership and replicated state over chitchat (scuttlebutt gossip + phi-accrual failure
-//! detection), on a transport that signs every datagram with the cluster secret.
+//! detection), on a transport that signs every datagram with the gossip key.
 //!
-//! chitchat itself authenticates nothing: anyone who can reach UDP 7946 could inject state.
-//! [`SignedUdp`] appends a truncated HMAC-SHA256 to each datagram and drops, and counts, any
-//! datagram whose tag does not verify, so only holders of the join token take part.
+//! chitchat itself authenticates nothing: anyone who can reach UDP 7946 could inject state, and
+//! it answers every Syn, so a captured one replayed from a spoofed address used to bring a reply
+//! six times its size, full of cluster state, to any victim. [`SignedSocket`] therefore:
+//! - takes datagrams only from [`Senders`]: members' gossip addresses, seeds, and hosts that
+//!   proved the token with a peer `Hello` moments ago (joiners, not yet members);
+//! - signs `time ‖ message` with HMAC-SHA256 under the gossip key ([`Purpose::Gossip`]), and drops
+//!   a datagram whose full-length tag does not verify, whose time is more than [`FRESH_WITHIN`]
+//!   from ours, or that is not exactly one chitchat message.
+//!
+//! Every drop is counted by reason ([`Gossip::dropped`]), never logged per datagram.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use chitchat::transport::{Socket, Transport};
@@ -21,20 +28,41 @@ use tracing::debug;
 
 use crate::cluster::{MemberState, View};
 use crate::registry::Registry;
-use crate::token::{Secret, TAG_LEN};
+use crate::token::{Key, Purpose, Secret, TAG_LEN};
 
 /// Gossip rounds are frequent so that a dead node is noticed within seconds.
 const GOSSIP_INTERVAL: Duration = Duration::from_millis(200);
-/// chitchat's datagram budget; the tag is added on top.
+/// chitchat's datagram budget; the time and the tag are added around it.
 const MAX_DATAGRAM: usize = 65_507;
+/// Bytes of the send time that leads every signed payload: ms since the Unix epoch, big-endian.
+const STAMP_LEN: usize = 8;
+/// How far a datagram's send time may be from the receiver's clock. A datagram takes
+/// milliseconds, so this is the clock skew members may have (NTP keeps them far closer), and the
+/// longest a captured datagram can be replayed. Replays inside it only reach members (see
+/// [`Senders`]), and chitchat's versions keep them from rolling state back.
+const FRESH_WITHIN: Duration = Duration::from_secs(30);
+/// How long a host that proved the token with a peer `Hello` may gossip before it is a member.
+/// A joiner starts gossiping right after its `Hello` and is a member within a few rounds.
+const JOINER_WITHIN: Duration = Duration::from_secs(60);
 
 pub struct Gossip {
     pub handle: ChitchatHandle,
-    /// Datagrams dropped because their tag did not verify under the cluster secret.
-    pub rejected: Arc<AtomicU64>,
+    drops: Arc<Drops>,
+    senders: Arc<Mutex<Senders>>,
 }
 
 impl Gossip {
+    /// Datagrams dropped so far, by reason.
+    pub fn dropped(&self) -> BTreeMap<String, u64> {
+        self.drops.snapshot()
+    }
+
+    /// `ip` proved the token with a peer `Hello`: its gossip is taken for [`JOINER_WITHIN`], by
+    /// which time it is a member.
+    pub fn admit_joiner(&self, ip: IpAddr) {
+        lock(&self.senders).admit_joiner(ip, Instant::now());
+    }
+
     /// The cluster as this node's gossip state and `registry` show it now.
     pub async fn view(&self, registry: &Registry) -> View {
         self.handle
@@ -112,20 +140,141 @@ pub async fn start(
         catchup_callback: None,
         extra_liveness_predicate: None,
     };
-    let rejected = Arc::new(AtomicU64::new(0));
+    let drops = Arc::new(Drops::default());
+    let senders = Arc::new(Mutex::new(Senders::default()));
     let transport = SignedUdp {
-        secret: secret.clone(),
-        rejected: rejected.clone(),
+        key: secret.key(Purpose::Gossip),
+        drops: drops.clone(),
+        senders: senders.clone(),
     };
     let handle = chitchat::spawn_chitchat(config, initial, &transport)
         .await
         .with_context(|| format!("starting gossip on {listen}"))?;
-    Ok(Gossip { handle, rejected })
+    tokio::spawn(follow_members(
+        handle.chitchat(),
+        senders.clone(),
+        handle.termination_watcher(),
+    ));
+    Ok(Gossip {
+        handle,
+        drops,
+        senders,
+    })
+}
+
+/// Keeps [`Senders::known`] equal to the gossip addresses of every node chitchat knows (down
+/// ones too: a restarted node comes back from the same address) and of the seeds, until gossip
+/// stops.
+async fn follow_members(
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    senders: Arc<Mutex<Senders>>,
+    stopped: impl Future<Output = anyhow::Result<()>>,
+) {
+    let mut stopped = std::pin::pin!(stopped);
+    let mut every = tokio::time::interval(GOSSIP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = every.tick() => {}
+        }
+        let known: HashSet<SocketAddr> = {
+            let c = chitchat.lock().await;
+            c.node_states()
+                .keys()
+                .map(|id| id.gossip_advertise_addr)
+                .chain(c.seed_nodes())
+                .collect()
+        };
+        lock(&senders).known = known;
+    }
+}
+
+/// Who may gossip with this node.
+#[derive(Default)]
+struct Senders {
+    /// Members' gossip addresses and the seeds.
+    known: HashSet<SocketAddr>,
+    /// Hosts that proved the token with a peer `Hello`, by address (the `Hello` came over TCP,
+    /// from another port), and when.
+    joiners: HashMap<IpAddr, Instant>,
+}
+
+impl Senders {
+    fn allows(&self, from: SocketAddr, now: Instant) -> bool {
+        self.known.contains(&from)
+            || self
+                .joiners
+                .get(&from.ip())
+                .is_some_and(|at| now.duration_since(*at) < JOINER_WITHIN)
+    }
+
+    fn admit_joiner(&mut self, ip: IpAddr, now: Instant) {
+        self.joiners
+            .retain(|_, at| now.duration_since(*at) < JOINER_WITHIN);
+        self.joiners.insert(ip, now);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Why a datagram was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dropped {
+    /// From an address that is not a member's, a seed's or a fresh joiner's.
+    NotMember,
+    /// Its tag is missing, short, or does not verify under the gossip key.
+    BadTag,
+    /// Signed more than [`FRESH_WITHIN`] from now: a replay, or a member's clock is off.
+    Stale,
+    /// Signed, but not exactly one chitchat message.
+    Malformed,
+}
+
+impl Dropped {
+    const ALL: [Dropped; 4] = [
+        Dropped::NotMember,
+        Dropped::BadTag,
+        Dropped::Stale,
+        Dropped::Malformed,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Dropped::NotMember => "not_member",
+            Dropped::BadTag => "bad_tag",
+            Dropped::Stale => "stale",
+            Dropped::Malformed => "malformed",
+        }
+    }
+}
+
+#[derive(Default)]
+struct Drops([AtomicU64; Dropped::ALL.len()]);
+
+impl Drops {
+    fn count(&self, why: Dropped) {
+        self.0[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> BTreeMap<String, u64> {
+        Dropped::ALL
+            .iter()
+            .map(|why| {
+                (
+                    why.name().to_owned(),
+                    self.0[*why as usize].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
 }
 
 struct SignedUdp {
-    secret: Secret,
-    rejected: Arc<AtomicU64>,
+    key: Key,
+    drops: Arc<Drops>,
+    senders: Arc<Mutex<Senders>>,
 }
 
 #[async_trait::async_trait]
@@ -136,41 +285,70 @@ impl Transport for SignedUdp {
         })?;
         Ok(Box::new(SignedSocket {
             socket,
-            secret: self.secret.clone(),
-            rejected: self.rejected.clone(),
-            send_buf: Vec::with_capacity(MAX_DATAGRAM + TAG_LEN),
-            recv_buf: vec![0; MAX_DATAGRAM + TAG_LEN].into_boxed_slice(),
+            key: self.key.clone(),
+            drops: self.drops.clone(),
+            senders: self.senders.clone(),
+            send_buf: Vec::with_capacity(DATAGRAM_LEN),
+            recv_buf: vec![0; DATAGRAM_LEN].into_boxed_slice(),
         }))
     }
 }
 
+const DATAGRAM_LEN: usize = STAMP_LEN + MAX_DATAGRAM + TAG_LEN;
+
 struct SignedSocket {
     socket: tokio::net::UdpSocket,
-    secret: Secret,
-    rejected: Arc<AtomicU64>,
+    key: Key,
+    drops: Arc<Drops>,
+    senders: Arc<Mutex<Senders>>,
     send_buf: Vec<u8>,
     recv_buf: Box<[u8]>,
 }
 
-/// Appends the tag over `payload`; the receiver checks it with [`open`].
-fn seal(secret: &Secret, buf: &mut Vec<u8>) {
-    let tag = secret.mac(&[buf]);
-    buf.extend_from_slice(&tag[..TAG_LEN]);
+/// The wall clock in ms since the Unix epoch: the time datagrams carry.
+fn unix_ms() -> u64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Returns the payload if the trailing tag verifies.
-fn open<'a>(secret: &Secret, datagram: &'a [u8]) -> Option<&'a [u8]> {
-    let split = datagram.len().checked_sub(TAG_LEN)?;
-    let (payload, tag) = datagram.split_at(split);
-    secret.verify(&[payload], tag).then_some(payload)
+/// Writes `sent_ms ‖ message ‖ tag` into `buf`; the receiver checks it with [`open`].
+fn seal(key: &Key, sent_ms: u64, message: &ChitchatMessage, buf: &mut Vec<u8>) {
+    buf.clear();
+    buf.extend_from_slice(&sent_ms.to_be_bytes());
+    message.serialize(buf);
+    let tag = key.mac(&[buf]);
+    buf.extend_from_slice(&tag);
+}
+
+/// The message of a datagram that is signed under `key`, fresh at `now_ms`, and exactly one
+/// chitchat message.
+fn open(key: &Key, datagram: &[u8], now_ms: u64) -> Result<ChitchatMessage, Dropped> {
+    let split = datagram.len().checked_sub(TAG_LEN).ok_or(Dropped::BadTag)?;
+    let (signed, tag) = datagram.split_at(split);
+    if !key.verify(&[signed], tag) {
+        return Err(Dropped::BadTag);
+    }
+    let (stamp, mut rest) = signed
+        .split_first_chunk::<STAMP_LEN>()
+        .ok_or(Dropped::Malformed)?;
+    let skew = now_ms.abs_diff(u64::from_be_bytes(*stamp));
+    if u128::from(skew) > FRESH_WITHIN.as_millis() {
+        return Err(Dropped::Stale);
+    }
+    let message = ChitchatMessage::deserialize(&mut rest).map_err(|_| Dropped::Malformed)?;
+    // Bytes after the message would be signed but unread: whoever made the tag meant other bytes.
+    if !rest.is_empty() {
+        return Err(Dropped::Malformed);
+    }
+    Ok(message)
 }
 
 #[async_trait::async_trait]
 impl Socket for SignedSocket {
     async fn send(&mut self, to: SocketAddr, message: ChitchatMessage) -> anyhow::Result<()> {
-        self.send_buf.clear();
-        message.serialize(&mut self.send_buf);
-        seal(&self.secret, &mut self.send_buf);
+        seal(&self.key, unix_ms(), &message, &mut self.send_buf);
         // A peer that is down makes sends fail transiently; chitchat retries next round.
         if let Err(err) = self.socket.send_to(&self.send_buf, to).await {
             debug!(peer = %to, %err, "gossip send failed");
@@ -187,14 +365,15 @@ impl Socket for SignedSocket {
                     continue;
                 }
             };
-            let Some(mut payload) = open(&self.secret, &self.recv_buf[..len]) else {
-                self.rejected.fetch_add(1, Ordering::Relaxed);
-                debug!(peer = %from_addr, "gossip datagram without a valid tag dropped");
-                continue;
+            // The sender first: a stranger costs no HMAC, and is never answered.
+            let verdict = if lock(&self.senders).allows(from_addr, Instant::now()) {
+                open(&self.key, &self.recv_buf[..len], unix_ms())
+            } else {
+                Err(Dropped::NotMember)
             };
-            match ChitchatMessage::deserialize(&mut payload) {
+            match verdict {
                 Ok(message) => return Ok((from_addr, message)),
-                Err(err) => debug!(peer = %from_addr, %err, "undecodable gossip datagram dropped"),
+                Err(why) => self.drops.count(why),
             }
         }
     }
@@ -204,6 +383,7 @@ impl Socket for SignedSocket {
 mod tests {
     use super::*;
     use crate::model::NodeState;
+    use crate::peer;
 
     async fn node(name: &str, secret: &Secret, seeds: &[SocketAddr]) -> (Gossip, SocketAddr) {
         let addr = std::net::UdpSocket::bind("127.0.0.1:0")
@@ -237,6 +417,10 @@ mod tests {
             .collect()
     }
 
+    fn dropped(node: &Gossip, why: Dropped) -> u64 {
+        node.dropped()[why.name()]
+    }
+
     /// Three members on loopback: state spreads to all, a stranger with another secret never
     /// gets in, and a stopped member is seen down by the others.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,7 +429,7 @@ mod tests {
         let (a, a_addr) = node("a", &secret, &[]).await;
         let (b, _) = node("b", &secret, &[a_addr]).await;
         let (c, _) = node("c", &secret, &[a_addr]).await;
-        let (stranger, _) = node("x", &Secret::generate(), &[a_addr]).await;
+        let (stranger, x_addr) = node("x", &Secret::generate(), &[a_addr]).await;
 
         b.update(&[("up/web".into(), String::new())], &[]).await;
         let all_ready = |v: &View| {
@@ -256,6 +440,9 @@ mod tests {
                     ("c".into(), NodeState::Ready),
                 ]
         };
+        // b and c are no members of a yet: they are let in as after a peer `Hello` (all nodes
+        // share 127.0.0.1, so this lets the stranger's datagrams reach the tag check too).
+        a.admit_joiner(a_addr.ip());
         converge(&[&a, &b, &c], "three ready members", all_ready).await;
         let on_a = a
             .handle
@@ -271,8 +458,9 @@ mod tests {
             "the stranger's state reached a member: {on_a:?}"
         );
         assert!(
-            a.rejected.load(Ordering::Relaxed) > 0,
-            "the stranger's datagrams were not counted"
+            dropped(&a, Dropped::BadTag) > 0,
+            "the stranger's datagrams were not counted: {:?} (from {x_addr})",
+            a.dropped()
         );
         assert!(
             stranger.view(&Registry::default()).await.members.len() == 1,
@@ -286,16 +474,168 @@ mod tests {
         .await;
     }
 
+    /// A Syn with an empty digest, built from chitchat's wire format: magic 45139 (LE), version
+    /// 0, type 0, digest (u16 count), cluster id (u16 length + bytes).
+    fn syn(cluster_id: &str) -> ChitchatMessage {
+        let mut bytes = vec![0x53, 0xb0, 0, 0, 0, 0];
+        bytes.extend_from_slice(&(cluster_id.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(cluster_id.as_bytes());
+        ChitchatMessage::deserialize(&mut &bytes[..]).unwrap()
+    }
+
     #[test]
-    fn sealed_datagrams_open_only_under_the_same_secret() {
-        let (a, b) = (Secret::generate(), Secret::generate());
-        let mut buf = b"chitchat syn".to_vec();
-        seal(&a, &mut buf);
-        assert_eq!(open(&a, &buf), Some(&b"chitchat syn"[..]));
-        assert_eq!(open(&b, &buf), None);
+    fn sealed_datagrams_open_only_whole_fresh_and_under_the_same_key() {
+        let secret = Secret::generate();
+        let key = secret.key(Purpose::Gossip);
+        let now = 1_700_000_000_000;
+        let message = syn(&secret.cluster_id());
+        let mut buf = Vec::new();
+        seal(&key, now, &message, &mut buf);
+        assert_eq!(open(&key, &buf, now + 1_000), Ok(syn(&secret.cluster_id())));
+
+        let other = Secret::generate().key(Purpose::Gossip);
+        assert_eq!(open(&other, &buf, now), Err(Dropped::BadTag));
+        assert_eq!(
+            open(&secret.key(Purpose::Peer), &buf, now),
+            Err(Dropped::BadTag),
+            "the peer key does not sign gossip"
+        );
         let mut flipped = buf.clone();
-        flipped[0] ^= 1;
-        assert_eq!(open(&a, &flipped), None);
-        assert_eq!(open(&a, &buf[..TAG_LEN - 1]), None);
+        flipped[STAMP_LEN + 1] ^= 1;
+        assert_eq!(open(&key, &flipped, now), Err(Dropped::BadTag));
+        assert_eq!(open(&key, &buf[..TAG_LEN - 1], now), Err(Dropped::BadTag));
+        let truncated = [&buf[..buf.len() - TAG_LEN], &buf[buf.len() - 16..]].concat();
+        assert_eq!(
+            open(&key, &truncated, now),
+            Err(Dropped::BadTag),
+            "a truncated tag is refused"
+        );
+
+        // Signed, but with bytes after the message.
+        let mut signed = buf[..buf.len() - TAG_LEN].to_vec();
+        signed.extend_from_slice(b"trailing");
+        let tag = key.mac(&[&signed]);
+        signed.extend_from_slice(&tag);
+        assert_eq!(open(&key, &signed, now), Err(Dropped::Malformed));
+    }
+
+    /// Issue 8, finding 6: a captured datagram replayed later is refused.
+    #[test]
+    fn replays_outside_the_window_are_refused_either_way() {
+        let secret = Secret::generate();
+        let key = secret.key(Purpose::Gossip);
+        let sent = 1_700_000_000_000;
+        let mut buf = Vec::new();
+        seal(&key, sent, &syn(&secret.cluster_id()), &mut buf);
+        let window = FRESH_WITHIN.as_millis() as u64;
+        assert!(open(&key, &buf, sent + window).is_ok());
+        assert!(
+            open(&key, &buf, sent - window).is_ok(),
+            "a clock slightly behind"
+        );
+        assert_eq!(open(&key, &buf, sent + window + 1), Err(Dropped::Stale));
+        assert_eq!(open(&key, &buf, sent - window - 1), Err(Dropped::Stale));
+    }
+
+    /// A TCP server that plays a member for one exchange, sending `nonce` as its challenge, and
+    /// returns every line the client sent.
+    async fn fake_peer(nonce: Vec<u8>) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let challenge = format!("{{\"nonce\":\"{}\"}}\n", hex::encode(&nonce));
+            stream.write_all(challenge.as_bytes()).await.unwrap();
+            let mut lines = tokio::io::BufReader::new(stream).lines();
+            let mut got = Vec::new();
+            while let Ok(Ok(Some(line))) =
+                tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await
+            {
+                got.push(line);
+            }
+            got
+        });
+        (addr, sent)
+    }
+
+    /// Issue 8, finding 1: a member that dials a fake peer (a wrong address typed in `join`)
+    /// must not sign anything the fake can send as gossip. The fake's "nonce" is the gossip
+    /// payload it wants accepted, or as much of it as a nonce of the right length holds.
+    #[tokio::test]
+    async fn a_fake_peers_challenge_cannot_be_turned_into_gossip() {
+        let secret = Secret::generate();
+        let key = secret.key(Purpose::Gossip);
+        let now = unix_ms();
+        let mut wanted = now.to_be_bytes().to_vec();
+        syn(&secret.cluster_id()).serialize(&mut wanted);
+        let same_length = wanted[..peer::NONCE_LEN].to_vec();
+        for nonce in [wanted, same_length] {
+            let (addr, sent) = fake_peer(nonce.clone()).await;
+            let answer = peer::call(addr, &secret, &peer::Request::Hello).await;
+            let sent = sent.await.unwrap();
+            assert!(answer.is_err(), "the fake cannot answer");
+            // Every tag the client sent, behind the nonce alone or the nonce and what it signed.
+            for line in &sent {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                let tag = hex::decode(v["tag"].as_str().unwrap()).unwrap();
+                let body = v["body"].as_str().unwrap_or_default().as_bytes();
+                for payload in [nonce.clone(), [&nonce[..], body].concat()] {
+                    let datagram = [payload, tag.clone()].concat();
+                    assert!(
+                        open(&key, &datagram, now).is_err(),
+                        "the client's answer {line} is a valid gossip datagram"
+                    );
+                }
+            }
+            if nonce.len() != peer::NONCE_LEN {
+                let err = format!("{:#}", answer.unwrap_err());
+                assert!(err.contains("not an overlayd member"), "{err}");
+                assert_eq!(
+                    sent,
+                    Vec::<String>::new(),
+                    "an odd challenge is not answered"
+                );
+            }
+        }
+    }
+
+    /// Whether anything arrives on `socket` within a second.
+    async fn answered(socket: &tokio::net::UdpSocket) -> bool {
+        let mut buf = vec![0; DATAGRAM_LEN];
+        let wait = socket.recv_from(&mut buf);
+        tokio::time::timeout(Duration::from_secs(1), wait)
+            .await
+            .is_ok()
+    }
+
+    /// Issue 8, finding 6: a member's own datagram, replayed from an address that is no
+    /// member's, gets no answer (it is counted); the same datagram from a seed does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gossip_is_answered_only_to_members_seeds_and_joiners() {
+        let secret = Secret::generate();
+        let seed = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (a, a_addr) = node("a", &secret, &[seed.local_addr().unwrap()]).await;
+        // a gossips to its seed: capture one of its (fresh, signed) Syns.
+        let mut buf = vec![0; DATAGRAM_LEN];
+        let (len, _) = tokio::time::timeout(Duration::from_secs(5), seed.recv_from(&mut buf))
+            .await
+            .expect("a gossips to its seed")
+            .unwrap();
+        let captured = buf[..len].to_vec();
+
+        // A host on another address (on loopback, another IP of 127/8).
+        let stranger = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        stranger.send_to(&captured, a_addr).await.unwrap();
+        assert!(!answered(&stranger).await, "a non-member was answered");
+        assert!(dropped(&a, Dropped::NotMember) > 0, "{:?}", a.dropped());
+
+        // The same datagram from a sender a accepts is answered (a SynAck).
+        a.admit_joiner(stranger.local_addr().unwrap().ip());
+        stranger.send_to(&captured, a_addr).await.unwrap();
+        assert!(
+            answered(&stranger).await,
+            "a joiner that said Hello was not answered"
+        );
     }
 }

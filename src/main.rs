@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::api::Failure;
 use crate::cli::{Cli, Command, DaemonArgs, DataPathArgs};
@@ -118,6 +118,7 @@ async fn serve(config: daemon::Config, start: Start) -> Result<(), Failure> {
         Start::Resume(_) => "Node restarted; rejoining the cluster.",
     };
     let advertise = config.advertise;
+    raise_open_file_limit();
     let daemon = Daemon::start(config, start).await?;
     println!("{greeting} To add a node, run on it:");
     println!(
@@ -128,6 +129,25 @@ async fn serve(config: daemon::Config, start: Start) -> Result<(), Failure> {
     info!("shutting down");
     daemon.stop().await;
     Ok(())
+}
+
+/// Raises the soft open-file limit to the hard one. Every peer connection, API client and TAP
+/// costs a descriptor, and a soft limit of 1024 (a common default) is a few hundred connections
+/// from refusing the API socket's `accept`.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => info!(from = ?limit.current, to = ?limit.maximum, "open-file limit raised"),
+        Err(err) => warn!(%err, soft = ?limit.current, "could not raise the open-file limit"),
+    }
 }
 
 fn config(api: PathBuf, args: DaemonArgs) -> daemon::Config {

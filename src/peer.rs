@@ -2,25 +2,68 @@
 //! changes proposed to the Raft leader (creating networks, handing out addresses) and Raft's own
 //! RPCs.
 //!
-//! Each exchange is challenge-response under the cluster secret: the server sends a fresh nonce,
-//! the client answers with its request and HMAC(secret, nonce ‖ request), the server replies with
-//! HMAC(secret, nonce ‖ "reply" ‖ reply). Neither side ever sends the secret, and a reply cannot be
-//! replayed into another exchange.
+//! # Exchange
+//! Challenge-response under the peer key ([`Purpose::Peer`], never the gossip key):
+//! 1. server: a fresh nonce of exactly [`NONCE_LEN`] bytes;
+//! 2. client: `Auth`, HMAC(k, "auth" ‖ nonce), and right behind it `Signed`, the request with
+//!    HMAC(k, "request" ‖ nonce ‖ request);
+//! 3. server: `Signed`, the reply with HMAC(k, "reply" ‖ nonce ‖ reply), or `Refused`.
+//!
+//! Neither side sends the secret; a tag answers one nonce and one step only (the labels differ in
+//! their third byte and the nonce has a fixed length, so no two steps sign the same bytes). The
+//! client checks the nonce's length: a server choosing a longer "nonce" could otherwise make it
+//! sign bytes of the server's choosing.
+//!
+//! # Limits
+//! The port is open to anyone on the underlay. Until a client has proved the token, the server
+//! reads at most [`HANDSHAKE_LIMIT`] bytes from it, for at most [`HANDSHAKE_WITHIN`], and the
+//! [`Gate`] lets only a few such handshakes run at once; every refusal is counted. Only then does
+//! it read a request of up to [`REQUEST_LIMIT`].
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
+use tracing::warn;
 
 use crate::api::Failure;
 use crate::consensus::{Change, Rpc};
-use crate::token::Secret;
+use crate::token::{Key, Purpose, Secret};
 use crate::wire;
 
+/// How long a client waits for a whole exchange (the leader may be busy deciding).
 const TIMEOUT: Duration = Duration::from_secs(15);
+/// Bytes of the server's challenge.
+pub const NONCE_LEN: usize = 16;
+/// Longest line either side reads before the other is authenticated: the challenge and the
+/// client's proof are under 100 bytes.
+const HANDSHAKE_LIMIT: usize = 256;
+/// Longest request of an authenticated member: a Raft append of up to 64 entries or a 16 KiB
+/// snapshot chunk (see [`crate::consensus`]), written as JSON inside JSON, fits with room to
+/// spare. Only members holding the token can make the server buffer this much.
+pub const REQUEST_LIMIT: usize = 256 << 10;
+/// Longest reply a client reads (bounded: it may have dialled a stranger).
+const REPLY_LIMIT: usize = 1 << 20;
+/// How long a client has, from its connection, to prove the token. A member needs one round trip.
+const HANDSHAKE_WITHIN: Duration = Duration::from_secs(3);
+/// How long an authenticated member has to send its request (sent right behind its proof).
+const REQUEST_WITHIN: Duration = Duration::from_secs(10);
+/// Unauthenticated handshakes under way at once, in all and from one address. Over these, a
+/// connection is closed at once. A member's handshake lasts one round trip, so members never come
+/// near them; the per-address cap keeps one flooding host from taking every slot.
+const MAX_HANDSHAKES: usize = 64;
+const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
+/// Refusals are summed up in at most one log line per period.
+const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(10);
+
+const AUTH: &[u8] = b"auth";
+const REQUEST: &[u8] = b"request";
+const REPLY: &[u8] = b"reply";
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
@@ -42,6 +85,11 @@ struct Challenge {
 }
 
 #[derive(Serialize, Deserialize)]
+struct Auth {
+    tag: String,
+}
+
+#[derive(Serialize, Deserialize)]
 struct Signed {
     tag: String,
     body: String,
@@ -50,33 +98,41 @@ struct Signed {
 #[derive(Serialize, Deserialize)]
 enum Answer {
     Signed(Signed),
-    /// The request's tag did not verify: the sender does not hold this cluster's token.
+    /// The client's proof did not verify: it does not hold this cluster's token.
     Refused,
 }
 
-const REPLY: &[u8] = b"reply";
-
 /// Sends `request` to the member at `addr` and returns its verified reply.
 pub async fn call(addr: SocketAddr, secret: &Secret, request: &Request) -> anyhow::Result<Reply> {
-    tokio::time::timeout(TIMEOUT, exchange(addr, secret, request))
+    tokio::time::timeout(TIMEOUT, exchange(addr, &secret.key(Purpose::Peer), request))
         .await
         .with_context(|| format!("no answer from {addr} within {TIMEOUT:?}"))?
 }
 
-async fn exchange(addr: SocketAddr, secret: &Secret, request: &Request) -> anyhow::Result<Reply> {
+async fn exchange(addr: SocketAddr, key: &Key, request: &Request) -> anyhow::Result<Reply> {
     let stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr} (is overlayd running there?)"))?;
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
-    let challenge: Challenge = wire::read(&mut read)
+    let challenge: Challenge = wire::read(&mut read, HANDSHAKE_LIMIT)
         .await
         .with_context(|| format!("handshake with {addr}"))?;
-    let nonce = hex::decode(&challenge.nonce).context("malformed nonce")?;
+    let nonce = nonce_of(&challenge).with_context(|| {
+        format!("{addr} is not an overlayd member (a wrong address?): not answering its challenge")
+    })?;
     let body = serde_json::to_string(request)?;
-    let tag = hex::encode(secret.mac(&[&nonce, body.as_bytes()]));
-    wire::write(&mut write, &Signed { tag, body }).await?;
-    match wire::read(&mut read)
+    let auth = Auth {
+        tag: hex::encode(key.mac(&[AUTH, &nonce])),
+    };
+    let signed = Signed {
+        tag: hex::encode(key.mac(&[REQUEST, &nonce, body.as_bytes()])),
+        body,
+    };
+    // Both at once: the server checks the small proof before it reads the request.
+    wire::write(&mut write, &auth).await?;
+    wire::write(&mut write, &signed).await?;
+    match wire::read(&mut read, REPLY_LIMIT)
         .await
         .with_context(|| format!("reading the reply from {addr}"))?
     {
@@ -86,7 +142,7 @@ async fn exchange(addr: SocketAddr, secret: &Secret, request: &Request) -> anyho
         Answer::Signed(reply) => {
             let tag = hex::decode(&reply.tag).context("malformed reply tag")?;
             anyhow::ensure!(
-                secret.verify(&[&nonce, REPLY, reply.body.as_bytes()], &tag),
+                key.verify(&[REPLY, &nonce, reply.body.as_bytes()], &tag),
                 "{addr} answered without proving it holds the cluster token; not trusting it"
             );
             Ok(serde_json::from_str(&reply.body)?)
@@ -94,50 +150,207 @@ async fn exchange(addr: SocketAddr, secret: &Secret, request: &Request) -> anyho
     }
 }
 
-/// Server side of one exchange: returns the verified request and a way to answer it, or `None`
-/// after telling an unauthenticated client it was refused.
+/// The challenge's nonce, refused unless it is exactly [`NONCE_LEN`] bytes.
+fn nonce_of(challenge: &Challenge) -> anyhow::Result<[u8; NONCE_LEN]> {
+    let bytes = hex::decode(&challenge.nonce).context("its challenge is not hex")?;
+    let len = bytes.len();
+    bytes.try_into().map_err(|_| {
+        anyhow::anyhow!("its challenge has {len} bytes, where members send {NONCE_LEN}")
+    })
+}
+
+/// Server side of one exchange, for a connection the [`Gate`] admitted: returns the verified
+/// request and a way to answer it, or `None` when the client was refused (counted, and told when
+/// its token was wrong). An error means an authenticated member's exchange failed.
 pub async fn accept(
     stream: TcpStream,
     secret: &Secret,
+    slot: Slot,
 ) -> anyhow::Result<Option<(Request, Responder)>> {
+    let key = secret.key(Purpose::Peer);
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
-    let nonce: [u8; 16] = rand::random();
-    wire::write(
-        &mut write,
-        &Challenge {
-            nonce: hex::encode(nonce),
-        },
-    )
-    .await?;
-    let signed: Signed = tokio::time::timeout(TIMEOUT, wire::read(&mut read)).await??;
-    let tag = hex::decode(&signed.tag).unwrap_or_default();
-    if !secret.verify(&[&nonce, signed.body.as_bytes()], &tag) {
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    let challenge = Challenge {
+        nonce: hex::encode(nonce),
+    };
+    let proof = tokio::time::timeout(HANDSHAKE_WITHIN, async {
+        wire::write(&mut write, &challenge).await?;
+        wire::read::<Auth, _>(&mut read, HANDSHAKE_LIMIT).await
+    })
+    .await;
+    let auth = match proof {
+        Ok(Ok(auth)) => auth,
+        Ok(Err(_)) => return Ok(slot.refuse(Refusal::Malformed)),
+        Err(_) => return Ok(slot.refuse(Refusal::Slow)),
+    };
+    let tag = hex::decode(&auth.tag).unwrap_or_default();
+    if !key.verify(&[AUTH, &nonce], &tag) {
         wire::write(&mut write, &Answer::Refused).await?;
-        return Ok(None);
+        return Ok(slot.refuse(Refusal::WrongToken));
     }
+    // Authenticated: the slot is for strangers' handshakes.
+    drop(slot);
+    let signed: Signed = tokio::time::timeout(REQUEST_WITHIN, wire::read(&mut read, REQUEST_LIMIT))
+        .await
+        .with_context(|| format!("no request within {REQUEST_WITHIN:?} of the proof"))??;
+    let tag = hex::decode(&signed.tag).context("malformed request tag")?;
+    anyhow::ensure!(
+        key.verify(&[REQUEST, &nonce, signed.body.as_bytes()], &tag),
+        "the request's tag does not verify"
+    );
     let request = serde_json::from_str(&signed.body).context("malformed peer request")?;
-    Ok(Some((
-        request,
-        Responder {
-            write,
-            nonce,
-            secret: secret.clone(),
-        },
-    )))
+    Ok(Some((request, Responder { write, nonce, key })))
 }
 
 pub struct Responder {
     write: tokio::net::tcp::OwnedWriteHalf,
-    nonce: [u8; 16],
-    secret: Secret,
+    nonce: [u8; NONCE_LEN],
+    key: Key,
 }
 
 impl Responder {
     pub async fn reply(mut self, reply: &Reply) -> anyhow::Result<()> {
         let body = serde_json::to_string(reply)?;
-        let tag = hex::encode(self.secret.mac(&[&self.nonce, REPLY, body.as_bytes()]));
+        let tag = hex::encode(self.key.mac(&[REPLY, &self.nonce, body.as_bytes()]));
         wire::write(&mut self.write, &Answer::Signed(Signed { tag, body })).await
+    }
+}
+
+/// Why a connection was closed before its client proved the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Refusal {
+    /// Too many handshakes under way (in all, or from its address).
+    Busy,
+    /// No proof within [`HANDSHAKE_WITHIN`].
+    Slow,
+    /// Closed early, or sent something other than a proof of at most [`HANDSHAKE_LIMIT`] bytes.
+    Malformed,
+    /// A proof under another token.
+    WrongToken,
+}
+
+impl Refusal {
+    fn name(self) -> &'static str {
+        match self {
+            Refusal::Busy => "busy",
+            Refusal::Slow => "slow",
+            Refusal::Malformed => "malformed",
+            Refusal::WrongToken => "wrong_token",
+        }
+    }
+}
+
+/// Admission to the peer port: caps the handshakes under way, counts refusals, and logs them
+/// at most once per [`REFUSALS_LOGGED_EVERY`].
+#[derive(Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+}
+
+#[derive(Default)]
+struct GateState {
+    handshakes: usize,
+    by_source: HashMap<IpAddr, usize>,
+    refused: BTreeMap<Refusal, u64>,
+    /// Refusals not yet in a log line, and when the last line was written.
+    unlogged: u64,
+    logged_at: Option<Instant>,
+}
+
+impl GateState {
+    fn take(&mut self, from: IpAddr) -> bool {
+        let mine = self.by_source.get(&from).copied().unwrap_or_default();
+        if self.handshakes >= MAX_HANDSHAKES || mine >= MAX_HANDSHAKES_PER_SOURCE {
+            return false;
+        }
+        self.by_source.insert(from, mine + 1);
+        self.handshakes += 1;
+        true
+    }
+
+    fn give_back(&mut self, from: IpAddr) {
+        self.handshakes = self.handshakes.saturating_sub(1);
+        if let Some(mine) = self.by_source.get_mut(&from) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                self.by_source.remove(&from);
+            }
+        }
+    }
+
+    /// Counts a refusal; returns how many to report if a log line is due at `now`.
+    fn refuse(&mut self, why: Refusal, now: Instant) -> Option<u64> {
+        *self.refused.entry(why).or_default() += 1;
+        self.unlogged += 1;
+        let due = self
+            .logged_at
+            .is_none_or(|at| now.duration_since(at) >= REFUSALS_LOGGED_EVERY);
+        due.then(|| {
+            self.logged_at = Some(now);
+            std::mem::take(&mut self.unlogged)
+        })
+    }
+}
+
+impl Gate {
+    /// A slot for one handshake from `from`, or `None` (counted) when too many are under way:
+    /// the caller closes the connection at once.
+    pub fn admit(self: &Arc<Gate>, from: SocketAddr) -> Option<Slot> {
+        let taken = self.lock().take(from.ip());
+        if !taken {
+            self.refuse(Refusal::Busy, from.ip());
+            return None;
+        }
+        Some(Slot {
+            gate: self.clone(),
+            from: from.ip(),
+        })
+    }
+
+    /// Refusals so far, by reason.
+    pub fn refused(&self) -> BTreeMap<String, u64> {
+        self.lock()
+            .refused
+            .iter()
+            .map(|(why, n)| (why.name().to_owned(), *n))
+            .collect()
+    }
+
+    fn refuse(&self, why: Refusal, from: IpAddr) {
+        let due = self.lock().refuse(why, Instant::now());
+        if let Some(refused) = due {
+            warn!(
+                refused,
+                last = %from,
+                reason = why.name(),
+                "peer connections refused before proving the token (strangers, or a wrong token); \
+                 `overlayd status` counts them by reason"
+            );
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One admitted handshake; gives its place back when dropped.
+pub struct Slot {
+    gate: Arc<Gate>,
+    from: IpAddr,
+}
+
+impl Slot {
+    fn refuse<T>(self, why: Refusal) -> Option<T> {
+        self.gate.refuse(why, self.from);
+        None
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gate.lock().give_back(self.from);
     }
 }
 
@@ -148,9 +361,11 @@ mod tests {
     async fn serve_once(secret: Secret) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let gate = Arc::new(Gate::default());
         tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            if let Some((request, responder)) = accept(stream, &secret).await.unwrap() {
+            let (stream, from) = listener.accept().await.unwrap();
+            let slot = gate.admit(from).unwrap();
+            if let Some((request, responder)) = accept(stream, &secret, slot).await.unwrap() {
                 let reply: Reply = Ok(serde_json::json!(format!("{request:?}")));
                 responder.reply(&reply).await.unwrap();
             }
@@ -173,5 +388,57 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("refused the token"), "{err}");
+    }
+
+    #[test]
+    fn nonces_of_any_other_length_are_refused() {
+        for len in [0, 15, 17, 64] {
+            let challenge = Challenge {
+                nonce: hex::encode(vec![7; len]),
+            };
+            let err = nonce_of(&challenge).unwrap_err();
+            assert!(err.to_string().contains("16"), "{len}: {err}");
+        }
+        let good = Challenge {
+            nonce: hex::encode([7; NONCE_LEN]),
+        };
+        assert_eq!(nonce_of(&good).unwrap(), [7; NONCE_LEN]);
+    }
+
+    #[test]
+    fn handshakes_are_capped_in_all_and_per_source_and_given_back() {
+        let mut gate = GateState::default();
+        let one: IpAddr = [198, 18, 0, 9].into();
+        for _ in 0..MAX_HANDSHAKES_PER_SOURCE {
+            assert!(gate.take(one));
+        }
+        assert!(!gate.take(one), "one host holds every slot it may");
+        let mut others = (0..=255u8).map(|i| IpAddr::from([198, 18, 1, i]));
+        while gate.handshakes < MAX_HANDSHAKES {
+            assert!(gate.take(others.next().unwrap()));
+        }
+        assert!(!gate.take(others.next().unwrap()), "the total is capped");
+        gate.give_back(one);
+        assert!(gate.take(one), "a finished handshake frees its slot");
+        assert!(
+            gate.by_source.len() <= MAX_HANDSHAKES,
+            "refusals leave no entries behind"
+        );
+    }
+
+    #[test]
+    fn refusals_are_all_counted_but_logged_at_most_once_per_period() {
+        let mut gate = GateState::default();
+        let t0 = Instant::now();
+        assert_eq!(gate.refuse(Refusal::Busy, t0), Some(1), "the first is told");
+        for i in 1..100 {
+            let now = t0 + Duration::from_millis(i * 50);
+            assert_eq!(gate.refuse(Refusal::Slow, now), None);
+        }
+        let later = t0 + REFUSALS_LOGGED_EVERY;
+        assert_eq!(gate.refuse(Refusal::WrongToken, later), Some(100));
+        assert_eq!(gate.refused[&Refusal::Busy], 1);
+        assert_eq!(gate.refused[&Refusal::Slow], 99);
+        assert_eq!(gate.refused[&Refusal::WrongToken], 1);
     }
 }

@@ -1,19 +1,46 @@
-//! The cluster secret: printed as the join token, keys every gossip datagram and peer request.
+//! The cluster secret: printed as the join token, and the root of every key the cluster uses.
 //!
-//! A token is `OVL1-` followed by 32 random bytes in hex. Everything that proves membership is an
-//! HMAC-SHA256 under that secret, so the secret itself never travels after `init` prints it.
+//! A token is `OVL1-` followed by 32 random bytes in hex. The secret itself signs nothing: each
+//! purpose gets its own key, derived with HKDF-SHA256 (RFC 5869) under its own label, so a tag
+//! made for one purpose is never valid for another (WireGuard and Noise give each key one job).
+//! Before this, a joining member answered a fake peer's "nonce" with a tag that was also a valid
+//! gossip tag. The secret never travels after `init` prints it.
 
+use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 type HmacSha256 = Hmac<Sha256>;
 
 const PREFIX: &str = "OVL1-";
-/// Bytes of the HMAC kept on gossip datagrams (truncation per RFC 2104 §5; 128 bits).
-pub const TAG_LEN: usize = 16;
+/// Bytes of every tag: the whole HMAC-SHA256, checked at exactly this length.
+pub const TAG_LEN: usize = 32;
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret([u8; 32]);
+
+/// What a key is for. Adding a purpose is one variant and its label.
+#[derive(Clone, Copy, Debug)]
+pub enum Purpose {
+    /// Signs every gossip datagram.
+    Gossip,
+    /// Challenge-response of requests between members over TCP.
+    Peer,
+}
+
+impl Purpose {
+    /// The HKDF `info`: distinct per purpose, versioned so a new scheme gets new keys.
+    fn label(self) -> &'static [u8] {
+        match self {
+            Purpose::Gossip => b"overlayd gossip v1",
+            Purpose::Peer => b"overlayd peer v1",
+        }
+    }
+}
+
+/// An HMAC-SHA256 key for one [`Purpose`].
+#[derive(Clone)]
+pub struct Key([u8; 32]);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
@@ -42,29 +69,34 @@ impl Secret {
         format!("overlayd-{}", hex::encode(&digest[..8]))
     }
 
+    /// The key for `purpose`. The secret is 32 uniformly random bytes, so HKDF's extract step
+    /// needs no salt (RFC 5869 §3.1).
+    pub fn key(&self, purpose: Purpose) -> Key {
+        let mut key = [0; 32];
+        Hkdf::<Sha256>::new(None, &self.0)
+            .expand(purpose.label(), &mut key)
+            .expect("32 bytes is far below HKDF-SHA256's output limit");
+        Key(key)
+    }
+}
+
+impl Key {
     /// HMAC over the concatenation of `parts`.
-    pub fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
-        let mut mac = self.hmac();
-        for part in parts {
-            mac.update(part);
-        }
-        mac.finalize().into_bytes().into()
+    pub fn mac(&self, parts: &[&[u8]]) -> [u8; TAG_LEN] {
+        self.hmac(parts).finalize().into_bytes().into()
     }
 
-    /// Constant-time check of a (possibly truncated, at least [`TAG_LEN`]) tag over `parts`.
+    /// Constant-time check of a full-length tag over `parts`; any other length fails.
     pub fn verify(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
-        if tag.len() < TAG_LEN {
-            return false;
-        }
-        let mut mac = self.hmac();
+        self.hmac(parts).verify_slice(tag).is_ok()
+    }
+
+    fn hmac(&self, parts: &[&[u8]]) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes keys of any length");
         for part in parts {
             mac.update(part);
         }
-        mac.verify_truncated_left(tag).is_ok()
-    }
-
-    fn hmac(&self) -> HmacSha256 {
-        HmacSha256::new_from_slice(&self.0).expect("HMAC takes keys of any length")
+        mac
     }
 }
 
@@ -98,20 +130,37 @@ mod tests {
     }
 
     #[test]
-    fn tags_verify_only_under_the_same_secret() {
+    fn tags_verify_only_under_the_same_key_and_at_full_length() {
         let (a, b) = (Secret::generate(), Secret::generate());
-        let tag = a.mac(&[b"nonce", b"body"]);
-        assert!(a.verify(&[b"nonce", b"body"], &tag[..TAG_LEN]));
+        let key = a.key(Purpose::Peer);
+        let tag = key.mac(&[b"nonce", b"body"]);
+        assert!(key.verify(&[b"nonce", b"body"], &tag));
         assert!(
-            a.verify(&[b"nonceb", b"ody"], &tag),
+            key.verify(&[b"nonceb", b"ody"], &tag),
             "parts are concatenated"
         );
-        assert!(!b.verify(&[b"nonce", b"body"], &tag));
-        assert!(!a.verify(&[b"nonce", b"bodY"], &tag));
+        assert!(!b.key(Purpose::Peer).verify(&[b"nonce", b"body"], &tag));
+        assert!(!key.verify(&[b"nonce", b"bodY"], &tag));
         assert!(
-            !a.verify(&[b"nonce", b"body"], &tag[..4]),
-            "too short a tag proves nothing"
+            !key.verify(&[b"nonce", b"body"], &tag[..16]),
+            "a truncated tag proves nothing"
         );
         assert_ne!(a.cluster_id(), b.cluster_id());
+    }
+
+    #[test]
+    fn each_purpose_has_its_own_key_and_none_is_the_secret() {
+        let secret = Secret::generate();
+        let gossip = secret.key(Purpose::Gossip);
+        let peer = secret.key(Purpose::Peer);
+        let tag = peer.mac(&[b"same bytes"]);
+        assert!(!gossip.verify(&[b"same bytes"], &tag));
+        assert!(gossip.0 != secret.0 && peer.0 != secret.0);
+        // Deterministic: every member derives the same keys from the same token.
+        assert!(
+            secret
+                .key(Purpose::Gossip)
+                .verify(&[b"x"], &gossip.mac(&[b"x"]))
+        );
     }
 }

@@ -5,21 +5,21 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
-/// Requests are small; a longer line is an error, not a reason to grow without bound.
-const MAX_LINE: usize = 1 << 20;
-
+/// Reads one message of at most `limit` bytes (newline included). Each caller sizes the limit
+/// to what it expects: a longer line is an error, not a reason to grow without bound.
 pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
+    limit: usize,
 ) -> anyhow::Result<T> {
     let mut line = String::new();
     let n = (&mut *reader)
-        .take(MAX_LINE as u64)
+        .take(limit as u64)
         .read_line(&mut line)
         .await?;
     anyhow::ensure!(n > 0, "connection closed before a message arrived");
     anyhow::ensure!(
         line.ends_with('\n'),
-        "message longer than {MAX_LINE} bytes or cut short"
+        "message longer than {limit} bytes or cut short"
     );
     serde_json::from_str(&line).context("malformed message")
 }
