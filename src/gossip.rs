@@ -382,7 +382,7 @@ impl Socket for SignedSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::NodeState;
+    use crate::model::{Endpoint, NodeState};
     use crate::peer;
 
     async fn node(name: &str, secret: &Secret, seeds: &[SocketAddr]) -> (Gossip, SocketAddr) {
@@ -397,10 +397,19 @@ mod tests {
 
     /// Polls `done` over the views of `nodes` until it holds for all, for at most 15 s.
     async fn converge(nodes: &[&Gossip], what: &str, done: impl Fn(&View) -> bool) {
+        converge_with(nodes, &Registry::default(), what, done).await
+    }
+
+    async fn converge_with(
+        nodes: &[&Gossip],
+        registry: &Registry,
+        what: &str,
+        done: impl Fn(&View) -> bool,
+    ) {
         for _ in 0..300 {
             let mut all = true;
             for node in nodes {
-                all &= done(&node.view(&Registry::default()).await);
+                all &= done(&node.view(registry).await);
             }
             if all {
                 return;
@@ -423,6 +432,78 @@ mod tests {
 
     /// Three members on loopback: state spreads to all, a stranger with another secret never
     /// gets in, and a stopped member is seen down by the others.
+    /// A member (it holds the token) writes state that breaks the rules: an endpoint whose
+    /// address the registry gave to someone else, one with a forged MAC, a garbage VTEP, and the
+    /// /32 network that once panicked every node's reconcile loop. The other member refuses each,
+    /// keeps its own endpoint, and still builds its tables.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn invalid_state_from_a_member_is_refused_and_the_view_stays_usable() {
+        use crate::registry::Command;
+        let secret = Secret::generate();
+        let (a, a_addr) = node("a", &secret, &[]).await;
+        let (b, b_addr) = node("b", &secret, &[a_addr]).await;
+        a.admit_joiner(b_addr.ip());
+        let mut registry = Registry::default();
+        let web = registry
+            .apply(Command::CreateNetwork {
+                id: "w".into(),
+                name: "web".into(),
+                subnet: "198.19.0.0/24".parse().unwrap(),
+                vni: None,
+                mtu: 1450,
+                vteps: vec![],
+            })
+            .unwrap();
+        let allocate = |node: &str| Command::Allocate {
+            network: "web".into(),
+            node: node.into(),
+            ip: None,
+        };
+        registry.apply(allocate("a")).unwrap();
+        let held_by_a = Endpoint {
+            network_id: "w".into(),
+            ip: "198.19.0.2".parse().unwrap(),
+            mac: Endpoint::mac_for("198.19.0.2".parse().unwrap()),
+            netns: "c".into(),
+            host_if: "ovh1".into(),
+        };
+        let forged_mac = Endpoint {
+            mac: "02:42:c6:13:00:09".into(),
+            ..held_by_a.clone()
+        };
+        a.update(&[("ep/w/198.19.0.2".into(), held_by_a.to_gossip())], &[])
+            .await;
+        let evil_net = web.to_string().replace("198.19.0.0/24", "198.19.7.0/32");
+        b.update(
+            &[
+                ("vtep".into(), "not an address".into()),
+                ("ep/w/198.19.0.2".into(), held_by_a.to_gossip()),
+                ("ep/w/x".into(), forged_mac.to_gossip()),
+                ("net/evil".into(), evil_net),
+            ],
+            &[],
+        )
+        .await;
+        converge_with(&[&a], &registry, "b's entries seen and refused", |v| {
+            v.refused.iter().filter(|r| r.starts_with("b ")).count() == 4
+        })
+        .await;
+        let view = a.view(&registry).await;
+        let placed: Vec<(&str, String)> = view
+            .endpoints
+            .iter()
+            .map(|p| (p.node.as_str(), p.endpoint.ip.to_string()))
+            .collect();
+        assert_eq!(placed, [("a", "198.19.0.2".to_string())]);
+        assert_eq!(view.networks.keys().collect::<Vec<_>>(), ["web"]);
+        let tables = view.tables("a", 4789);
+        assert_eq!(tables.networks.len(), 1);
+        assert!(
+            tables.networks[0].peers.is_empty(),
+            "b's garbage VTEP became a peer"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn members_converge_strangers_stay_out_and_failures_are_seen() {
         let secret = Secret::generate();
