@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::BufReader;
 use tokio::net::UnixStream;
 
+use crate::model::{Health, Mode};
 use crate::wire;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -31,12 +32,28 @@ pub enum Request {
         netns: String,
         network: String,
         ip: Option<Ipv4Addr>,
+        /// Attach as a task of this service.
+        service: Option<String>,
     },
     Detach {
         netns: String,
         network: String,
     },
     Status,
+    ServiceCreate {
+        name: String,
+        network: String,
+        mode: Mode,
+        health: Option<Health>,
+    },
+    ServiceLs,
+    ServicePs {
+        name: String,
+    },
+    ServiceRm {
+        name: String,
+        force: bool,
+    },
 }
 
 /// Why a request did not happen. Nothing was changed when a `Failure` comes back.
@@ -93,6 +110,52 @@ pub struct NetworkInfo {
     pub vteps: Vec<Ipv4Addr>,
     /// Endpoints on this network, cluster-wide.
     pub endpoints: usize,
+}
+
+/// A service as `service ls` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub mode: Mode,
+    pub network: String,
+    pub vip: Option<Ipv4Addr>,
+    pub health: Option<Health>,
+    pub tasks_healthy: usize,
+    pub tasks_total: usize,
+}
+
+/// A task as `service ps` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Task {
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub node: String,
+    pub node_address: Option<Ipv4Addr>,
+    pub state: TaskState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    /// Attached; its health check has not passed yet.
+    Starting,
+    /// Gets new flows: its check passes, or it has none.
+    Healthy,
+    /// Its check fails: no new flows.
+    Unhealthy,
+    /// Its node is down, or its container is not seen in gossip.
+    Down,
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TaskState::Starting => "starting",
+            TaskState::Healthy => "healthy",
+            TaskState::Unhealthy => "unhealthy",
+            TaskState::Down => "down",
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use ipnetwork::Ipv4Network;
 
-use crate::api::{self, Attachment, NetworkInfo};
-use crate::model::Node;
+use crate::api::{self, Attachment, NetworkInfo, ServiceInfo, Task};
+use crate::model::{Check, Health, Mode, Node};
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +58,9 @@ pub enum Command {
     /// Overlay networks.
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// Services: a VIP (or DNS name) balanced over the containers attached as its tasks.
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Plug a network namespace (a container) into a network as its next ethN.
     Attach {
         /// Name of the network namespace, as `ip netns list` shows it.
@@ -67,6 +70,9 @@ pub enum Command {
         /// A specific address in the network's subnet (default: the lowest free one).
         #[arg(long)]
         ip: Option<Ipv4Addr>,
+        /// Make the container a task of this service (on the same network).
+        #[arg(long)]
+        service: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -149,6 +155,81 @@ pub enum NetworkCommand {
     Rm { name: String },
 }
 
+#[derive(Subcommand)]
+pub enum ServiceCommand {
+    /// Create a service on a network; in vip mode it gets a VIP from the network's subnet.
+    Create {
+        name: String,
+        #[arg(long)]
+        network: String,
+        #[arg(long, value_enum, default_value_t = Mode::Vip)]
+        mode: Mode,
+        /// Health check: a TCP connection to this port of each task.
+        #[arg(long, value_name = "PORT", group = "health")]
+        health_tcp: Option<u16>,
+        /// Health check: `GET PATH` on this port of each task answers 2xx or 3xx.
+        #[arg(long, value_name = "PORT/PATH", value_parser = parse_http_check, group = "health")]
+        health_http: Option<(u16, String)>,
+        /// Time between health checks, e.g. 500ms, 2s (default 1s).
+        #[arg(long, value_name = "DUR", value_parser = parse_duration_ms, requires = "health")]
+        health_interval: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List services: name, mode, network, VIP, tasks healthy/total.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a service's tasks: container, address, node, state.
+    Ps {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a service (refused while it has tasks, unless --force, which detaches them).
+    Rm {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Default time between health checks.
+const HEALTH_INTERVAL_MS: u64 = 1000;
+
+/// `PORT/PATH` of `--health-http`.
+fn parse_http_check(spec: &str) -> Result<(u16, String), String> {
+    let (port, path) = spec
+        .split_once('/')
+        .ok_or_else(|| format!("{spec:?} is not PORT/PATH, e.g. 80/healthz"))?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{port:?} is not a port (1-65535)"))?;
+    if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("path {path:?} has spaces or control characters"));
+    }
+    Ok((port, format!("/{path}")))
+}
+
+/// `DUR` of `--health-interval`: a number with `ms` or `s`, between 100ms and 1h.
+fn parse_duration_ms(spec: &str) -> Result<u64, String> {
+    let parsed = if let Some(ms) = spec.strip_suffix("ms") {
+        ms.parse::<u64>().ok()
+    } else if let Some(s) = spec.strip_suffix('s') {
+        s.parse::<u64>().ok().and_then(|s| s.checked_mul(1000))
+    } else {
+        None
+    };
+    parsed
+        .filter(|ms| (100..=3_600_000).contains(ms))
+        .ok_or_else(|| {
+            format!("{spec:?} is not a duration between 100ms and 3600s, e.g. 500ms or 2s")
+        })
+}
+
 impl Command {
     /// The API request for a client verb, and whether to print JSON.
     pub fn request(self) -> Option<(api::Request, Render)> {
@@ -182,11 +263,54 @@ impl Command {
                 netns,
                 network,
                 ip,
+                service,
                 json,
             } => (
-                R::Attach { netns, network, ip },
+                R::Attach {
+                    netns,
+                    network,
+                    ip,
+                    service,
+                },
                 Render::Attachment.or_json(json),
             ),
+            Command::Service(ServiceCommand::Create {
+                name,
+                network,
+                mode,
+                health_tcp,
+                health_http,
+                health_interval,
+                json,
+            }) => {
+                let check = match (health_tcp, health_http) {
+                    (Some(port), _) => Some(Check::Tcp { port }),
+                    (None, Some((port, path))) => Some(Check::Http { port, path }),
+                    (None, None) => None,
+                };
+                let health = check.map(|check| Health {
+                    check,
+                    interval_ms: health_interval.unwrap_or(HEALTH_INTERVAL_MS),
+                });
+                (
+                    R::ServiceCreate {
+                        name,
+                        network,
+                        mode,
+                        health,
+                    },
+                    Render::Services.or_json(json),
+                )
+            }
+            Command::Service(ServiceCommand::Ls { json }) => {
+                (R::ServiceLs, Render::Services.or_json(json))
+            }
+            Command::Service(ServiceCommand::Ps { name, json }) => {
+                (R::ServicePs { name }, Render::Tasks.or_json(json))
+            }
+            Command::Service(ServiceCommand::Rm { name, force }) => {
+                (R::ServiceRm { name, force }, Render::Plain)
+            }
             Command::Detach { netns, network } => (R::Detach { netns, network }, Render::Plain),
             Command::Status { json } => (R::Status, Render::Json.or_json(json)),
         })
@@ -203,6 +327,8 @@ pub enum Render {
     Network,
     Networks,
     Attachment,
+    Services,
+    Tasks,
 }
 
 impl Render {
@@ -251,6 +377,41 @@ impl Render {
                             n.vni.to_string(),
                             n.mtu.to_string(),
                             n.endpoints.to_string(),
+                        ]
+                    }),
+                )
+            }
+            Render::Services => {
+                // `service create` answers with one service, `service ls` with a list.
+                let services: Vec<ServiceInfo> = if value.is_array() {
+                    serde_json::from_value(value)?
+                } else {
+                    vec![serde_json::from_value(value)?]
+                };
+                table(
+                    &["NAME", "MODE", "NETWORK", "VIP", "TASKS"],
+                    services.iter().map(|s| {
+                        vec![
+                            s.name.clone(),
+                            s.mode.to_string(),
+                            s.network.clone(),
+                            s.vip.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+                            format!("{}/{}", s.tasks_healthy, s.tasks_total),
+                        ]
+                    }),
+                )
+            }
+            Render::Tasks => {
+                let tasks: Vec<Task> = serde_json::from_value(value)?;
+                table(
+                    &["CONTAINER", "ADDRESS", "NODE", "NODE ADDRESS", "STATE"],
+                    tasks.iter().map(|t| {
+                        vec![
+                            t.netns.clone(),
+                            t.ip.to_string(),
+                            t.node.clone(),
+                            t.node_address.map(|a| a.to_string()).unwrap_or_default(),
+                            t.state.to_string(),
                         ]
                     }),
                 )
@@ -327,15 +488,30 @@ mod tests {
     }
 
     #[test]
+    fn health_specs_are_parsed_or_refused_with_the_form() {
+        assert_eq!(parse_http_check("80/healthz"), Ok((80, "/healthz".into())));
+        assert_eq!(parse_http_check("8080/"), Ok((8080, "/".into())));
+        for bad in ["80", "0/x", "x/y", "70000/a", "80/a b"] {
+            assert!(parse_http_check(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_duration_ms("500ms"), Ok(500));
+        assert_eq!(parse_duration_ms("2s"), Ok(2000));
+        for bad in ["2", "10ms", "2h", "s", "-1s"] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn every_verb_has_help() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
-        for verb in Cli::command().get_subcommands() {
-            assert!(
-                verb.get_about().is_some(),
-                "{} has no help",
-                verb.get_name()
-            );
+        fn check(command: &clap::Command, path: &str) {
+            for verb in command.get_subcommands() {
+                let name = format!("{path} {}", verb.get_name());
+                assert!(verb.get_about().is_some(), "{name} has no help");
+                check(verb, &name);
+            }
         }
+        check(&Cli::command(), "overlayd");
     }
 }

@@ -12,7 +12,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
-use crate::model::{Endpoint, Network, Node, NodeState, key};
+use crate::api::TaskState;
+use crate::model::{Endpoint, Network, Node, NodeState, Service, key};
 use crate::registry::Registry;
 
 /// One member's gossip state, as chitchat holds it.
@@ -41,12 +42,27 @@ pub struct Placed {
     pub endpoint: Endpoint,
 }
 
+/// A task of a service, as the registry records it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskRef {
+    pub service: String,
+    pub network_id: String,
+    pub ip: Ipv4Addr,
+    pub node: String,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct View {
     pub members: Vec<Member>,
     /// Networks by name.
     pub networks: BTreeMap<String, Network>,
     pub endpoints: Vec<Placed>,
+    /// Services by name.
+    pub services: BTreeMap<String, Service>,
+    pub tasks: Vec<TaskRef>,
+    /// Health checks' results, as the node running each task reports them:
+    /// (network id, address) -> passing.
+    pub health: BTreeMap<(String, Ipv4Addr), bool>,
     /// Gossip entries refused, as "member key: why".
     pub refused: Vec<String>,
 }
@@ -58,6 +74,19 @@ impl View {
     ) -> View {
         let mut view = View {
             networks: registry.networks().clone(),
+            services: registry.services().clone(),
+            tasks: registry
+                .services()
+                .values()
+                .flat_map(|service| {
+                    registry.tasks(service).map(|(ip, node)| TaskRef {
+                        service: service.name.clone(),
+                        network_id: service.network_id.clone(),
+                        ip,
+                        node: node.to_string(),
+                    })
+                })
+                .collect(),
             ..View::default()
         };
         let by_id: BTreeMap<&str, &Network> = registry
@@ -87,6 +116,10 @@ impl View {
                 } else if let Some(id) = k.strip_prefix(key::REALISED_PREFIX) {
                     realised.insert(id.to_string());
                     Ok(())
+                } else if let Some(at) = k.strip_prefix(key::HEALTH_PREFIX) {
+                    health(state.id, at, v, registry).map(|(at, passing)| {
+                        view.health.insert(at, passing);
+                    })
                 } else if k.starts_with(key::ENDPOINT_PREFIX) {
                     endpoint(state.id, v, &by_id, registry).map(|endpoint| {
                         view.endpoints.push(Placed {
@@ -125,6 +158,35 @@ impl View {
         }
         view.members.sort_by(|a, b| a.node.id.cmp(&b.node.id));
         view
+    }
+
+    /// Where `task` stands, from its node's liveness, its endpoint in gossip and its health.
+    pub fn task_state(&self, task: &TaskRef) -> TaskState {
+        let node_ready = self
+            .members
+            .iter()
+            .any(|m| m.node.id == task.node && m.node.state == NodeState::Ready);
+        if !node_ready {
+            return TaskState::Down;
+        }
+        let announced = self.endpoints.iter().any(|p| {
+            p.node == task.node
+                && p.endpoint.network_id == task.network_id
+                && p.endpoint.ip == task.ip
+        });
+        let checked = self
+            .services
+            .get(&task.service)
+            .is_some_and(|s| s.health.is_some());
+        match (announced, checked) {
+            (false, _) => TaskState::Starting,
+            (true, false) => TaskState::Healthy,
+            (true, true) => match self.health.get(&(task.network_id.clone(), task.ip)) {
+                Some(true) => TaskState::Healthy,
+                Some(false) => TaskState::Unhealthy,
+                None => TaskState::Starting,
+            },
+        }
     }
 
     pub fn endpoints_on<'a>(
@@ -189,6 +251,29 @@ impl View {
     }
 }
 
+/// A health result `hc/<network id>/<ip>` -> "healthy" | "unhealthy" announced by `node`, if the
+/// registry gave it that address: only a task's own node reports on it.
+fn health(
+    node: &str,
+    at: &str,
+    value: &str,
+    registry: &Registry,
+) -> Result<((String, Ipv4Addr), bool), String> {
+    let (network_id, ip) = at.split_once('/').ok_or("not <network id>/<ip>")?;
+    let ip: Ipv4Addr = ip
+        .parse()
+        .map_err(|_| format!("{ip:?} is not an address"))?;
+    if registry.container_node(network_id, ip) != Some(node) {
+        return Err(format!("{ip} is not held by this member"));
+    }
+    let passing = match value {
+        key::HEALTHY => true,
+        key::UNHEALTHY => false,
+        other => return Err(format!("{other:?} is not a health state")),
+    };
+    Ok(((network_id.to_string(), ip), passing))
+}
+
 /// An endpoint announced by `node`, if the registry gave it that address: a member cannot
 /// announce (and so draw the traffic of) an address it does not hold.
 fn endpoint(
@@ -204,7 +289,7 @@ fn endpoint(
             endpoint.network_id
         ));
     }
-    if registry.holder(&endpoint.network_id, endpoint.ip) != Some(node) {
+    if registry.container_node(&endpoint.network_id, endpoint.ip) != Some(node) {
         return Err(format!("{} is not held by this member", endpoint.ip));
     }
     if endpoint.mac != Endpoint::mac_for(endpoint.ip) {
@@ -239,6 +324,7 @@ mod tests {
                 network: "web".into(),
                 node: node.to_string(),
                 ip: Some(Ipv4Addr::new(198, 19, 0, *last)),
+                service: None,
             })
             .unwrap();
         }

@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Mutex;
 use tracing::{debug, error, info, warn};
 
-use crate::api::{self, Failure, NetworkInfo};
+use crate::api::{self, Failure, NetworkInfo, ServiceInfo, Task, TaskState};
 use crate::cluster::View;
 use crate::consensus::{Change, Consensus, Elsewhere};
 use crate::gossip::{self, Gossip};
@@ -369,7 +369,54 @@ impl Daemon {
                 .await?;
                 Ok(json(&name))
             }
-            Attach { netns, network, ip } => self.attach(netns, network, ip).await,
+            Attach {
+                netns,
+                network,
+                ip,
+                service,
+            } => self.attach(netns, network, ip, service).await,
+            ServiceCreate {
+                name,
+                network,
+                mode,
+                health,
+            } => {
+                let command = Command::CreateService {
+                    name: name.clone(),
+                    network,
+                    mode,
+                    health,
+                };
+                self.propose(Change::Registry(command)).await?;
+                let view = self
+                    .converge(&format!("creating service {name}"), |v| {
+                        v.services.contains_key(&name)
+                    })
+                    .await?;
+                service_infos(&view)
+                    .into_iter()
+                    .find(|s| s.name == name)
+                    .map(|info| json(&info))
+                    .ok_or_else(|| Failure::runtime(format!("service {name} vanished")))
+            }
+            ServiceLs => Ok(json(&service_infos(&self.view().await))),
+            ServicePs { name } => {
+                let view = self.view().await;
+                crate::registry::known_service(&view.services, &name)?;
+                Ok(json(&tasks_of(&view, &name)))
+            }
+            ServiceRm { name, force } => {
+                self.propose(Change::Registry(Command::RemoveService {
+                    name: name.clone(),
+                    force,
+                }))
+                .await?;
+                self.converge(&format!("removing service {name}"), |v| {
+                    !v.services.contains_key(&name)
+                })
+                .await?;
+                Ok(json(&name))
+            }
             Detach { netns, network } => self.detach(netns, network).await,
             Status => {
                 let view = self.view().await;
@@ -587,6 +634,58 @@ fn json<T: serde::Serialize>(value: &T) -> serde_json::Value {
 
 fn vni(net: &Network) -> overlay::Vni {
     overlay::Vni::new(net.vni).expect("Network::check keeps VNIs in range")
+}
+
+fn service_infos(view: &View) -> Vec<ServiceInfo> {
+    view.services
+        .values()
+        .map(|s| {
+            let tasks = tasks_of(view, &s.name);
+            ServiceInfo {
+                name: s.name.clone(),
+                mode: s.mode,
+                network: view
+                    .networks
+                    .values()
+                    .find(|n| n.id == s.network_id)
+                    .map_or_else(|| s.network_id.clone(), |n| n.name.clone()),
+                vip: s.vip,
+                health: s.health.clone(),
+                tasks_healthy: tasks
+                    .iter()
+                    .filter(|t| t.state == TaskState::Healthy)
+                    .count(),
+                tasks_total: tasks.len(),
+            }
+        })
+        .collect()
+}
+
+/// The tasks of service `name`, as `service ps` shows them.
+fn tasks_of(view: &View, name: &str) -> Vec<Task> {
+    view.tasks
+        .iter()
+        .filter(|t| t.service == name)
+        .map(|t| Task {
+            netns: view
+                .endpoints
+                .iter()
+                .find(|p| {
+                    p.node == t.node
+                        && p.endpoint.ip == t.ip
+                        && p.endpoint.network_id == t.network_id
+                })
+                .map_or_else(String::new, |p| p.endpoint.netns.clone()),
+            ip: t.ip,
+            node: t.node.clone(),
+            node_address: view
+                .members
+                .iter()
+                .find(|m| m.node.id == t.node)
+                .map(|m| m.node.address),
+            state: view.task_state(t),
+        })
+        .collect()
 }
 
 fn network_info(net: &Network, view: &View) -> NetworkInfo {

@@ -458,6 +458,7 @@ mod tests {
             network: "web".into(),
             node: node.into(),
             ip: None,
+            service: None,
         };
         registry.apply(allocate("a")).unwrap();
         let held_by_a = Endpoint {

@@ -113,6 +113,55 @@ pub fn check_name(name: &str) -> Result<(), Refusal> {
     }
 }
 
+/// A service: a name on one network, balanced over its tasks (the containers attached with
+/// `--service`), Swarm's `docker service` with the tasks started by someone else.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    pub network_id: String,
+    pub mode: Mode,
+    /// The virtual IP in vip mode, taken from the network's subnet; none in dnsrr mode.
+    pub vip: Option<Ipv4Addr>,
+    pub health: Option<Health>,
+}
+
+/// How clients reach a service's tasks (Swarm's `--endpoint-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One virtual IP, balanced by overlayd over the healthy tasks.
+    Vip,
+    /// No VIP: the name resolves to the healthy tasks' addresses.
+    Dnsrr,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Vip => "vip",
+            Mode::Dnsrr => "dnsrr",
+        })
+    }
+}
+
+/// A task's health check, run by the daemon on the task's node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    pub check: Check,
+    pub interval_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Check {
+    /// A TCP connection to the task's port is accepted.
+    Tcp { port: u16 },
+    /// `GET path` on the task's port answers 2xx or 3xx.
+    Http { port: u16, path: String },
+}
+
 /// A container plugged into a network on some node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
@@ -148,12 +197,20 @@ pub mod key {
 
     /// `up/<network id>` -> "": this node has made the network's bridge and TAP.
     pub const REALISED_PREFIX: &str = "up/";
+    /// `hc/<network id>/<ip>` -> [`HEALTHY`] | [`UNHEALTHY`]: the last health check of a task on
+    /// this node.
+    pub const HEALTH_PREFIX: &str = "hc/";
+    pub const HEALTHY: &str = "healthy";
+    pub const UNHEALTHY: &str = "unhealthy";
 
     pub fn realised(network_id: &str) -> String {
         format!("{REALISED_PREFIX}{network_id}")
     }
     pub fn endpoint(network_id: &str, ip: Ipv4Addr) -> String {
         format!("{ENDPOINT_PREFIX}{network_id}/{ip}")
+    }
+    pub fn health(network_id: &str, ip: Ipv4Addr) -> String {
+        format!("{HEALTH_PREFIX}{network_id}/{ip}")
     }
 }
 

@@ -1,5 +1,6 @@
 //! The registry: what must be unique cluster-wide (network names, subnets, VNIs, container
-//! addresses), as the state machine that Raft replicates ([`crate::consensus`]).
+//! addresses, services and their VIPs), as the state machine that Raft replicates
+//! ([`crate::consensus`]).
 //!
 //! Pure: [`Registry::apply`] takes a committed [`Command`] and returns its reply. Every member
 //! applies the same commands in the same order and reaches the same state, so each choice is
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{Failure, Reply};
 use crate::ipam;
-use crate::model::Network;
+use crate::model::{Health, Mode, Network, Service, check_name};
 
 /// A change to the registry. Everything random (a new network's id) is chosen before the
 /// command is proposed, so applying it is deterministic.
@@ -32,11 +33,13 @@ pub enum Command {
     RemoveNetwork {
         name: String,
     },
-    /// Reserve an address on `network` for an endpoint that `node` is about to create.
+    /// Reserve an address on `network` for an endpoint that `node` is about to create, as a
+    /// task of `service` if one is named.
     Allocate {
         network: String,
         node: String,
         ip: Option<Ipv4Addr>,
+        service: Option<String>,
     },
     /// `node` removed its endpoint with `ip`: the address may be handed out again.
     Release {
@@ -44,14 +47,43 @@ pub enum Command {
         node: String,
         ip: Ipv4Addr,
     },
+    /// A service on `network`, with a VIP from its subnet in vip mode.
+    CreateService {
+        name: String,
+        network: String,
+        mode: Mode,
+        health: Option<Health>,
+    },
+    /// Removes a service; refused while it has tasks, unless `force`, which also takes their
+    /// addresses back (their nodes then unplug them).
+    RemoveService {
+        name: String,
+        force: bool,
+    },
+}
+
+/// Who holds an address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Holder {
+    /// A container on `node`, a task of `service` if it names one.
+    Container {
+        node: String,
+        service: Option<String>,
+    },
+    /// The VIP of a service.
+    Vip { service: String },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Registry {
     /// Networks by name. Each one passed [`Network::check`] when it was read.
     networks: BTreeMap<String, Network>,
-    /// Network id -> address -> the node that holds it.
-    addresses: BTreeMap<String, BTreeMap<Ipv4Addr, String>>,
+    /// Network id -> address -> who holds it.
+    addresses: BTreeMap<String, BTreeMap<Ipv4Addr, Holder>>,
+    /// Services by name.
+    #[serde(default)]
+    services: BTreeMap<String, Service>,
 }
 
 impl Registry {
@@ -59,9 +91,39 @@ impl Registry {
         &self.networks
     }
 
-    /// The node holding `ip` on the network with `network_id`, if any.
-    pub fn holder(&self, network_id: &str, ip: Ipv4Addr) -> Option<&str> {
-        self.addresses.get(network_id)?.get(&ip).map(String::as_str)
+    pub fn services(&self) -> &BTreeMap<String, Service> {
+        &self.services
+    }
+
+    /// Who holds `ip` on the network with `network_id`, if anyone.
+    pub fn holder(&self, network_id: &str, ip: Ipv4Addr) -> Option<&Holder> {
+        self.addresses.get(network_id)?.get(&ip)
+    }
+
+    /// The node whose container holds `ip` on the network with `network_id`, if any.
+    pub fn container_node(&self, network_id: &str, ip: Ipv4Addr) -> Option<&str> {
+        match self.holder(network_id, ip)? {
+            Holder::Container { node, .. } => Some(node),
+            Holder::Vip { .. } => None,
+        }
+    }
+
+    /// The tasks of `service`: (network id, address, node).
+    pub fn tasks<'a>(
+        &'a self,
+        service: &'a Service,
+    ) -> impl Iterator<Item = (Ipv4Addr, &'a str)> + 'a {
+        self.addresses
+            .get(&service.network_id)
+            .into_iter()
+            .flatten()
+            .filter_map(move |(ip, holder)| match holder {
+                Holder::Container {
+                    node,
+                    service: Some(s),
+                } if *s == service.name => Some((*ip, node.as_str())),
+                _ => None,
+            })
     }
 
     pub fn apply(&mut self, command: Command) -> Reply {
@@ -91,6 +153,12 @@ impl Registry {
             }
             Command::RemoveNetwork { name } => {
                 let net = known(&self.networks, &name)?;
+                if let Some(service) = self.services.values().find(|s| s.network_id == net.id) {
+                    return Err(Failure::usage(format!(
+                        "network {name} still has service {}: remove it first (`overlayd service rm {}`)",
+                        service.name, service.name
+                    )));
+                }
                 let attached = self.addresses.get(&net.id).map_or(0, BTreeMap::len);
                 if attached > 0 {
                     return Err(Failure::usage(format!(
@@ -100,18 +168,31 @@ impl Registry {
                 self.networks.remove(&name);
                 Ok(name.into())
             }
-            Command::Allocate { network, node, ip } => {
+            Command::Allocate {
+                network,
+                node,
+                ip,
+                service,
+            } => {
                 let net = known(&self.networks, &network)?;
-                let taken = self
-                    .addresses
-                    .get(&net.id)
-                    .map(|held| held.keys().copied().collect())
-                    .unwrap_or_default();
-                let ip = ipam::allocate(net, ip, &taken)?;
+                if let Some(name) = &service {
+                    let svc = known_service(&self.services, name)?;
+                    if svc.network_id != net.id {
+                        let on = self
+                            .networks
+                            .values()
+                            .find(|n| n.id == svc.network_id)
+                            .map_or("another network", |n| n.name.as_str());
+                        return Err(Failure::usage(format!(
+                            "service {name} is on network {on}, not {network}: attach with `--network {on}`"
+                        )));
+                    }
+                }
+                let ip = ipam::allocate(net, ip, &self.taken(&net.id))?;
                 self.addresses
                     .entry(net.id.clone())
                     .or_default()
-                    .insert(ip, node);
+                    .insert(ip, Holder::Container { node, service });
                 Ok(ip.to_string().into())
             }
             Command::Release {
@@ -123,9 +204,14 @@ impl Registry {
                     return Ok(ip.to_string().into());
                 };
                 match held.get(&ip) {
-                    Some(holder) if *holder != node => Err(Failure::usage(format!(
-                        "{ip} is held by node {holder}, not {node}: only its holder releases it"
+                    Some(Holder::Vip { service }) => Err(Failure::usage(format!(
+                        "{ip} is the VIP of service {service}: `overlayd service rm {service}` frees it"
                     ))),
+                    Some(Holder::Container { node: holder, .. }) if *holder != node => {
+                        Err(Failure::usage(format!(
+                            "{ip} is held by node {holder}, not {node}: only its holder releases it"
+                        )))
+                    }
                     _ => {
                         held.remove(&ip);
                         if held.is_empty() {
@@ -135,8 +221,89 @@ impl Registry {
                     }
                 }
             }
+            Command::CreateService {
+                name,
+                network,
+                mode,
+                health,
+            } => {
+                check_name(&name)?;
+                if self.services.contains_key(&name) {
+                    return Err(Failure::usage(format!(
+                        "service {name} already exists: pick another name or `overlayd service rm {name}` first"
+                    )));
+                }
+                let net = known(&self.networks, &network)?;
+                let vip = match mode {
+                    Mode::Dnsrr => None,
+                    Mode::Vip => {
+                        let taken = self.taken(&net.id);
+                        Some(ipam::allocate(net, None, &taken).map_err(|_| {
+                            Failure::usage(format!(
+                                "network {network} has no free address left for the VIP of {name}: use a larger subnet"
+                            ))
+                        })?)
+                    }
+                };
+                let service = Service {
+                    name: name.clone(),
+                    network_id: net.id.clone(),
+                    mode,
+                    vip,
+                    health,
+                };
+                if let Some(vip) = vip {
+                    self.addresses.entry(net.id.clone()).or_default().insert(
+                        vip,
+                        Holder::Vip {
+                            service: name.clone(),
+                        },
+                    );
+                }
+                let reply = json(&service);
+                self.services.insert(name, service);
+                Ok(reply)
+            }
+            Command::RemoveService { name, force } => {
+                let service = known_service(&self.services, &name)?.clone();
+                let tasks: Vec<Ipv4Addr> = self.tasks(&service).map(|(ip, _)| ip).collect();
+                if !tasks.is_empty() && !force {
+                    return Err(Failure::usage(format!(
+                        "service {name} still has {} task(s): detach them first, or `overlayd service rm {name} --force` to detach them",
+                        tasks.len()
+                    )));
+                }
+                if let Some(held) = self.addresses.get_mut(&service.network_id) {
+                    held.retain(|ip, _| !tasks.contains(ip) && Some(*ip) != service.vip);
+                    if held.is_empty() {
+                        self.addresses.remove(&service.network_id);
+                    }
+                }
+                self.services.remove(&name);
+                Ok(json(&tasks.len()))
+            }
         }
     }
+
+    /// Addresses in use on the network with `network_id`.
+    fn taken(&self, network_id: &str) -> std::collections::BTreeSet<Ipv4Addr> {
+        self.addresses
+            .get(network_id)
+            .map(|held| held.keys().copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The service called `name`, or a refusal that says how to make it.
+pub fn known_service<'a>(
+    services: &'a BTreeMap<String, Service>,
+    name: &str,
+) -> Result<&'a Service, Failure> {
+    services.get(name).ok_or_else(|| {
+        Failure::usage(format!(
+            "service {name} not found: create it with `overlayd service create {name} --network NET` (see `overlayd service ls`)"
+        ))
+    })
 }
 
 /// The network called `name`, or a refusal that says how to make it.
@@ -177,6 +344,7 @@ mod tests {
             network: "web".into(),
             node: node.into(),
             ip: ip.map(|ip| ip.parse().unwrap()),
+            service: None,
         })?;
         Ok(reply.as_str().unwrap().to_string())
     }
@@ -198,7 +366,10 @@ mod tests {
             .map(|n| allocate(&mut r, n, None).unwrap())
             .collect();
         assert_eq!(got, ["198.19.0.2", "198.19.0.3", "198.19.0.4"]);
-        assert_eq!(r.holder(&web.id, "198.19.0.3".parse().unwrap()), Some("b"));
+        assert_eq!(
+            r.container_node(&web.id, "198.19.0.3".parse().unwrap()),
+            Some("b")
+        );
         let taken = allocate(&mut r, "c", Some("198.19.0.3")).unwrap_err();
         assert!(taken.message.contains("already in use"), "{taken}");
 
@@ -248,6 +419,7 @@ mod tests {
                 network: "nope".into(),
                 node: "a".into(),
                 ip: None,
+                service: None,
             })
             .unwrap_err();
         assert!(refusal.message.contains("not found"), "{refusal}");
@@ -294,7 +466,7 @@ mod tests {
                     }
                 }
                 for (ip, holder) in &held {
-                    prop_assert_eq!(r.holder(&web.id, *ip), Some(holder.as_str()));
+                    prop_assert_eq!(r.container_node(&web.id, *ip), Some(holder.as_str()));
                     prop_assert!(web.subnet.contains(*ip) && *ip != web.gateway());
                 }
             }

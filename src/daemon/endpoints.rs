@@ -25,6 +25,7 @@ impl Daemon {
         netns: String,
         network: String,
         ip: Option<Ipv4Addr>,
+        service: Option<String>,
     ) -> api::Reply {
         let _plumbing = self.plumbing.lock().await;
         if !host::netns_exists(&netns) {
@@ -49,6 +50,7 @@ impl Daemon {
                 network: network.clone(),
                 node: self.id.clone(),
                 ip,
+                service,
             }))
             .await?;
         let ip: Ipv4Addr = serde_json::from_value(reply)
