@@ -8,7 +8,7 @@ mod netns;
 use std::thread;
 use std::time::Duration;
 
-use netns::{Attachment, Cluster, PING_WAIT, wait_until};
+use netns::{Attachment, Cluster, PING_WAIT, wait_for, wait_until};
 use serde_json::Value;
 
 /// Sends one Ethernet frame, given in hex, COUNT times INTERVAL seconds apart out of IFACE.
@@ -277,4 +277,92 @@ fn forged_arp_and_source_macs_take_no_address_same_node_or_cross_node() {
         failures.push("after the MAC spoof, the owner no longer reaches the victim".into());
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `tc -s qdisc show dev DEV` on `node_netns`: whether a clsact qdisc is there, and what it dropped.
+fn clsact_drops(c: &Cluster, node_netns: &str, dev: &str) -> Option<u64> {
+    let out = c.exec_ok(node_netns, &["tc", "-s", "-j", "qdisc", "show", "dev", dev]);
+    let v: Value = serde_json::from_str(&out).ok()?;
+    v.as_array()?
+        .iter()
+        .find(|q| q["kind"] == "clsact")
+        .map(|q| q["drops"].as_u64().unwrap_or(0))
+}
+
+#[test]
+fn a_restart_puts_back_a_container_ports_filter_and_flags() {
+    // Two nodes: the network comes back to the restarted one through the other's gossip.
+    let c = Cluster::new("hjrestart", 2);
+    let (net, vni) = ("hr", 4401u32);
+    c.node(1).cli_ok(&[
+        "network",
+        "create",
+        net,
+        "--subnet",
+        "198.19.41.0/24",
+        "--vni",
+        &vni.to_string(),
+    ]);
+    c.wait_network_everywhere(net);
+    let spoofer = c.attach(1, &c.container(1, "spoofer"), net, &[]);
+    let other = c.attach(1, &c.container(1, "other"), net, &[]);
+    c.assert_ping(&spoofer.netns, &other.ip, PING_WAIT);
+    let node = c.node(1).netns.clone();
+    let port = fdb_port(&c, &node, vni, &spoofer.mac).expect("the spoofer's static fdb entry");
+    let other_port = fdb_port(&c, &node, vni, &other.mac).expect("the other's static fdb entry");
+
+    // Everything the port was given goes while the daemon runs (it is only applied at attach
+    // and at start), then the daemon restarts.
+    c.exec_ok(&node, &["tc", "qdisc", "del", "dev", &port, "clsact"]);
+    c.exec_ok(
+        &node,
+        &["bridge", "fdb", "del", &spoofer.mac, "dev", &port, "master"],
+    );
+    c.exec_ok(
+        &node,
+        &[
+            "ip",
+            "link",
+            "set",
+            &port,
+            "type",
+            "bridge_slave",
+            "learning",
+            "on",
+            "flood",
+            "on",
+        ],
+    );
+    assert_eq!(clsact_drops(&c, &node, &port), None, "the filter is gone");
+    c.node(1).restart_daemon();
+    wait_for(
+        PING_WAIT,
+        "the restarted daemon to put the filter back",
+        || {
+            clsact_drops(&c, &node, &port)
+                .map(drop)
+                .ok_or_else(|| "no clsact qdisc yet".to_owned())
+        },
+    );
+    let flags = c.exec_ok(&node, &["bridge", "-d", "-j", "link", "show", "dev", &port]);
+    let flags: Value = serde_json::from_str(&flags).expect("bridge -j link");
+    assert_eq!(flags[0]["learning"], false, "learning on {port}: {flags}");
+    assert_eq!(flags[0]["flood"], false, "flood on {port}: {flags}");
+    assert_eq!(
+        fdb_port(&c, &node, vni, &spoofer.mac).as_deref(),
+        Some(port.as_str()),
+        "the spoofer's static entry is back"
+    );
+
+    // And it works: a frame with the other's MAC is dropped (and counted) at the spoofer's port.
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&mac_bytes(&other.mac));
+    frame.extend_from_slice(&[0x88, 0xb5]);
+    frame.resize(60, 0);
+    send_raw(&c, &spoofer.netns, &frame);
+    let drops = clsact_drops(&c, &node, &port).unwrap_or(0);
+    assert!(drops >= 3, "{port} dropped {drops} frames, want >= 3");
+    assert_eq!(fdb_port(&c, &node, vni, &other.mac), Some(other_port));
+    c.assert_ping(&spoofer.netns, &other.ip, PING_WAIT);
 }
