@@ -93,6 +93,18 @@ fn gratuitous(attacker: &Attachment, claimed: &Attachment) -> Vec<u8> {
     arp_frame([0xff; 6], a, 1, (a, ip), ([0; 6], ip))
 }
 
+/// A broadcast frame from source MAC `src`, of an ethertype that is not IPv4, IPv6 or ARP: with
+/// bridge netfilter loaded, the bridge drops a malformed frame of those before learning from it,
+/// and this one is meant to be learned.
+fn broadcast_from(src: &str) -> Vec<u8> {
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&mac_bytes(src));
+    frame.extend_from_slice(&[0x88, 0xb5]);
+    frame.resize(60, 0);
+    frame
+}
+
 /// The MAC `netns` has for `ip` on eth0, if any.
 fn neighbour(c: &Cluster, netns: &str, ip: &str) -> Option<String> {
     let out = c.exec_ok(netns, &["ip", "-j", "neigh", "show", ip, "dev", "eth0"]);
@@ -258,14 +270,7 @@ fn forged_arp_and_source_macs_take_no_address_same_node_or_cross_node() {
     c.assert_ping(&owner.netns, &victim.ip, PING_WAIT);
     let port = fdb_port(&c, node1, vni, &victim.mac);
     assert!(port.is_some(), "no fdb entry for the victim {}", victim.mac);
-    let mut frame = Vec::new();
-    frame.extend_from_slice(&[0xff; 6]);
-    frame.extend_from_slice(&mac_bytes(&victim.mac));
-    // Not IPv4, IPv6 or ARP: with bridge netfilter loaded, the bridge drops a malformed frame of
-    // those before learning from it, and this one is meant to be learned.
-    frame.extend_from_slice(&[0x88, 0xb5]);
-    frame.resize(60, 0);
-    send_raw(&c, &near.netns, &frame);
+    send_raw(&c, &near.netns, &broadcast_from(&victim.mac));
     thread::sleep(Duration::from_millis(200));
     let moved = fdb_port(&c, node1, vni, &victim.mac);
     if moved != port {
@@ -355,12 +360,7 @@ fn a_restart_puts_back_a_container_ports_filter_and_flags() {
     );
 
     // And it works: a frame with the other's MAC is dropped (and counted) at the spoofer's port.
-    let mut frame = Vec::new();
-    frame.extend_from_slice(&[0xff; 6]);
-    frame.extend_from_slice(&mac_bytes(&other.mac));
-    frame.extend_from_slice(&[0x88, 0xb5]);
-    frame.resize(60, 0);
-    send_raw(&c, &spoofer.netns, &frame);
+    send_raw(&c, &spoofer.netns, &broadcast_from(&other.mac));
     let drops = clsact_drops(&c, &node, &port).unwrap_or(0);
     assert!(drops >= 3, "{port} dropped {drops} frames, want >= 3");
     assert_eq!(fdb_port(&c, &node, vni, &other.mac), Some(other_port));
