@@ -198,8 +198,8 @@ impl View {
             .filter(move |p| p.endpoint.network_id == network.id)
     }
 
-    /// The data plane's tables: every member's endpoints, and every member's VTEP (and the
-    /// network's static VTEPs) as flood targets and accepted senders.
+    /// The data plane's tables: every member's endpoints, every other member's VTEP, and the
+    /// network's static VTEPs as external ones (the only ones the data plane learns MACs from).
     ///
     /// Down members stay in: a member the failure detector wrongly calls down (a busy machine)
     /// keeps its traffic, and a really dead one loses nothing more by it. Members leave the
@@ -233,17 +233,19 @@ impl View {
                     .iter()
                     .filter(|(id, _)| **id != self_id)
                     .map(|(_, vtep)| *vtep)
-                    .chain(
-                        net.vteps
-                            .iter()
-                            .map(|ip| SocketAddrV4::new(*ip, vxlan_port)),
-                    )
+                    .collect();
+                let external = net
+                    .vteps
+                    .iter()
+                    .map(|ip| SocketAddrV4::new(*ip, vxlan_port))
                     .collect();
                 Some(overlay::NetworkTable {
                     vni: overlay::Vni::new(net.vni)?,
                     gateway: net.gateway(),
+                    gateway_mac: overlay::Mac(net.gateway_mac()),
                     endpoints,
                     peers,
+                    external,
                 })
             })
             .collect();
@@ -454,7 +456,7 @@ mod tests {
     }
 
     #[test]
-    fn tables_keep_down_members_and_add_static_vteps() {
+    fn tables_keep_down_members_and_list_static_vteps_as_external() {
         let registry = registry(&[("a", 2), ("b", 3), ("c", 4)]);
         let members: Gossip = vec![
             (
@@ -488,8 +490,17 @@ mod tests {
         let peers: Vec<String> = net.peers.iter().map(|p| p.to_string()).collect();
         assert_eq!(
             peers,
-            ["198.18.0.2:4789", "198.18.0.3:4789", "198.18.0.9:4789"],
-            "self excluded, the down member kept, the static VTEP added"
+            ["198.18.0.2:4789", "198.18.0.3:4789"],
+            "self excluded, the down member kept"
+        );
+        assert_eq!(
+            net.external,
+            ["198.18.0.9:4789".parse::<SocketAddrV4>().unwrap()],
+            "the static VTEP is external"
+        );
+        assert_eq!(
+            net.gateway_mac,
+            overlay::Mac([0x02, 0x4f, 0x56, 0, 0x10, 0])
         );
         let locations: Vec<_> = net
             .endpoints

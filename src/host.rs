@@ -14,29 +14,34 @@ use tracing::warn;
 
 use crate::model::Network;
 
-/// Longest one `ip` command may take; it is killed after that.
+/// Longest one iproute2 command may take; it is killed after that.
 const IP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs `ip ARGS`, returning stdout, or an error that carries `ip`'s own complaint.
-async fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let run = Command::new("ip").args(args).kill_on_drop(true).output();
+/// Runs the iproute2 tool `tool` (`ip`, `bridge`, `tc`) with ARGS, returning stdout, or an error
+/// that carries the tool's own complaint.
+async fn iproute2(tool: &str, args: &[&str]) -> anyhow::Result<String> {
+    let run = Command::new(tool).args(args).kill_on_drop(true).output();
     let out = tokio::time::timeout(IP_TIMEOUT, run)
         .await
         .map_err(|_| {
             anyhow::anyhow!(
-                "`ip {}` did not finish within {IP_TIMEOUT:?}",
+                "`{tool} {}` did not finish within {IP_TIMEOUT:?}",
                 args.join(" ")
             )
         })?
-        .context("running `ip` (install iproute2)")?;
+        .with_context(|| format!("running `{tool}` (install iproute2)"))?;
     if !out.status.success() {
         bail!(
-            "`ip {}` failed: {}",
+            "`{tool} {}` failed: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn ip(args: &[&str]) -> anyhow::Result<String> {
+    iproute2("ip", args).await
 }
 
 /// MTU of the interface that holds `addr`, the node's underlay address.
@@ -103,9 +108,66 @@ pub async fn ensure_bridge(net: &Network) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// Puts `link` (the data plane's TAP, or a container's host-side veth) on the network's bridge,
-/// with the network's MTU, and brings it up.
+/// Puts the data plane's TAP on the network's bridge, with the network's MTU, and brings it up.
+///
+/// The bridge learns nothing on it (see [`join_bridge`]), so it floods unicast to any MAC that
+/// is not a local container's here, and overlayd switches it.
 pub async fn enslave(link: &str, net: &Network) -> anyhow::Result<()> {
+    join_bridge(link, net, Flood::On).await?;
+    ip(&["link", "set", link, "up"]).await.map(drop)
+}
+
+/// A container's host-side veth and the only addresses the container may send from.
+pub struct ContainerPort<'a> {
+    pub host_if: &'a str,
+    pub mac: overlay::Mac,
+    pub ip: Ipv4Addr,
+}
+
+/// Puts a container's host-side veth on the network's bridge so that the container can neither
+/// send as another nor take another's place in the bridge's table, and brings it up.
+///
+/// - Before the port is up, [`overlay::port_filter`]'s program goes on its ingress (tc clsact,
+///   direct action): frames with another source MAC, ARP, IPv4 or IPv6 source are dropped
+///   before the bridge sees them (`tc -s qdisc show dev HOST_IF` counts them).
+/// - The bridge learns nothing on the port; a static entry puts the container's MAC there.
+/// - Unknown unicast is not flooded to it: only the TAP gets that.
+///
+/// Idempotent, so after a restart it puts back whatever is missing.
+pub async fn enslave_container(port: &ContainerPort<'_>, net: &Network) -> anyhow::Result<()> {
+    let dev = port.host_if;
+    let program = overlay::port_filter::program(port.mac, port.ip);
+    let bytecode = overlay::port_filter::tc_bytecode(&program);
+    iproute2("tc", &["qdisc", "replace", "dev", dev, "clsact"]).await?;
+    iproute2(
+        "tc",
+        &[
+            "filter", "replace", "dev", dev, "ingress", "prio", "1", "handle", "1", "bpf", "da",
+            "bytecode", &bytecode,
+        ],
+    )
+    .await?;
+    join_bridge(dev, net, Flood::Off).await?;
+    let mac = port.mac.to_string();
+    iproute2(
+        "bridge",
+        &["fdb", "replace", &mac, "dev", dev, "master", "static"],
+    )
+    .await?;
+    ip(&["link", "set", dev, "up"]).await.map(drop)
+}
+
+/// Whether a bridge port gets unicast frames to MACs the bridge has no entry for.
+#[derive(Clone, Copy)]
+enum Flood {
+    On,
+    Off,
+}
+
+/// Makes `link` a port of the network's bridge with the network's MTU, learning off: the bridge
+/// knows local containers from their static entries and learns nothing from frames, so no frame
+/// can move a container's MAC to another port, and no flood of source MACs can fill it.
+async fn join_bridge(link: &str, net: &Network, flood: Flood) -> anyhow::Result<()> {
     let mtu = net.mtu.to_string();
     ip(&[
         "link",
@@ -115,7 +177,22 @@ pub async fn enslave(link: &str, net: &Network) -> anyhow::Result<()> {
         &net.bridge_name(),
         "mtu",
         &mtu,
-        "up",
+    ])
+    .await?;
+    let flood = match flood {
+        Flood::On => "on",
+        Flood::Off => "off",
+    };
+    ip(&[
+        "link",
+        "set",
+        link,
+        "type",
+        "bridge_slave",
+        "learning",
+        "off",
+        "flood",
+        flood,
     ])
     .await
     .map(drop)
@@ -146,7 +223,7 @@ pub struct Plug<'a> {
 
 /// Creates a veth pair, moves one end into the container as the first free `ethN` with the
 /// address, MTU and (if it has none yet) a default route via the gateway, and puts the other end
-/// on the bridge. On any failure the pair is deleted again: nothing is left half-made.
+/// on the bridge, held to those addresses ([`enslave_container`]). On any failure the pair is deleted again: nothing is left half-made.
 pub async fn plug(p: &Plug<'_>) -> anyhow::Result<String> {
     let ifname = free_ifname(p.netns).await?;
     let peer = format!("{}c", p.host_if);
@@ -187,7 +264,16 @@ pub async fn plug(p: &Plug<'_>) -> anyhow::Result<String> {
             ])
             .await?;
         }
-        enslave(p.host_if, p.net).await
+        let mac = p
+            .mac
+            .parse()
+            .with_context(|| format!("container MAC {}", p.mac))?;
+        let port = ContainerPort {
+            host_if: p.host_if,
+            mac,
+            ip: p.ip,
+        };
+        enslave_container(&port, p.net).await
     }
     .await;
     if let Err(err) = result {

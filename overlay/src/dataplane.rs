@@ -61,13 +61,20 @@ pub struct Tables {
 pub struct NetworkTable {
     pub vni: Vni,
     /// The anycast gateway, owned by the local Linux bridge: overlayd never answers nor
-    /// floods ARP for it.
+    /// floods ARP for it, and drops ARP from anyone else that claims it.
     pub gateway: Ipv4Addr,
-    /// Every container endpoint in the cluster on this network.
+    /// The gateway's MAC (the bridge's), the only one that may claim the gateway address.
+    pub gateway_mac: Mac,
+    /// Every container endpoint in the cluster on this network. Their IP-MAC bindings are
+    /// enforced: ARP and ND that contradict them are dropped.
     pub endpoints: Vec<Endpoint>,
-    /// Every other VTEP carrying this network: the flood list, and the only senders whose
-    /// VXLAN is accepted for this VNI (checked by IP only).
+    /// Every other member's VTEP carrying this network. Each may send only from the MACs of
+    /// the endpoints it hosts; nothing is learned from them.
     pub peers: Vec<SocketAddrV4>,
+    /// External VTEPs (not cluster members, such as a kernel `vxlan` device): the hosts behind
+    /// them are learned from their traffic. Members and external VTEPs together are the flood
+    /// list and the only senders whose VXLAN is accepted for this VNI (checked by IP only).
+    pub external: Vec<SocketAddrV4>,
 }
 
 /// A container endpoint.
@@ -563,6 +570,7 @@ mod tests {
 
     const MAC_A: Mac = Mac([0x02, 0x42, 0xc6, 0x13, 0, 1]);
     const MAC_B: Mac = Mac([0x02, 0x42, 0xc6, 0x13, 0, 2]);
+    const GATEWAY_MAC: Mac = Mac([0x02, 0x4f, 0x56, 0, 0, 0xfe]);
 
     fn ping(ns: &Netns, to: &str) -> bool {
         Command::new("ip")
@@ -752,6 +760,7 @@ mod tests {
                     networks: vec![NetworkTable {
                         vni,
                         gateway: Ipv4Addr::new(198, 19, 0, 254),
+                        gateway_mac: GATEWAY_MAC,
                         endpoints: vec![
                             Endpoint {
                                 mac: me,
@@ -765,6 +774,7 @@ mod tests {
                             },
                         ],
                         peers: vec![other_vtep],
+                        external: vec![],
                     }],
                 }
             };
@@ -823,13 +833,16 @@ mod tests {
             }
         }
 
-        // Forget endpoints: ARP is flooded, replies are learned.
+        // Forget endpoints, each side external to the other: ARP is flooded, replies are
+        // learned.
         let peers_only = |other: SocketAddrV4| Tables {
             networks: vec![NetworkTable {
                 vni,
                 gateway: Ipv4Addr::new(198, 19, 0, 254),
+                gateway_mac: GATEWAY_MAC,
                 endpoints: vec![],
-                peers: vec![other],
+                peers: vec![],
+                external: vec![other],
             }],
         };
         a.publish(peers_only(b.local_vtep()));
@@ -852,8 +865,10 @@ mod tests {
             networks: vec![NetworkTable {
                 vni,
                 gateway: Ipv4Addr::new(198, 19, 0, 254),
+                gateway_mac: GATEWAY_MAC,
                 endpoints: vec![],
                 peers: vec![SocketAddrV4::new(Ipv4Addr::new(198, 18, 9, 9), 4789)],
+                external: vec![],
             }],
         });
         assert!(!ping(&ca, "198.19.0.2"));

@@ -21,6 +21,8 @@
 //!   per-worker table of MACs learned behind peers that are not in cluster state.
 //! - [`switch`]: the decision for a frame from the TAP (a [`switch::Forward`] value) or a
 //!   datagram from a VTEP (the VNI to deliver it to); drops carry a [`switch::DropReason`].
+//! - [`port_filter`]: the classic BPF program the daemon attaches to each container's bridge
+//!   port, so a container sends only from its own MAC and addresses.
 //! - [`flowhash`]: the inner-flow hash that picks the send socket, so the outer UDP source port.
 //! - [`offload`], [`checksum`]: splitting super-frames into wire-sized segments with valid
 //!   checksums, and coalescing received TCP segments (or UDP datagrams) back into one
@@ -53,6 +55,7 @@ pub mod flowhash;
 mod governor;
 pub mod nd;
 pub mod offload;
+pub mod port_filter;
 mod steer;
 pub mod switch;
 pub mod tap;

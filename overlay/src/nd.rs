@@ -5,7 +5,8 @@
 //! from their MAC (modified EUI-64, RFC 4291 §2.5.1 and Appendix A), so a solicitation for
 //! `fe80::/64` whose interface identifier maps back to a known MAC can be answered without
 //! flooding. Everything else (other targets, duplicate address detection) is left to the
-//! caller, which floods it.
+//! caller, which floods it. [`parse`] also reads advertisements, so the switch can drop
+//! messages that bind an endpoint's link-local address to another MAC.
 
 use std::net::Ipv6Addr;
 
@@ -35,6 +36,8 @@ mod field {
 const ICMPV6: u8 = 58;
 const TYPE_SOLICITATION: u8 = 135;
 const TYPE_ADVERTISEMENT: u8 = 136;
+/// Option type: Source Link-Layer Address (RFC 4861 §4.6.1).
+const OPTION_SOURCE_LL: u8 = 1;
 /// Option type: Target Link-Layer Address (RFC 4861 §4.6.1), 8 bytes with a MAC.
 const OPTION_TARGET_LL: u8 = 2;
 /// NA flags: Solicited | Override.
@@ -46,6 +49,27 @@ const ADVERTISEMENT_LEN: usize = 32;
 
 /// Length of the Ethernet frame [`emit_advertisement`] writes.
 pub const REPLY_FRAME_LEN: usize = field::OPTIONS + 8;
+
+/// Which Neighbor Discovery message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Solicitation,
+    Advertisement,
+}
+
+/// A valid Neighbor Solicitation or Advertisement: what it says about whom.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub kind: Kind,
+    /// The Ethernet source.
+    pub src_mac: Mac,
+    pub src_ip: Ipv6Addr,
+    pub target: Ipv6Addr,
+    /// The link-layer address option that binds an address to a MAC in the receiver's
+    /// neighbour cache: Source (of `src_ip`) in a solicitation, Target (of `target`) in an
+    /// advertisement.
+    pub lladdr: Option<Mac>,
+}
 
 /// A valid Neighbor Solicitation from a host that already has an address (not DAD).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,14 +85,20 @@ fn ip6(b: &[u8]) -> Ipv6Addr {
     Ipv6Addr::from(a)
 }
 
-/// Parses an Ethernet frame as a Neighbor Solicitation and validates it (RFC 4861 §7.1.1:
-/// hop limit 255, code 0, length, options of non-zero length, checksum, a unicast target). `None` for anything else,
-/// including duplicate address detection (unspecified source), which must reach the owner.
-pub fn parse_solicitation(frame: &[u8]) -> Option<Solicitation> {
+/// Parses an Ethernet frame as a Neighbor Solicitation or Advertisement and validates it
+/// (RFC 4861 §7.1: hop limit 255, code 0, length, options of non-zero length, checksum, a
+/// unicast target). `None` for anything else. Cheap for other frames: the ethertype, next
+/// header and ICMPv6 type are checked before anything is summed.
+pub fn parse(frame: &[u8]) -> Option<Message> {
     let eth = ethernet::Frame::new_checked(frame).ok()?;
     if eth.ethertype() != ethernet::ethertype::IPV6 || frame.len() < field::OPTIONS {
         return None;
     }
+    let (kind, lladdr_option) = match frame[field::TYPE] {
+        TYPE_SOLICITATION => (Kind::Solicitation, OPTION_SOURCE_LL),
+        TYPE_ADVERTISEMENT => (Kind::Advertisement, OPTION_TARGET_LL),
+        _ => return None,
+    };
     let payload_len = usize::from(u16::from_be_bytes([
         frame[field::PAYLOAD_LEN.start],
         frame[field::PAYLOAD_LEN.start + 1],
@@ -78,7 +108,6 @@ pub fn parse_solicitation(frame: &[u8]) -> Option<Solicitation> {
         || frame[field::HOP_LIMIT] != HOP_LIMIT
         || payload_len < field::OPTIONS - field::ICMP
         || field::ICMP + payload_len > frame.len()
-        || frame[field::TYPE] != TYPE_SOLICITATION
         || frame[field::CODE] != 0
     {
         return None;
@@ -86,16 +115,20 @@ pub fn parse_solicitation(frame: &[u8]) -> Option<Solicitation> {
     let src_ip = ip6(&frame[field::SRC]);
     let dst_ip = ip6(&frame[field::DST]);
     let target = ip6(&frame[field::TARGET]);
-    if src_ip.is_unspecified() || target.is_multicast() {
+    if target.is_multicast() {
         return None;
     }
     let icmp = &frame[field::ICMP..field::ICMP + payload_len];
     // Every option must have a non-zero length (in 8-byte units) and fit.
+    let mut lladdr = None;
     let mut at = field::OPTIONS - field::ICMP;
     while at < icmp.len() {
         let len = usize::from(*icmp.get(at + 1)?) * 8;
         if len == 0 {
             return None;
+        }
+        if icmp[at] == lladdr_option && len == 8 {
+            lladdr = Some(Mac::from_slice(icmp.get(at + 2..at + 8)?));
         }
         at += len;
     }
@@ -106,11 +139,25 @@ pub fn parse_solicitation(frame: &[u8]) -> Option<Solicitation> {
     if checksum::fold(sum) != 0xffff {
         return None;
     }
-    Some(Solicitation {
+    Some(Message {
+        kind,
         src_mac: eth.src(),
         src_ip,
         target,
+        lladdr,
     })
+}
+
+impl Message {
+    /// The solicitation to answer for its sender: `None` for an advertisement and for
+    /// duplicate address detection (unspecified source), which must reach the owner.
+    pub fn solicitation(&self) -> Option<Solicitation> {
+        (self.kind == Kind::Solicitation && !self.src_ip.is_unspecified()).then_some(Solicitation {
+            src_mac: self.src_mac,
+            src_ip: self.src_ip,
+            target: self.target,
+        })
+    }
 }
 
 /// The link-local address of an interface with this MAC (modified EUI-64: the
@@ -179,6 +226,10 @@ pub(crate) mod tests {
     use etherparse::{Icmpv6Type, PacketBuilder, SlicedPacket, TransportSlice};
 
     const ASKER: Mac = Mac([0x02, 0x42, 0xc6, 0x13, 0, 1]);
+
+    fn parse_solicitation(frame: &[u8]) -> Option<Solicitation> {
+        parse(frame)?.solicitation()
+    }
     const ENDPOINT: Mac = Mac([0x02, 0x42, 0xc6, 0x13, 0, 2]);
 
     /// An NS built by etherparse (valid checksum) from ASKER, to the target's solicited-node
@@ -203,6 +254,26 @@ pub(crate) mod tests {
         PacketBuilder::ethernet2(ASKER.0, [0x33, 0x33, 0xff, t[13], t[14], t[15]])
             .ipv6(src.octets(), dst.octets(), hop_limit)
             .icmpv6(Icmpv6Type::NeighborSolicitation)
+            .write(&mut out, &payload)
+            .unwrap();
+        out
+    }
+
+    /// An unsolicited NA (to all nodes, Override set) from `eth_src`, for `target` at `lladdr`.
+    pub fn advertisement(eth_src: Mac, src: Ipv6Addr, target: Ipv6Addr, lladdr: Mac) -> Vec<u8> {
+        let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+        let mut payload = target.octets().to_vec();
+        payload.extend_from_slice(&[OPTION_TARGET_LL, 1]);
+        payload.extend_from_slice(&lladdr.0);
+        let flags = etherparse::icmpv6::NeighborAdvertisementHeader {
+            router: false,
+            solicited: false,
+            r#override: true,
+        };
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(eth_src.0, [0x33, 0x33, 0, 0, 0, 1])
+            .ipv6(src.octets(), all_nodes.octets(), HOP_LIMIT)
+            .icmpv6(Icmpv6Type::NeighborAdvertisement(flags))
             .write(&mut out, &payload)
             .unwrap();
         out
@@ -271,8 +342,21 @@ pub(crate) mod tests {
         let body = icmp.payload();
         assert_eq!(&body[..16], &link_local(ENDPOINT).octets());
         assert_eq!(&body[16..24], &[2, 1, 0x02, 0x42, 0xc6, 0x13, 0, 2]);
-        // Our own parser sees it is not a solicitation.
+        // Our own parser reads it as an advertisement binding the target to the endpoint.
         assert_eq!(parse_solicitation(&out[..n]), None);
+        assert_eq!(
+            parse(&out[..n]),
+            Some(Message {
+                kind: Kind::Advertisement,
+                src_mac: ENDPOINT,
+                src_ip: link_local(ENDPOINT),
+                target: link_local(ENDPOINT),
+                lladdr: Some(ENDPOINT),
+            })
+        );
+        // ... and a solicitation as binding its sender to the source link-layer option.
+        let m = parse(&solicitation(me, link_local(ENDPOINT), 255)).unwrap();
+        assert_eq!((m.kind, m.lladdr), (Kind::Solicitation, Some(ASKER)));
     }
 
     #[test]

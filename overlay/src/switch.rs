@@ -1,7 +1,8 @@
 //! The switching decision, as a pure function of bytes, tables and time.
 //!
 //! [`from_tap`] decides what to do with a frame the local bridge handed to the TAP;
-//! [`from_vtep`] checks a received VXLAN datagram and learns from it. Neither reads a clock
+//! [`from_vtep`] checks a received VXLAN datagram and learns from it. Both hold ARP and ND to
+//! the IP-MAC bindings in the tables. Neither reads a clock
 //! or a socket, and neither allocates: an ARP or ND answer is written into a caller buffer.
 //! What the decisions do not cover: segmentation and coalescing ([`crate::offload`]) and
 //! the I/O itself (the worker).
@@ -11,7 +12,7 @@ use std::time::Instant;
 
 use crate::dataplane::Location;
 use crate::ethernet::{self, Frame};
-use crate::fdb::{Index, Learned, Network};
+use crate::fdb::{Index, Learned, Network, PeerKind};
 use crate::vxlan::{self, Vni};
 use crate::{arp, nd};
 
@@ -78,8 +79,18 @@ drop_reasons! {
     NoPeers => "no-peers",
     /// Frame read from a TAP whose network is not in the published tables.
     UnknownNetwork => "unknown-network",
-    /// Decapsulated frame with a local endpoint's source MAC (a loop or a spoof).
+    /// Decapsulated frame with a local endpoint's or the gateway's source MAC (a loop or a
+    /// spoof).
     LocalSource => "local-source",
+    /// Decapsulated frame with a source MAC that is not the sender's to use: from a member, a
+    /// MAC that is not one of its endpoints; from an external VTEP, a cluster endpoint's MAC.
+    ForeignSource => "foreign-source",
+    /// ARP that contradicts the tables: an endpoint's address with another MAC, an endpoint's
+    /// MAC with another address, or the gateway's address from anyone but the bridge.
+    ArpSpoof => "arp-spoof",
+    /// A Neighbor Solicitation or Advertisement that speaks for an endpoint's link-local
+    /// address from another MAC, or binds it to another MAC.
+    NdSpoof => "nd-spoof",
     /// VXLAN for a network whose TAP is not (or no longer) open on this worker.
     NoTap => "no-tap",
     /// The TAP queue was full or refused the write.
@@ -92,8 +103,9 @@ drop_reasons! {
 
 /// Decides what to do with `frame`, read from the TAP of `net`.
 ///
-/// An ARP or Neighbor Advertisement answer is written into `reply` (at least
-/// [`REPLY_LEN`] bytes).
+/// ARP and ND that contradict the tables' bindings are dropped whatever their destination.
+/// An ARP or Neighbor Advertisement answer is written into `reply` (at least [`REPLY_LEN`]
+/// bytes).
 pub fn from_tap(
     frame: &[u8],
     net: &Network,
@@ -105,12 +117,32 @@ pub fn from_tap(
         return Forward::Drop(DropReason::MalformedFrame);
     };
     let dst = eth.dst();
-    if dst.is_multicast() {
-        match eth.ethertype() {
-            ethernet::ethertype::ARP => return arp_from_tap(&eth, net, reply),
-            ethernet::ethertype::IPV6 => return nd_from_tap(frame, net, reply),
-            _ => return flood(net),
+    match eth.ethertype() {
+        ethernet::ethertype::ARP => {
+            let Ok(packet) = arp::Packet::new_checked(eth.payload()) else {
+                return Forward::Drop(DropReason::MalformedFrame);
+            };
+            if arp_contradicts(&packet, net) {
+                return Forward::Drop(DropReason::ArpSpoof);
+            }
+            if dst.is_multicast() {
+                return arp_from_tap(&packet, net, reply);
+            }
         }
+        ethernet::ethertype::IPV6 => {
+            if let Some(message) = nd::parse(frame) {
+                if nd_contradicts(&message, net) {
+                    return Forward::Drop(DropReason::NdSpoof);
+                }
+                if dst.is_multicast() {
+                    return nd_from_tap(&message, net, reply);
+                }
+            }
+        }
+        _ => {}
+    }
+    if dst.is_multicast() {
+        return flood(net);
     }
     match net.location(dst) {
         Some(Location::Local) => Forward::Drop(DropReason::Hairpin),
@@ -119,16 +151,49 @@ pub fn from_tap(
             .lookup(net.vni(), dst, now)
             .and_then(|ip| net.peer(ip))
         {
-            Some(vtep) => Forward::Remote(vtep),
+            Some((vtep, _)) => Forward::Remote(vtep),
             None => flood(net),
         },
     }
 }
 
-fn arp_from_tap(eth: &Frame<&[u8]>, net: &Network, reply: &mut [u8]) -> Forward {
-    let Ok(packet) = arp::Packet::new_checked(eth.payload()) else {
-        return Forward::Drop(DropReason::MalformedFrame);
+/// Whether an ARP packet binds an address to a MAC against the tables: the gateway's address
+/// to anything but the bridge's MAC, an endpoint's address to another MAC, or an endpoint's
+/// MAC to another address (a probe's unspecified sender binds nothing). Requests count too:
+/// receivers update their neighbour cache from any ARP that names them.
+fn arp_contradicts<T: AsRef<[u8]>>(packet: &arp::Packet<T>, net: &Network) -> bool {
+    let (mac, ip) = (packet.sender_mac(), packet.sender_ip());
+    if ip == net.gateway() {
+        return mac != net.gateway_mac();
+    }
+    net.endpoint(ip).is_some_and(|ep| ep.mac != mac)
+        || net
+            .endpoint_by_mac(mac)
+            .is_some_and(|ep| ep.ip != ip && !ip.is_unspecified())
+}
+
+/// Whether a Neighbor Solicitation or Advertisement speaks for an endpoint's link-local
+/// address (the one its MAC derives) from another MAC, or binds it to another MAC: the
+/// sender's address in a solicitation, the address being claimed in duplicate address
+/// detection, the target in an advertisement. Addresses of no endpoint are not checked.
+fn nd_contradicts(message: &nd::Message, net: &Network) -> bool {
+    let claimed = match message.kind {
+        nd::Kind::Solicitation if message.src_ip.is_unspecified() => message.target,
+        nd::Kind::Solicitation => message.src_ip,
+        nd::Kind::Advertisement => message.target,
     };
+    let Some(owner) = nd::link_local_mac(claimed) else {
+        return false;
+    };
+    net.endpoint_by_mac(owner).is_some()
+        && (message.src_mac != owner || message.lladdr.is_some_and(|mac| mac != owner))
+}
+
+fn arp_from_tap<T: AsRef<[u8]>>(
+    packet: &arp::Packet<T>,
+    net: &Network,
+    reply: &mut [u8],
+) -> Forward {
     if packet.operation() != arp::Operation::Request || packet.is_gratuitous() {
         return flood(net);
     }
@@ -138,15 +203,15 @@ fn arp_from_tap(eth: &Frame<&[u8]>, net: &Network, reply: &mut [u8]) -> Forward 
     }
     match net.endpoint(target) {
         Some(ep) if ep.location == Location::Local => Forward::Drop(DropReason::ArpLocal),
-        Some(ep) => Forward::Reply(arp::emit_reply(&packet, ep.mac, ep.ip, reply)),
+        Some(ep) => Forward::Reply(arp::emit_reply(packet, ep.mac, ep.ip, reply)),
         None => flood(net),
     }
 }
 
 /// A Neighbor Solicitation for an endpoint's EUI-64 link-local address is answered like
-/// ARP; any other IPv6 multicast is flooded.
-fn nd_from_tap(frame: &[u8], net: &Network, reply: &mut [u8]) -> Forward {
-    let Some(ns) = nd::parse_solicitation(frame) else {
+/// ARP; any other ND multicast (advertisements, duplicate address detection) is flooded.
+fn nd_from_tap(message: &nd::Message, net: &Network, reply: &mut [u8]) -> Forward {
+    let Some(ns) = message.solicitation() else {
         return flood(net);
     };
     let Some(mac) = nd::link_local_mac(ns.target) else {
@@ -167,7 +232,12 @@ fn flood(net: &Network) -> Forward {
     }
 }
 
-/// Checks a VXLAN `datagram` (the UDP payload) from `sender` and learns its inner source MAC.
+/// Checks a VXLAN `datagram` (the UDP payload) from `sender` and, if the sender is an external
+/// VTEP, learns its inner source MAC.
+///
+/// A member may send only from the MACs of the endpoints the tables place behind it; an
+/// external VTEP from none of the cluster's. ARP and ND inside are held to the tables'
+/// bindings like those from the TAP.
 ///
 /// `Ok(vni)`: deliver the inner frame, `datagram[vxlan::HEADER_LEN..]`, to the TAP of `vni`.
 pub fn from_vtep(
@@ -183,18 +253,38 @@ pub fn from_vtep(
     })?;
     let vni = header.vni();
     let net = index.network(vni).ok_or(DropReason::UnknownVni)?;
-    if !net.is_peer(*sender.ip()) {
-        return Err(DropReason::NotMember);
-    }
+    let (_, kind) = net.peer(*sender.ip()).ok_or(DropReason::NotMember)?;
     let inner = Frame::new_checked(header.inner()).map_err(|_| DropReason::Short)?;
     let src = inner.src();
     if src.is_multicast() {
         return Err(DropReason::MalformedFrame);
     }
-    match net.location(src) {
-        Some(Location::Local) => return Err(DropReason::LocalSource),
-        Some(Location::Remote(_)) => {}
-        None => learned.learn(vni, src, *sender.ip(), now),
+    if src == net.gateway_mac() {
+        return Err(DropReason::LocalSource);
+    }
+    match (net.location(src), kind) {
+        (Some(Location::Local), _) => return Err(DropReason::LocalSource),
+        (Some(Location::Remote(vtep)), PeerKind::Member) if vtep.ip() == sender.ip() => {}
+        (None, PeerKind::External) => {}
+        _ => return Err(DropReason::ForeignSource),
+    }
+    match inner.ethertype() {
+        ethernet::ethertype::ARP => {
+            let packet = arp::Packet::new_checked(inner.payload())
+                .map_err(|_| DropReason::MalformedFrame)?;
+            if arp_contradicts(&packet, net) {
+                return Err(DropReason::ArpSpoof);
+            }
+        }
+        ethernet::ethertype::IPV6
+            if nd::parse(header.inner()).is_some_and(|m| nd_contradicts(&m, net)) =>
+        {
+            return Err(DropReason::NdSpoof);
+        }
+        _ => {}
+    }
+    if kind == PeerKind::External {
+        learned.learn(vni, src, *sender.ip(), now);
     }
     Ok(vni)
 }
@@ -204,7 +294,7 @@ mod tests {
     use super::*;
     use crate::dataplane::Tables;
     use crate::ethernet::{Mac, emit_header, ethertype};
-    use crate::fdb::tests::{mac, table, vni, vtep};
+    use crate::fdb::tests::{GATEWAY_MAC, mac, table, vni, vtep};
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn index() -> Index {
@@ -285,6 +375,7 @@ mod tests {
     fn flood_without_peers_is_dropped() {
         let mut t = table();
         t.peers.clear();
+        t.external.clear();
         let index = Index::build(&Tables { networks: vec![t] });
         let fwd = from_tap(
             &frame(Mac::BROADCAST, mac(5), ethertype::IPV4),
@@ -382,22 +473,174 @@ mod tests {
     }
 
     #[test]
-    fn cluster_endpoints_are_not_learned() {
+    fn members_send_only_from_their_endpoints_and_nothing_is_learned_from_them() {
         let index = index();
         let mut learned = Learned::default();
-        let mut from_node2 = |src: Mac| {
+        let mut from = |src: Mac, sender: SocketAddrV4| {
             from_vtep(
                 &datagram(4096, src),
-                vtep(2),
+                sender,
                 &index,
                 &mut learned,
                 Instant::now(),
             )
         };
-        assert_eq!(from_node2(mac(9)), Ok(vni(4096)));
-        assert_eq!(from_node2(mac(5)), Err(DropReason::LocalSource));
-        assert_eq!(from_node2(Mac::BROADCAST), Err(DropReason::MalformedFrame));
+        // Node 2 hosts endpoint 9, from any source port.
+        let node2 = SocketAddrV4::new(*vtep(2).ip(), 50000);
+        assert_eq!(from(mac(9), node2), Ok(vni(4096)));
+        assert_eq!(from(mac(5), node2), Err(DropReason::LocalSource));
+        assert_eq!(from(GATEWAY_MAC, node2), Err(DropReason::LocalSource));
+        assert_eq!(from(mac(40), node2), Err(DropReason::ForeignSource));
+        assert_eq!(from(Mac::BROADCAST, node2), Err(DropReason::MalformedFrame));
+        // The external VTEP may not use a cluster endpoint's MAC.
+        assert_eq!(from(mac(9), peer3()), Err(DropReason::ForeignSource));
         assert!(learned.is_empty());
+    }
+
+    /// An ARP frame from `eth_src` (also the ARP sender MAC) claiming `ip`, to `dst`:
+    /// a reply when `dst` is unicast, else a gratuitous request.
+    fn arp_claim(dst: Mac, eth_src: Mac, ip: Ipv4Addr) -> Vec<u8> {
+        let mut f = vec![0u8; arp::REPLY_FRAME_LEN];
+        if dst.is_multicast() {
+            arp::emit_request((eth_src, ip), ip, &mut f);
+        } else {
+            let mut req = vec![0u8; arp::REPLY_FRAME_LEN];
+            arp::emit_request((dst, Ipv4Addr::new(198, 19, 0, 200)), ip, &mut req);
+            let req = arp::Packet::new_checked(&req[ethernet::HEADER_LEN..]).unwrap();
+            arp::emit_reply(&req, eth_src, ip, &mut f);
+        }
+        f
+    }
+
+    fn ip(n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 19, 0, n)
+    }
+
+    #[test]
+    fn arp_from_tap_that_contradicts_a_binding_is_dropped() {
+        let spoof = Forward::Drop(DropReason::ArpSpoof);
+        // Local endpoint 5 claims remote endpoint 9's address: unicast reply, gratuitous.
+        assert_eq!(tap(&arp_claim(mac(9), mac(5), ip(9))).0, spoof);
+        assert_eq!(tap(&arp_claim(Mac::BROADCAST, mac(5), ip(9))).0, spoof);
+        // An unknown MAC claims endpoint 9's address.
+        assert_eq!(tap(&arp_claim(Mac::BROADCAST, mac(77), ip(9))).0, spoof);
+        // Endpoint 5's MAC with an address that is not its own.
+        assert_eq!(tap(&arp_claim(Mac::BROADCAST, mac(5), ip(77))).0, spoof);
+        // The gateway's address from anyone but the bridge.
+        assert_eq!(tap(&arp_claim(Mac::BROADCAST, mac(5), ip(1))).0, spoof);
+        let mut ask = vec![0u8; arp::REPLY_FRAME_LEN];
+        arp::emit_request((mac(5), ip(9)), ip(77), &mut ask);
+        assert_eq!(tap(&ask).0, spoof, "a request binds its sender too");
+
+        // What is true passes: the bridge asking as the gateway, an endpoint announcing
+        // itself, an unknown host announcing an unbound address, a probe.
+        let mut bridge = vec![0u8; arp::REPLY_FRAME_LEN];
+        arp::emit_request((GATEWAY_MAC, ip(1)), ip(9), &mut bridge);
+        assert_eq!(tap(&bridge).0, Forward::Reply(arp::REPLY_FRAME_LEN));
+        assert_eq!(
+            tap(&arp_claim(Mac::BROADCAST, mac(5), ip(5))).0,
+            Forward::Flood
+        );
+        assert_eq!(
+            tap(&arp_claim(mac(9), mac(5), ip(5))).0,
+            Forward::Remote(vtep(2))
+        );
+        assert_eq!(
+            tap(&arp_claim(Mac::BROADCAST, mac(77), ip(77))).0,
+            Forward::Flood
+        );
+        let mut probe = vec![0u8; arp::REPLY_FRAME_LEN];
+        arp::emit_request((mac(5), Ipv4Addr::UNSPECIFIED), ip(77), &mut probe);
+        assert_eq!(tap(&probe).0, Forward::Flood);
+    }
+
+    fn encapsulate(vni_: u32, inner: &[u8]) -> Vec<u8> {
+        let mut d = vec![0u8; vxlan::HEADER_LEN];
+        vxlan::Repr { vni: vni(vni_) }.emit(&mut d);
+        d.extend_from_slice(inner);
+        d
+    }
+
+    #[test]
+    fn arp_from_vtep_that_contradicts_a_binding_is_dropped_and_not_learned() {
+        let index = index();
+        let mut learned = Learned::default();
+        let now = Instant::now();
+        let mut from = |inner: Vec<u8>, sender: SocketAddrV4| {
+            from_vtep(
+                &encapsulate(4096, &inner),
+                sender,
+                &index,
+                &mut learned,
+                now,
+            )
+        };
+        let spoof = Err(DropReason::ArpSpoof);
+        // Node 2's endpoint 9 claims local endpoint 5's address: unicast reply, gratuitous.
+        assert_eq!(from(arp_claim(mac(5), mac(9), ip(5)), vtep(2)), spoof);
+        assert_eq!(
+            from(arp_claim(Mac::BROADCAST, mac(9), ip(5)), vtep(2)),
+            spoof
+        );
+        // A host behind the external VTEP claims endpoint 9's address, or the gateway's.
+        assert_eq!(from(arp_claim(mac(5), mac(40), ip(9)), peer3()), spoof);
+        assert_eq!(
+            from(arp_claim(Mac::BROADCAST, mac(40), ip(1)), peer3()),
+            spoof
+        );
+        // Announcing its own address is fine; only the external host is learned (above, the
+        // spoofing one was not).
+        assert_eq!(
+            from(arp_claim(Mac::BROADCAST, mac(9), ip(9)), vtep(2)),
+            Ok(vni(4096))
+        );
+        assert_eq!(
+            from(arp_claim(mac(5), mac(40), ip(40)), peer3()),
+            Ok(vni(4096))
+        );
+        assert_eq!(learned.len(), 1);
+    }
+
+    #[test]
+    fn nd_that_contradicts_a_binding_is_dropped() {
+        use crate::nd::{self, tests::advertisement, tests::solicitation};
+        let ll = |n| nd::link_local(mac(n));
+        let spoof = Forward::Drop(DropReason::NdSpoof);
+        // Local endpoint 5 advertises remote endpoint 9's link-local at its own MAC.
+        assert_eq!(tap(&advertisement(mac(5), ll(5), ll(9), mac(5))).0, spoof);
+        // ... or from endpoint 9's MAC but binding it to 5's.
+        assert_eq!(tap(&advertisement(mac(9), ll(9), ll(9), mac(5))).0, spoof);
+        // A solicitation from endpoint 9's address by another MAC (the helper's, MAC 1), and
+        // duplicate address detection of it by another MAC.
+        assert_eq!(tap(&solicitation(ll(9), ll(77), 255)).0, spoof);
+        assert_eq!(
+            tap(&solicitation(Ipv6Addr::UNSPECIFIED, ll(9), 255)).0,
+            spoof
+        );
+        // True advertisements pass; addresses of no endpoint are not checked.
+        assert_eq!(
+            tap(&advertisement(mac(5), ll(5), ll(5), mac(5))).0,
+            Forward::Flood
+        );
+        assert_eq!(
+            tap(&advertisement(mac(5), ll(5), ll(77), mac(5))).0,
+            Forward::Flood
+        );
+
+        let index = index();
+        let mut learned = Learned::default();
+        let mut from_node2 = |frame: Vec<u8>| {
+            let datagram = encapsulate(4096, &frame);
+            from_vtep(&datagram, vtep(2), &index, &mut learned, Instant::now())
+        };
+        assert_eq!(
+            from_node2(advertisement(mac(9), ll(9), ll(5), mac(9))),
+            Err(DropReason::NdSpoof)
+        );
+        assert_eq!(
+            from_node2(advertisement(mac(9), ll(9), ll(9), mac(9))),
+            Ok(vni(4096))
+        );
     }
 
     #[test]
@@ -405,7 +648,8 @@ mod tests {
         use crate::nd::{self, tests::solicitation};
         let index = index();
         let net = index.network(vni(4096)).unwrap();
-        let asker = nd::link_local(mac(5));
+        // The helper's frames come from MAC 1, which is no endpoint.
+        let asker = nd::link_local(mac(1));
         let ask = |target: Mac| {
             let mut reply = [0u8; REPLY_LEN];
             let frame = solicitation(asker, nd::link_local(target), 255);
@@ -421,7 +665,7 @@ mod tests {
         assert_eq!(ask(mac(5)).0, Forward::Drop(DropReason::ArpLocal));
         assert_eq!(ask(mac(77)).0, Forward::Flood);
         // Duplicate address detection is never answered.
-        let dad = solicitation(Ipv6Addr::UNSPECIFIED, nd::link_local(mac(9)), 255);
+        let dad = solicitation(Ipv6Addr::UNSPECIFIED, nd::link_local(mac(77)), 255);
         assert_eq!(tap(&dad).0, Forward::Flood);
     }
 

@@ -65,7 +65,7 @@ pub(crate) struct Counters {
     pub drops: [AtomicU64; DROP_REASONS],
 }
 
-pub(crate) const DROP_REASONS: usize = 14;
+pub(crate) const DROP_REASONS: usize = 17;
 const _: () = assert!(switch::DropReason::ALL.len() == DROP_REASONS);
 
 impl Counters {

@@ -8,6 +8,7 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
+use anyhow::Context;
 use tracing::{info, warn};
 
 use super::{Daemon, json};
@@ -151,7 +152,7 @@ impl Daemon {
         let mut pending = Vec::new();
         for endpoint in restoring.drain(..) {
             if let Some(net) = realised.get(&endpoint.network_id) {
-                match host::enslave(&endpoint.host_if, net).await {
+                match restore_port(&endpoint, net).await {
                     Ok(()) => {
                         info!(netns = %endpoint.netns, network = %net.name, ip = %endpoint.ip, "endpoint restored")
                     }
@@ -190,6 +191,21 @@ impl Daemon {
             warn!(err = %format!("{err:#}"), "endpoints not saved: a restart will not restore them");
         }
     }
+}
+
+/// Puts a restored endpoint's veth back on its bridge, with its filter, static entry and port
+/// flags re-applied (they may be gone, say if the bridge was removed while overlayd was down).
+async fn restore_port(endpoint: &Endpoint, net: &Network) -> anyhow::Result<()> {
+    let mac = endpoint
+        .mac
+        .parse()
+        .with_context(|| format!("container MAC {}", endpoint.mac))?;
+    let port = host::ContainerPort {
+        host_if: &endpoint.host_if,
+        mac,
+        ip: endpoint.ip,
+    };
+    host::enslave_container(&port, net).await
 }
 
 /// Endpoints saved before a restart whose host-side veth still exists; the others' containers

@@ -19,11 +19,13 @@ fn index() -> &'static Index {
             networks: vec![NetworkTable {
                 vni: Vni::new(4096).unwrap(),
                 gateway: Ipv4Addr::new(198, 19, 0, 1),
+                gateway_mac: Mac([2, 0x4f, 0x56, 0, 0x10, 0]),
                 endpoints: vec![
                     Endpoint { mac: Mac([2, 0, 0, 0, 0, 5]), ip: Ipv4Addr::new(198, 19, 0, 5), location: Location::Local },
                     Endpoint { mac: Mac([2, 0, 0, 0, 0, 9]), ip: Ipv4Addr::new(198, 19, 0, 9), location: Location::Remote(vtep) },
                 ],
                 peers: vec![vtep],
+                external: vec![SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 3), 4789)],
             }],
         })
     })
@@ -38,6 +40,9 @@ fuzz_target!(|data: &[u8]| {
     if let Forward::Reply(n) = from_tap(data, net, &learned, now, &mut reply) {
         assert!(n <= reply.len());
     }
-    let sender = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 50000);
-    let _ = from_vtep(data, sender, index, &mut learned, now);
+    // A member and an external VTEP: both checks, and learning.
+    for sender in [[198, 18, 0, 2], [198, 18, 0, 3]] {
+        let sender = SocketAddrV4::new(sender.into(), 50000);
+        let _ = from_vtep(data, sender, index, &mut learned, now);
+    }
 });
