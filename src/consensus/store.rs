@@ -81,7 +81,9 @@ impl Store {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Applies `change` to the state and saves it before returning.
+    /// Applies `change` to the state and saves it before returning. The error is openraft's,
+    /// large as it is: every trait method here returns it.
+    #[allow(clippy::result_large_err)]
     fn change<T>(&self, change: impl FnOnce(&mut Disk) -> T) -> Result<T, StorageError<NodeId>> {
         let mut disk = self.lock();
         let out = change(&mut disk);
