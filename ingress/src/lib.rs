@@ -1,14 +1,22 @@
 //! Services: everything the routing mesh does with a flow once the overlay has delivered it.
 //!
-//! This crate will own the service table (VIP, published ports, tasks, health), backend choice by
-//! consistent hashing (Maglev-style, so every node picks the same task for a flow), connection
-//! tracking and NAT rewrite of IPv4/IPv6 + TCP/UDP with incremental checksums, published ports on
-//! every node, health checks and DNS answers (`web` -> VIP, `tasks.web` -> task addresses).
+//! This crate owns backend choice by consistent hashing (Maglev, so every node picks the same
+//! task for a flow). It will also own the service table, connection tracking, NAT rewrite,
+//! published ports, health checks and DNS answers.
 //!
 //! It knows nothing of VXLAN, TAPs or sockets: like `overlay`'s packet logic it is sans-IO, and
-//! the `overlayd` binary connects the two. Today it holds only the identifiers the rest of the
-//! project already agrees on; the service work fills it in.
+//! the `overlayd` binary connects the two.
+//!
+//! # Layout
+//!
+//! - [`flow`]: a flow's tuple (protocol and both endpoints) and its stable hash.
+//! - [`maglev`]: the Maglev lookup table from a set of backends to slots.
+//! - `hash`: the one stable hash every node computes alike.
 #![forbid(unsafe_code)]
+
+pub mod flow;
+mod hash;
+pub mod maglev;
 
 use std::net::IpAddr;
 
