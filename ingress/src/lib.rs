@@ -11,9 +11,12 @@
 //!
 //! - [`flow`]: a flow's tuple (protocol and both endpoints) and its stable hash.
 //! - [`maglev`]: the Maglev lookup table from a set of backends to slots.
+//! - [`conntrack`]: one worker's table of NATed flows, found from either direction, with
+//!   per-state timeouts run by `poll_timeout`/`handle_timeout` and a fixed capacity.
 //! - `hash`: the one stable hash every node computes alike.
 #![forbid(unsafe_code)]
 
+pub mod conntrack;
 pub mod flow;
 mod hash;
 pub mod maglev;
