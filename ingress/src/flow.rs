@@ -29,7 +29,7 @@ impl Tuple {
         }
     }
 
-    /// A hash of this direction that every node computes alike (see [`crate::hash`]), to
+    /// A hash of this direction that every node computes alike (see the crate's `hash` module), to
     /// choose a backend: the same client flow to a VIP picks the same task on every node.
     pub fn stable_hash(&self) -> u64 {
         let mut b = [0u8; 13];

@@ -1,25 +1,38 @@
 //! Services: everything the routing mesh does with a flow once the overlay has delivered it.
 //!
-//! This crate owns backend choice by consistent hashing (Maglev, so every node picks the same
-//! task for a flow). It will also own the service table, connection tracking, NAT rewrite,
-//! published ports, health checks and DNS answers.
+//! This crate owns the service table (VIPs, tasks, their health), backend choice by Maglev
+//! consistent hashing (so every node picks the same task for a flow) and connection tracking.
+//! NAT rewrite, published ports, health checks and DNS answers are still to come.
 //!
-//! It knows nothing of VXLAN, TAPs or sockets: like `overlay`'s packet logic it is sans-IO, and
-//! the `overlayd` binary connects the two.
+//! It knows nothing of VXLAN, TAPs or sockets, and does not read the clock: like `overlay`'s
+//! packet logic it is sans-IO, time is passed in, and the `overlayd` binary connects the two.
+//! It sees flows as plain values (addresses, ports, protocol), not packet bytes.
 //!
 //! # Layout
 //!
-//! - [`flow`]: a flow's tuple (protocol and both endpoints) and its stable hash.
-//! - [`maglev`]: the Maglev lookup table from a set of backends to slots.
-//! - [`conntrack`]: one worker's table of NATed flows, found from either direction, with
-//!   per-state timeouts run by `poll_timeout`/`handle_timeout` and a fixed capacity.
-//! - `hash`: the one stable hash every node computes alike.
+//! A flow to a VIP meets the modules in this order. [`service`] is the snapshot the control
+//! plane builds and swaps in whole: it finds the service of a destination address (a VIP
+//! balances every port and both protocols to the same port on a task) and keeps, besides all
+//! of the service's tasks, a table of its healthy ones. That table is a [`maglev`] lookup
+//! table: built from a set of backends, independent of their order, it maps a flow hash to a
+//! backend in one step and moves about 1/N of the flows when one of N backends goes. The
+//! flow hash is [`flow::Tuple::stable_hash`], over the tuple the client sent, computed with
+//! the crate's one stable hash (`hash`) so that every node gets the same value.
+//!
+//! Once a task is chosen, [`conntrack`] remembers it: one worker's table, with no locks, of
+//! NATed flows, each under both its original and its reply tuple so that either direction
+//! finds it. It runs per-state TCP and UDP timeouts through `poll_timeout` and
+//! `handle_timeout`, has a capacity fixed (and allocated) when it is built, evicts embryonic
+//! flows first when full, and marks the flows of a removed task so that they can be reset.
+//! [`service::Table::removed_backends`] says which tasks those are when a snapshot replaces
+//! another.
 #![forbid(unsafe_code)]
 
 pub mod conntrack;
 pub mod flow;
 mod hash;
 pub mod maglev;
+pub mod service;
 
 use std::net::IpAddr;
 

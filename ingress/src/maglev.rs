@@ -9,7 +9,7 @@
 //! - removing one backend frees its slots, which the others claim; the rest of the table
 //!   moves only where a survivor's claim order changes, a small fraction when M ≫ N;
 //! - the table depends only on the set of keys, not on the order they were given in: keys are
-//!   sorted before the turns start, and the key hash is [`crate::hash::stable`], so every node
+//!   sorted before the turns start, and the key hash is the crate's stable hash, so every node
 //!   builds the same table.
 //!
 //! Building allocates the table (two bytes a slot) and a few words per backend; lookups do not
@@ -48,7 +48,10 @@ impl Size {
 }
 
 fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 /// Why a table was not built. Nothing is built in either case.
