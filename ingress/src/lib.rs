@@ -1,14 +1,38 @@
 //! Services: everything the routing mesh does with a flow once the overlay has delivered it.
 //!
-//! This crate will own the service table (VIP, published ports, tasks, health), backend choice by
-//! consistent hashing (Maglev-style, so every node picks the same task for a flow), connection
-//! tracking and NAT rewrite of IPv4/IPv6 + TCP/UDP with incremental checksums, published ports on
-//! every node, health checks and DNS answers (`web` -> VIP, `tasks.web` -> task addresses).
+//! This crate owns the service table (VIPs, tasks, their health), backend choice by Maglev
+//! consistent hashing (so every node picks the same task for a flow) and connection tracking.
+//! NAT rewrite, published ports, health checks and DNS answers are still to come.
 //!
-//! It knows nothing of VXLAN, TAPs or sockets: like `overlay`'s packet logic it is sans-IO, and
-//! the `overlayd` binary connects the two. Today it holds only the identifiers the rest of the
-//! project already agrees on; the service work fills it in.
+//! It knows nothing of VXLAN, TAPs or sockets, and does not read the clock: like `overlay`'s
+//! packet logic it is sans-IO, time is passed in, and the `overlayd` binary connects the two.
+//! It sees flows as plain values (addresses, ports, protocol), not packet bytes.
+//!
+//! # Layout
+//!
+//! A flow to a VIP meets the modules in this order. [`service`] is the snapshot the control
+//! plane builds and swaps in whole: it finds the service of a destination address (a VIP
+//! balances every port and both protocols to the same port on a task) and keeps, besides all
+//! of the service's tasks, a table of its healthy ones. That table is a [`maglev`] lookup
+//! table: built from a set of backends, independent of their order, it maps a flow hash to a
+//! backend in one step and moves about 1/N of the flows when one of N backends goes. The
+//! flow hash is [`flow::Tuple::stable_hash`], over the tuple the client sent, computed with
+//! the crate's one stable hash (`hash`) so that every node gets the same value.
+//!
+//! Once a task is chosen, [`conntrack`] remembers it: one worker's table, with no locks, of
+//! NATed flows, each under both its original and its reply tuple so that either direction
+//! finds it. It runs per-state TCP and UDP timeouts through `poll_timeout` and
+//! `handle_timeout`, has a capacity fixed (and allocated) when it is built, evicts embryonic
+//! flows first when full, and marks the flows of a removed task so that they can be reset.
+//! [`service::Table::removed_backends`] says which tasks those are when a snapshot replaces
+//! another.
 #![forbid(unsafe_code)]
+
+pub mod conntrack;
+pub mod flow;
+mod hash;
+pub mod maglev;
+pub mod service;
 
 use std::net::IpAddr;
 
