@@ -10,6 +10,8 @@
 //! project already agrees on; the service work fills it in.
 #![forbid(unsafe_code)]
 
+pub mod dns;
+
 use std::net::IpAddr;
 
 /// A service's virtual IP: the address clients use, rewritten to a task's address by NAT.
