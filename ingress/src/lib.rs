@@ -1,8 +1,8 @@
 //! Services: everything the routing mesh does with a flow once the overlay has delivered it.
 //!
 //! This crate owns the service table (VIPs, tasks, their health), backend choice by Maglev
-//! consistent hashing (so every node picks the same task for a flow) and connection tracking.
-//! NAT rewrite, published ports, health checks and DNS answers are still to come.
+//! consistent hashing (so every node picks the same task for a flow), connection tracking and
+//! DNS answers. NAT rewrite and published ports are still to come.
 //!
 //! It knows nothing of VXLAN, TAPs or sockets, and does not read the clock: like `overlay`'s
 //! packet logic it is sans-IO, time is passed in, and the `overlayd` binary connects the two.
@@ -26,9 +26,13 @@
 //! flows first when full, and marks the flows of a removed task so that they can be reset.
 //! [`service::Table::removed_backends`] says which tasks those are when a snapshot replaces
 //! another.
+//!
+//! [`dns`] answers queries for the names of one network (services, `tasks.` names,
+//! containers and their aliases) from a snapshot, and says which queries belong upstream.
 #![forbid(unsafe_code)]
 
 pub mod conntrack;
+pub mod dns;
 pub mod flow;
 mod hash;
 pub mod maglev;
