@@ -6,11 +6,17 @@
 //! every node, health checks and DNS answers (`web` -> VIP, `tasks.web` -> task addresses).
 //!
 //! It knows nothing of VXLAN, TAPs or sockets: like `overlay`'s packet logic it is sans-IO, and
-//! the `overlayd` binary connects the two. Today it holds only the identifiers the rest of the
-//! project already agrees on; the service work fills it in.
+//! the `overlayd` binary connects the two. Both read packets through the `packet` crate's views.
+//!
+//! # Layout
+//!
+//! - [`nat`]: address and port rewrites of an Ethernet + IPv4 + TCP/UDP frame with incremental
+//!   checksums (full, or the partial sum of an offloaded frame), and the [`nat::Flow`] 5-tuple.
 #![forbid(unsafe_code)]
 
 use std::net::IpAddr;
+
+pub mod nat;
 
 /// A service's virtual IP: the address clients use, rewritten to a task's address by NAT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

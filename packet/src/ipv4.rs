@@ -134,6 +134,15 @@ impl<T: AsRef<[u8]>> Packet<T> {
         Ipv4Addr::new(b[0], b[1], b[2], b[3])
     }
 
+    /// True if the header checksum is right.
+    pub fn verify_checksum(&self) -> bool {
+        checksum::fold(checksum::sum(self.header())) == 0xffff
+    }
+
+    fn header(&self) -> &[u8] {
+        &self.buffer.as_ref()[..self.header_len()]
+    }
+
     /// The bytes after the header, up to Total Length.
     pub fn payload(&self) -> &[u8] {
         &self.buffer.as_ref()[self.header_len()..usize::from(self.total_len())]
@@ -159,6 +168,14 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
         let b = self.buffer.as_mut();
         b[at].copy_from_slice(&addr.octets());
         set16(b, field::CHECKSUM, check);
+    }
+
+    /// Computes the header checksum from scratch (for a header built or changed wholesale;
+    /// the setters here update it themselves).
+    pub fn fill_checksum(&mut self) {
+        set16(self.buffer.as_mut(), field::CHECKSUM, 0);
+        let check = checksum::finish(checksum::sum(self.header()));
+        set16(self.buffer.as_mut(), field::CHECKSUM, check);
     }
 
     /// The bytes after the header, up to Total Length.
@@ -205,6 +222,7 @@ mod tests {
             prop_assert_eq!(p.dst(), Ipv4Addr::from(dst));
             let (h, _) = Ipv4Header::from_slice(&bytes).unwrap();
             prop_assert_eq!(p.checksum(), h.header_checksum);
+            prop_assert!(p.verify_checksum());
             prop_assert_eq!(p.payload(), &payload[..]);
             prop_assert!(!p.is_fragment());
         }
@@ -216,12 +234,16 @@ mod tests {
         ) {
             let mut bytes = emit(src, dst, options, b"payload", 0);
             let mut p = Packet::new_checked(&mut bytes[..]).unwrap();
+            let before = p.checksum();
+            p.fill_checksum();
+            prop_assert_eq!(p.checksum(), before);
             p.set_src(new_src.into());
             prop_assert_eq!(p.src(), Ipv4Addr::from(new_src));
             p.set_dst(new_dst.into());
             prop_assert_eq!(p.dst(), Ipv4Addr::from(new_dst));
             let (h, payload) = Ipv4Header::from_slice(&bytes).unwrap();
             prop_assert_eq!(h.header_checksum, h.calc_header_checksum());
+            prop_assert!(Packet::new_checked(&bytes[..]).unwrap().verify_checksum());
             prop_assert_eq!((h.source, h.destination), (new_src, new_dst));
             prop_assert_eq!(payload, b"payload");
         }
