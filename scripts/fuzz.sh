@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the fuzz targets in overlay/fuzz (vxlan, switch, offload) with libFuzzer for a bounded
-# time each; exits non-zero if any target crashes (a panic, an assertion, an out-of-bounds).
+# Runs the fuzz targets in overlay/fuzz (vxlan, switch, offload) and ingress/fuzz (nat) with
+# libFuzzer for a bounded time each; exits non-zero if any target crashes (a panic, an
+# assertion, an out-of-bounds).
 # scripts/test.sh runs it as its last pass, so CI fuzzes every change.
 #
 # No nightly toolchain and no cargo-fuzz: libfuzzer-sys builds libFuzzer with the C++
@@ -18,16 +19,27 @@ source "$(dirname "$0")/lib.sh"
 ov_need_cargo
 SECS=${FUZZ_SECS:-20}
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(vxlan switch offload)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(vxlan switch offload nat)
+# Each fuzz crate is its own workspace beside the crate it fuzzes.
+FUZZ_CRATES=(overlay/fuzz ingress/fuzz)
+crate_of() {
+  local c
+  for c in "${FUZZ_CRATES[@]}"; do
+    grep -qx "name = \"$1\"" "$OV_REPO/$c/Cargo.toml" && { echo "$OV_REPO/$c"; return; }
+  done
+  ov_die "no fuzz target named $1 in ${FUZZ_CRATES[*]}"
+}
+for t in "${TARGETS[@]}"; do crate_of "$t" >/dev/null; done # unknown names stop here
 command -v c++ >/dev/null 2>&1 || ov_die "libFuzzer needs a C++ compiler (scripts/test.sh installs it): apt-get install -y g++"
 
-cd "$OV_REPO/overlay/fuzz"
 TRIPLE=$(rustc -vV | sed -n 's/^host: //p')
 echo "== building fuzz targets (${TARGETS[*]}) for $TRIPLE with sancov instrumentation"
-RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+for t in "${TARGETS[@]}"; do
+  (cd "$(crate_of "$t")" && RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks --cfg fuzzing" \
-  cargo build --release --target "$TRIPLE" "${TARGETS[@]/#/--bin=}"
+    cargo build --release --target "$TRIPLE" --bin="$t")
+done
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ovfuzz.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -37,7 +49,7 @@ for t in "${TARGETS[@]}"; do
   mkdir -p "$corpus"
   echo "== fuzzing $t for ${SECS}s"
   # -timeout: one input taking over 10 s is a hang; -rss_limit_mb bounds memory.
-  if ! "target/$TRIPLE/release/$t" "$corpus" -max_total_time="$SECS" -timeout=10 \
+  if ! "$(crate_of "$t")/target/$TRIPLE/release/$t" "$corpus" -max_total_time="$SECS" -timeout=10 \
     -rss_limit_mb=2048 -artifact_prefix="$WORK/$t-" -print_final_stats=1 2>"$WORK/$t.log"; then
     tail -n 40 "$WORK/$t.log" >&2
     for a in "$WORK/$t"-*; do
