@@ -2,11 +2,11 @@
 //!
 //! This crate owns the service table (VIPs, tasks, their health), backend choice by Maglev
 //! consistent hashing (so every node picks the same task for a flow), connection tracking and
-//! DNS answers. NAT rewrite and published ports are still to come.
+//! DNS answers, NAT rewrite. Published ports are still to come.
 //!
 //! It knows nothing of VXLAN, TAPs or sockets, and does not read the clock: like `overlay`'s
 //! packet logic it is sans-IO, time is passed in, and the `overlayd` binary connects the two.
-//! It sees flows as plain values (addresses, ports, protocol), not packet bytes.
+//! It reads and rewrites packets only through the `packet` crate's views.
 //!
 //! # Layout
 //!
@@ -27,6 +27,10 @@
 //! [`service::Table::removed_backends`] says which tasks those are when a snapshot replaces
 //! another.
 //!
+//! [`nat`] rewrites a flow's addresses and ports in an Ethernet + IPv4 + TCP/UDP frame with
+//! incremental checksums (full, or the partial sum of an offloaded frame), and reads its
+//! 5-tuple.
+//!
 //! [`dns`] answers queries for the names of one network (services, `tasks.` names,
 //! containers and their aliases) from a snapshot, and says which queries belong upstream.
 #![forbid(unsafe_code)]
@@ -36,6 +40,7 @@ pub mod dns;
 pub mod flow;
 mod hash;
 pub mod maglev;
+pub mod nat;
 pub mod service;
 
 use std::net::IpAddr;

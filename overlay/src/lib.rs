@@ -24,7 +24,7 @@
 //! - [`port_filter`]: the classic BPF program the daemon attaches to each container's bridge
 //!   port, so a container sends only from its own MAC and addresses.
 //! - [`flowhash`]: the inner-flow hash that picks the send socket, so the outer UDP source port.
-//! - [`offload`], [`checksum`]: splitting super-frames into wire-sized segments with valid
+//! - [`offload`] (with `packet::checksum`): splitting super-frames into wire-sized segments with valid
 //!   checksums, and coalescing received TCP segments (or UDP datagrams) back into one
 //!   super-frame.
 //! - [`tap`]: the multi-queue TAP with a virtio-net header.
@@ -40,14 +40,15 @@
 //! - [`DataPlane`]: starts workers and the governor, adds and removes networks, publishes
 //!   tables, sums stats.
 //!
-//! `unsafe` is confined to five places, each with a `// SAFETY:` line per block: [`tap`]'s
+//! `unsafe` is confined to four places, each with a `// SAFETY:` line per block: [`tap`]'s
 //! ioctls, `udp`'s `sys` module (`setsockopt`, `sendmsg`/`recvmmsg` with control messages),
-//! `steer` (affinity, attaching the sockets' classic BPF program), `bpf` (the `bpf(2)`
-//! calls) and the call of the AVX2 loop in [`checksum`] after CPU detection.
+//! `steer` (affinity, attaching the sockets' classic BPF program) and `bpf` (the `bpf(2)`
+//! calls). The checksum's AVX2 call lives in the `packet` crate with the checksum.
 
 pub mod arp;
 mod bpf;
-pub mod checksum;
+/// The Internet checksum lives with the packet views every crate shares.
+pub(crate) use packet::checksum;
 mod dataplane;
 pub mod ethernet;
 pub mod fdb;
