@@ -197,6 +197,20 @@ pub struct Dataplane {
     pub arp_answered: u64,
     pub flooded: u64,
     pub drops: BTreeMap<String, u64>,
+    /// Service flows tracked now and since start.
+    pub balancer: Balancer,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Balancer {
+    /// Flows in the connection table now.
+    pub tracked: usize,
+    /// Flows balanced to a task since start.
+    pub flows: u64,
+    /// Packets answered with a reset or port unreachable: no healthy task, or their task went.
+    pub rejected: u64,
+    /// Packets dropped by the balancer.
+    pub dropped: u64,
 }
 
 /// Sends one request to the daemon behind `socket` and waits for its reply.

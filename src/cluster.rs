@@ -228,6 +228,17 @@ impl View {
                             location,
                         })
                     })
+                    .chain(
+                        self.services
+                            .values()
+                            .filter(|s| s.network_id == net.id)
+                            .filter_map(|s| s.vip)
+                            .map(|vip| overlay::Endpoint {
+                                mac: overlay::Mac(Endpoint::mac_bytes(vip)),
+                                ip: vip,
+                                location: overlay::Location::Service,
+                            }),
+                    )
                     .collect();
                 let peers = vteps
                     .iter()

@@ -34,7 +34,7 @@ use crate::peer;
 use crate::registry::Command;
 use crate::state_dir::{self, Identity};
 use crate::token::Secret;
-use crate::{host, wire};
+use crate::{host, services, wire};
 
 /// How long a node waits to see its own change come back through gossip.
 const CONVERGE_WITHIN: Duration = Duration::from_secs(10);
@@ -95,6 +95,8 @@ pub struct Daemon {
     gossip_refused: AtomicU64,
     /// Admission to the peer port before clients prove the token.
     peer_gate: Arc<peer::Gate>,
+    /// The service load balancer the data plane calls (see [`crate::services`]).
+    balancer: Arc<ingress::balancer::Balancer>,
 }
 
 impl Daemon {
@@ -146,10 +148,15 @@ impl Daemon {
                 ))
             })?;
             let vtep = SocketAddrV4::new(config.advertise, config.vxlan_port);
+            let balancer = Arc::new(
+                services::balancer()
+                    .map_err(|e| Failure::runtime(format!("sizing the connection table: {e}")))?,
+            );
             let dataplane = overlay::DataPlane::start(overlay::Config {
                 local_vtep: vtep,
                 workers: config.workers,
                 offloads: config.offloads,
+                stage: Arc::new(services::Stage(balancer.clone())),
             })
             .map_err(|e| Failure::runtime(format!("starting the data plane: {e}")))?;
             let generation = std::time::SystemTime::now()
@@ -181,9 +188,9 @@ impl Daemon {
             if initialising {
                 consensus.initialise(&id, gossip_addr).await?;
             }
-            Ok::<_, Failure>((peer_listener, vtep, dataplane, gossip, consensus))
+            Ok::<_, Failure>((peer_listener, vtep, dataplane, gossip, consensus, balancer))
         };
-        let (peer_listener, vtep, dataplane, gossip, consensus) = match started.await {
+        let (peer_listener, vtep, dataplane, gossip, consensus, balancer) = match started.await {
             Ok(parts) => parts,
             Err(failure) => {
                 let _ = std::fs::remove_file(&config.api);
@@ -206,6 +213,7 @@ impl Daemon {
             consensus,
             gossip_refused: AtomicU64::new(0),
             peer_gate: Arc::default(),
+            balancer,
         });
         let api_listener = Arc::new(api_listener);
         let peer_listener = Arc::new(peer_listener);
@@ -448,6 +456,12 @@ impl Daemon {
                             .into_iter()
                             .map(|(k, v)| (k.to_string(), v))
                             .collect(),
+                        balancer: api::Balancer {
+                            tracked: self.balancer.flows(),
+                            flows: self.balancer.stats.flows.load(Ordering::Relaxed),
+                            rejected: self.balancer.stats.rejected.load(Ordering::Relaxed),
+                            dropped: self.balancer.stats.dropped.load(Ordering::Relaxed),
+                        },
                     },
                 }))
             }

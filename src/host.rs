@@ -113,7 +113,7 @@ pub async fn ensure_bridge(net: &Network) -> anyhow::Result<bool> {
 /// The bridge learns nothing on it (see [`join_bridge`]), so it floods unicast to any MAC that
 /// is not a local container's here, and overlayd switches it.
 pub async fn enslave(link: &str, net: &Network) -> anyhow::Result<()> {
-    join_bridge(link, net, Flood::On).await?;
+    join_bridge(link, net, Port::Tap).await?;
     ip(&["link", "set", link, "up"]).await.map(drop)
 }
 
@@ -132,6 +132,9 @@ pub struct ContainerPort<'a> {
 ///   before the bridge sees them (`tc -s qdisc show dev HOST_IF` counts them).
 /// - The bridge learns nothing on the port; a static entry puts the container's MAC there.
 /// - Unknown unicast is not flooded to it: only the TAP gets that.
+/// - The port is isolated: it exchanges frames with the TAP (and the bridge's own address, the
+///   gateway) only, never directly with another container. So overlayd sees same-node traffic
+///   too, and with it both directions of a same-node flow to a service.
 ///
 /// Idempotent, so after a restart it puts back whatever is missing.
 pub async fn enslave_container(port: &ContainerPort<'_>, net: &Network) -> anyhow::Result<()> {
@@ -147,7 +150,7 @@ pub async fn enslave_container(port: &ContainerPort<'_>, net: &Network) -> anyho
         ],
     )
     .await?;
-    join_bridge(dev, net, Flood::Off).await?;
+    join_bridge(dev, net, Port::Container).await?;
     let mac = port.mac.to_string();
     iproute2(
         "bridge",
@@ -157,17 +160,19 @@ pub async fn enslave_container(port: &ContainerPort<'_>, net: &Network) -> anyho
     ip(&["link", "set", dev, "up"]).await.map(drop)
 }
 
-/// Whether a bridge port gets unicast frames to MACs the bridge has no entry for.
+/// What a bridge port is for.
 #[derive(Clone, Copy)]
-enum Flood {
-    On,
-    Off,
+enum Port {
+    /// The data plane's TAP: gets unicast to MACs the bridge has no entry for.
+    Tap,
+    /// A container: gets no unknown unicast, and reaches only the TAP (isolated).
+    Container,
 }
 
 /// Makes `link` a port of the network's bridge with the network's MTU, learning off: the bridge
 /// knows local containers from their static entries and learns nothing from frames, so no frame
 /// can move a container's MAC to another port, and no flood of source MACs can fill it.
-async fn join_bridge(link: &str, net: &Network, flood: Flood) -> anyhow::Result<()> {
+async fn join_bridge(link: &str, net: &Network, port: Port) -> anyhow::Result<()> {
     let mtu = net.mtu.to_string();
     ip(&[
         "link",
@@ -179,9 +184,9 @@ async fn join_bridge(link: &str, net: &Network, flood: Flood) -> anyhow::Result<
         &mtu,
     ])
     .await?;
-    let flood = match flood {
-        Flood::On => "on",
-        Flood::Off => "off",
+    let (flood, isolated) = match port {
+        Port::Tap => ("on", "off"),
+        Port::Container => ("off", "on"),
     };
     ip(&[
         "link",
@@ -193,6 +198,8 @@ async fn join_bridge(link: &str, net: &Network, flood: Flood) -> anyhow::Result<
         "off",
         "flood",
         flood,
+        "isolated",
+        isolated,
     ])
     .await
     .map(drop)

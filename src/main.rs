@@ -10,6 +10,7 @@
 //! - [`peer`]: authenticated requests between members (join check, proposals, Raft RPCs).
 //! - [`registry`]: what must be unique cluster-wide, as a state machine (pure), and
 //!   [`consensus`]: Raft that replicates it; [`ipam`]: subnet, VNI and address choices (pure).
+//! - [`services`]: the balancer as the data plane's stage, and its snapshot of the view.
 //! - [`host`]: bridges and veth pairs via iproute2; [`state_dir`]: the node's identity on disk.
 
 mod api;
@@ -23,6 +24,7 @@ mod ipam;
 mod model;
 mod peer;
 mod registry;
+mod services;
 mod state_dir;
 mod token;
 mod wire;

@@ -175,9 +175,19 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Docker's convention: a locally administered MAC derived from the (cluster-unique) address.
-    pub fn mac_for(ip: Ipv4Addr) -> String {
+    /// A service's VIP has the MAC of its address too.
+    pub fn mac_bytes(ip: Ipv4Addr) -> [u8; 6] {
         let o = ip.octets();
-        format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+        [0x02, 0x42, o[0], o[1], o[2], o[3]]
+    }
+
+    /// [`Endpoint::mac_bytes`] as the `aa:bb:..` text gossip and `ip link` use.
+    pub fn mac_for(ip: Ipv4Addr) -> String {
+        let m = Self::mac_bytes(ip);
+        format!(
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 
     /// The value of its gossip key ([`key::endpoint`]).

@@ -123,7 +123,15 @@ fn send_raw(c: &Cluster, netns: &str, frame: &[u8]) {
 /// Lets `victim` resolve and reach `owner` afresh (so it holds a neighbour entry for it, whatever
 /// an earlier case did), waits out the kernel's neighbour lock time (1 s, during which even a
 /// genuine update is ignored), then runs `attack`; `Err` unless the victim still maps the
-/// owner's IP to the owner's MAC and reaches it.
+/// owner's IP to the MAC overlayd answers for it and reaches it: the owner's own, or for an
+/// owner on the victim's node its proxy MAC (the owner's with bit 0x04 of the first octet
+/// flipped), which overlayd turns back into the owner's on the way.
+/// `aa:bb:..` with bit 0x04 of the first octet flipped.
+fn proxy_mac(mac: &str) -> String {
+    let first = u8::from_str_radix(&mac[..2], 16).expect("a MAC") ^ 0x04;
+    format!("{first:02x}{}", &mac[2..])
+}
+
 fn attack_fails(
     c: &Cluster,
     what: &str,
@@ -142,10 +150,15 @@ fn attack_fails(
     attack();
     thread::sleep(Duration::from_millis(300));
     let seen = neighbour(c, &victim.netns, &owner.ip);
-    if seen.as_deref() != Some(owner.mac.as_str()) {
+    let answered = if victim.node == owner.node {
+        proxy_mac(&owner.mac)
+    } else {
+        owner.mac.clone()
+    };
+    if seen.as_deref() != Some(answered.as_str()) {
         return Err(format!(
-            "{what}: the victim maps {} to {seen:?}, not the owner's {}",
-            owner.ip, owner.mac
+            "{what}: the victim maps {} to {seen:?}, not the owner's {answered}",
+            owner.ip
         ));
     }
     if !c.ping_once(&victim.netns, &owner.ip) {

@@ -35,12 +35,14 @@
 //! containers and their aliases) from a snapshot, and says which queries belong upstream.
 #![forbid(unsafe_code)]
 
+pub mod balancer;
 pub mod conntrack;
 pub mod dns;
 pub mod flow;
 mod hash;
 pub mod maglev;
 pub mod nat;
+pub mod reject;
 pub mod service;
 
 use std::net::IpAddr;

@@ -1,4 +1,5 @@
-//! NAT of an Ethernet + IPv4 + TCP/UDP frame, and the flow key the balancer hashes.
+//! NAT of an Ethernet + IPv4 + TCP/UDP frame, and the flow key ([`Tuple`]) the balancer
+//! hashes.
 //!
 //! Pure functions over the caller's buffer, allocating nothing: [`rewrite_dst`] turns VIP:port
 //! into a task's address and port (DNAT); [`rewrite_src`] turns a task's replies back into
@@ -10,7 +11,7 @@
 //! Not here: which flows to rewrite and to what (connection tracking, backend choice), IPv6,
 //! VLAN tags, IP fragments (refused: a later fragment has no ports to rewrite).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use packet::checksum::Mode;
 use packet::ipv4::{self, protocol};
@@ -18,11 +19,14 @@ use packet::l4::{self, Segment};
 use packet::{tcp, udp};
 
 use crate::Protocol;
+use crate::flow::Tuple;
 
-/// Offsets in an untagged Ethernet II header (IEEE 802.3 clause 3.1.1): only the EtherType is
-/// read; the overlay carries no VLAN tags.
-mod field {
+/// Offsets in an untagged Ethernet II header (IEEE 802.3 clause 3.1.1); the overlay carries
+/// no VLAN tags.
+pub(crate) mod field {
     use core::ops::Range;
+    pub const DST_MAC: Range<usize> = 0..6;
+    pub const SRC_MAC: Range<usize> = 6..12;
     pub const ETHERTYPE: Range<usize> = 12..14;
     pub const IP: usize = 14;
 }
@@ -50,18 +54,9 @@ pub enum Unsupported {
     Udp(#[from] udp::Malformed),
 }
 
-/// The 5-tuple of a frame, as it is on the wire (the direction is the caller's business).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Flow {
-    pub proto: Protocol,
-    pub src: Ipv4Addr,
-    pub sport: u16,
-    pub dst: Ipv4Addr,
-    pub dport: u16,
-}
-
-/// The 5-tuple of an Ethernet + IPv4 + TCP/UDP frame.
-pub fn flow(frame: &[u8]) -> Result<Flow, Unsupported> {
+/// The 5-tuple of an Ethernet + IPv4 + TCP/UDP frame, as it is on the wire (the direction is
+/// the caller's business).
+pub fn flow(frame: &[u8]) -> Result<Tuple, Unsupported> {
     let ip = unfragmented(&frame[ipv4_start(frame)?..])?;
     let (proto, (sport, dport)) = match ip.protocol() {
         protocol::TCP => (
@@ -74,13 +69,37 @@ pub fn flow(frame: &[u8]) -> Result<Flow, Unsupported> {
         ),
         other => return Err(Unsupported::Protocol(other)),
     };
-    Ok(Flow {
+    Ok(Tuple::new(
         proto,
-        src: ip.src(),
-        sport,
-        dst: ip.dst(),
-        dport,
-    })
+        SocketAddrV4::new(ip.src(), sport),
+        SocketAddrV4::new(ip.dst(), dport),
+    ))
+}
+
+/// The TCP flags of an Ethernet + IPv4 + TCP frame (FIN, SYN, RST, ACK, as on the wire); 0
+/// for anything else.
+pub fn tcp_flags(frame: &[u8]) -> u8 {
+    let Ok(ip) = ipv4_start(frame).and_then(|at| unfragmented(&frame[at..])) else {
+        return 0;
+    };
+    if ip.protocol() != protocol::TCP {
+        return 0;
+    }
+    tcp::Packet::new_checked(ip.payload()).map_or(0, |t| t.flags())
+}
+
+/// Sets the Ethernet destination and source MACs that are given (after a rewrite, the frame
+/// goes to the new address's MAC, and comes from the VIP's).
+pub fn set_macs(frame: &mut [u8], dst: Option<[u8; 6]>, src: Option<[u8; 6]>) {
+    if frame.len() < field::IP {
+        return;
+    }
+    if let Some(mac) = dst {
+        frame[field::DST_MAC].copy_from_slice(&mac);
+    }
+    if let Some(mac) = src {
+        frame[field::SRC_MAC].copy_from_slice(&mac);
+    }
 }
 
 /// DNAT: sets the destination address and port (VIP:port -> task:port), keeping the IPv4

@@ -161,6 +161,9 @@ impl Service {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Table {
     by_vip: HashMap<Ipv4Addr, Service>,
+    /// Every task address of every service: only packets from one can be replies of a
+    /// balanced flow.
+    tasks: HashSet<Ipv4Addr>,
 }
 
 impl Table {
@@ -182,7 +185,16 @@ impl Table {
             }
             by_vip.insert(service.vip, service);
         }
-        Ok(Table { by_vip })
+        let tasks = by_vip
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.addr))
+            .collect();
+        Ok(Table { by_vip, tasks })
+    }
+
+    /// Whether `addr` is a task of some service.
+    pub fn is_backend(&self, addr: Ipv4Addr) -> bool {
+        self.tasks.contains(&addr)
     }
 
     /// The service whose VIP is `dst`, for any port and protocol.

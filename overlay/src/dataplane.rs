@@ -18,6 +18,7 @@ use mio::{Poll, Waker};
 use crate::ethernet::Mac;
 use crate::fdb::Index;
 use crate::governor::{self, Governor, Layout};
+use crate::stage::{Passthrough, Stage};
 use crate::switch::DropReason;
 use crate::udp::{self, SendPool};
 use crate::vxlan::{self, Vni};
@@ -25,7 +26,7 @@ use crate::worker::{Control, Counters, WAKER, Worker};
 use crate::{steer, tap};
 
 /// How the data plane is started.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Config {
     /// Underlay address and UDP port to receive VXLAN on (port 4789 by default). Port 0
     /// picks a free port (see [`DataPlane::local_vtep`]).
@@ -38,6 +39,8 @@ pub struct Config {
     /// probed per TAP), `UDP_SEGMENT` on send, `UDP_GRO` and TCP coalescing on receive.
     /// `false` forces all of it off (one frame per read, write and datagram).
     pub offloads: bool,
+    /// What rewrites frames to service addresses and their replies ([`crate::stage`]).
+    pub stage: Arc<dyn Stage>,
 }
 
 impl Default for Config {
@@ -46,6 +49,7 @@ impl Default for Config {
             local_vtep: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, vxlan::PORT),
             workers: 1,
             offloads: true,
+            stage: Arc::new(Passthrough),
         }
     }
 }
@@ -92,6 +96,9 @@ pub enum Location {
     Local,
     /// Behind this VTEP.
     Remote(SocketAddrV4),
+    /// A service address (a VIP): frames to it go to the [`crate::Stage`], which rewrites
+    /// them towards an endpoint.
+    Service,
 }
 
 /// Counters summed over all workers since start.
@@ -116,7 +123,7 @@ pub struct Stats {
     /// steered: workers and CPUs do not match, or the kernel refused the programs).
     pub layout: &'static str,
     /// Dropped frames and datagrams by reason ("short", "no-i-flag", "unknown-vni",
-    /// "not-member", "malformed-frame", "hairpin", ...). Reasons never seen are absent.
+    /// "not-member", "malformed-frame", "service", ...). Reasons never seen are absent.
     pub drops: BTreeMap<&'static str, u64>,
 }
 
@@ -336,6 +343,7 @@ impl DataPlane {
                 tables: tables.clone(),
                 counters: counters.clone(),
                 offloads: config.offloads,
+                stage: config.stage.clone(),
                 cpu: steerable.then_some((index, config.workers)),
                 // Worker 0 attaches the per-device and per-group programs.
                 steering: tap_program.take(),
@@ -730,6 +738,7 @@ mod tests {
                     local_vtep: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
                     workers: 2,
                     offloads,
+                    ..Config::default()
                 };
                 let a = DataPlane::start(cfg.clone()).expect("start a");
                 let b = DataPlane::start(cfg).expect("start b");

@@ -125,6 +125,12 @@ impl<T: AsRef<[u8]>> Frame<T> {
     }
 }
 
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Frame<T> {
+    pub fn set_dst(&mut self, mac: Mac) {
+        self.buffer.as_mut()[field::DST].copy_from_slice(&mac.0);
+    }
+}
+
 /// Writes an Ethernet II header into the first [`HEADER_LEN`] bytes of `out`.
 pub fn emit_header(out: &mut [u8], dst: Mac, src: Mac, ethertype: u16) {
     out[field::DST].copy_from_slice(&dst.0);

@@ -8,8 +8,8 @@
 //! `UDP_GRO` batches decapsulated and their TCP segments (and, where the TAP accepts USO, UDP
 //! datagrams) coalesced into one TAP write.
 //!
-//! It knows nothing of services, gossip or the cluster: the daemon publishes [`Tables`] and
-//! reads [`Stats`]. It does not configure links (bridge, MTU, addresses): the daemon does.
+//! It knows nothing of services, gossip or the cluster: the daemon publishes [`Tables`], reads
+//! [`Stats`], and may plug in a [`Stage`] that rewrites frames to service addresses. It does not configure links (bridge, MTU, addresses): the daemon does.
 //!
 //! # Layout
 //!
@@ -21,6 +21,8 @@
 //!   per-worker table of MACs learned behind peers that are not in cluster state.
 //! - [`switch`]: the decision for a frame from the TAP (a [`switch::Forward`] value) or a
 //!   datagram from a VTEP (the VNI to deliver it to); drops carry a [`switch::DropReason`].
+//! - [`stage`]: the seam where a layer-3 stage (the daemon's load balancer) sees and rewrites
+//!   unicast frames to service addresses and to local endpoints, inside the switch decision.
 //! - [`port_filter`]: the classic BPF program the daemon attaches to each container's bridge
 //!   port, so a container sends only from its own MAC and addresses.
 //! - [`flowhash`]: the inner-flow hash that picks the send socket, so the outer UDP source port.
@@ -57,6 +59,7 @@ mod governor;
 pub mod nd;
 pub mod offload;
 pub mod port_filter;
+pub mod stage;
 mod steer;
 pub mod switch;
 pub mod tap;
@@ -67,4 +70,5 @@ mod worker;
 
 pub use dataplane::{Config, DataPlane, Endpoint, Error, Location, NetworkTable, Stats, Tables};
 pub use ethernet::Mac;
+pub use stage::{Stage, Verdict};
 pub use vxlan::Vni;

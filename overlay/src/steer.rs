@@ -376,6 +376,7 @@ mod tests {
                 local_vtep: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
                 workers: cpus,
                 offloads: true,
+                ..crate::Config::default()
             };
             let dp = crate::DataPlane::start(config.clone()).unwrap();
             assert_eq!(dp.stats().layout, "steered", "idle and privileged");

@@ -2,8 +2,14 @@
 //!
 //! [`from_tap`] decides what to do with a frame the local bridge handed to the TAP;
 //! [`from_vtep`] checks a received VXLAN datagram and learns from it. Both hold ARP and ND to
-//! the IP-MAC bindings in the tables. Neither reads a clock
+//! the IP-MAC bindings in the tables, and both hand unicast frames for local endpoints and
+//! service addresses to the [`Stage`] before deciding where they go. Neither reads a clock
 //! or a socket, and neither allocates: an ARP or ND answer is written into a caller buffer.
+//!
+//! Container ports are isolated on the bridge, so the TAP sees every frame a container sends,
+//! also to a container on the same node: overlayd answers ARP and ND for local endpoints too,
+//! with their [`proxy_mac`], and writes same-node unicast back to the TAP ([`Forward::Local`])
+//! with the real MAC. That is what lets the stage see both directions of a same-node flow.
 //! What the decisions do not cover: segmentation and coalescing ([`crate::offload`]) and
 //! the I/O itself (the worker).
 
@@ -11,8 +17,9 @@ use std::net::SocketAddrV4;
 use std::time::Instant;
 
 use crate::dataplane::Location;
-use crate::ethernet::{self, Frame};
+use crate::ethernet::{self, Frame, Mac};
 use crate::fdb::{Index, Learned, Network, PeerKind};
+use crate::stage::{Checksum, Stage, Verdict};
 use crate::vxlan::{self, Vni};
 use crate::{arp, nd};
 
@@ -30,6 +37,8 @@ pub enum Forward {
     Remote(SocketAddrV4),
     /// Encapsulate and send a copy to every peer of the network (head-end replication).
     Flood,
+    /// Write the frame back to the TAP: the bridge delivers it to a local endpoint.
+    Local,
     /// Write the frame of this length, already built in the caller's reply buffer, back to the TAP.
     Reply(usize),
     /// Count and forget.
@@ -70,11 +79,11 @@ drop_reasons! {
     NotMember => "not-member",
     /// A frame that is not valid Ethernet (or ARP), or has a multicast source.
     MalformedFrame => "malformed-frame",
-    /// Frame to a local endpoint: the bridge already delivered it.
-    Hairpin => "hairpin",
-    /// ARP (or an IPv6 Neighbor Solicitation) for the gateway or a local endpoint: a local
-    /// port answers it.
+    /// ARP (or an IPv6 Neighbor Solicitation) for the gateway: the bridge answers it.
     ArpLocal => "arp-local",
+    /// The service stage dropped the frame, or a frame to a service address was not one it
+    /// takes (not TCP or UDP over IPv4).
+    Service => "service",
     /// Broadcast or unknown destination on a network without peers.
     NoPeers => "no-peers",
     /// Frame read from a TAP whose network is not in the published tables.
@@ -101,19 +110,22 @@ drop_reasons! {
     Offload => "offload",
 }
 
-/// Decides what to do with `frame`, read from the TAP of `net`.
+/// Decides what to do with `frame`, read from the TAP of `net`; `checksum` says whether its
+/// L4 checksum is complete or an offloaded frame's partial sum (for the stage's rewrites).
 ///
 /// ARP and ND that contradict the tables' bindings are dropped whatever their destination.
 /// An ARP or Neighbor Advertisement answer is written into `reply` (at least [`REPLY_LEN`]
-/// bytes).
+/// bytes), and so is the stage's answer.
 pub fn from_tap(
-    frame: &[u8],
+    frame: &mut [u8],
     net: &Network,
     learned: &Learned,
     now: Instant,
     reply: &mut [u8],
+    stage: &dyn Stage,
+    checksum: Checksum,
 ) -> Forward {
-    let Ok(eth) = Frame::new_checked(frame) else {
+    let Ok(eth) = Frame::new_checked(&*frame) else {
         return Forward::Drop(DropReason::MalformedFrame);
     };
     let dst = eth.dst();
@@ -144,8 +156,30 @@ pub fn from_tap(
     if dst.is_multicast() {
         return flood(net);
     }
+    let dst = match net.location(dst) {
+        None if net.location(proxy_mac(dst)) == Some(Location::Local) => {
+            let real = proxy_mac(dst);
+            if let Ok(mut eth) = Frame::new_checked(&mut *frame) {
+                eth.set_dst(real);
+            }
+            real
+        }
+        _ => dst,
+    };
     match net.location(dst) {
-        Some(Location::Local) => Forward::Drop(DropReason::Hairpin),
+        Some(location @ (Location::Local | Location::Service)) => {
+            match stage.rewrite(frame, checksum, now, reply) {
+                Verdict::Pass if location == Location::Local => Forward::Local,
+                Verdict::Pass | Verdict::Drop => Forward::Drop(DropReason::Service),
+                Verdict::Reply(len) => Forward::Reply(len),
+                Verdict::Rewritten => match net.location(rewritten_dst(frame)) {
+                    Some(Location::Local) => Forward::Local,
+                    Some(Location::Remote(vtep)) => Forward::Remote(vtep),
+                    // A stage sends to endpoints, never to another service address.
+                    Some(Location::Service) | None => Forward::Drop(DropReason::Service),
+                },
+            }
+        }
         Some(Location::Remote(vtep)) => Forward::Remote(vtep),
         None => match learned
             .lookup(net.vni(), dst, now)
@@ -155,6 +189,22 @@ pub fn from_tap(
             None => flood(net),
         },
     }
+}
+
+/// The MAC overlayd gives a local endpoint in its ARP and ND answers: the endpoint's own MAC
+/// with bit 0x04 of the first octet flipped (still unicast, still locally administered; its
+/// own inverse). The bridge has no entry for it, so a container's frame to a same-node
+/// container reaches the TAP, where [`from_tap`] puts the real MAC back. The real MAC is
+/// pinned to the endpoint's isolated bridge port, which another isolated port cannot reach.
+pub fn proxy_mac(mac: Mac) -> Mac {
+    let mut m = mac.0;
+    m[0] ^= 0x04;
+    Mac(m)
+}
+
+/// The destination MAC of a frame a stage rewrote (it was a whole Ethernet frame before).
+fn rewritten_dst(frame: &[u8]) -> Mac {
+    Frame::new_checked(frame).map_or(Mac::BROADCAST, |eth| eth.dst())
 }
 
 /// Whether an ARP packet binds an address to a MAC against the tables: the gateway's address
@@ -202,8 +252,12 @@ fn arp_from_tap<T: AsRef<[u8]>>(
         return Forward::Drop(DropReason::ArpLocal);
     }
     match net.endpoint(target) {
-        Some(ep) if ep.location == Location::Local => Forward::Drop(DropReason::ArpLocal),
-        Some(ep) => Forward::Reply(arp::emit_reply(packet, ep.mac, ep.ip, reply)),
+        Some(ep) => Forward::Reply(arp::emit_reply(
+            packet,
+            answer_mac(ep.mac, ep.location),
+            ep.ip,
+            reply,
+        )),
         None => flood(net),
     }
 }
@@ -218,9 +272,22 @@ fn nd_from_tap(message: &nd::Message, net: &Network, reply: &mut [u8]) -> Forwar
         return flood(net);
     };
     match net.location(mac) {
-        Some(Location::Local) => Forward::Drop(DropReason::ArpLocal),
-        Some(Location::Remote(_)) => Forward::Reply(nd::emit_advertisement(&ns, mac, reply)),
+        Some(location) => Forward::Reply(nd::emit_advertisement(
+            &ns,
+            answer_mac(mac, location),
+            reply,
+        )),
         None => flood(net),
+    }
+}
+
+/// The MAC an ARP or ND answer gives for an endpoint at `location`: the proxy MAC of a local
+/// one (see [`proxy_mac`]), the endpoint's own otherwise.
+fn answer_mac(mac: Mac, location: Location) -> Mac {
+    if location == Location::Local {
+        proxy_mac(mac)
+    } else {
+        mac
     }
 }
 
@@ -239,15 +306,20 @@ fn flood(net: &Network) -> Forward {
 /// external VTEP from none of the cluster's. ARP and ND inside are held to the tables'
 /// bindings like those from the TAP.
 ///
+/// A unicast frame for a local endpoint goes through the stage (it may be the reply of a flow
+/// the stage rewrote on its way out), with complete checksums: the sender's segmentation
+/// filled them in.
+///
 /// `Ok(vni)`: deliver the inner frame, `datagram[vxlan::HEADER_LEN..]`, to the TAP of `vni`.
 pub fn from_vtep(
-    datagram: &[u8],
+    datagram: &mut [u8],
     sender: SocketAddrV4,
     index: &Index,
     learned: &mut Learned,
     now: Instant,
+    stage: &dyn Stage,
 ) -> Result<Vni, DropReason> {
-    let header = vxlan::Header::new_checked(datagram).map_err(|e| match e {
+    let header = vxlan::Header::new_checked(&*datagram).map_err(|e| match e {
         vxlan::Malformed::Short => DropReason::Short,
         vxlan::Malformed::NoIFlag => DropReason::NoIFlag,
     })?;
@@ -263,7 +335,7 @@ pub fn from_vtep(
         return Err(DropReason::LocalSource);
     }
     match (net.location(src), kind) {
-        (Some(Location::Local), _) => return Err(DropReason::LocalSource),
+        (Some(Location::Local | Location::Service), _) => return Err(DropReason::LocalSource),
         (Some(Location::Remote(vtep)), PeerKind::Member) if vtep.ip() == sender.ip() => {}
         (None, PeerKind::External) => {}
         _ => return Err(DropReason::ForeignSource),
@@ -286,6 +358,15 @@ pub fn from_vtep(
     if kind == PeerKind::External {
         learned.learn(vni, src, *sender.ip(), now);
     }
+    if net.location(inner.dst()) == Some(Location::Local) {
+        // Nothing is answered towards the underlay: a reply buffer is only a formality.
+        let mut reply = [0u8; REPLY_LEN];
+        let inner = &mut datagram[vxlan::HEADER_LEN..];
+        match stage.rewrite(inner, Checksum::Full, now, &mut reply) {
+            Verdict::Pass | Verdict::Rewritten => {}
+            Verdict::Reply(_) | Verdict::Drop => return Err(DropReason::Service),
+        }
+    }
     Ok(vni)
 }
 
@@ -295,12 +376,51 @@ mod tests {
     use crate::dataplane::Tables;
     use crate::ethernet::{Mac, emit_header, ethertype};
     use crate::fdb::tests::{GATEWAY_MAC, mac, table, vni, vtep};
+    use crate::stage::Passthrough;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn index() -> Index {
         Index::build(&Tables {
             networks: vec![table()],
         })
+    }
+
+    /// The switch without a service stage, on a copy of `frame`.
+    fn from_tap(
+        frame: &[u8],
+        net: &Network,
+        learned: &Learned,
+        now: Instant,
+        reply: &mut [u8],
+    ) -> Forward {
+        let mut frame = frame.to_vec();
+        super::from_tap(
+            &mut frame,
+            net,
+            learned,
+            now,
+            reply,
+            &Passthrough,
+            Checksum::Full,
+        )
+    }
+
+    /// `from_vtep` without a service stage, on a copy of `datagram`.
+    fn from_vtep(
+        datagram: &[u8],
+        sender: SocketAddrV4,
+        index: &Index,
+        learned: &mut Learned,
+        now: Instant,
+    ) -> Result<Vni, DropReason> {
+        super::from_vtep(
+            &mut datagram.to_vec(),
+            sender,
+            index,
+            learned,
+            now,
+            &Passthrough,
+        )
     }
 
     fn frame(dst: Mac, src: Mac, ty: u16) -> Vec<u8> {
@@ -342,11 +462,45 @@ mod tests {
         );
     }
 
+    /// A container learns a same-node container's proxy MAC from overlayd's ARP answer, and a
+    /// frame sent to it comes back out of the TAP with the real MAC.
     #[test]
-    fn unicast_to_local_endpoint_is_hairpin() {
+    fn a_local_endpoint_is_answered_with_its_proxy_mac_which_is_put_back_on_the_way() {
+        let (fwd, reply) = tap(&arp_request(Ipv4Addr::new(198, 19, 0, 5)));
+        assert_eq!(fwd, Forward::Reply(arp::REPLY_FRAME_LEN));
+        let eth = Frame::new_checked(&reply[..arp::REPLY_FRAME_LEN]).unwrap();
+        let answered = arp::Packet::new_checked(eth.payload())
+            .unwrap()
+            .sender_mac();
+        assert_eq!(answered, proxy_mac(mac(5)));
+        assert_ne!(answered, mac(5));
+
+        let index = index();
+        let net = index.network(vni(4096)).unwrap();
+        let mut to_proxy = frame(proxy_mac(mac(5)), mac(6), ethertype::IPV4);
+        let fwd = super::from_tap(
+            &mut to_proxy,
+            net,
+            &Learned::default(),
+            Instant::now(),
+            &mut [0u8; REPLY_LEN],
+            &Passthrough,
+            Checksum::Full,
+        );
+        assert_eq!(fwd, Forward::Local);
+        assert_eq!(Frame::new_checked(&to_proxy[..]).unwrap().dst(), mac(5));
+        // A remote endpoint's MAC with that bit flipped is nobody's: flooded as unknown.
+        assert_eq!(
+            tap(&frame(proxy_mac(mac(9)), mac(5), ethertype::IPV4)).0,
+            Forward::Flood
+        );
+    }
+
+    #[test]
+    fn unicast_to_local_endpoint_goes_back_to_the_tap() {
         assert_eq!(
             tap(&frame(mac(5), mac(6), ethertype::IPV4)).0,
-            Forward::Drop(DropReason::Hairpin)
+            Forward::Local
         );
     }
 
@@ -408,10 +562,11 @@ mod tests {
     }
 
     #[test]
-    fn arp_for_local_endpoint_or_gateway_is_dropped() {
+    fn arp_for_a_local_endpoint_is_answered_and_for_the_gateway_left_to_the_bridge() {
+        // Container ports are isolated: the asker never reaches the local endpoint itself.
         assert_eq!(
             tap(&arp_request(Ipv4Addr::new(198, 19, 0, 5))).0,
-            Forward::Drop(DropReason::ArpLocal)
+            Forward::Reply(arp::REPLY_FRAME_LEN)
         );
         assert_eq!(
             tap(&arp_request(Ipv4Addr::new(198, 19, 0, 1))).0,
@@ -661,8 +816,8 @@ mod tests {
         assert_eq!(fwd, Forward::Reply(nd::REPLY_FRAME_LEN));
         let eth = Frame::new_checked(&reply[..nd::REPLY_FRAME_LEN]).unwrap();
         assert_eq!((eth.src(), eth.ethertype()), (mac(9), ethertype::IPV6));
-        // Local endpoint: it answers itself; unknown MAC: flooded.
-        assert_eq!(ask(mac(5)).0, Forward::Drop(DropReason::ArpLocal));
+        // Local endpoint: answered too (its port is isolated); unknown MAC: flooded.
+        assert_eq!(ask(mac(5)).0, Forward::Reply(nd::REPLY_FRAME_LEN));
         assert_eq!(ask(mac(77)).0, Forward::Flood);
         // Duplicate address detection is never answered.
         let dad = solicitation(Ipv6Addr::UNSPECIFIED, nd::link_local(mac(77)), 255);

@@ -348,6 +348,16 @@ mod sys {
                 segment,
             )
         }
+
+        /// As [`RecvBatch::get`], for rewriting what was received in place.
+        pub fn get_mut(&mut self, i: usize) -> (&mut [u8], SocketAddr, Option<usize>) {
+            let (n, from, segment) = self.got[i];
+            (
+                &mut self.data[i * self.len..i * self.len + n.min(self.len)],
+                from,
+                segment,
+            )
+        }
     }
 
     /// The segment size from a received message's `UDP_GRO` control message (`None`: a

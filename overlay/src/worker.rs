@@ -29,6 +29,7 @@ use mio::{Events, Interest, Poll, Token};
 use crate::fdb::{Index, Learned};
 use crate::governor::Layout;
 use crate::offload::{self, Coalescer, Push};
+use crate::stage::{Checksum, Stage};
 use crate::switch::{self, DropReason, Forward};
 use crate::udp::{self, RecvBatch, SendPool};
 use crate::vxlan::{self, Vni};
@@ -111,6 +112,7 @@ pub(crate) struct Worker {
     pub counters: Arc<Counters>,
     /// Offload path: receive with `UDP_GRO` and coalesce TCP before writing to the TAP.
     pub offloads: bool,
+    pub stage: Arc<dyn Stage>,
     /// `(i, n)`: this is worker `i` of `n`, one per CPU, so it can be steered (see
     /// `governor`); `None` if workers and CPUs do not match.
     pub cpu: Option<(usize, usize)>,
@@ -257,6 +259,7 @@ impl Worker {
             tables,
             counters,
             offloads,
+            stage,
             cpu,
             steering,
         } = self;
@@ -285,6 +288,7 @@ impl Worker {
             tables: &tables,
             counters: &counters,
             offloads,
+            stage: &*stage,
         };
         let mut events = Events::with_capacity(256);
         let mut pending: Vec<Token> = Vec::with_capacity(16);
@@ -455,6 +459,7 @@ struct Io<'a> {
     tables: &'a ArcSwap<Index>,
     counters: &'a Counters,
     offloads: bool,
+    stage: &'a dyn Stage,
 }
 
 impl Io<'_> {
@@ -503,9 +508,18 @@ impl Io<'_> {
                 continue;
             };
             if vh.is_gso() {
+                let forward = switch::from_tap(
+                    &mut buf[TAP_HEADROOM..n],
+                    net,
+                    learned,
+                    now,
+                    reply,
+                    self.stage,
+                    Checksum::Partial,
+                );
                 let frame = &buf[TAP_HEADROOM..n];
                 let remote;
-                let targets = match switch::from_tap(frame, net, learned, now, reply) {
+                let targets = match forward {
                     Forward::Remote(vtep) => {
                         remote = [vtep];
                         &remote[..]
@@ -513,6 +527,11 @@ impl Io<'_> {
                     Forward::Flood => {
                         self.counters.add(&self.counters.flooded, 1);
                         net.peers()
+                    }
+                    // The super-frame goes back whole, with the vnet header it came with.
+                    Forward::Local => {
+                        self.write_tap(taps, idx, &[], &buf[..n]);
+                        continue;
                     }
                     Forward::Drop(reason) => {
                         self.counters.drop(reason);
@@ -537,8 +556,17 @@ impl Io<'_> {
                 self.counters.drop(DropReason::Offload);
                 continue;
             }
+            let forward = switch::from_tap(
+                &mut buf[TAP_HEADROOM..n],
+                net,
+                learned,
+                now,
+                reply,
+                self.stage,
+                Checksum::Full,
+            );
             let frame = &buf[TAP_HEADROOM..n];
-            match switch::from_tap(frame, net, learned, now, reply) {
+            match forward {
                 Forward::Remote(vtep) => {
                     let hash = flowhash::hash(frame);
                     vxlan::Repr { vni: slot.vni }
@@ -567,6 +595,8 @@ impl Io<'_> {
                         self.send(hash, &buf[TAP_HEADROOM - vxlan::HEADER_LEN..n], peer);
                     }
                 }
+                // Checksums are complete now: no vnet flags.
+                Forward::Local => self.write_tap(taps, idx, &ZERO_VNET, frame),
                 Forward::Reply(len) => match slot.queue.write_parts(&ZERO_VNET, &reply[..len]) {
                     Ok(_) => self.counters.add(&self.counters.arp_answered, 1),
                     Err(_) => self.counters.drop(DropReason::TapWrite),
@@ -735,7 +765,7 @@ impl Io<'_> {
             handled += count;
             let now = Instant::now();
             for m in 0..count {
-                let (data, from, seg) = rx.get(m);
+                let (data, from, seg) = rx.get_mut(m);
                 let seg = seg.unwrap_or(data.len()).max(1);
                 self.counters
                     .add(&self.counters.rx_vxlan, data.len().div_ceil(seg) as u64);
@@ -743,8 +773,10 @@ impl Io<'_> {
                     self.counters.drop(DropReason::NotMember);
                     continue;
                 };
-                for datagram in data.chunks(seg) {
-                    let vni = match switch::from_vtep(datagram, from, &tables, learned, now) {
+                for datagram in data.chunks_mut(seg) {
+                    let vni = match switch::from_vtep(
+                        datagram, from, &tables, learned, now, self.stage,
+                    ) {
                         Ok(vni) => vni,
                         Err(reason) => {
                             self.counters.drop(reason);

@@ -28,6 +28,7 @@ mod field {
     pub const VER_IHL: usize = 0;
     pub const LENGTH: Range<usize> = 2..4;
     pub const FLAGS_FRAGMENT: Range<usize> = 6..8;
+    pub const TTL: usize = 8;
     pub const PROTOCOL: usize = 9;
     pub const CHECKSUM: Range<usize> = 10..12;
     pub const SRC: Range<usize> = 12..16;
@@ -42,6 +43,7 @@ const MORE_FRAGMENTS_OR_OFFSET: u16 = 0x3fff;
 
 /// Protocol numbers (IANA "Assigned Internet Protocol Numbers") of the payloads viewed here.
 pub mod protocol {
+    pub const ICMP: u8 = 1;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
 }
@@ -182,6 +184,34 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     pub fn payload_mut(&mut self) -> &mut [u8] {
         let range = self.header_len()..usize::from(self.total_len());
         &mut self.buffer.as_mut()[range]
+    }
+}
+
+/// A header to build from scratch (no options): what a reply generated here carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Repr {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub protocol: u8,
+    pub payload_len: u16,
+}
+
+impl Repr {
+    /// Writes the [`MIN_HEADER_LEN`]-byte header (TTL 64, don't fragment) with its checksum
+    /// into `buf`, which must hold it. Returns the header length.
+    pub fn emit(&self, buf: &mut [u8]) -> usize {
+        let b = &mut buf[..MIN_HEADER_LEN];
+        b.fill(0);
+        b[field::VER_IHL] = 0x45;
+        set16(b, field::LENGTH, MIN_HEADER_LEN as u16 + self.payload_len);
+        set16(b, field::FLAGS_FRAGMENT, 0x4000);
+        b[field::TTL] = 64;
+        b[field::PROTOCOL] = self.protocol;
+        b[field::SRC].copy_from_slice(&self.src.octets());
+        b[field::DST].copy_from_slice(&self.dst.octets());
+        let check = checksum::finish(checksum::sum(b));
+        set16(b, field::CHECKSUM, check);
+        MIN_HEADER_LEN
     }
 }
 

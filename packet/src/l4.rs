@@ -14,7 +14,7 @@ use crate::checksum::{self, Mode};
 use crate::{get16, set16};
 
 /// Byte offsets both headers share: RFC 9293 §3.1 and RFC 768 put the ports first.
-mod field {
+pub(crate) mod field {
     use core::ops::Range;
     pub const SRC_PORT: Range<usize> = 0..2;
     pub const DST_PORT: Range<usize> = 2..4;

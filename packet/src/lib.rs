@@ -4,7 +4,9 @@
 //! It sits below `overlay` (frames, offloads) and `ingress` (NAT), which do not depend on each
 //! other, so that neither keeps its own offsets into someone else's header. It does no I/O,
 //! allocates nothing and keeps no state: a view borrows (or owns) the caller's buffer.
-//! It does not parse Ethernet or IPv6, nor build packets from scratch.
+//! It does not parse Ethernet or IPv6. The only packets it builds from scratch are the
+//! answers to flows that have nowhere to go: a TCP reset ([`tcp::Reset`]) and an ICMP port
+//! unreachable ([`icmp::Unreachable`]), behind an [`ipv4::Repr`] header.
 //!
 //! # Layout
 //!
@@ -21,6 +23,7 @@
 //! [`checksum`] after CPU detection.
 
 pub mod checksum;
+pub mod icmp;
 pub mod ipv4;
 pub mod l4;
 pub mod tcp;

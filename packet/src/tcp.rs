@@ -18,6 +18,9 @@
 //! ```
 //! The view spans the whole segment because the checksum covers it; options are skipped.
 
+use std::net::Ipv4Addr;
+
+use crate::checksum;
 use crate::ipv4::protocol;
 use crate::l4::{self, Segment};
 
@@ -103,8 +106,13 @@ impl<T: AsRef<[u8]>> Segment<T, Tcp> {
         usize::from(self.bytes()[field::DATA_OFFSET] >> 4) * 4
     }
 
+    /// The control bits (FIN, SYN, RST, PSH, ACK, URG, ECE, CWR, low bit first).
+    pub fn flags(&self) -> u8 {
+        self.bytes()[field::FLAGS]
+    }
+
     fn flag(&self, bit: u8) -> bool {
-        self.bytes()[field::FLAGS] & bit != 0
+        self.flags() & bit != 0
     }
 
     pub fn fin(&self) -> bool {
@@ -125,6 +133,55 @@ impl<T: AsRef<[u8]>> Segment<T, Tcp> {
 
     pub fn payload(&self) -> &[u8] {
         &self.bytes()[self.header_len()..]
+    }
+}
+
+/// A reset to build from scratch: the header without options, window 0 (RFC 9293 §3.10.7.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reset {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: u32,
+    /// Acknowledged sequence number, if the reset carries ACK.
+    pub ack: Option<u32>,
+}
+
+impl Reset {
+    /// The reset that answers `segment` (RFC 9293 §3.10.7.1): with its ACK, from that
+    /// sequence number; without, acknowledging everything it carried.
+    pub fn answering<T: AsRef<[u8]>>(segment: &Packet<T>) -> Reset {
+        let (src_port, dst_port) = (segment.dst_port(), segment.src_port());
+        if segment.ack() {
+            return Reset {
+                src_port,
+                dst_port,
+                seq: segment.ack_number(),
+                ack: None,
+            };
+        }
+        let len =
+            segment.payload().len() as u32 + u32::from(segment.syn()) + u32::from(segment.fin());
+        Reset {
+            src_port,
+            dst_port,
+            seq: 0,
+            ack: Some(segment.seq_number().wrapping_add(len)),
+        }
+    }
+
+    /// Writes the [`MIN_HEADER_LEN`]-byte header into `buf` with its checksum for a segment
+    /// from `src` to `dst`. Returns the header length.
+    pub fn emit(&self, buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr) -> usize {
+        let b = &mut buf[..MIN_HEADER_LEN];
+        b.fill(0);
+        b[l4::field::SRC_PORT].copy_from_slice(&self.src_port.to_be_bytes());
+        b[l4::field::DST_PORT].copy_from_slice(&self.dst_port.to_be_bytes());
+        b[field::SEQ].copy_from_slice(&self.seq.to_be_bytes());
+        b[field::ACK].copy_from_slice(&self.ack.unwrap_or(0).to_be_bytes());
+        b[field::DATA_OFFSET] = (MIN_HEADER_LEN as u8 / 4) << 4;
+        b[field::FLAGS] = flag::RST | if self.ack.is_some() { flag::ACK } else { 0 };
+        Segment::<&mut [u8], Tcp>::checked(b).fill_checksum(src, dst, checksum::Mode::Full);
+        MIN_HEADER_LEN
     }
 }
 

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tracing::{debug, info, warn};
@@ -20,7 +20,7 @@ use super::{Daemon, vni};
 use crate::cluster::View;
 use crate::host;
 use crate::model::{Network, NodeState, key};
-use crate::state_dir;
+use crate::{services, state_dir};
 
 const RECONCILE_EVERY: Duration = Duration::from_millis(250);
 /// Rounds a gossip entry stays refused before it is logged and counted. An endpoint announced
@@ -36,6 +36,8 @@ struct Seen {
     peers: Vec<SocketAddr>,
     /// Refused gossip entries and for how many rounds in a row.
     refused: BTreeMap<String, u32>,
+    /// The services and tasks last given to the balancer.
+    services: Vec<ingress::service::Spec>,
 }
 
 impl Daemon {
@@ -56,6 +58,7 @@ impl Daemon {
         self.note_refused(&view, &mut seen.refused);
         self.realise(&view).await;
         self.restore(&view).await;
+        self.balance(&view, &mut seen.services);
         let tables = view.tables(&self.id, self.config.vxlan_port);
         if tables != seen.published {
             debug!(networks = tables.networks.len(), "publishing tables");
@@ -74,6 +77,25 @@ impl Daemon {
             seen.peers = peers;
         }
         Ok(())
+    }
+
+    /// Gives the balancer the view's services and tasks when they changed, and expires its
+    /// idle flows.
+    fn balance(&self, view: &View, seen: &mut Vec<ingress::service::Spec>) {
+        let now = Instant::now();
+        let specs = services::specs(view);
+        if specs != *seen {
+            let size = ingress::maglev::DEFAULT_SIZE;
+            match ingress::service::Table::build(size, specs.iter().cloned()) {
+                Ok(table) => {
+                    debug!(services = specs.len(), "publishing services");
+                    self.balancer.publish(table, now);
+                    *seen = specs;
+                }
+                Err(err) => warn!(%err, "services not given to the balancer; retrying"),
+            }
+        }
+        self.balancer.handle_timeout(now);
     }
 
     /// Logs and counts gossip entries that stay refused: once each, not every round.

@@ -12,7 +12,7 @@ use proptest::prelude::*;
 /// The parts of a random Ethernet + IPv4 + TCP/UDP frame.
 #[derive(Clone, Debug)]
 struct Spec {
-    flow: Flow,
+    flow: Tuple,
     ip_options: usize,
     tcp_options: usize,
     tcp_flags: u8,
@@ -37,13 +37,11 @@ fn spec() -> impl Strategy<Value = Spec> {
                 payload,
             )| {
                 Spec {
-                    flow: Flow {
-                        proto: if tcp { Protocol::Tcp } else { Protocol::Udp },
-                        src: src.into(),
-                        sport,
-                        dst: dst.into(),
-                        dport,
-                    },
+                    flow: Tuple::new(
+                        if tcp { Protocol::Tcp } else { Protocol::Udp },
+                        SocketAddrV4::new(src.into(), sport),
+                        SocketAddrV4::new(dst.into(), dport),
+                    ),
                     ip_options,
                     tcp_options,
                     tcp_flags,
@@ -61,7 +59,7 @@ fn build(s: &Spec) -> Vec<u8> {
         Protocol::Tcp => IpNumber::TCP,
         Protocol::Udp => IpNumber::UDP,
     };
-    let mut ip = Ipv4Header::new(0, 64, proto, f.src.octets(), f.dst.octets()).unwrap();
+    let mut ip = Ipv4Header::new(0, 64, proto, f.src.ip().octets(), f.dst.ip().octets()).unwrap();
     ip.dont_fragment = true;
     ip.options = Ipv4Options::try_from(&vec![1u8; s.ip_options * 4][..]).unwrap();
     let eth = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
@@ -69,7 +67,7 @@ fn build(s: &Spec) -> Vec<u8> {
     let mut out = Vec::new();
     match f.proto {
         Protocol::Tcp => {
-            let mut t = TcpHeader::new(f.sport, f.dport, 7, 512);
+            let mut t = TcpHeader::new(f.src.port(), f.dst.port(), 7, 512);
             let b = s.tcp_flags;
             (t.fin, t.syn, t.rst, t.psh, t.ack) =
                 (b & 1 != 0, b & 2 != 0, b & 4 != 0, b & 8 != 0, b & 16 != 0);
@@ -77,7 +75,7 @@ fn build(s: &Spec) -> Vec<u8> {
             eth.tcp_header(t).write(&mut out, &s.payload).unwrap();
         }
         Protocol::Udp => eth
-            .udp(f.sport, f.dport)
+            .udp(f.src.port(), f.dst.port())
             .write(&mut out, &s.payload)
             .unwrap(),
     }
@@ -183,9 +181,9 @@ proptest! {
         let mut want = s.flow;
         for &(src, addr, port) in &ops {
             if src {
-                (want.src, want.sport) = (addr.into(), port);
+                want.src = SocketAddrV4::new(addr.into(), port);
             } else {
-                (want.dst, want.dport) = (addr.into(), port);
+                want.dst = SocketAddrV4::new(addr.into(), port);
             }
         }
         prop_assert_eq!(flow(&full), Ok(want));
@@ -227,13 +225,11 @@ proptest! {
 
 fn frame(proto: Protocol) -> Vec<u8> {
     build(&Spec {
-        flow: Flow {
+        flow: Tuple::new(
             proto,
-            src: Ipv4Addr::new(198, 19, 0, 5),
-            sport: 40000,
-            dst: Ipv4Addr::new(198, 19, 1, 1),
-            dport: 80,
-        },
+            SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 5), 40000),
+            SocketAddrV4::new(Ipv4Addr::new(198, 19, 1, 1), 80),
+        ),
         ip_options: 0,
         tcp_options: 0,
         tcp_flags: 2,
@@ -250,12 +246,18 @@ fn dnat_and_reply() {
     rewrite_dst(&mut f, task, 8080, Mode::Full).unwrap();
     let k = flow(&f).unwrap();
     assert_eq!(
-        (k.dst, k.dport, k.src, k.sport),
-        (task, 8080, Ipv4Addr::new(198, 19, 0, 5), 40000)
+        (k.dst, k.src),
+        (
+            SocketAddrV4::new(task, 8080),
+            SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 5), 40000)
+        )
     );
     assert_valid(&f, false);
     rewrite_src(&mut f, Ipv4Addr::new(198, 19, 1, 1), 80, Mode::Full).unwrap();
-    assert_eq!(flow(&f).unwrap().src, Ipv4Addr::new(198, 19, 1, 1));
+    assert_eq!(
+        flow(&f).unwrap().src,
+        SocketAddrV4::new(Ipv4Addr::new(198, 19, 1, 1), 80)
+    );
     assert_valid(&f, false);
 }
 
