@@ -1,8 +1,8 @@
 //! Services on a 3-node cluster: tasks with a real TCP server become healthy through the health
 //! checks their nodes run, a task whose server dies turns unhealthy within about 2 s (measured and
 //! printed), `service rm` is refused while tasks exist and `--force` unplugs them on their nodes,
-//! and bad input is refused with exit 64, one line, and nothing changed. Needs root (CI runs as
-//! root).
+//! bad input is refused with exit 64, one line, and nothing changed, and HTTP checks pass on 200
+//! and fail on 404 from a real server. Needs root (CI runs as root).
 
 mod netns;
 
@@ -266,4 +266,44 @@ fn tasks_are_checked_turn_unhealthy_quickly_and_force_removal_unplugs_them() {
         n1.log_text().contains("container unplugged"),
         "the unplug is logged"
     );
+
+    // HTTP checks against a real server: 200 on `/` passes, 404 on a missing path fails.
+    for (name, path, want) in [("docs", "/", "healthy"), ("broken", "/nosuch", "unhealthy")] {
+        let spec = format!("{HTTP_PORT}{path}");
+        n1.cli_ok(&[
+            "service",
+            "create",
+            name,
+            "--network",
+            "app",
+            "--health-http",
+            &spec,
+            "--health-interval",
+            "300ms",
+        ]);
+        let ns = c.container(3, name);
+        let _server = c.spawn(
+            &ns,
+            &["python3", "-m", "http.server", &HTTP_PORT.to_string()],
+        );
+        // Answering before the check starts, so "unhealthy" is the 404, not a server still
+        // starting.
+        let url = format!("http://127.0.0.1:{HTTP_PORT}/");
+        wait_for(HEALTHY_WITHIN, "the HTTP server answers", || {
+            let out = c.exec(&ns, &["curl", "-sf", "-o", "/dev/null", &url]);
+            out.status.success().then_some(()).ok_or_else(|| show(&out))
+        });
+        let a = c.attach(3, &ns, "app", &["--service", name]);
+        wait_for(
+            HEALTHY_WITHIN,
+            &format!("{name} {want}"),
+            || match task_state(n1, name, &a.ip)? {
+                state if state == want => Ok(()),
+                other => Err(other),
+            },
+        );
+    }
 }
+
+/// Port of the HTTP servers of the HTTP checks.
+const HTTP_PORT: u16 = 8000;
