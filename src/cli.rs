@@ -165,7 +165,7 @@ pub enum ServiceCommand {
         #[arg(long, value_enum, default_value_t = Mode::Vip)]
         mode: Mode,
         /// Health check: a TCP connection to this port of each task.
-        #[arg(long, value_name = "PORT", group = "health")]
+        #[arg(long, value_name = "PORT", group = "health", value_parser = clap::value_parser!(u16).range(1..))]
         health_tcp: Option<u16>,
         /// Health check: `GET PATH` on this port of each task answers 2xx or 3xx.
         #[arg(long, value_name = "PORT/PATH", value_parser = parse_http_check, group = "health")]

@@ -10,6 +10,7 @@
 //! - [`endpoints`]: containers on this node (attach, detach, restore after a restart).
 
 mod endpoints;
+mod health;
 mod reconcile;
 
 use std::collections::BTreeMap;
@@ -228,6 +229,10 @@ impl Daemon {
         supervise("reconcile loop", {
             let daemon = daemon.clone();
             move || daemon.clone().reconcile_forever()
+        });
+        supervise("health checks", {
+            let daemon = daemon.clone();
+            move || daemon.clone().check_health_forever()
         });
         if let Some(seed) = joining {
             let addr = SocketAddr::from((daemon.config.advertise, daemon.config.gossip_port));

@@ -1,5 +1,6 @@
 //! Containers on this node: `attach` and `detach`, putting endpoints that survived a restart back
-//! on their bridge, and the `endpoints.json` that `overlayd run` restores them from.
+//! on their bridge, unplugging those whose address the registry took back, and the
+//! `endpoints.json` that `overlayd run` restores them from.
 //!
 //! The address comes from the registry (through Raft); the veth pair comes from [`host::plug`]; the endpoint is
 //! announced in this node's gossip state. It does not make bridges or TAPs (see
@@ -7,18 +8,21 @@
 
 use std::net::Ipv4Addr;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tracing::{info, warn};
 
 use super::{Daemon, json};
 use crate::api::{self, Attachment, Failure};
-use crate::cluster::View;
 use crate::consensus::Change;
 use crate::host;
 use crate::model::{Endpoint, Network, key};
-use crate::registry::{Command, known};
+use crate::registry::{Command, Holder, Registry, known};
 use crate::state_dir;
+
+/// How long an attach waits for this node's registry to show the address it was given.
+const HELD_HERE_WITHIN: Duration = Duration::from_secs(5);
 
 impl Daemon {
     pub(super) async fn attach(
@@ -56,6 +60,10 @@ impl Daemon {
             .await?;
         let ip: Ipv4Addr = serde_json::from_value(reply)
             .map_err(|e| Failure::runtime(format!("leader's reply: {e}")))?;
+        if let Err(failure) = self.held_here(&net, ip).await {
+            self.release(&net, ip).await;
+            return Err(failure);
+        }
         let mac = Endpoint::mac_for(ip);
         let host_if = format!("ovh{}", hex::encode(rand::random::<[u8; 4]>()));
         let plugged = host::plug(&host::Plug {
@@ -127,6 +135,58 @@ impl Daemon {
         Ok(json(&endpoint.ip))
     }
 
+    /// Waits until this node's copy of the registry gives `ip` to this node, bounded by
+    /// [`HELD_HERE_WITHIN`]. The leader replies once a majority has the allocation, which may be
+    /// before this node applied it; [`Daemon::unplug_released`] would take an endpoint announced
+    /// before then for one whose address was taken back.
+    async fn held_here(&self, net: &Network, ip: Ipv4Addr) -> Result<(), Failure> {
+        let deadline = Instant::now() + HELD_HERE_WITHIN;
+        while self.consensus.registry().container_node(&net.id, ip) != Some(self.id.as_str()) {
+            if Instant::now() > deadline {
+                return Err(Failure::runtime(format!(
+                    "{ip} on network {} was allocated, but this node's registry did not show it within {HELD_HERE_WITHIN:?}: nothing was attached",
+                    net.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Unplugs this node's containers whose address the registry no longer gives to this node:
+    /// `service rm --force` took their addresses back, or their network went while this node
+    /// was down. Level-triggered (the reconcile loop calls it every round); skipped while an
+    /// attach or detach is under way, since those change the same endpoints.
+    pub(super) async fn unplug_released(&self) {
+        let Ok(_plumbing) = self.plumbing.try_lock() else {
+            return;
+        };
+        // Own keys before the registry: an endpoint is announced only after this node's registry
+        // gave it its address (`held_here`), so the registry read next shows that too.
+        let own = self.gossip.own_keys().await;
+        let registry = self.consensus.registry();
+        let released: Vec<(Endpoint, String)> = own
+            .iter()
+            .filter(|(k, _)| k.starts_with(key::ENDPOINT_PREFIX))
+            .filter_map(|(_, v)| serde_json::from_str::<Endpoint>(v).ok())
+            .filter_map(|e| released_because(&registry, &self.id, &e).map(|why| (e, why)))
+            .collect();
+        if released.is_empty() {
+            return;
+        }
+        let mut restoring = self.restoring.lock().await;
+        let mut gone = Vec::new();
+        for (endpoint, why) in released {
+            restoring.retain(|e| e.host_if != endpoint.host_if);
+            host::remove_link(&endpoint.host_if).await;
+            gone.push(key::endpoint(&endpoint.network_id, endpoint.ip));
+            info!(netns = %endpoint.netns, ip = %endpoint.ip, reason = %why, "container unplugged");
+        }
+        drop(restoring);
+        self.gossip.update(&[], &gone).await;
+        self.persist_endpoints().await;
+    }
+
     /// Gives an address back to the registry. If no leader commits it, the address stays
     /// held (and unused) until this node detaches again: better than handing it out twice.
     async fn release(&self, net: &Network, ip: Ipv4Addr) {
@@ -140,15 +200,13 @@ impl Daemon {
         }
     }
 
-    /// Puts endpoints that survived a restart back on their bridge once it exists again; drops
-    /// those whose network was removed meanwhile.
-    pub(super) async fn restore(&self, view: &View) {
+    /// Puts endpoints that survived a restart back on their bridge once it exists again.
+    pub(super) async fn restore(&self) {
         let mut restoring = self.restoring.lock().await;
         if restoring.is_empty() {
             return;
         }
         let realised = self.realised.lock().await;
-        let mut changed = false;
         let mut pending = Vec::new();
         for endpoint in restoring.drain(..) {
             if let Some(net) = realised.get(&endpoint.network_id) {
@@ -160,21 +218,13 @@ impl Daemon {
                         warn!(netns = %endpoint.netns, err = %format!("{err:#}"), "endpoint not restored; its container is cut off")
                     }
                 }
-            } else if !view.networks.values().any(|n| n.id == endpoint.network_id) {
-                host::remove_link(&endpoint.host_if).await;
-                let gone = key::endpoint(&endpoint.network_id, endpoint.ip);
-                self.gossip.update(&[], &[gone]).await;
-                changed = true;
-                info!(netns = %endpoint.netns, ip = %endpoint.ip, "network removed while this node was down; endpoint unplugged");
             } else {
+                // Its network's bridge is not made yet, or the network is gone
+                // ([`Daemon::unplug_released`] unplugs it then).
                 pending.push(endpoint);
             }
         }
         *restoring = pending;
-        drop(realised);
-        if changed {
-            self.persist_endpoints().await;
-        }
     }
 
     /// Writes this node's endpoints to the state dir, for `overlayd run` after a restart.
@@ -190,6 +240,28 @@ impl Daemon {
         if let Err(err) = state_dir::save_endpoints(&self.config.state_dir, &endpoints) {
             warn!(err = %format!("{err:#}"), "endpoints not saved: a restart will not restore them");
         }
+    }
+}
+
+/// Why the registry no longer gives `endpoint`'s address to `node`, if it does not.
+fn released_because(registry: &Registry, node: &str, endpoint: &Endpoint) -> Option<String> {
+    let ip = endpoint.ip;
+    match registry.holder(&endpoint.network_id, ip) {
+        Some(Holder::Container { node: holder, .. }) if holder == node => None,
+        Some(Holder::Container { node: holder, .. }) => {
+            Some(format!("the registry gives {ip} to node {holder}"))
+        }
+        Some(Holder::Vip { service }) => Some(format!("{ip} is the VIP of service {service}")),
+        None if !registry
+            .networks()
+            .values()
+            .any(|n| n.id == endpoint.network_id) =>
+        {
+            Some("its network was removed".to_string())
+        }
+        None => Some(format!(
+            "the registry took {ip} back (its service was removed with --force)"
+        )),
     }
 }
 
@@ -218,4 +290,39 @@ pub(super) fn surviving_endpoints(dir: &Path) -> Result<Vec<Endpoint>, Failure> 
         info!(netns = %e.netns, ip = %e.ip, "container went away while this node was down; its address is free again");
     }
     Ok(alive)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_counts_as_released_unless_the_registry_gives_it_to_this_node() {
+        // Network `w`: .2 the VIP of `api`, .3 a task on node a, .4 one on node b, .5 free.
+        let registry: Registry = serde_json::from_value(serde_json::json!({
+            "networks": {"web": {"id": "w", "name": "web", "subnet": "198.19.0.0/24", "vni": 4096, "mtu": 1450}},
+            "addresses": {"w": {
+                "198.19.0.2": {"vip": {"service": "api"}},
+                "198.19.0.3": {"container": {"node": "a", "service": "api"}},
+                "198.19.0.4": {"container": {"node": "b", "service": "api"}},
+            }},
+        }))
+        .unwrap();
+        let why = |network_id: &str, last: u8| {
+            let ip = Ipv4Addr::new(198, 19, 0, last);
+            let endpoint = Endpoint {
+                network_id: network_id.into(),
+                ip,
+                mac: Endpoint::mac_for(ip),
+                netns: "c".into(),
+                host_if: "ovh1".into(),
+            };
+            released_because(&registry, "a", &endpoint)
+        };
+        assert_eq!(why("w", 3), None);
+        assert!(why("w", 4).unwrap().contains("node b"));
+        assert!(why("w", 2).unwrap().contains("VIP of service api"));
+        assert!(why("w", 5).unwrap().contains("--force"));
+        assert!(why("gone", 3).unwrap().contains("network was removed"));
+    }
 }

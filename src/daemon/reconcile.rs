@@ -1,7 +1,8 @@
 //! The reconcile loop: every [`RECONCILE_EVERY`] it derives the [`View`] from gossip and the
 //! registry and makes this node match it. It makes and removes bridges and TAPs, puts restored
-//! endpoints back, publishes the data plane's tables, saves the members to rejoin through, and
-//! logs gossip entries that stay refused.
+//! endpoints back, unplugs those whose address the registry took back, publishes the data
+//! plane's tables, saves the members to rejoin through, and logs gossip entries that stay
+//! refused.
 //!
 //! Level-triggered: whatever fails is logged and tried again next round, and one network that
 //! cannot be made does not hold up the others. Containers are plugged in elsewhere (see
@@ -57,7 +58,8 @@ impl Daemon {
         log_member_changes(&view, &mut seen.members);
         self.note_refused(&view, &mut seen.refused);
         self.realise(&view).await;
-        self.restore(&view).await;
+        self.restore().await;
+        self.unplug_released().await;
         self.balance(&view, &mut seen.services);
         let tables = view.tables(&self.id, self.config.vxlan_port);
         if tables != seen.published {
