@@ -8,7 +8,9 @@
 //! - this file: start and stop, the API and peer servers, changes proposed through Raft.
 //! - [`reconcile`]: the loop that makes bridges, TAPs and the data plane's tables match the view.
 //! - [`endpoints`]: containers on this node (attach, detach, restore after a restart).
+//! - [`dns`]: the DNS server on each network's gateway address.
 
+mod dns;
 mod endpoints;
 mod reconcile;
 
@@ -95,6 +97,8 @@ pub struct Daemon {
     gossip_refused: AtomicU64,
     /// Admission to the peer port before clients prove the token.
     peer_gate: Arc<peer::Gate>,
+    /// DNS servers of the realised networks.
+    dns: dns::Dns,
 }
 
 impl Daemon {
@@ -206,6 +210,7 @@ impl Daemon {
             consensus,
             gossip_refused: AtomicU64::new(0),
             peer_gate: Arc::default(),
+            dns: dns::Dns::new(),
         });
         let api_listener = Arc::new(api_listener);
         let peer_listener = Arc::new(peer_listener);
@@ -258,6 +263,7 @@ impl Daemon {
         self.stopping.store(true, Ordering::Relaxed);
         for net in std::mem::take(&mut *realised).values() {
             self.dataplane.remove_network(vni(net));
+            self.dns.stop(&net.id);
             host::remove_link(&net.bridge_name()).await;
         }
         let _ = std::fs::remove_file(&self.config.api);
@@ -374,7 +380,8 @@ impl Daemon {
                 network,
                 ip,
                 service,
-            } => self.attach(netns, network, ip, service).await,
+                aliases,
+            } => self.attach(netns, network, ip, service, aliases).await,
             ServiceCreate {
                 name,
                 network,
@@ -449,6 +456,7 @@ impl Daemon {
                             .map(|(k, v)| (k.to_string(), v))
                             .collect(),
                     },
+                    dns: self.dns.stats(),
                 }))
             }
         }

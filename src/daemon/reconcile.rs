@@ -55,6 +55,7 @@ impl Daemon {
         log_member_changes(&view, &mut seen.members);
         self.note_refused(&view, &mut seen.refused);
         self.realise(&view).await;
+        self.dns.refresh(&view);
         self.restore(&view).await;
         let tables = view.tables(&self.id, self.config.vxlan_port);
         if tables != seen.published {
@@ -102,6 +103,7 @@ impl Daemon {
                 continue;
             };
             self.dataplane.remove_network(vni(&net));
+            self.dns.stop(&id);
             host::remove_link(&net.bridge_name()).await;
             self.gossip.update(&[], &[key::realised(&id)]).await;
             info!(network = %net.name, vni = net.vni, "network removed from this node");
@@ -151,6 +153,7 @@ impl Daemon {
             }
             return Err(err.context(format!("making network {} on this node", net.name)));
         }
+        self.dns.start(net);
         info!(network = %net.name, vni = net.vni, subnet = %net.subnet, mtu = net.mtu, "network ready on this node");
         self.gossip
             .update(&[(key::realised(&net.id), String::new())], &[])
