@@ -258,6 +258,9 @@ pub(super) fn surviving_endpoints(dir: &Path) -> Result<Vec<Endpoint>, Failure> 
         .partition(|e| host::link_exists(&e.host_if));
     for e in &gone {
         info!(netns = %e.netns, ip = %e.ip, "container went away while this node was down; its address is free again");
+        if let Err(err) = host::container_resolver(&e.netns, None) {
+            warn!(netns = %e.netns, err = %format!("{err:#}"), "its resolv.conf is left behind");
+        }
     }
     Ok(alive)
 }
