@@ -85,8 +85,8 @@ ov_wait() {
 
 # Deletes namespaces left by killed runs: names carry the pid of their maker, and those whose
 # maker is gone are removed (with their processes). Patterns: ovt-<test>-<pid>-* (cargo tests),
-# ovd<pid>-* (demo), ovb<pid>[knor]* (bench); also the tests' temp dirs $TMPDIR/ovt-<test>-<pid>
-# and the tests' Docker containers and images.
+# ovd<pid>-* (demo), ovb<pid>[knor]* (bench); also their /etc/netns entries, the tests' temp
+# dirs $TMPDIR/ovt-<test>-<pid> and the tests' Docker containers and images.
 ov_reap_stale() {
   local ns pid
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}'); do
@@ -97,6 +97,11 @@ ov_reap_stale() {
     fi
   done
   local d
+  for d in /etc/netns/ovt-* /etc/netns/ovd* /etc/netns/ovb*; do
+    [[ -d $d && ${d##*/} =~ ^ovt-[a-z0-9]+-([0-9]+)-|^ovd([0-9]+)-|^ovb([0-9]+)[knor] ]] || continue
+    pid=${BASH_REMATCH[1]}${BASH_REMATCH[2]}${BASH_REMATCH[3]}
+    kill -0 "$pid" 2>/dev/null || rm -rf "$d"
+  done
   for d in "${TMPDIR:-/tmp}"/ovt-*-[0-9]*; do
     [[ -d $d && $d =~ -([0-9]+)$ ]] || continue
     kill -0 "${BASH_REMATCH[1]}" 2>/dev/null || rm -rf "$d"
@@ -125,6 +130,7 @@ ov_ns_kill_del() {
   local p
   for p in $(ip netns pids "$1" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
   ip netns del "$1" 2>/dev/null || true
+  rm -rf "/etc/netns/$1" # the resolv.conf `overlayd attach` wrote; `ip netns del` leaves it
 }
 
 # ov_ns_add NAME: a fresh namespace with lo up, deleted by ov_cleanup.

@@ -34,6 +34,9 @@ pub enum Request {
         ip: Option<Ipv4Addr>,
         /// Attach as a task of this service.
         service: Option<String>,
+        /// Further DNS names of the container on this network.
+        #[serde(default)]
+        aliases: Vec<String>,
     },
     Detach {
         netns: String,
@@ -181,6 +184,21 @@ pub struct Status {
     /// (`busy`, `slow`, `malformed`, `wrong_token`).
     pub peer_refused: BTreeMap<String, u64>,
     pub dataplane: Dataplane,
+    pub dns: Dns,
+}
+
+/// The DNS servers on this node's gateway addresses, all networks together.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Dns {
+    /// Queries answered from the cluster's names (including NXDOMAIN and FORMERR).
+    pub answered: u64,
+    /// Queries for other names relayed to the node's resolver and answered by it.
+    pub forwarded: u64,
+    /// Queries for other names answered SERVFAIL: no resolver, or it did not answer in time.
+    pub servfail: u64,
+    /// Datagrams that got no answer, by reason (`short`, `response`, `unencodable`, `busy`:
+    /// too many forwarded queries in flight, `unsent`: the reply could not be sent).
+    pub dropped: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -73,6 +73,10 @@ pub enum Command {
         /// Make the container a task of this service (on the same network).
         #[arg(long)]
         service: Option<String>,
+        /// Another name the container resolves by on this network, besides its netns name
+        /// (repeatable), like a Docker network alias.
+        #[arg(long = "alias", value_name = "NAME")]
+        aliases: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -264,6 +268,7 @@ impl Command {
                 network,
                 ip,
                 service,
+                aliases,
                 json,
             } => (
                 R::Attach {
@@ -271,6 +276,7 @@ impl Command {
                     network,
                     ip,
                     service,
+                    aliases,
                 },
                 Render::Attachment.or_json(json),
             ),

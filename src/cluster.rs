@@ -352,6 +352,7 @@ mod tests {
             mac: Endpoint::mac_for(ip),
             netns: "c".into(),
             host_if: "ovh1".into(),
+            aliases: vec![],
         })
         .unwrap()
     }

@@ -8,7 +8,9 @@
 //! - this file: start and stop, the API and peer servers, changes proposed through Raft.
 //! - [`reconcile`]: the loop that makes bridges, TAPs and the data plane's tables match the view.
 //! - [`endpoints`]: containers on this node (attach, detach, restore after a restart).
+//! - [`dns`]: the DNS server on each network's gateway address.
 
+mod dns;
 mod endpoints;
 mod health;
 mod reconcile;
@@ -98,6 +100,8 @@ pub struct Daemon {
     peer_gate: Arc<peer::Gate>,
     /// The service load balancer the data plane calls (see [`crate::services`]).
     balancer: Arc<ingress::balancer::Balancer>,
+    /// DNS servers of the realised networks.
+    dns: dns::Dns,
 }
 
 impl Daemon {
@@ -215,6 +219,7 @@ impl Daemon {
             gossip_refused: AtomicU64::new(0),
             peer_gate: Arc::default(),
             balancer,
+            dns: dns::Dns::new(),
         });
         let api_listener = Arc::new(api_listener);
         let peer_listener = Arc::new(peer_listener);
@@ -271,6 +276,7 @@ impl Daemon {
         self.stopping.store(true, Ordering::Relaxed);
         for net in std::mem::take(&mut *realised).values() {
             self.dataplane.remove_network(vni(net));
+            self.dns.stop(&net.id);
             host::remove_link(&net.bridge_name()).await;
         }
         let _ = std::fs::remove_file(&self.config.api);
@@ -387,7 +393,8 @@ impl Daemon {
                 network,
                 ip,
                 service,
-            } => self.attach(netns, network, ip, service).await,
+                aliases,
+            } => self.attach(netns, network, ip, service, aliases).await,
             ServiceCreate {
                 name,
                 network,
@@ -468,6 +475,7 @@ impl Daemon {
                             dropped: self.balancer.stats.dropped.load(Ordering::Relaxed),
                         },
                     },
+                    dns: self.dns.stats(),
                 }))
             }
         }

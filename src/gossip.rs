@@ -467,6 +467,7 @@ mod tests {
             mac: Endpoint::mac_for("198.19.0.2".parse().unwrap()),
             netns: "c".into(),
             host_if: "ovh1".into(),
+            aliases: vec![],
         };
         let forged_mac = Endpoint {
             mac: "02:42:c6:13:00:09".into(),

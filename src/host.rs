@@ -306,6 +306,56 @@ async fn free_ifname(netns: &str) -> anyhow::Result<String> {
         .context("the namespace has no free ethN name")
 }
 
+/// The first line of every resolv.conf overlayd writes: it replaces or removes only its own.
+const RESOLV_CONF_MARK: &str = "# written by overlayd";
+
+/// The resolv.conf `ip netns exec NETNS` mounts over /etc/resolv.conf for commands it runs.
+fn container_resolv_conf(netns: &str) -> std::path::PathBuf {
+    Path::new("/etc/netns").join(netns).join("resolv.conf")
+}
+
+/// Points container `netns` at the DNS server on `gateway`, or with `None` removes what this
+/// sets. A resolv.conf overlayd did not write (the container's runtime made its own) is left as
+/// it is. `netns` is a checked namespace name ([`netns_exists`]).
+pub fn container_resolver(netns: &str, gateway: Option<Ipv4Addr>) -> anyhow::Result<()> {
+    point_resolver(&container_resolv_conf(netns), gateway)
+}
+
+fn point_resolver(path: &Path, gateway: Option<Ipv4Addr>) -> anyhow::Result<()> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.starts_with(RESOLV_CONF_MARK) => return Ok(()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("reading {}", path.display()));
+        }
+        _ => {}
+    }
+    match gateway {
+        Some(gateway) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let text = format!(
+                "{RESOLV_CONF_MARK} for `overlayd attach`; removed by the last detach\nnameserver {gateway}\n"
+            );
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+        }
+        None => {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", path.display()));
+                }
+                _ => {}
+            }
+            // Only if empty: other files there are someone else's.
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,5 +366,39 @@ mod tests {
         for bad in ["", ".", "..", "../netns", "a/b"] {
             assert!(!netns_exists(bad), "{bad:?} taken for a namespace");
         }
+    }
+
+    #[test]
+    fn only_overlayds_own_resolv_conf_is_replaced_or_removed() {
+        let dir = std::env::temp_dir().join(format!("overlayd-resolv-{}", std::process::id()));
+        let path = dir.join("c1").join("resolv.conf");
+        let gw = |last| Some(Ipv4Addr::new(198, 19, 0, last));
+        let read = || std::fs::read_to_string(&path).unwrap();
+
+        point_resolver(&path, gw(1)).unwrap();
+        assert!(read().ends_with("\nnameserver 198.19.0.1\n"), "{}", read());
+        point_resolver(&path, gw(129)).unwrap();
+        assert!(
+            read().ends_with("\nnameserver 198.19.0.129\n"),
+            "{}",
+            read()
+        );
+        point_resolver(&path, None).unwrap();
+        assert!(
+            !path.exists() && !dir.join("c1").exists(),
+            "ours removed with its dir"
+        );
+        point_resolver(&path, None).unwrap();
+
+        std::fs::create_dir_all(dir.join("c1")).unwrap();
+        std::fs::write(&path, "nameserver 198.18.0.53\n").unwrap();
+        point_resolver(&path, gw(1)).unwrap();
+        point_resolver(&path, None).unwrap();
+        assert_eq!(
+            read(),
+            "nameserver 198.18.0.53\n",
+            "the runtime's own file is kept"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

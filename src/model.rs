@@ -171,6 +171,9 @@ pub struct Endpoint {
     pub netns: String,
     /// Host-side veth name, so `detach` finds what `attach` made.
     pub host_if: String,
+    /// Further names the container answers to in the network's DNS (`attach --alias`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 impl Endpoint {

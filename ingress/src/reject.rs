@@ -97,7 +97,9 @@ mod tests {
     }
 
     /// (source, destination, ports, seq, ack, rst, ack flag) of a reset, checked by etherparse.
-    fn parse_reset(f: &[u8]) -> ([u8; 4], [u8; 4], (u16, u16), u32, u32, bool, bool) {
+    type Reset = ([u8; 4], [u8; 4], (u16, u16), u32, u32, bool, bool);
+
+    fn parse_reset(f: &[u8]) -> Reset {
         let p = SlicedPacket::from_ethernet(f).unwrap();
         let Some(NetSlice::Ipv4(ip)) = &p.net else {
             panic!("not IPv4")

@@ -17,12 +17,16 @@ use super::{Daemon, json};
 use crate::api::{self, Attachment, Failure};
 use crate::consensus::Change;
 use crate::host;
-use crate::model::{Endpoint, Network, key};
+use crate::model::{Endpoint, Network, check_name, key};
 use crate::registry::{Command, Holder, Registry, known};
 use crate::state_dir;
 
 /// How long an attach waits for this node's registry to show the address it was given.
 const HELD_HERE_WITHIN: Duration = Duration::from_secs(5);
+
+/// Aliases one attach may give: each is gossiped with the endpoint to every node, and gossip
+/// values must stay small.
+const MAX_ALIASES: usize = 16;
 
 impl Daemon {
     pub(super) async fn attach(
@@ -31,7 +35,21 @@ impl Daemon {
         network: String,
         ip: Option<Ipv4Addr>,
         service: Option<String>,
+        mut aliases: Vec<String>,
     ) -> api::Reply {
+        if let Some(bad) = aliases.iter().find(|a| check_name(a).is_err()) {
+            return Err(Failure::usage(format!(
+                "--alias {bad:?} is not allowed: an alias is named like a network (1 to 64 letters, digits, '-', '_' or '.', not starting with '-' or '.')"
+            )));
+        }
+        if aliases.len() > MAX_ALIASES {
+            return Err(Failure::usage(format!(
+                "{} aliases: at most {MAX_ALIASES} per attach",
+                aliases.len()
+            )));
+        }
+        aliases.sort();
+        aliases.dedup();
         let _plumbing = self.plumbing.lock().await;
         if !host::netns_exists(&netns) {
             return Err(Failure::usage(format!(
@@ -87,7 +105,17 @@ impl Daemon {
             mac: mac.clone(),
             netns: netns.clone(),
             host_if,
+            aliases,
         };
+        // The first network a container joins here answers its DNS.
+        if !view
+            .endpoints
+            .iter()
+            .any(|p| p.node == self.id && p.endpoint.netns == netns)
+            && let Err(err) = host::container_resolver(&netns, Some(net.gateway()))
+        {
+            warn!(%netns, err = %format!("{err:#}"), "resolv.conf not written: the container does not use the network's DNS");
+        }
         self.gossip
             .update(&[(key::endpoint(&net.id, ip), endpoint.to_gossip())], &[])
             .await;
@@ -130,6 +158,20 @@ impl Daemon {
             .update(&[], &[key::endpoint(&net.id, endpoint.ip)])
             .await;
         self.persist_endpoints().await;
+        let resolver = view
+            .endpoints
+            .iter()
+            .filter(|p| p.node == self.id && p.endpoint.netns == netns)
+            .find(|p| p.endpoint.network_id != net.id)
+            .and_then(|p| {
+                view.networks
+                    .values()
+                    .find(|n| n.id == p.endpoint.network_id)
+            })
+            .map(Network::gateway);
+        if let Err(err) = host::container_resolver(&netns, resolver) {
+            warn!(%netns, err = %format!("{err:#}"), "resolv.conf not updated after detach");
+        }
         self.release(net, endpoint.ip).await;
         info!(%netns, network = %net.name, ip = %endpoint.ip, "container detached");
         Ok(json(&endpoint.ip))
@@ -288,6 +330,9 @@ pub(super) fn surviving_endpoints(dir: &Path) -> Result<Vec<Endpoint>, Failure> 
         .partition(|e| host::link_exists(&e.host_if));
     for e in &gone {
         info!(netns = %e.netns, ip = %e.ip, "container went away while this node was down; its address is free again");
+        if let Err(err) = host::container_resolver(&e.netns, None) {
+            warn!(netns = %e.netns, err = %format!("{err:#}"), "its resolv.conf is left behind");
+        }
     }
     Ok(alive)
 }
@@ -316,6 +361,7 @@ mod tests {
                 mac: Endpoint::mac_for(ip),
                 netns: "c".into(),
                 host_if: "ovh1".into(),
+                aliases: vec![],
             };
             released_because(&registry, "a", &endpoint)
         };

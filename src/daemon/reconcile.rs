@@ -58,6 +58,7 @@ impl Daemon {
         log_member_changes(&view, &mut seen.members);
         self.note_refused(&view, &mut seen.refused);
         self.realise(&view).await;
+        self.dns.refresh(&view);
         self.restore().await;
         self.unplug_released().await;
         self.balance(&view, &mut seen.services);
@@ -126,6 +127,7 @@ impl Daemon {
                 continue;
             };
             self.dataplane.remove_network(vni(&net));
+            self.dns.stop(&id);
             host::remove_link(&net.bridge_name()).await;
             self.gossip.update(&[], &[key::realised(&id)]).await;
             info!(network = %net.name, vni = net.vni, "network removed from this node");
@@ -175,6 +177,7 @@ impl Daemon {
             }
             return Err(err.context(format!("making network {} on this node", net.name)));
         }
+        self.dns.start(net);
         info!(network = %net.name, vni = net.vni, subnet = %net.subnet, mtu = net.mtu, "network ready on this node");
         self.gossip
             .update(&[(key::realised(&net.id), String::new())], &[])

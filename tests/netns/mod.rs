@@ -977,6 +977,8 @@ fn del_netns(ns: &str) {
     if Path::new("/run/netns").join(ns).exists() {
         let _ = run_bounded(Command::new("ip").args(["netns", "del", ns]), CLI_TIMEOUT);
     }
+    // `attach` writes the container's resolv.conf there; `ip netns del` leaves it.
+    let _ = fs::remove_dir_all(Path::new("/etc/netns").join(ns));
 }
 
 /// A TCP sink: accepts connections, reads to EOF, answers "<bytes> <sha256>\n".
