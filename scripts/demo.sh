@@ -3,9 +3,12 @@
 #
 #   switch netns (bridge) ── node 1, 2, 3 (underlay 198.18.0.1-3/24, one overlayd each)
 #   each node: 2 containers (netns) attached to overlay network "demo" (198.19.10.0/24)
+#   service "web": one task per node, a real HTTP server (busybox httpd) answering its own name
 #
 # Builds overlayd (release), shows containers pinging across nodes, `node ls` and `network ls`,
-# and removes everything on exit (also on failure or Ctrl-C). Run as root: sudo scripts/demo.sh
+# then the service: curl from a container on each node to the VIP and to the name `web` (answered
+# by overlayd's DNS), the answers rotating over the tasks of all nodes, and `service ps web`.
+# Removes everything on exit (also on failure or Ctrl-C). Run as root: sudo scripts/demo.sh
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -82,4 +85,48 @@ echo
 if [ "$fails" -ne 0 ]; then
   ov_die "$fails cross-node pings got no reply"
 fi
-ov_log "all cross-node pings answered; cleaning up"
+ov_log "all cross-node pings answered"
+
+ov_log "service web on $NET (created on node 2), one task per node serving its own name"
+VIP=$(ov_cli "${OV_API[2]}" service create web --network "$NET" --json |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["vip"])')
+echo "  VIP $VIP"
+for i in 1 2 3; do
+  t="task$i"
+  ov_ns_add "${P}$t"
+  mkdir -p "$OV_WORK/www-$t"
+  echo "$t on node $i" >"$OV_WORK/www-$t/index.html"
+  echo "  $t on node $i: $(ov_attach "${OV_API[i]}" "${P}$t" "$NET" --service web)"
+  ip netns exec "${P}$t" busybox httpd -f -p 80 -h "$OV_WORK/www-$t" </dev/null >/dev/null 2>&1 &
+  OV_PIDS+=("$!")
+done
+three_healthy() {
+  ov_cli "${OV_API[1]}" service ls --json |
+    python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)[0]["tasks_healthy"] == 3 else 1)'
+}
+ov_wait 20 "3 healthy tasks" three_healthy
+echo
+ov_log "overlayd service ls (on node 3)"
+ov_cli "${OV_API[3]}" service ls
+
+fails=0
+for i in 1 2 3; do
+  from="c${i}a"
+  for target in "$VIP" web; do
+    echo
+    ov_log "curl http://$target/ six times from $from (node $i)"
+    for _ in 1 2 3 4 5 6; do
+      if ! ip netns exec "${P}$from" curl -sS --max-time 3 "http://$target/" | sed 's/^/  /'; then
+        fails=$((fails + 1))
+      fi
+    done
+  done
+done
+echo
+ov_log "overlayd service ps web (on node 1)"
+ov_cli "${OV_API[1]}" service ps web
+echo
+if [ "$fails" -ne 0 ]; then
+  ov_die "$fails requests to the service failed"
+fi
+ov_log "every request answered; cleaning up"

@@ -234,9 +234,10 @@ ov_network_known() {
     python3 -c 'import json,sys; sys.exit(0 if any(n["name"] == sys.argv[1] for n in json.load(sys.stdin)) else 1)' "$2"
 }
 
-# ov_attach API NETNS NETWORK: attaches and prints the container's address (no prefix length).
+# ov_attach API NETNS NETWORK [ARGS...]: attaches (with extra attach ARGS, e.g. --service S) and
+# prints the container's address (no prefix length).
 ov_attach() {
-  ov_cli "$1" attach "$2" --network "$3" --json |
+  ov_cli "$1" attach "$2" --network "$3" "${@:4}" --json |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["ip"].split("/")[0])'
 }
 
