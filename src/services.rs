@@ -120,12 +120,15 @@ mod tests {
     /// frame carries.
     fn frame(from: ([u8; 4], u16), to: ([u8; 4], u16), payload: &[u8], partial: bool) -> Vec<u8> {
         let mut f = Vec::new();
-        PacketBuilder::ethernet2(Endpoint::mac_bytes(from.0.into()), Endpoint::mac_bytes(to.0.into()))
-            .ipv4(from.0, to.0, 64)
-            .tcp(from.1, to.1, 1000, 65535)
-            .ack(1)
-            .write(&mut f, payload)
-            .unwrap();
+        PacketBuilder::ethernet2(
+            Endpoint::mac_bytes(from.0.into()),
+            Endpoint::mac_bytes(to.0.into()),
+        )
+        .ipv4(from.0, to.0, 64)
+        .tcp(from.1, to.1, 1000, 65535)
+        .ack(1)
+        .write(&mut f, payload)
+        .unwrap();
         if partial {
             let len = (f.len() - CSUM_START) as u32;
             let pseudo = packet::checksum::pseudo_v4(from.0.into(), to.0.into(), 6, len);
@@ -138,10 +141,14 @@ mod tests {
     /// (source, destination) of a frame whose IPv4 and TCP checksums etherparse finds valid.
     fn valid(f: &[u8]) -> ([u8; 4], [u8; 4]) {
         let p = SlicedPacket::from_ethernet(f).unwrap();
-        let Some(NetSlice::Ipv4(ip)) = &p.net else { panic!("not IPv4") };
+        let Some(NetSlice::Ipv4(ip)) = &p.net else {
+            panic!("not IPv4")
+        };
         let h = ip.header().to_header();
         assert_eq!(h.calc_header_checksum(), h.header_checksum, "IPv4 checksum");
-        let Some(TransportSlice::Tcp(t)) = &p.transport else { panic!("not TCP") };
+        let Some(TransportSlice::Tcp(t)) = &p.transport else {
+            panic!("not TCP")
+        };
         let want = t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap();
         assert_eq!(want, t.checksum(), "TCP checksum");
         (h.source, h.destination)

@@ -216,6 +216,8 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 pub struct Bg {
     child: Child,
     what: String,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
 }
 
 impl Bg {
@@ -746,7 +748,8 @@ impl Cluster {
     pub fn spawn(&self, netns: &str, args: &[&str]) -> Bg {
         let what = format!("{netns}: {}", args.join(" "));
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let log = File::create(self.dir.join(format!("bg{n}.log"))).expect("creating helper log");
+        let log_path = self.dir.join(format!("bg{n}.log"));
+        let log = File::create(&log_path).expect("creating helper log");
         let child = Command::new("ip")
             .args(["netns", "exec", netns])
             .args(args)
@@ -755,7 +758,11 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {what}: {e}"));
-        Bg { child, what }
+        Bg {
+            child,
+            what,
+            log: log_path,
+        }
     }
 
     /// One ping from `from` to `ip` succeeds within a second.

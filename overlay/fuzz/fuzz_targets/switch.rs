@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
 use overlay::fdb::{Index, Learned};
+use overlay::stage::{Checksum, Passthrough};
 use overlay::switch::{Forward, from_tap, from_vtep};
 use overlay::{Endpoint, Location, Mac, NetworkTable, Tables, Vni};
 
@@ -23,6 +24,7 @@ fn index() -> &'static Index {
                 endpoints: vec![
                     Endpoint { mac: Mac([2, 0, 0, 0, 0, 5]), ip: Ipv4Addr::new(198, 19, 0, 5), location: Location::Local },
                     Endpoint { mac: Mac([2, 0, 0, 0, 0, 9]), ip: Ipv4Addr::new(198, 19, 0, 9), location: Location::Remote(vtep) },
+                    Endpoint { mac: Mac([2, 0, 0, 0, 0, 100]), ip: Ipv4Addr::new(198, 19, 0, 100), location: Location::Service },
                 ],
                 peers: vec![vtep],
                 external: vec![SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 3), 4789)],
@@ -37,12 +39,15 @@ fuzz_target!(|data: &[u8]| {
     let mut learned = Learned::with_capacity(16);
     let now = Instant::now();
     let mut reply = [0u8; overlay::switch::REPLY_LEN];
-    if let Forward::Reply(n) = from_tap(data, net, &learned, now, &mut reply) {
-        assert!(n <= reply.len());
+    for checksum in [Checksum::Full, Checksum::Partial] {
+        let mut frame = data.to_vec();
+        if let Forward::Reply(n) = from_tap(&mut frame, net, &learned, now, &mut reply, &Passthrough, checksum) {
+            assert!(n <= reply.len());
+        }
     }
     // A member and an external VTEP: both checks, and learning.
     for sender in [[198, 18, 0, 2], [198, 18, 0, 3]] {
         let sender = SocketAddrV4::new(sender.into(), 50000);
-        let _ = from_vtep(data, sender, index, &mut learned, now);
+        let _ = from_vtep(&mut data.to_vec(), sender, index, &mut learned, now, &Passthrough);
     }
 });
