@@ -214,7 +214,9 @@ fn removed_tasks_leave_every_balancer_quickly_and_a_flow_pinned_to_one_is_reset(
 
     c.node(2).cli_ok(&["detach", &names[1], "--network", "app"]);
     let gone = until_every_node(&c, (2, 2)).expect("t2 left every node's view");
-    eprintln!("detached task gone from every node's balancer after {gone:?}");
+    eprintln!(
+        "detached task gone from every node's view after {gone:?} (each balancer takes the view at its next reconcile round, every 250 ms)"
+    );
     assert!(gone < Duration::from_secs(2), "took {gone:?}");
     assert!(
         wait_until(Duration::from_secs(5), || {
@@ -238,7 +240,9 @@ fn removed_tasks_leave_every_balancer_quickly_and_a_flow_pinned_to_one_is_reset(
     // A dead node's task: node 3's daemon is killed; the others stop balancing to t3.
     c.node(3).kill_daemon();
     let dead = until_every_node_of(&c, &[1, 2], (1, 2)).expect("t3 marked down");
-    eprintln!("a dead node's task gone from the other balancers after {dead:?}");
+    eprintln!(
+        "a dead node's task gone from the other nodes' views after {dead:?} (and from their balancers by the next 250 ms round)"
+    );
     // The failure detector decides when a node is dead; the target is 2 s, a loaded CI machine
     // gets some slack.
     assert!(dead < Duration::from_secs(4), "took {dead:?}");

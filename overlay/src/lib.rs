@@ -33,7 +33,7 @@
 //! - [`udp`]: the receive sockets (one per worker, `SO_REUSEPORT`, read with `recvmmsg`), the
 //!   send-socket pool, and `UDP_SEGMENT`/`UDP_GRO`.
 //! - `worker`: one thread per TAP queue; polls, switches and does the I/O, without locks or
-//!   allocation per packet.
+//!   allocation per packet; `batch`: the datagrams it gathers into full `UDP_SEGMENT` sends.
 //! - `governor`: the choice between pinning workers to CPUs with packets steered to the
 //!   worker of their CPU (light load: short round trips) and letting them spread (heavy
 //!   load: throughput); `steer`: the system calls behind it (affinity, an eBPF program for
@@ -48,6 +48,7 @@
 //! calls). The checksum's AVX2 call lives in the `packet` crate with the checksum.
 
 pub mod arp;
+mod batch;
 mod bpf;
 /// The Internet checksum lives with the packet views every crate shares.
 pub(crate) use packet::checksum;
