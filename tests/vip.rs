@@ -1,8 +1,9 @@
-//! Service VIPs balanced by overlayd's own data plane: 3 nodes, a service with one task per
-//! node, each task a real HTTP server (busybox httpd) answering its own name. Every
-//! placement works: clients on each node (so client and task on different nodes and on the
-//! same node) reach every task through the VIP, and a task reaching its own service's VIP
-//! lands on every task, itself included. A detached task and a dead node's task leave every
+//! Service VIPs balanced by overlayd's own data plane, each task a real server (busybox httpd,
+//! or a Python UDP or TCP server) answering its own name. Every placement works, each in a
+//! test of its own: client and task on different nodes, on the same node, a task reaching its
+//! own service's VIP; and all at once, as the demo does it. UDP is balanced too, and a VIP
+//! with no task refuses at once (TCP reset, ICMP port unreachable). A detached task and a dead
+//! node's task leave every
 //! node's balancer within 2 s (measured, printed), a connection pinned to the detached task is
 //! reset, and new connections go to the tasks left. Needs root (CI runs as root).
 
@@ -54,67 +55,182 @@ fn answers(c: &Cluster, client: &str, vip: &str) -> BTreeSet<String> {
         .collect()
 }
 
-#[test]
-fn a_vip_balances_over_every_task_from_every_node_and_from_a_task_itself() {
-    let c = Cluster::new("vip", 3);
+/// A cluster of `nodes` nodes with network `app` (198.19.5.0/24) and service `web` on it; the
+/// service's VIP.
+fn service_cluster(name: &str, nodes: usize) -> (Cluster, String) {
+    let c = Cluster::new(name, nodes);
     c.node(1)
         .cli_ok(&["network", "create", "app", "--subnet", "198.19.5.0/24"]);
     c.wait_network_everywhere("app");
     let created = c
-        .node(2)
+        .node(nodes)
         .json(&["service", "create", "web", "--network", "app"]);
     let vip = created["vip"]
         .as_str()
         .expect("the service has a VIP")
         .to_string();
+    (c, vip)
+}
 
-    let tasks: Vec<_> = (1..=3).map(|n| task(&c, n, &format!("t{n}"))).collect();
-    let names: BTreeSet<String> = (1..=3).map(|n| format!("t{n}")).collect();
-    for (ns, a, _) in &tasks {
-        assert_ne!(a.ip, vip, "a task got the VIP");
-        // Each server is up before it is asked through the VIP.
-        c.assert_ping(ns, &a.ip, PING_WAIT);
-    }
+/// Waits until every node counts `healthy` healthy tasks of `web`.
+fn wait_healthy(c: &Cluster, healthy: u64) {
     assert!(
-        wait_until(PING_WAIT, || (1..=3).all(|n| {
-            c.node(n)
-                .json(&["service", "ls"])
-                .as_array()
-                .and_then(|s| s.first().cloned())
-                .is_some_and(|s| s["tasks_healthy"] == 3)
-        })),
-        "every node lists 3 healthy tasks"
+        wait_until(PING_WAIT, || (1..=c.nodes.len())
+            .all(|n| tasks(c, n).0 == healthy)),
+        "every node lists {healthy} healthy tasks"
     );
+}
 
-    for node in 1..=3 {
-        let client = c.container(node, &format!("client{node}"));
-        c.attach(node, &client, "app", &[]);
-        // Known on every node before it asks: a member's frames from a MAC the receiving
-        // node does not know yet are dropped as foreign.
-        let endpoints = 3 + node as u64;
-        assert!(wait_until(PING_WAIT, || (1..=3).all(|n| {
+/// A client container on `node`, the `nth` container of the network; known to every node
+/// before it asks (a member's frames from a MAC the receiving node does not know yet are
+/// dropped as foreign).
+fn client(c: &Cluster, node: usize, name: &str, nth: u64) -> String {
+    let ns = c.container(node, name);
+    c.attach(node, &ns, "app", &[]);
+    assert!(
+        wait_until(PING_WAIT, || (1..=c.nodes.len()).all(|n| {
             c.node(n)
                 .network("app")
                 .ok()
                 .flatten()
-                .is_some_and(|v| v["endpoints"].as_u64() == Some(endpoints))
-        })));
-        let got = answers(&c, &client, &vip);
-        assert_eq!(got, names, "client on node {node} reached only {got:?}");
-    }
+                .is_some_and(|v| v["endpoints"].as_u64() == Some(nth))
+        })),
+        "{name} is not known on every node"
+    );
+    ns
+}
 
-    // A task that asks its own service lands on every task, itself too.
+fn names(of: &[usize]) -> BTreeSet<String> {
+    of.iter().map(|n| format!("t{n}")).collect()
+}
+
+#[test]
+fn a_client_reaches_tasks_on_other_nodes_through_the_vip() {
+    let (c, vip) = service_cluster("vipfar", 3);
+    let _tasks: Vec<_> = [2, 3].map(|n| task(&c, n, &format!("t{n}"))).into();
+    wait_healthy(&c, 2);
+    let client = client(&c, 1, "client", 3);
+    assert_eq!(answers(&c, &client, &vip), names(&[2, 3]));
+}
+
+#[test]
+fn a_client_reaches_a_task_on_its_own_node_through_the_vip() {
+    let (c, vip) = service_cluster("vipnear", 2);
+    let _task = task(&c, 1, "t1");
+    wait_healthy(&c, 1);
+    let client = client(&c, 1, "client", 2);
+    assert_eq!(answers(&c, &client, &vip), names(&[1]));
+}
+
+#[test]
+fn a_task_calling_its_own_vip_lands_on_itself() {
+    let (c, vip) = service_cluster("vipself", 2);
+    let (own, _, _server) = task(&c, 1, "t1");
+    wait_healthy(&c, 1);
+    assert_eq!(answers(&c, &own, &vip), names(&[1]));
+}
+
+/// The demo's walkthrough: a task per node, a client on each node, every client reaches every
+/// task, and so does a task through its own VIP.
+#[test]
+fn a_vip_balances_over_every_task_from_every_node_and_from_a_task_itself() {
+    let (c, vip) = service_cluster("vip", 3);
+    let tasks: Vec<_> = (1..=3).map(|n| task(&c, n, &format!("t{n}"))).collect();
+    for (_, a, _) in &tasks {
+        assert_ne!(a.ip, vip, "a task got the VIP");
+    }
+    wait_healthy(&c, 3);
+    for node in 1..=3 {
+        let client = client(&c, node, &format!("client{node}"), 3 + node as u64);
+        let got = answers(&c, &client, &vip);
+        assert_eq!(
+            got,
+            names(&[1, 2, 3]),
+            "client on node {node} reached only {got:?}"
+        );
+    }
     let (own, _, _) = &tasks[0];
     let got = answers(&c, own, &vip);
     assert_eq!(
-        got, names,
+        got,
+        names(&[1, 2, 3]),
         "task t1 reached only {got:?} through its own VIP"
     );
-
     let status = c.node(1).json(&["status"]);
     assert!(
         status["dataplane"]["balancer"]["flows"].as_u64() > Some(0),
         "node 1 balanced no flow: {status}"
+    );
+}
+
+/// A UDP server that answers each datagram with `name`.
+const UDP_NAME: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 7001))
+while True:
+    _, peer = s.recvfrom(100)
+    s.sendto(sys.argv[1].encode(), peer)
+"#;
+
+/// Sends one datagram to ARGV1:7001 and prints the answer and who sent it, or `refused` when
+/// an ICMP port unreachable comes back, or `silence`.
+const UDP_ASK: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+s.connect((sys.argv[1], 7001))
+try:
+    s.send(b"?"); data, peer = s.recvfrom(100); print(data.decode(), peer[0])
+except ConnectionRefusedError:
+    print("refused")
+except socket.timeout:
+    print("silence")
+"#;
+
+#[test]
+fn udp_is_balanced_too_and_a_vip_without_tasks_refuses_at_once() {
+    let (c, vip) = service_cluster("vipudp", 2);
+    let (task_ns, _, _http) = task(&c, 2, "t2");
+    let _udp = c.spawn(&task_ns, &["python3", "-c", UDP_NAME, "t2"]);
+    wait_healthy(&c, 1);
+    let client = client(&c, 1, "client", 2);
+    let asked = c.exec_ok(&client, &["python3", "-c", UDP_ASK, &vip]);
+    assert_eq!(
+        asked.trim(),
+        format!("t2 {vip}"),
+        "the answer comes from the VIP"
+    );
+
+    let empty = c
+        .node(1)
+        .json(&["service", "create", "empty", "--network", "app"]);
+    let empty_vip = empty["vip"].as_str().expect("a VIP").to_string();
+    let asked = c.exec_ok(&client, &["python3", "-c", UDP_ASK, &empty_vip]);
+    assert_eq!(
+        asked.trim(),
+        "refused",
+        "UDP to a VIP with no task gets port unreachable"
+    );
+    let started = Instant::now();
+    let out = c.exec(
+        &client,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{empty_vip}/"),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "curl is refused: {}",
+        netns::show(&out)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused after {:?}",
+        started.elapsed()
     );
 }
 
