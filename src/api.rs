@@ -223,6 +223,8 @@ pub struct Dataplane {
 pub struct Balancer {
     /// Flows in the connection table now.
     pub tracked: usize,
+    /// Flows evicted to make room since start (unanswered ones first).
+    pub evicted: u64,
     /// Flows balanced to a task since start.
     pub flows: u64,
     /// Packets answered with a reset or port unreachable: no healthy task, or their task went.

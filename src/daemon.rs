@@ -446,6 +446,7 @@ impl Daemon {
                     .find(|m| m.node.id == self.id)
                     .map(|m| m.node.clone());
                 let stats = self.dataplane.stats();
+                let (tracked, evicted) = self.balancer.flows();
                 Ok(json(&api::Status {
                     node: node.ok_or_else(|| {
                         Failure::runtime("this node is missing from its own view")
@@ -469,7 +470,8 @@ impl Daemon {
                             .map(|(k, v)| (k.to_string(), v))
                             .collect(),
                         balancer: api::Balancer {
-                            tracked: self.balancer.flows(),
+                            tracked,
+                            evicted,
                             flows: self.balancer.stats.flows.load(Ordering::Relaxed),
                             rejected: self.balancer.stats.rejected.load(Ordering::Relaxed),
                             dropped: self.balancer.stats.dropped.load(Ordering::Relaxed),

@@ -107,9 +107,19 @@ impl Balancer {
         }
     }
 
-    /// Flows tracked now.
-    pub fn flows(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).len()).sum()
+    /// Flows tracked now, and flows evicted since start to make room for new ones (a full
+    /// table evicts unanswered flows first, and keeps forwarding).
+    pub fn flows(&self) -> (usize, u64) {
+        self.shards
+            .iter()
+            .fold((0, 0), |(tracked, evicted), shard| {
+                let table = lock(shard);
+                let stats = table.stats();
+                (
+                    tracked + table.len(),
+                    evicted + stats.evicted_embryonic + stats.evicted_oldest,
+                )
+            })
     }
 
     /// Looks at an Ethernet frame sent to a VIP, or on its way to a local endpoint; `mode`
@@ -354,7 +364,7 @@ mod tests {
         assert_eq!(src, SocketAddrV4::new(ip(VIP), 80));
         assert_eq!(dst, SocketAddrV4::new(ip(5), 40000));
         assert_eq!((src_mac, dst_mac), (mac_of(ip(VIP)), mac_of(ip(5))));
-        assert_eq!(b.flows(), 1);
+        assert_eq!(b.flows(), (1, 0));
     }
 
     #[test]
@@ -416,7 +426,7 @@ mod tests {
         // From a task, but no tracked flow: its own connection elsewhere.
         let mut own = tcp((7, 80), (6, 5555), false);
         assert_eq!(run(&b, &mut own), Verdict::Pass);
-        assert_eq!(b.flows(), 0);
+        assert_eq!(b.flows(), (0, 0));
     }
 
     /// The two directions of each flow go through different threads (as two workers would),
