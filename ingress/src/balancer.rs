@@ -126,10 +126,14 @@ impl Balancer {
     /// says whether its TCP/UDP checksum is complete or an offloaded frame's partial sum. A
     /// reset or port unreachable is built into `reply`.
     pub fn process(&self, frame: &mut [u8], mode: Mode, now: Instant, reply: &mut [u8]) -> Verdict {
+        let services = self.services.load();
+        // Most frames of a network without services: no parsing at all.
+        if services.is_empty() {
+            return Verdict::Pass;
+        }
         let Ok(tuple) = nat::flow(frame) else {
             return Verdict::Pass;
         };
-        let services = self.services.load();
         let to_vip = services.service_for(*tuple.dst.ip());
         if to_vip.is_none() && !services.is_backend(*tuple.src.ip()) {
             return Verdict::Pass;
