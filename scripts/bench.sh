@@ -19,6 +19,11 @@
 # - TCP request/response: `sockperf pp --tcp -t DUR` against `sockperf sr --tcp`. The anchor cannot
 #   be extended, so the kernel's number comes from the identical topology built by
 #   ov_kernel_vxlan_pair (lib.sh), torn down before overlayd is measured.
+# - Services (a second table, overlayd only): service "web" on the bench network with one task,
+#   container t2 on node 2. c1 runs the same iperf3 and sockperf against t2's own address
+#   (direct) and against the VIP, which node 1's balancer NATs to t2: the same path plus the
+#   balancer. Each twice (direct, VIP, VIP, direct), averaged. Then c1 sends one UDP datagram on each of ~100k (client port, VIP port) pairs, each
+#   a flow node 1's balancer tracks for 30 s, and node 1's daemon RSS is read while they are.
 #
 #   DUR=5 scripts/bench.sh        # seconds per iperf3/sockperf run (default 5)
 set -euo pipefail
@@ -109,15 +114,16 @@ delta_cpu_s() {
 # per_cpu GBITPS CPU_S: Gbit moved in the DUR-second run per busy CPU-second.
 per_cpu() { awk -v g="$1" -v c="$2" -v d="$DUR" 'BEGIN { if (g ~ /^[0-9.]+$/ && c ~ /^[0-9.]+$/ && c > 0) printf "%.2f", g * d / c; else print "n/a" }'; }
 
-# sockperf_rtt SERVER_NS CLIENT_NS IP: TCP ping-pong for DUR s; prints the average round trip in
+# sockperf_rtt SERVER_NS CLIENT_NS IP [DIAL]: TCP ping-pong for DUR s against the server on IP,
+# the client dialling DIAL (default IP; a VIP that leads to IP); prints the average round trip in
 # microseconds (sockperf reports half of it as "Latency"), or n/a.
 sockperf_rtt() {
-  local sns=$1 cns=$2 ip=$3 spid lat
+  local sns=$1 cns=$2 ip=$3 dial=${4:-$3} spid lat
   ip netns exec "$sns" sockperf sr --tcp -i "$ip" -p 11111 >"$OV_WORK/sockperf-sr-$sns.log" 2>&1 &
   spid=$!
   OV_PIDS+=("$spid")
   ov_wait 10 "sockperf server in $sns" bash -c "ip netns exec '$sns' ss -Hltn 'sport = :11111' | grep -q ."
-  lat=$(timeout $((DUR + 30)) ip netns exec "$cns" sockperf pp --tcp -i "$ip" -p 11111 -t "$DUR" 2>&1 |
+  lat=$(timeout $((DUR + 30)) ip netns exec "$cns" sockperf pp --tcp -i "$dial" -p 11111 -t "$DUR" 2>&1 |
     sed -n 's/.*Summary: Latency is \([0-9.]*\) usec.*/\1/p' | head -n1) || true
   kill "$spid" 2>/dev/null || true
   wait "$spid" 2>/dev/null || true
@@ -192,14 +198,15 @@ cpu_ticks() { # total utime+stime of the overlayd daemons, in clock ticks
   echo "$t"
 }
 
-# iperf FILE ARGS...: one iperf3 run c1 -> c2 (one-off server in c2), JSON to FILE.
+# iperf FILE SERVER_NS DIAL ARGS...: one iperf3 run from c1 to DIAL (one-off server in SERVER_NS,
+# which DIAL reaches), JSON to FILE.
 iperf() {
-  local out=$1 spid; shift
-  ip netns exec "${O}c2" iperf3 -s -1 -p 5201 >/dev/null 2>&1 &
+  local out=$1 sns=$2 dial=$3 spid; shift 3
+  ip netns exec "$sns" iperf3 -s -1 -p 5201 >/dev/null 2>&1 &
   spid=$!
   OV_PIDS+=("$spid")
-  ov_wait 10 "iperf3 server in c2" bash -c "ip netns exec '${O}c2' ss -Hltn 'sport = :5201' | grep -q ."
-  timeout $((DUR + 30)) ip netns exec "${O}c1" iperf3 -c "$C2_IP" -p 5201 -t "$DUR" -J "$@" >"$out" || true
+  ov_wait 10 "iperf3 server in $sns" bash -c "ip netns exec '$sns' ss -Hltn 'sport = :5201' | grep -q ."
+  timeout $((DUR + 30)) ip netns exec "${O}c1" iperf3 -c "$dial" -p 5201 -t "$DUR" -J "$@" >"$out" || true
   kill "$spid" 2>/dev/null || true
   wait "$spid" 2>/dev/null || true
 }
@@ -208,7 +215,7 @@ gbps() { python3 -c 'import json,sys;d=json.load(open(sys.argv[1]));print("%.2f"
 ov_log "overlayd TCP 1 stream"
 T0=$(cpu_ticks)
 S0=$(snap)
-iperf "$OV_WORK/o-tcp1.json"
+iperf "$OV_WORK/o-tcp1.json" "${O}c2" "$C2_IP"
 S1=$(snap)
 T1=$(cpu_ticks)
 O_TCP1=$(gbps "$OV_WORK/o-tcp1.json")
@@ -217,7 +224,7 @@ O_PER_CPU=$(per_cpu "$O_TCP1" "$O_CPU")
 echo "overlayd c1->c2: $O_TCP1 Gbit/s ($O_CPU busy CPU-s machine-wide; the daemons' own share $(((T1 - T0) * 1000 / $(getconf CLK_TCK))) ms)"
 
 ov_log "overlayd TCP 4 streams"
-iperf "$OV_WORK/o-tcp4.json" -P 4
+iperf "$OV_WORK/o-tcp4.json" "${O}c2" "$C2_IP" -P 4
 O_TCP4=$(gbps "$OV_WORK/o-tcp4.json")
 echo "overlayd 4 streams c1->c2: $O_TCP4 Gbit/s"
 
@@ -236,10 +243,89 @@ O_RR=$(sockperf_rtt "${O}c2" "${O}c1" "$C2_IP")
 echo "overlayd TCP req/resp c1->c2: $O_RR us avg RTT"
 
 ov_log "overlayd UDP 1350 B"
-iperf "$OV_WORK/o-udp.json" -u -b 0 -l 1350
+iperf "$OV_WORK/o-udp.json" "${O}c2" "$C2_IP" -u -b 0 -l 1350
 O_UDP=$(python3 -c 'import json,sys;s=json.load(open(sys.argv[1]))["end"]["sum"];print("%.0f pps recv, loss %.1f%%"%(s["packets"]*(1-s["lost_percent"]/100)/s["seconds"], s["lost_percent"]))' "$OV_WORK/o-udp.json" 2>/dev/null || echo "n/a")
 echo "overlayd 1-stream UDP 1350B c1->c2 (pps): $O_UDP"
 O_PPS=${O_UDP%% *}
+
+# --- overlayd services: via a VIP against the same task directly --------------------------------
+ov_log "overlayd services: service web on bench, task t2 on node 2"
+VIP=$(ov_cli "${OV_API[2]}" service create web --network bench --json |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["vip"])')
+ov_ns_add "${O}t2"
+T2_IP=$(ov_attach "${OV_API[2]}" "${O}t2" bench --service web)
+echo "service web: VIP $VIP, task t2 $T2_IP on node 2"
+# Ready when a request through node 1's balancer gets an answer from t2 (any HTTP status will do).
+mkdir -p "$OV_WORK/www-t2"
+ip netns exec "${O}t2" busybox httpd -f -p 80 -h "$OV_WORK/www-t2" </dev/null >/dev/null 2>&1 &
+OV_PIDS+=("$!")
+ov_wait 20 "c1 -> VIP $VIP reaching t2" ip netns exec "${O}c1" curl -s -o /dev/null --max-time 1 "http://$VIP/"
+
+# Each measured twice, in the order direct, VIP, VIP, direct, and averaged: on a shared machine the
+# rate drifts by tens of percent within a minute, and a fixed order would charge it to one side.
+# mean A B: their average, or n/a.
+mean() { awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/) printf "%.2f", (a + b) / 2; else print "n/a" }'; }
+
+ov_log "overlayd TCP 1 stream: c1 -> t2 directly and via the VIP (direct, VIP, VIP, direct)"
+S_TCP=()
+for dial in "$T2_IP" "$VIP" "$VIP" "$T2_IP"; do
+  iperf "$OV_WORK/s-tcp.json" "${O}t2" "$dial"
+  S_TCP+=("$(gbps "$OV_WORK/s-tcp.json")")
+done
+S_TCP_DIRECT=$(mean "${S_TCP[0]}" "${S_TCP[3]}")
+S_TCP_VIP=$(mean "${S_TCP[1]}" "${S_TCP[2]}")
+echo "overlayd TCP 1 stream c1->t2 (Gbit/s): directly ${S_TCP[0]} ${S_TCP[3]}, via the VIP ${S_TCP[1]} ${S_TCP[2]}"
+
+ov_log "overlayd TCP request/response (sockperf): c1 -> t2 directly and via the VIP (direct, VIP, VIP, direct)"
+S_RR=()
+for dial in "$T2_IP" "$VIP" "$VIP" "$T2_IP"; do
+  S_RR+=("$(sockperf_rtt "${O}t2" "${O}c1" "$T2_IP" "$dial")")
+done
+S_RR_DIRECT=$(mean "${S_RR[0]}" "${S_RR[3]}")
+S_RR_VIP=$(mean "${S_RR[1]}" "${S_RR[2]}")
+echo "overlayd TCP req/resp c1->t2 (us avg RTT): directly ${S_RR[0]} ${S_RR[3]}, via the VIP ${S_RR[1]} ${S_RR[2]}"
+
+# UDP flows from c1 to the VIP, one datagram each: 1024 client ports x 98 VIP ports = 100352.
+# The balancer shards its table by client port (port % 64, 2048 flows per shard), so consecutive
+# client ports put 16 x 98 = 1568 flows in every shard. Nothing listens on those ports: t2 answers
+# port unreachable (rate-limited by its kernel), which leaves the flows unreplied (tracked 30 s).
+# A pass re-sending every datagram refills whatever a queue dropped; at most 3 passes.
+ov_log "overlayd: 100k UDP flows c1 -> VIP, node 1's balancer tracking them"
+balancer_tracked() {
+  ov_cli "${OV_API[1]}" status --json |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["dataplane"]["balancer"]["tracked"])' 2>/dev/null ||
+    echo "n/a"
+}
+udp_flows() {
+  timeout 60 ip netns exec "${O}c1" python3 - "$VIP" <<'PY'
+import socket, sys, time
+vip, errors = sys.argv[1], 0
+for sport in range(40000, 41024):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", sport))
+    for dport in range(20000, 20098):
+        try:
+            s.sendto(b"x", (vip, dport))
+        except OSError:
+            errors += 1
+    s.close()
+    time.sleep(0.002)  # ~50k datagrams/s: short of what fills the queues to the daemon
+if errors:
+    print("udp flows: %d sends failed" % errors, file=sys.stderr)
+PY
+}
+S_TRACKED="n/a"
+F0=$SECONDS
+for pass in 1 2 3; do
+  udp_flows || ov_log "the flow generator failed (pass $pass)"
+  S_TRACKED=$(balancer_tracked)
+  echo "pass $pass: node 1's balancer tracks $S_TRACKED flows ($((SECONDS - F0)) s since the first datagram)"
+  [[ $S_TRACKED =~ ^[0-9]+$ && $S_TRACKED -ge 100000 ]] && break
+done
+S_RSS=$(awk '/^VmRSS/{printf "%.1f", $2/1024}' "/proc/${OV_NODE_PID[1]}/status")
+echo "node 1's daemon: VmRSS $S_RSS MB with $S_TRACKED tracked flows (idle: $O_RSS MB)"
+[[ $S_TRACKED =~ ^[0-9]+$ && $S_TRACKED -ge 100000 ]] ||
+  ov_log "WARNING: fewer than 100000 flows tracked: the RSS row is for $S_TRACKED flows"
 
 # --- the table -----------------------------------------------------------------------------------
 ratio() { awk -v o="$1" -v k="$2" 'BEGIN { if (o ~ /^[0-9.]+$/ && k ~ /^[0-9.]+$/ && k > 0) printf "%.2f", o / k; else print "n/a" }'; }
@@ -256,5 +342,14 @@ row "ping RTT avg (ms, lower is better)" "$K_RTT" "n/a" "$O_RTT" "$(ratio "$O_RT
 row "TCP req/resp RTT (us, sockperf, lower)" "$K_RR" "n/a" "$O_RR" "$(ratio "$O_RR" "$K_RR")" "n/a"
 row "UDP 1350 B (pps received)" "$K_PPS" "n/a" "$O_PPS" "$(ratio "$O_PPS" "$K_PPS")" "n/a"
 row "idle RSS, one daemon (MB)" "n/a (kernel)" "$N_RSS" "$O_RSS" "n/a" "$(ratio "$O_RSS" "$N_RSS")"
+echo
+echo "services (overlayd only): c1 on node 1 -> task t2 on node 2, directly and via service web's VIP"
+srow() { printf '%-50s | %-12s | %-12s | %-12s | %s\n' "$1" "$2" "$3" "$4" "$5"; }
+srow "metric" "direct" "via VIP" "VIP/direct" "target"
+srow "--------------------------------------------------" "------------" "------------" "------------" "------------"
+srow "TCP 1 stream via VIP / direct (Gbit/s)" "$S_TCP_DIRECT" "$S_TCP_VIP" "$(ratio "$S_TCP_VIP" "$S_TCP_DIRECT")" ">= 0.9x"
+srow "sockperf TCP req/resp via VIP / direct (us, lower)" "$S_RR_DIRECT" "$S_RR_VIP" "$(ratio "$S_RR_VIP" "$S_RR_DIRECT")" "<= 1.1x"
+srow "RSS with 100k tracked flows (MB)" "-" "$S_RSS" "-" "<= 64 MiB"
+srow "  flows tracked then (node 1 status)" "-" "$S_TRACKED" "-" ">= 100000"
 
 [[ $O_TCP1 != n/a ]] || ov_die "overlayd TCP measurement failed (see above)"
