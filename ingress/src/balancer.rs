@@ -17,7 +17,9 @@
 //! then of its destination port: at most two uncontended locks, and only for packets that
 //! concern a service (to a VIP, or from a task); other traffic takes none.
 //!
-//! Nothing allocates per packet: the tables are preallocated, the snapshot is swapped whole.
+//! Nothing allocates per packet: a shard's table is allocated whole (at its full capacity) by
+//! the first flow that lands in it, so a node that balances nothing holds no table at all, and
+//! the snapshot is swapped whole.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,7 +65,10 @@ pub struct Stats {
 
 pub struct Balancer {
     services: ArcSwap<Table>,
-    shards: Box<[Mutex<conntrack::Table>]>,
+    /// Each shard's table, made by its first flow.
+    shards: Box<[Mutex<Option<conntrack::Table>>]>,
+    per_shard: u32,
+    timeouts: conntrack::Timeouts,
     /// The MAC of an overlay address (the cluster's convention), for the rewritten frames.
     mac_of: fn(Ipv4Addr) -> [u8; 6],
     pub stats: Stats,
@@ -77,12 +82,13 @@ impl Balancer {
         mac_of: fn(Ipv4Addr) -> [u8; 6],
     ) -> Result<Balancer, conntrack::Error> {
         let per_shard = flows.div_ceil(SHARDS as u32).max(1);
-        let shards = (0..SHARDS)
-            .map(|_| conntrack::Table::new(per_shard, timeouts).map(Mutex::new))
-            .collect::<Result<_, _>>()?;
+        // Refused now rather than at the first flow.
+        conntrack::Table::new(per_shard, timeouts)?;
         Ok(Balancer {
             services: ArcSwap::from_pointee(Table::default()),
-            shards,
+            shards: (0..SHARDS).map(|_| Mutex::new(None)).collect(),
+            per_shard,
+            timeouts,
             mac_of,
             stats: Stats::default(),
         })
@@ -95,7 +101,9 @@ impl Balancer {
         self.services.store(Arc::new(next));
         for task in gone {
             for shard in self.shards.iter() {
-                lock(shard).remove_backend(now, task);
+                if let Some(table) = lock(shard).as_mut() {
+                    table.remove_backend(now, task);
+                }
             }
         }
     }
@@ -103,7 +111,9 @@ impl Balancer {
     /// Expires flows whose time is up.
     pub fn handle_timeout(&self, now: Instant) {
         for shard in self.shards.iter() {
-            lock(shard).handle_timeout(now);
+            if let Some(table) = lock(shard).as_mut() {
+                table.handle_timeout(now);
+            }
         }
     }
 
@@ -113,12 +123,16 @@ impl Balancer {
         self.shards
             .iter()
             .fold((0, 0), |(tracked, evicted), shard| {
-                let table = lock(shard);
-                let stats = table.stats();
-                (
-                    tracked + table.len(),
-                    evicted + stats.evicted_embryonic + stats.evicted_oldest,
-                )
+                match lock(shard).as_ref() {
+                    Some(table) => {
+                        let stats = table.stats();
+                        (
+                            tracked + table.len(),
+                            evicted + stats.evicted_embryonic + stats.evicted_oldest,
+                        )
+                    }
+                    None => (tracked, evicted),
+                }
             })
     }
 
@@ -144,7 +158,10 @@ impl Balancer {
             shards[1] = None;
         }
         for shard in shards.into_iter().flatten() {
-            if let Some((direction, entry)) = lock(&self.shards[shard]).track(now, &tuple, flags) {
+            let tracked = lock(&self.shards[shard])
+                .as_mut()
+                .and_then(|table| table.track(now, &tuple, flags));
+            if let Some((direction, entry)) = tracked {
                 return self.follow(frame, mode, direction, &entry, reply);
             }
         }
@@ -164,7 +181,15 @@ impl Balancer {
         let Some(shard) = self.shard(client.port()) else {
             return Verdict::Drop;
         };
-        let inserted = lock(&self.shards[shard]).insert(now, tuple, nat, flags);
+        let mut table = lock(&self.shards[shard]);
+        let table = match table.as_mut() {
+            Some(table) => table,
+            None => match conntrack::Table::new(self.per_shard, self.timeouts) {
+                Ok(made) => table.insert(made),
+                Err(_) => return self.count_drop(),
+            },
+        };
+        let inserted = table.insert(now, tuple, nat, flags);
         match inserted {
             Ok(entry) => {
                 self.stats.flows.fetch_add(1, Ordering::Relaxed);
@@ -252,7 +277,7 @@ impl Balancer {
 
 /// The shard's table. A worker that panicked while holding it left it consistent (every
 /// change is made in one call that does not unwind halfway), so it is used as it is.
-fn lock(shard: &Mutex<conntrack::Table>) -> MutexGuard<'_, conntrack::Table> {
+fn lock(shard: &Mutex<Option<conntrack::Table>>) -> MutexGuard<'_, Option<conntrack::Table>> {
     shard
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
