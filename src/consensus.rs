@@ -158,11 +158,10 @@ impl Consensus {
         self.registry.borrow().clone()
     }
 
-    /// The Raft voters, and the leader if one is known.
-    pub fn voters(&self) -> (BTreeSet<NodeId>, Option<NodeId>) {
+    /// The Raft voters.
+    fn voters(&self) -> BTreeSet<NodeId> {
         let metrics = self.raft.metrics().borrow().clone();
-        let voters = metrics.membership_config.membership().voter_ids().collect();
-        (voters, metrics.current_leader)
+        metrics.membership_config.membership().voter_ids().collect()
     }
 
     /// `node`'s part in the Raft group, as this node knows it.
@@ -219,7 +218,7 @@ impl Consensus {
         self.raft
             .add_learner(id, BasicNode::new(addr.to_string()), true)
             .await?;
-        let (voters, _) = self.voters();
+        let voters = self.voters();
         if voters.len() < MAX_VOTERS && !voters.contains(&id) {
             self.raft
                 .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
