@@ -172,17 +172,21 @@ while True:
     s.sendto(sys.argv[1].encode(), peer)
 "#;
 
-/// Sends one datagram to ARGV1:7001 and prints the answer and who sent it, or `refused` when
-/// an ICMP port unreachable comes back, or `silence`.
+/// Sends a datagram to ARGV1:7001, up to 5 times a second apart (the server may still be
+/// starting), and prints the answer and who sent it, or `refused` when an ICMP port
+/// unreachable comes back, or `silence`.
 const UDP_ASK: &str = r#"
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)
 s.connect((sys.argv[1], 7001))
-try:
-    s.send(b"?"); data, peer = s.recvfrom(100); print(data.decode(), peer[0])
-except ConnectionRefusedError:
-    print("refused")
-except socket.timeout:
+for _ in range(5):
+    try:
+        s.send(b"?"); data, peer = s.recvfrom(100); print(data.decode(), peer[0]); break
+    except ConnectionRefusedError:
+        print("refused"); break
+    except socket.timeout:
+        pass
+else:
     print("silence")
 "#;
 
