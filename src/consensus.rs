@@ -200,8 +200,9 @@ impl Consensus {
             Ok(Err(err)) => Ok(Err(Failure::runtime(format!("not committed: {err}")))),
             Err(_) => Ok(Err(Failure::runtime(format!(
                 "no majority of the cluster's voters confirmed the change within {COMMIT_WITHIN:?} \
-                 (this node may be cut off from them): nothing was changed; retry when the \
-                 network is whole (`overlayd node ls` shows who is reachable)"
+                 (this node may be cut off from them): it was not made, and is made only if a \
+                 majority takes it later; check before retrying when the network is whole \
+                 (`overlayd node ls` shows who is reachable)"
             )))),
         }
     }

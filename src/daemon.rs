@@ -199,6 +199,9 @@ impl Daemon {
             Ok(parts) => parts,
             Err(failure) => {
                 let _ = std::fs::remove_file(&config.api);
+                if identity_to_create {
+                    state_dir::remove_new_node(&config.state_dir);
+                }
                 return Err(failure);
             }
         };
@@ -255,7 +258,7 @@ impl Daemon {
             };
             if let Err(failure) = joined {
                 daemon.stop().await;
-                let _ = std::fs::remove_dir_all(&daemon.config.state_dir);
+                state_dir::remove_new_node(&daemon.config.state_dir);
                 return Err(Failure::runtime(format!(
                     "joining through {seed}: the cluster did not add this node: {failure}"
                 )));
@@ -571,8 +574,9 @@ impl Daemon {
             tokio::time::sleep(pause).await;
         };
         Err(Failure::runtime(format!(
-            "no leader committed the change within {PROPOSE_WITHIN:?} ({why}): nothing was changed. \
-             A majority of the cluster's voters must be reachable; `overlayd node ls` shows who is"
+            "no leader confirmed the change within {PROPOSE_WITHIN:?} ({why}): it was not made, \
+             unless a leader that got it commits it later. A majority of the cluster's voters \
+             must be reachable; `overlayd node ls` shows who is"
         )))
     }
 

@@ -138,6 +138,9 @@ impl Registry {
             } => {
                 let existing: Vec<Network> = self.networks.values().cloned().collect();
                 let vni = ipam::admit_network(&name, subnet, vni, &existing)?;
+                if existing.iter().any(|n| n.id == id) {
+                    return Err(Failure::usage(format!("network id {id} is in use already")));
+                }
                 let net = Network {
                     id,
                     name,

@@ -69,6 +69,18 @@ pub fn create(dir: &Path, identity: &Identity) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", token.display()))
 }
 
+/// Removes what [`create`] and the node wrote into `dir`, and `dir` itself if that leaves it
+/// empty: a new node whose start failed leaves nothing behind, and nothing of the user's is
+/// touched.
+pub fn remove_new_node(dir: &Path) {
+    for file in [IDENTITY, "join-token", PEERS, ENDPOINTS, RAFT] {
+        let path = dir.join(file);
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path.with_extension("tmp"));
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
 /// Members' gossip addresses; missing or unreadable means none are known.
 pub fn load_peers(dir: &Path) -> Vec<SocketAddr> {
     read(&dir.join(PEERS)).unwrap_or_default()
@@ -129,7 +141,14 @@ fn replace(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::io::Write::write_all(&mut file, bytes)?;
     file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    // The rename is durable only once the directory is: Raft's vote must survive a power loss.
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -79,7 +79,7 @@ fn a_cut_off_leader_refuses_changes_and_nothing_is_handed_out_twice() {
     );
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        why.contains("majority") && why.contains("nothing was changed"),
+        why.contains("majority") && why.contains("not made"),
         "the refusal does not say why: {why}"
     );
     assert!(

@@ -14,8 +14,9 @@
 //! port: as its source on the way in (client -> VIP:port), as its destination on the way back
 //! (task -> client, or task -> VIP:client port in the hairpin case, where the source is
 //! rewritten but the port kept). So a packet is looked up in the shard of its source port and
-//! then of its destination port: at most two uncontended locks, and only for packets that
-//! concern a service (to a VIP, or from a task); other traffic takes none.
+//! then of its destination port. A packet to a VIP is looked up in its source port's shard, a
+//! packet from a task in its destination port's, and only a task calling its own VIP in both;
+//! other traffic takes no lock.
 //!
 //! Nothing allocates per packet: a shard's table is allocated whole (at its full capacity) by
 //! the first flow that lands in it, so a node that balances nothing holds no table at all, and
@@ -153,7 +154,16 @@ impl Balancer {
             return Verdict::Pass;
         }
         let flags = nat::tcp_flags(frame);
-        let mut shards = [tuple.src.port(), tuple.dst.port()].map(|port| self.shard(port));
+        // The client port is the source on the way in (to a VIP), the destination on the way
+        // back (from a task); a task calling its own VIP is both, so both shards are asked.
+        let from_task = services.is_backend(*tuple.src.ip());
+        let mut shards = [
+            to_vip
+                .is_some()
+                .then(|| self.shard(tuple.src.port()))
+                .flatten(),
+            from_task.then(|| self.shard(tuple.dst.port())).flatten(),
+        ];
         if shards[0] == shards[1] {
             shards[1] = None;
         }
@@ -179,7 +189,7 @@ impl Balancer {
                 .then(|| SocketAddrV4::new(*tuple.dst.ip(), client.port())),
         };
         let Some(shard) = self.shard(client.port()) else {
-            return Verdict::Drop;
+            return self.count_drop();
         };
         let mut table = lock(&self.shards[shard]);
         let table = match table.as_mut() {
@@ -189,12 +199,17 @@ impl Balancer {
                 Err(_) => return self.count_drop(),
             },
         };
-        let inserted = table.insert(now, tuple, nat, flags);
-        match inserted {
+        match table.insert(now, tuple, nat, flags) {
             Ok(entry) => {
                 self.stats.flows.fetch_add(1, Ordering::Relaxed);
                 self.follow(frame, mode, Direction::Original, &entry, reply)
             }
+            // Another worker tracked this flow's first packet (a retransmitted SYN) between our
+            // lookup and this insert: follow its entry.
+            Err(conntrack::Error::Exists(_)) => match table.track(now, &tuple, flags) {
+                Some((direction, entry)) => self.follow(frame, mode, direction, &entry, reply),
+                None => self.count_drop(),
+            },
             Err(_) => self.count_drop(),
         }
     }

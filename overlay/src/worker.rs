@@ -445,8 +445,9 @@ impl Io<'_> {
                         self.counters.drop(reason);
                         continue;
                     }
-                    Forward::Reply(_) => {
-                        self.counters.drop(DropReason::Offload);
+                    // The stage's answer to a super-frame (a reset): a plain frame.
+                    Forward::Reply(len) => {
+                        self.write_tap(taps, idx, &ZERO_VNET, &reply[..len]);
                         continue;
                     }
                 };

@@ -229,8 +229,8 @@ impl Daemon {
         self.persist_endpoints().await;
     }
 
-    /// Gives an address back to the registry. If no leader commits it, the address stays
-    /// held (and unused) until this node detaches again: better than handing it out twice.
+    /// Gives an address back to the registry. If no leader commits it, the address stays held
+    /// by this node, unused (nothing frees it later yet): better than handing it out twice.
     async fn release(&self, net: &Network, ip: Ipv4Addr) {
         let command = Command::Release {
             network_id: net.id.clone(),
