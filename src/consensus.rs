@@ -41,7 +41,7 @@ use tracing::info;
 use crate::api::{Failure, Reply};
 use crate::model::RaftRole;
 use crate::peer;
-use crate::registry::{Command, Registry};
+use crate::registry::{Command, Proposal, Registry};
 use crate::token::Secret;
 
 pub use store::Store;
@@ -50,7 +50,7 @@ pub type NodeId = u64;
 
 openraft::declare_raft_types!(
     pub TypeConfig:
-        D = Command,
+        D = Proposal,
         R = Reply,
 );
 
@@ -71,12 +71,19 @@ pub enum Rpc {
 /// A change proposed to the cluster.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Change {
-    Registry(Command),
+    Registry(Proposal),
     /// A new member: a voter while there are fewer than [`MAX_VOTERS`], else a learner.
     Join {
         node: String,
         addr: SocketAddr,
     },
+}
+
+impl Change {
+    /// A registry command under a fresh proposal id: retries of this change reuse the id.
+    pub fn registry(command: Command) -> Change {
+        Change::Registry(Proposal::new(command))
+    }
 }
 
 /// Where a change could not be made here.
@@ -184,7 +191,9 @@ impl Consensus {
     pub async fn propose(&self, change: Change) -> Result<Reply, Elsewhere> {
         let written = tokio::time::timeout(COMMIT_WITHIN, async {
             match change {
-                Change::Registry(command) => self.raft.client_write(command).await.map(|r| r.data),
+                Change::Registry(proposal) => {
+                    self.raft.client_write(proposal).await.map(|r| r.data)
+                }
                 Change::Join { node, addr } => self.add_member(&node, addr).await,
             }
         })

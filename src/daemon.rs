@@ -381,7 +381,7 @@ impl Daemon {
                 vteps,
             } => self.network_create(name, subnet, vni, mtu, vteps).await,
             NetworkRm { name } => {
-                self.propose(Change::Registry(Command::RemoveNetwork {
+                self.propose(Change::registry(Command::RemoveNetwork {
                     name: name.clone(),
                 }))
                 .await?;
@@ -410,7 +410,7 @@ impl Daemon {
                     mode,
                     health,
                 };
-                self.propose(Change::Registry(command)).await?;
+                self.propose(Change::registry(command)).await?;
                 let view = self
                     .converge(&format!("creating service {name}"), |v| {
                         v.services.contains_key(&name)
@@ -429,7 +429,7 @@ impl Daemon {
                 Ok(json(&tasks_of(&view, &name)))
             }
             ServiceRm { name, force } => {
-                self.propose(Change::Registry(Command::RemoveService {
+                self.propose(Change::registry(Command::RemoveService {
                     name: name.clone(),
                     force,
                 }))
@@ -512,7 +512,7 @@ impl Daemon {
             Some(m) => m,
         };
         let reply = self
-            .propose(Change::Registry(Command::CreateNetwork {
+            .propose(Change::registry(Command::CreateNetwork {
                 id: hex::encode(rand::random::<[u8; 8]>()),
                 name: name.clone(),
                 subnet,

@@ -75,6 +75,28 @@ pub enum Holder {
     Vip { service: String },
 }
 
+/// A command with the id its proposer gave it. A proposal that timed out may still commit;
+/// its retry carries the same id, so the registry answers it with the first outcome instead of
+/// applying it twice (a second address, or "already exists" for what the first created).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub id: u64,
+    pub command: Command,
+}
+
+impl Proposal {
+    /// `command` under a fresh random id.
+    pub fn new(command: Command) -> Proposal {
+        Proposal {
+            id: rand::random(),
+            command,
+        }
+    }
+}
+
+/// Outcomes remembered for retried proposals: far more than can be in flight at once.
+const REMEMBERED: usize = 1024;
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Registry {
     /// Networks by name. Each one passed [`Network::check`] when it was read.
@@ -84,6 +106,9 @@ pub struct Registry {
     /// Services by name.
     #[serde(default)]
     services: BTreeMap<String, Service>,
+    /// The last [`REMEMBERED`] proposals' ids, oldest first, and their outcomes.
+    #[serde(default)]
+    answered: std::collections::VecDeque<(u64, Reply)>,
 }
 
 impl Registry {
@@ -124,6 +149,19 @@ impl Registry {
                 } if *s == service.name => Some((*ip, node.as_str())),
                 _ => None,
             })
+    }
+
+    /// Applies a committed proposal, once: a retry of one already applied gets its outcome.
+    pub fn apply_once(&mut self, proposal: Proposal) -> Reply {
+        if let Some((_, reply)) = self.answered.iter().find(|(id, _)| *id == proposal.id) {
+            return reply.clone();
+        }
+        let reply = self.apply(proposal.command);
+        if self.answered.len() == REMEMBERED {
+            self.answered.pop_front();
+        }
+        self.answered.push_back((proposal.id, reply.clone()));
+        reply
     }
 
     pub fn apply(&mut self, command: Command) -> Reply {
@@ -427,6 +465,34 @@ mod tests {
             .unwrap_err();
         assert!(refusal.message.contains("not found"), "{refusal}");
         assert_eq!(r, before);
+    }
+
+    #[test]
+    fn a_retried_proposal_gets_the_first_outcome_and_changes_nothing_more() {
+        let mut r = Registry::default();
+        create(&mut r, "web", "198.19.0.0/24").unwrap();
+        let allocate = Proposal::new(Command::Allocate {
+            network: "web".into(),
+            node: "a".into(),
+            ip: None,
+            service: None,
+        });
+        let first = r.apply_once(allocate.clone());
+        assert_eq!(first, Ok("198.19.0.2".into()));
+        let after_first = r.clone();
+        assert_eq!(
+            r.apply_once(allocate),
+            first,
+            "the retry is answered, not applied"
+        );
+        assert_eq!(r, after_first);
+        let other = Proposal::new(Command::Allocate {
+            network: "web".into(),
+            node: "a".into(),
+            ip: None,
+            service: None,
+        });
+        assert_eq!(r.apply_once(other), Ok("198.19.0.3".into()));
     }
 
     #[test]

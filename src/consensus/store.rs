@@ -222,7 +222,9 @@ impl RaftStorage<TypeConfig> for Store {
                     disk.applied = Some(entry.log_id);
                     match &entry.payload {
                         EntryPayload::Blank => Ok(serde_json::Value::Null),
-                        EntryPayload::Normal(command) => disk.registry.apply(command.clone()),
+                        EntryPayload::Normal(proposal) => {
+                            disk.registry.apply_once(proposal.clone())
+                        }
                         EntryPayload::Membership(m) => {
                             disk.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                             Ok(serde_json::Value::Null)

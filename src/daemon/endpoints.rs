@@ -69,7 +69,7 @@ impl Daemon {
             )));
         }
         let reply = self
-            .propose(Change::Registry(Command::Allocate {
+            .propose(Change::registry(Command::Allocate {
                 network: network.clone(),
                 node: self.id.clone(),
                 ip,
@@ -237,7 +237,7 @@ impl Daemon {
             node: self.id.clone(),
             ip,
         };
-        if let Err(failure) = self.propose(Change::Registry(command)).await {
+        if let Err(failure) = self.propose(Change::registry(command)).await {
             warn!(%ip, network = %net.name, %failure, "address not released: it stays held by this node");
         }
     }
