@@ -72,13 +72,16 @@ fn service_cluster(name: &str, nodes: usize) -> (Cluster, String) {
     (c, vip)
 }
 
-/// Waits until every node counts `healthy` healthy tasks of `web`.
+/// Waits until every node counts `healthy` healthy tasks of `web`, and then until every
+/// balancer has them: a balancer takes the view at its node's next reconcile round (every
+/// 250 ms), and until then a flow to the VIP is refused as one with no task.
 fn wait_healthy(c: &Cluster, healthy: u64) {
     assert!(
         wait_until(PING_WAIT, || (1..=c.nodes.len())
             .all(|n| tasks(c, n).0 == healthy)),
         "every node lists {healthy} healthy tasks"
     );
+    std::thread::sleep(Duration::from_millis(600));
 }
 
 /// A client container on `node`, the `nth` container of the network; known to every node
