@@ -310,6 +310,9 @@ fn flood(net: &Network) -> Forward {
 /// the stage rewrote on its way out), with complete checksums: the sender's segmentation
 /// filled them in.
 ///
+/// The stage gets `reply` (at least [`REPLY_LEN`] bytes) as scratch: nothing is answered
+/// towards the underlay.
+///
 /// `Ok(vni)`: deliver the inner frame, `datagram[vxlan::HEADER_LEN..]`, to the TAP of `vni`.
 pub fn from_vtep(
     datagram: &mut [u8],
@@ -318,6 +321,7 @@ pub fn from_vtep(
     learned: &mut Learned,
     now: Instant,
     stage: &dyn Stage,
+    reply: &mut [u8],
 ) -> Result<Vni, DropReason> {
     let header = vxlan::Header::new_checked(&*datagram).map_err(|e| match e {
         vxlan::Malformed::Short => DropReason::Short,
@@ -359,10 +363,8 @@ pub fn from_vtep(
         learned.learn(vni, src, *sender.ip(), now);
     }
     if net.location(inner.dst()) == Some(Location::Local) {
-        // Nothing is answered towards the underlay: a reply buffer is only a formality.
-        let mut reply = [0u8; REPLY_LEN];
         let inner = &mut datagram[vxlan::HEADER_LEN..];
-        match stage.rewrite(inner, Checksum::Full, now, &mut reply) {
+        match stage.rewrite(inner, Checksum::Full, now, reply) {
             Verdict::Pass | Verdict::Rewritten => {}
             Verdict::Reply(_) | Verdict::Drop => return Err(DropReason::Service),
         }
@@ -420,6 +422,7 @@ mod tests {
             learned,
             now,
             &Passthrough,
+            &mut [0u8; REPLY_LEN],
         )
     }
 

@@ -338,18 +338,9 @@ mod sys {
             Ok(n as usize)
         }
 
-        /// Message `i` of the last [`recv`](Self::recv): its bytes, its sender, and the
-        /// segment size if it is a `UDP_GRO` batch.
-        pub fn get(&self, i: usize) -> (&[u8], SocketAddr, Option<usize>) {
-            let (n, from, segment) = self.got[i];
-            (
-                &self.data[i * self.len..i * self.len + n.min(self.len)],
-                from,
-                segment,
-            )
-        }
-
-        /// As [`RecvBatch::get`], for rewriting what was received in place.
+        /// Message `i` of the last [`recv`](Self::recv): its bytes (writable, so a stage can
+        /// rewrite them in place), its sender, and the segment size if it is a `UDP_GRO`
+        /// batch.
         pub fn get_mut(&mut self, i: usize) -> (&mut [u8], SocketAddr, Option<usize>) {
             let (n, from, segment) = self.got[i];
             (
@@ -446,7 +437,7 @@ mod tests {
             match batch.recv(&rx) {
                 Ok(count) => {
                     for i in 0..count {
-                        let (data, from, seg) = batch.get(i);
+                        let (data, from, seg) = batch.get_mut(i);
                         assert_eq!(from.port(), pool.ports()[0]);
                         sizes.push((data.len(), seg));
                         got.extend_from_slice(data);
@@ -482,7 +473,7 @@ mod tests {
         let mut batch = RecvBatch::new(8, 2048);
         assert_eq!(batch.recv(&rx).unwrap(), 3, "one call, three flows");
         for (i, s) in senders.iter().enumerate() {
-            let (data, from, seg) = batch.get(i);
+            let (data, from, seg) = batch.get_mut(i);
             assert_eq!(data, &[i as u8; 100][..]);
             assert_eq!(from, s.local_addr().unwrap());
             assert_eq!(seg, None, "a single datagram, not a GRO batch");

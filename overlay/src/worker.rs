@@ -628,6 +628,7 @@ impl Io<'_> {
             by_vni,
             learned,
             rx,
+            reply,
             coalescer,
             ..
         } = st;
@@ -664,7 +665,7 @@ impl Io<'_> {
                 };
                 for datagram in data.chunks_mut(seg) {
                     let vni = match switch::from_vtep(
-                        datagram, from, &tables, learned, now, self.stage,
+                        datagram, from, &tables, learned, now, self.stage, reply,
                     ) {
                         Ok(vni) => vni,
                         Err(reason) => {

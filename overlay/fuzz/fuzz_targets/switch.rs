@@ -48,6 +48,6 @@ fuzz_target!(|data: &[u8]| {
     // A member and an external VTEP: both checks, and learning.
     for sender in [[198, 18, 0, 2], [198, 18, 0, 3]] {
         let sender = SocketAddrV4::new(sender.into(), 50000);
-        let _ = from_vtep(&mut data.to_vec(), sender, index, &mut learned, now, &Passthrough);
+        let _ = from_vtep(&mut data.to_vec(), sender, index, &mut learned, now, &Passthrough, &mut reply);
     }
 });
