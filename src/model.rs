@@ -124,6 +124,64 @@ pub struct Service {
     /// The virtual IP in vip mode, taken from the network's subnet; none in dnsrr mode.
     pub vip: Option<Ipv4Addr>,
     pub health: Option<Health>,
+    /// Ports published on the nodes' addresses (Swarm's `--publish`), the routing mesh.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<Publish>,
+}
+
+/// A port a service publishes (`--publish`): connections to a node's address on `published`
+/// reach `target` on a task.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Publish {
+    pub published: u16,
+    pub target: u16,
+    pub protocol: PublishProtocol,
+    /// `ingress`: every node answers, for tasks on any node; `host`: only nodes running a
+    /// task answer, and only for their own tasks.
+    #[serde(default)]
+    pub mode: PublishMode,
+    /// Only this address answers (`--publish ADDR:PUB:TARGET`); every address of the node
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<Ipv4Addr>,
+    /// `client-ip`: one client address always lands on the same task; per flow otherwise.
+    #[serde(default)]
+    pub affinity: Affinity,
+    /// `v2`: tasks get a PROXY protocol v2 header (TCP) instead of the client's address as
+    /// the connection's source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxyProtocol>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishProtocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    #[default]
+    Ingress,
+    Host,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Affinity {
+    #[default]
+    None,
+    ClientIp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    V2,
 }
 
 /// How clients reach a service's tasks (Swarm's `--endpoint-mode`).

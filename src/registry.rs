@@ -292,6 +292,7 @@ impl Registry {
                     mode,
                     vip,
                     health,
+                    publish: Vec::new(),
                 };
                 if let Some(vip) = vip {
                     self.addresses.entry(net.id.clone()).or_default().insert(

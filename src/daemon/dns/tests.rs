@@ -44,6 +44,7 @@ fn service(name: &str, network_id: &str, vip: Option<u8>) -> (String, Service) {
         },
         vip: vip.map(ip),
         health: None,
+        publish: Vec::new(),
     };
     (name.into(), service)
 }
