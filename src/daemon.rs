@@ -154,7 +154,7 @@ impl Daemon {
             })?;
             let vtep = SocketAddrV4::new(config.advertise, config.vxlan_port);
             let balancer = Arc::new(
-                services::balancer()
+                services::balancer(config.advertise)
                     .map_err(|e| Failure::runtime(format!("sizing the connection table: {e}")))?,
             );
             let dataplane = overlay::DataPlane::start(overlay::Config {

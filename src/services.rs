@@ -4,15 +4,16 @@
 //!
 //! `overlay` and `ingress` know nothing of each other; this is where they meet.
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ingress::balancer::{Balancer, Verdict};
-use ingress::service::{Backend, Health, Spec};
+use ingress::balancer::{Balancer, Origin, Verdict};
+use ingress::service::{Backend, Health, Port, Spec};
 
 use crate::api::TaskState;
 use crate::cluster::View;
-use crate::model::Endpoint;
+use crate::model::{Affinity, Endpoint, Publish, PublishMode, PublishProtocol};
 
 /// Flows the balancer tracks at most, on this node (about 25 MB of tables).
 pub const MAX_FLOWS: u32 = 131_072;
@@ -25,21 +26,29 @@ impl overlay::Stage for Stage {
         &self,
         frame: &mut [u8],
         checksum: overlay::stage::Checksum,
+        origin: overlay::Origin,
         now: Instant,
         reply: &mut [u8],
     ) -> overlay::Verdict {
-        match self.0.process(frame, checksum, now, reply) {
+        let origin = match origin {
+            overlay::Origin::Overlay => Origin::Overlay,
+            overlay::Origin::Host => Origin::Host,
+            overlay::Origin::Node(node) => Origin::Node(node),
+        };
+        match self.0.process(frame, checksum, origin, now, reply) {
             Verdict::Pass => overlay::Verdict::Pass,
             Verdict::Rewritten => overlay::Verdict::Rewritten,
             Verdict::Reply(len) => overlay::Verdict::Reply(len),
             Verdict::Drop => overlay::Verdict::Drop,
+            Verdict::Wire => overlay::Verdict::Wire,
+            Verdict::Return(node) => overlay::Verdict::Return(node),
         }
     }
 }
 
-/// A new balancer, with the cluster's address-to-MAC convention.
-pub fn balancer() -> Result<Balancer, ingress::conntrack::Error> {
-    Balancer::new(MAX_FLOWS, Default::default(), Endpoint::mac_bytes)
+/// A new balancer for the node at `node`, with the cluster's address-to-MAC convention.
+pub fn balancer(node: Ipv4Addr) -> Result<Balancer, ingress::conntrack::Error> {
+    Balancer::new(MAX_FLOWS, Default::default(), Endpoint::mac_bytes, node)
 }
 
 /// Every vip-mode service of the view, with its tasks and their health: what the balancer
@@ -73,11 +82,27 @@ pub fn specs(view: &View) -> Vec<Spec> {
                 name: service.name.clone(),
                 vip: ingress::Vip(vip.into()),
                 backends,
+                ports: service.publish.iter().map(port).collect(),
             })
         })
         .collect();
     specs.sort_by(|a, b| a.name.cmp(&b.name));
     specs
+}
+
+/// A published port as the balancer takes it.
+fn port(publish: &Publish) -> Port {
+    Port {
+        protocol: match publish.protocol {
+            PublishProtocol::Tcp => ingress::Protocol::Tcp,
+            PublishProtocol::Udp => ingress::Protocol::Udp,
+        },
+        published: publish.published,
+        target: publish.target,
+        addr: publish.addr,
+        client_affinity: publish.affinity == Affinity::ClientIp,
+        local_only: publish.mode == PublishMode::Host,
+    }
 }
 
 #[cfg(test)]
@@ -101,7 +126,7 @@ mod tests {
     const CSUM_OFFSET: usize = 16;
 
     fn stage() -> Stage {
-        let balancer = balancer().unwrap();
+        let balancer = balancer(Ipv4Addr::new(198, 18, 0, 1)).unwrap();
         let spec = Spec {
             name: "web".into(),
             vip: ingress::Vip(Ipv4Addr::from(VIP).into()),
@@ -110,6 +135,7 @@ mod tests {
                 node: Ipv4Addr::new(198, 18, 0, 1),
                 health: Health::Healthy,
             }],
+            ports: Vec::new(),
         };
         let table = Table::build(maglev::Size::new(251).unwrap(), [spec]).unwrap();
         balancer.publish(table, Instant::now());
@@ -168,14 +194,14 @@ mod tests {
             let mut reply_buf = [0u8; 128];
             let now = Instant::now();
             let mut syn = frame((CLIENT, 40000), (VIP, 80), b"", false);
-            prop_assert_eq!(stage.rewrite(&mut syn, Checksum::Full, now, &mut reply_buf), Verdict::Rewritten);
+            prop_assert_eq!(stage.rewrite(&mut syn, Checksum::Full, overlay::Origin::Overlay, now, &mut reply_buf), Verdict::Rewritten);
             let (mut super_frame, want) = if reply {
                 (frame((TASK, 80), (CLIENT, 40000), &payload, true), (VIP, CLIENT))
             } else {
                 (frame((CLIENT, 40000), (VIP, 80), &payload, true), (CLIENT, TASK))
             };
             prop_assert_eq!(
-                stage.rewrite(&mut super_frame, Checksum::Partial, now, &mut reply_buf),
+                stage.rewrite(&mut super_frame, Checksum::Partial, overlay::Origin::Overlay, now, &mut reply_buf),
                 Verdict::Rewritten
             );
 

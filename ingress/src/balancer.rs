@@ -1,6 +1,16 @@
-//! The load balancer: what the data path calls for a frame to a VIP, and for a frame that may
-//! be the reply of a balanced flow. It ties the [`service`] snapshot, [`conntrack`] and
-//! [`nat`] together.
+//! The load balancer: what the data path calls for a frame to a VIP, for a connection to a
+//! published port, and for a frame that may be the reply of a balanced flow. It ties the
+//! [`service`] snapshot, [`conntrack`] and [`nat`] together.
+//!
+//! # Published ports: the client's address is kept
+//! The node's stack hands a connection to a published port over ([`Origin::Host`]). It goes
+//! to a task on any node with only its destination rewritten, so the task sees the client's
+//! own address. The task answers that address through its gateway, and the node running it
+//! hands the answer back ([`Via::Node`]): to the node the client reached, which un-NATs it and
+//! sends it out of its own stack ([`Verdict::Wire`]), with the MACs the client's packet came
+//! with. So the reply leaves through the node the client hit, from the address it connected
+//! to. A client on the node itself (loopback) is given the node's address, since a task
+//! cannot answer a loopback address.
 //!
 //! # Both directions of a flow, from any worker
 //! A flow's first packet and its replies can be read by different data-path workers: the TAP
@@ -30,7 +40,8 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use packet::checksum::Mode;
 
-use crate::conntrack::{self, Direction, Entry, Nat};
+use crate::conntrack::{self, Direction, Entry, Nat, Via};
+use crate::flow::Tuple;
 use crate::service::Table;
 use crate::{Protocol, nat, reject};
 
@@ -40,7 +51,7 @@ pub const SHARDS: usize = 64;
 /// What to do with a frame; the data path maps it to its own verdicts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Not a balanced flow: leave the frame alone.
+    /// Not a balanced flow (or one passing through to a task here): leave the frame alone.
     Pass,
     /// Rewritten in place: switch it by its new destination MAC.
     Rewritten,
@@ -49,6 +60,31 @@ pub enum Verdict {
     Reply(usize),
     /// Drop it (counted in [`Stats`]).
     Drop,
+    /// Rewritten in place, the reply of a published port's flow: it leaves through this
+    /// node's own stack, to the client, by its (already set) MACs.
+    Wire,
+    /// The reply of a published port's flow that entered at the node at this underlay
+    /// address: send it back there untouched.
+    Return(Ipv4Addr),
+}
+
+/// Where a frame came from, as the data path knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The overlay: a container on this node, or one on another node over VXLAN.
+    Overlay,
+    /// This node's own stack, which steers connections to published ports to overlayd.
+    Host,
+    /// The node at this underlay address, which took a connection to a published port and
+    /// chose a task on this node for it.
+    Node(Ipv4Addr),
+}
+
+/// What every step needs to know of a packet besides its bytes.
+struct Packet {
+    tuple: Tuple,
+    flags: u8,
+    now: Instant,
 }
 
 /// Counters since start.
@@ -72,15 +108,20 @@ pub struct Balancer {
     timeouts: conntrack::Timeouts,
     /// The MAC of an overlay address (the cluster's convention), for the rewritten frames.
     mac_of: fn(Ipv4Addr) -> [u8; 6],
+    /// This node's underlay address: the source of its own connections to published ports
+    /// and where `mode=host` tasks must run.
+    node: Ipv4Addr,
     pub stats: Stats,
 }
 
 impl Balancer {
-    /// A balancer tracking up to `flows` flows (split over the shards), with no services.
+    /// A balancer tracking up to `flows` flows (split over the shards), with no services, on the node
+    /// at `node`.
     pub fn new(
         flows: u32,
         timeouts: conntrack::Timeouts,
         mac_of: fn(Ipv4Addr) -> [u8; 6],
+        node: Ipv4Addr,
     ) -> Result<Balancer, conntrack::Error> {
         let per_shard = flows.div_ceil(SHARDS as u32).max(1);
         // Refused now rather than at the first flow.
@@ -91,6 +132,7 @@ impl Balancer {
             per_shard,
             timeouts,
             mac_of,
+            node,
             stats: Stats::default(),
         })
     }
@@ -137,43 +179,71 @@ impl Balancer {
             })
     }
 
-    /// Looks at an Ethernet frame sent to a VIP, or on its way to a local endpoint; `mode`
-    /// says whether its TCP/UDP checksum is complete or an offloaded frame's partial sum. A
-    /// reset or port unreachable is built into `reply`.
-    pub fn process(&self, frame: &mut [u8], mode: Mode, now: Instant, reply: &mut [u8]) -> Verdict {
+    /// Looks at an Ethernet frame that came from `origin`: sent to a VIP, on its way to a
+    /// local endpoint, to a published port, or back from a task; `mode` says whether its
+    /// TCP/UDP checksum is complete or an offloaded frame's partial sum. A reset or port
+    /// unreachable is built into `reply`.
+    pub fn process(
+        &self,
+        frame: &mut [u8],
+        mode: Mode,
+        origin: Origin,
+        now: Instant,
+        reply: &mut [u8],
+    ) -> Verdict {
         let services = self.services.load();
         // Most frames of a network without services: no parsing at all.
         if services.is_empty() {
-            return Verdict::Pass;
+            return match origin {
+                Origin::Overlay | Origin::Host => Verdict::Pass,
+                Origin::Node(_) => self.count_drop(),
+            };
         }
         let Ok(tuple) = nat::flow(frame) else {
             return Verdict::Pass;
         };
+        let packet = Packet {
+            tuple,
+            flags: nat::tcp_flags(frame),
+            now,
+        };
+        if origin == Origin::Overlay {
+            return self.on_overlay(&services, frame, mode, &packet, reply);
+        }
+        // A flow from the host or from another node is its client's: in its source port's shard.
+        let shard = self.shard(packet.tuple.src.port());
+        if let Some((direction, entry)) = self.tracked([shard, None], &packet) {
+            return self.follow(frame, mode, direction, &entry, reply);
+        }
+        match self.mesh_nat(&services, frame, &packet, origin, reply) {
+            Ok(nat) => self.admit(frame, mode, &packet, nat, reply),
+            Err(verdict) => verdict,
+        }
+    }
+
+    /// A frame on the overlay: to a VIP, or maybe the reply of a flow a task got.
+    fn on_overlay(
+        &self,
+        services: &Table,
+        frame: &mut [u8],
+        mode: Mode,
+        packet: &Packet,
+        reply: &mut [u8],
+    ) -> Verdict {
+        let tuple = &packet.tuple;
         let to_vip = services.service_for(*tuple.dst.ip());
-        if to_vip.is_none() && !services.is_backend(*tuple.src.ip()) {
+        let from_task = services.is_backend(*tuple.src.ip());
+        if to_vip.is_none() && !from_task {
             return Verdict::Pass;
         }
-        let flags = nat::tcp_flags(frame);
         // The client port is the source on the way in (to a VIP), the destination on the way
         // back (from a task); a task calling its own VIP is both, so both shards are asked.
-        let from_task = services.is_backend(*tuple.src.ip());
-        let mut shards = [
-            to_vip
-                .is_some()
-                .then(|| self.shard(tuple.src.port()))
-                .flatten(),
+        let shards = [
+            to_vip.and_then(|_| self.shard(tuple.src.port())),
             from_task.then(|| self.shard(tuple.dst.port())).flatten(),
         ];
-        if shards[0] == shards[1] {
-            shards[1] = None;
-        }
-        for shard in shards.into_iter().flatten() {
-            let tracked = lock(&self.shards[shard])
-                .as_mut()
-                .and_then(|table| table.track(now, &tuple, flags));
-            if let Some((direction, entry)) = tracked {
-                return self.follow(frame, mode, direction, &entry, reply);
-            }
+        if let Some((direction, entry)) = self.tracked(shards, packet) {
+            return self.follow(frame, mode, direction, &entry, reply);
         }
         let Some(service) = to_vip else {
             return Verdict::Pass;
@@ -187,8 +257,101 @@ impl Balancer {
             // A task reaching its own service: give it a source that is not its own.
             source: (task.addr == *client.ip())
                 .then(|| SocketAddrV4::new(*tuple.dst.ip(), client.port())),
+            via: Via::Overlay,
         };
-        let Some(shard) = self.shard(client.port()) else {
+        self.admit(frame, mode, packet, nat, reply)
+    }
+
+    /// The NAT of a new flow from the host or another node, or what to do instead:
+    /// - from this node's stack, a connection to a published port: to a task on any node,
+    ///   with the client's address kept (a client on this node itself gets the node's address
+    ///   instead of a loopback one, which the task could not answer);
+    /// - from the node at `node`, a published port's connection it sent to a task here:
+    ///   tracked as it is, so that the task's replies go back to that node.
+    fn mesh_nat(
+        &self,
+        services: &Table,
+        frame: &[u8],
+        packet: &Packet,
+        origin: Origin,
+        reply: &mut [u8],
+    ) -> Result<Nat, Verdict> {
+        let tuple = &packet.tuple;
+        if let Origin::Node(node) = origin {
+            if !services.is_backend(*tuple.dst.ip()) {
+                return Err(self.count_drop());
+            }
+            return Ok(Nat {
+                backend: tuple.dst,
+                source: None,
+                via: Via::Node(node),
+            });
+        }
+        // Not a published port: not the balancer's business.
+        let (service, port) = services
+            .published(tuple.proto, tuple.dst)
+            .ok_or(Verdict::Pass)?;
+        let hash = if port.client_affinity {
+            tuple.client_hash()
+        } else {
+            tuple.stable_hash()
+        };
+        let task = if port.local_only {
+            service.pick_local(hash, self.node)
+        } else {
+            service.pick(hash)
+        };
+        let Some(task) = task else {
+            return Err(self.reject(frame, tuple.proto, reply));
+        };
+        let (client_mac, node_mac) = nat::macs(frame);
+        Ok(Nat {
+            backend: SocketAddrV4::new(task.addr, port.target),
+            // Loopback has all-zero MACs.
+            source: (client_mac == [0; 6] && node_mac == [0; 6])
+                .then(|| SocketAddrV4::new(self.node, tuple.src.port())),
+            via: Via::Host {
+                client_mac,
+                node_mac,
+            },
+        })
+    }
+
+    /// The tracked flow of a packet, from the first of `shards` that knows it. A UDP flow
+    /// whose task went away is forgotten instead, so that it is balanced again at once
+    /// (UDP has no connection for the client to reset).
+    fn tracked(&self, shards: [Option<usize>; 2], packet: &Packet) -> Option<(Direction, Entry)> {
+        let [first, second] = shards;
+        let second = second.filter(|s| Some(*s) != first);
+        for shard in [first, second].into_iter().flatten() {
+            let mut table = lock(&self.shards[shard]);
+            let Some(table) = table.as_mut() else {
+                continue;
+            };
+            match table.track(packet.now, &packet.tuple, packet.flags) {
+                Some((Direction::Original, entry))
+                    if entry.is_backend_gone() && packet.tuple.proto == Protocol::Udp =>
+                {
+                    table.forget(&packet.tuple);
+                    return None;
+                }
+                Some(tracked) => return Some(tracked),
+                None => {}
+            }
+        }
+        None
+    }
+
+    /// Tracks a new flow in its client port's shard and applies its NAT to its first packet.
+    fn admit(
+        &self,
+        frame: &mut [u8],
+        mode: Mode,
+        packet: &Packet,
+        nat: Nat,
+        reply: &mut [u8],
+    ) -> Verdict {
+        let Some(shard) = self.shard(packet.tuple.src.port()) else {
             return self.count_drop();
         };
         let mut table = lock(&self.shards[shard]);
@@ -199,17 +362,19 @@ impl Balancer {
                 Err(_) => return self.count_drop(),
             },
         };
-        match table.insert(now, tuple, nat, flags) {
+        match table.insert(packet.now, packet.tuple, nat, packet.flags) {
             Ok(entry) => {
                 self.stats.flows.fetch_add(1, Ordering::Relaxed);
                 self.follow(frame, mode, Direction::Original, &entry, reply)
             }
             // Another worker tracked this flow's first packet (a retransmitted SYN) between our
             // lookup and this insert: follow its entry.
-            Err(conntrack::Error::Exists(_)) => match table.track(now, &tuple, flags) {
-                Some((direction, entry)) => self.follow(frame, mode, direction, &entry, reply),
-                None => self.count_drop(),
-            },
+            Err(conntrack::Error::Exists(_)) => {
+                match table.track(packet.now, &packet.tuple, packet.flags) {
+                    Some((direction, entry)) => self.follow(frame, mode, direction, &entry, reply),
+                    None => self.count_drop(),
+                }
+            }
             Err(_) => self.count_drop(),
         }
     }
@@ -226,26 +391,33 @@ impl Balancer {
         let original = entry.original();
         let nat = entry.nat();
         if entry.is_backend_gone() {
-            return match direction {
-                Direction::Original => self.reject(frame, original.proto, reply),
-                Direction::Reply => self.count_drop(),
+            return match (direction, nat.via) {
+                // The node the flow entered at resets it.
+                (Direction::Original, Via::Node(_)) | (Direction::Reply, _) => self.count_drop(),
+                (Direction::Original, _) => self.reject(frame, original.proto, reply),
             };
         }
-        let rewritten = match direction {
-            // client -> VIP:port becomes (source) -> task:port.
-            Direction::Original => {
+        let rewritten = match (direction, nat.via) {
+            // Passing through to a task here: the entering node did the NAT.
+            (Direction::Original, Via::Node(_)) => return Verdict::Pass,
+            (Direction::Reply, Via::Node(node)) => return Verdict::Return(node),
+            // client -> VIP:port (or node:published) becomes (source) -> task:port.
+            (Direction::Original, via) => {
                 nat::rewrite_dst(frame, *nat.backend.ip(), nat.backend.port(), mode)
                     .and_then(|()| match nat.source {
                         Some(s) => nat::rewrite_src(frame, *s.ip(), s.port(), mode),
                         None => Ok(()),
                     })
                     .map(|()| {
-                        let vip_mac = nat.source.map(|_| (self.mac_of)(*original.dst.ip()));
+                        // A task calling its own VIP sees the VIP's MAC; a published port's
+                        // flow gets its source MAC from the data path.
+                        let vip_mac = (nat.source.is_some() && via == Via::Overlay)
+                            .then(|| (self.mac_of)(*original.dst.ip()));
                         nat::set_macs(frame, Some((self.mac_of)(*nat.backend.ip())), vip_mac);
                     })
             }
             // task:port -> client (or -> the rewritten source) becomes VIP:port -> client.
-            Direction::Reply => {
+            (Direction::Reply, via) => {
                 nat::rewrite_src(frame, *original.dst.ip(), original.dst.port(), mode)
                     .and_then(|()| match nat.source {
                         Some(_) => {
@@ -253,15 +425,26 @@ impl Balancer {
                         }
                         None => Ok(()),
                     })
-                    .map(|()| {
-                        let client_mac = nat.source.map(|_| (self.mac_of)(*original.src.ip()));
-                        nat::set_macs(frame, client_mac, Some((self.mac_of)(*original.dst.ip())));
+                    .map(|()| match via {
+                        Via::Host {
+                            client_mac,
+                            node_mac,
+                        } => nat::set_macs(frame, Some(client_mac), Some(node_mac)),
+                        _ => {
+                            let client_mac = nat.source.map(|_| (self.mac_of)(*original.src.ip()));
+                            nat::set_macs(
+                                frame,
+                                client_mac,
+                                Some((self.mac_of)(*original.dst.ip())),
+                            );
+                        }
                     })
             }
         };
-        match rewritten {
-            Ok(()) => Verdict::Rewritten,
-            Err(_) => self.count_drop(),
+        match (rewritten, nat.via) {
+            (Ok(()), Via::Host { .. }) if direction == Direction::Reply => Verdict::Wire,
+            (Ok(()), _) => Verdict::Rewritten,
+            (Err(_), _) => self.count_drop(),
         }
     }
 
@@ -301,7 +484,7 @@ fn lock(shard: &Mutex<Option<conntrack::Table>>) -> MutexGuard<'_, Option<conntr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::{Backend, Health, Spec};
+    use crate::service::{Backend, Health, Port, Spec};
     use crate::{Vip, maglev};
     use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
@@ -318,17 +501,23 @@ mod tests {
 
     /// A balancer with one service at .100 over tasks at `tasks` (healthy).
     fn balancer(tasks: &[u8]) -> Balancer {
-        let b = Balancer::new(1024, conntrack::Timeouts::default(), mac_of).unwrap();
+        let b = Balancer::new(1024, conntrack::Timeouts::default(), mac_of, NODE).unwrap();
         b.publish(table(tasks), Instant::now());
         b
     }
 
     fn table(tasks: &[u8]) -> Table {
+        published(tasks, Port { ..PUBLISHED })
+    }
+
+    /// The service at .100 over `tasks` (task .N runs on node 198.18.0.N % 2 + 1, so
+    /// [`NODE`] runs the odd ones), publishing `port`.
+    fn published(tasks: &[u8], port: Port) -> Table {
         let backends = tasks
             .iter()
             .map(|&t| Backend {
                 addr: ip(t),
-                node: Ipv4Addr::new(198, 18, 0, 1),
+                node: Ipv4Addr::new(198, 18, 0, t % 2 + 1),
                 health: Health::Healthy,
             })
             .collect();
@@ -336,21 +525,193 @@ mod tests {
             name: "web".into(),
             vip: Vip(ip(VIP).into()),
             backends,
+            ports: vec![port],
         };
         Table::build(maglev::Size::new(251).unwrap(), [spec]).unwrap()
     }
 
+    const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+    const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 9), 40000);
+    const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 9];
+    const NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+    /// 9200/tcp on every address of the node, to port 80, per flow, on any node.
+    const PUBLISHED: Port = Port {
+        protocol: Protocol::Tcp,
+        published: 9200,
+        target: 80,
+        addr: None,
+        client_affinity: false,
+        local_only: false,
+    };
+
+    fn at(addr: Ipv4Addr, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(addr, port)
+    }
+
+    fn run_from(b: &Balancer, origin: Origin, f: &mut [u8]) -> Verdict {
+        b.process(f, Mode::Full, origin, Instant::now(), &mut [0u8; 128])
+    }
+
+    #[test]
+    fn a_published_port_reaches_a_task_with_the_client_address_and_answers_from_the_node() {
+        let b = balancer(&[7, 8, 9]);
+        let mut syn = frame((CLIENT_MAC, NODE_MAC), CLIENT, at(NODE, 9200), Some(true));
+        assert_eq!(run_from(&b, Origin::Host, &mut syn), Verdict::Rewritten);
+        let (_, dst_mac, src, task) = seen(&syn);
+        assert_eq!(src, CLIENT, "the task sees the client's own address");
+        assert_eq!((task.port(), dst_mac), (80, mac_of(*task.ip())));
+
+        let mut answer = frame((mac_of(*task.ip()), [0; 6]), task, CLIENT, Some(false));
+        assert_eq!(run_from(&b, Origin::Overlay, &mut answer), Verdict::Wire);
+        let (src_mac, dst_mac, src, dst) = seen(&answer);
+        assert_eq!((src, dst), (at(NODE, 9200), CLIENT));
+        assert_eq!((src_mac, dst_mac), (NODE_MAC, CLIENT_MAC));
+    }
+
+    #[test]
+    fn a_client_on_the_node_itself_is_given_the_nodes_address() {
+        let b = balancer(&[7]);
+        let local = at(Ipv4Addr::LOCALHOST, 41000);
+        let mut syn = frame(
+            ([0; 6], [0; 6]),
+            local,
+            at(Ipv4Addr::LOCALHOST, 9200),
+            Some(true),
+        );
+        assert_eq!(run_from(&b, Origin::Host, &mut syn), Verdict::Rewritten);
+        let (_, _, src, task) = seen(&syn);
+        assert_eq!((src, task), (at(NODE, 41000), at(ip(7), 80)));
+
+        let mut answer = frame((mac_of(ip(7)), [0; 6]), task, src, Some(false));
+        assert_eq!(run_from(&b, Origin::Overlay, &mut answer), Verdict::Wire);
+        let (src_mac, dst_mac, src, dst) = seen(&answer);
+        assert_eq!((src, dst), (at(Ipv4Addr::LOCALHOST, 9200), local));
+        assert_eq!((src_mac, dst_mac), ([0; 6], [0; 6]), "back over loopback");
+    }
+
+    #[test]
+    fn a_flow_another_node_sent_here_passes_and_its_answers_go_back_to_that_node() {
+        let b = balancer(&[7]);
+        let entry = Ipv4Addr::new(198, 18, 0, 3);
+        let mut syn = frame(
+            (CLIENT_MAC, mac_of(ip(7))),
+            CLIENT,
+            at(ip(7), 80),
+            Some(true),
+        );
+        let before = syn.clone();
+        assert_eq!(run_from(&b, Origin::Node(entry), &mut syn), Verdict::Pass);
+        assert_eq!(syn, before);
+        let mut answer = frame((mac_of(ip(7)), [0; 6]), at(ip(7), 80), CLIENT, Some(false));
+        let before = answer.clone();
+        assert_eq!(
+            run_from(&b, Origin::Overlay, &mut answer),
+            Verdict::Return(entry)
+        );
+        assert_eq!(answer, before);
+        assert_eq!(b.flows(), (1, 0));
+    }
+
+    #[test]
+    fn an_unpublished_port_from_the_host_is_passed_on_untouched() {
+        let b = balancer(&[7]);
+        let mut syn = frame((CLIENT_MAC, NODE_MAC), CLIENT, at(NODE, 9201), Some(true));
+        assert_eq!(run_from(&b, Origin::Host, &mut syn), Verdict::Pass);
+        let mut udp = frame((CLIENT_MAC, NODE_MAC), CLIENT, at(NODE, 9200), None);
+        assert_eq!(run_from(&b, Origin::Host, &mut udp), Verdict::Pass);
+    }
+
+    /// The task each of `clients` (client address, port) lands on through the port.
+    fn landings(b: &Balancer, clients: impl Iterator<Item = SocketAddrV4>) -> Vec<Ipv4Addr> {
+        clients
+            .map(|client| {
+                let mut syn = frame((CLIENT_MAC, NODE_MAC), client, at(NODE, 9200), Some(true));
+                assert_eq!(run_from(b, Origin::Host, &mut syn), Verdict::Rewritten);
+                *seen(&syn).3.ip()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn client_affinity_keeps_a_client_on_one_task_and_spreads_clients() {
+        let b = Balancer::new(1024, conntrack::Timeouts::default(), mac_of, NODE).unwrap();
+        let port = Port {
+            client_affinity: true,
+            ..PUBLISHED
+        };
+        b.publish(published(&[7, 8, 9], port), Instant::now());
+        let one = landings(&b, (0..50).map(|p| at(*CLIENT.ip(), 30000 + p)));
+        assert!(one.iter().all(|t| *t == one[0]), "{one:?}");
+        let many = landings(
+            &b,
+            (1..=60).map(|c| at(Ipv4Addr::new(198, 18, 1, c), 30000)),
+        );
+        let distinct: std::collections::HashSet<_> = many.into_iter().collect();
+        assert_eq!(distinct.len(), 3);
+    }
+
+    #[test]
+    fn a_host_mode_port_lands_only_on_this_nodes_tasks() {
+        let b = Balancer::new(1024, conntrack::Timeouts::default(), mac_of, NODE).unwrap();
+        let port = Port {
+            local_only: true,
+            ..PUBLISHED
+        };
+        // NODE (198.18.0.2) runs the odd tasks.
+        b.publish(published(&[6, 7, 8, 9], port), Instant::now());
+        let got = landings(&b, (0..60).map(|p| at(*CLIENT.ip(), 30000 + p)));
+        let distinct: std::collections::HashSet<_> = got.into_iter().collect();
+        assert_eq!(distinct, [ip(7), ip(9)].into_iter().collect());
+    }
+
+    #[test]
+    fn a_udp_flow_to_a_removed_task_moves_to_a_live_one_at_once() {
+        let b = balancer(&[7, 8]);
+        let client = at(ip(5), 5353);
+        let send = |b: &Balancer| {
+            let mut f = frame(
+                (mac_of(ip(5)), mac_of(ip(VIP))),
+                client,
+                at(ip(VIP), 53),
+                None,
+            );
+            assert_eq!(run(b, &mut f), Verdict::Rewritten);
+            *seen(&f).3.ip()
+        };
+        let first = send(&b);
+        let left = if first == ip(7) { 8 } else { 7 };
+        b.publish(table(&[left]), Instant::now());
+        assert_eq!(send(&b), ip(left));
+    }
+
     fn tcp(from: (u8, u16), to: (u8, u16), syn: bool) -> Vec<u8> {
-        let mut b = PacketBuilder::ethernet2(mac_of(ip(from.0)), mac_of(ip(to.0)))
-            .ipv4(ip(from.0).octets(), ip(to.0).octets(), 64)
-            .tcp(from.1, to.1, 1, 512);
-        if syn {
-            b = b.syn();
-        } else {
-            b = b.ack(1);
-        }
+        frame(
+            (mac_of(ip(from.0)), mac_of(ip(to.0))),
+            SocketAddrV4::new(ip(from.0), from.1),
+            SocketAddrV4::new(ip(to.0), to.1),
+            Some(syn),
+        )
+    }
+
+    /// A TCP frame (`Some(syn)`) or a UDP one (`None`) with these MACs (source,
+    /// destination) and addresses.
+    fn frame(
+        macs: ([u8; 6], [u8; 6]),
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        tcp: Option<bool>,
+    ) -> Vec<u8> {
+        let b =
+            PacketBuilder::ethernet2(macs.0, macs.1).ipv4(src.ip().octets(), dst.ip().octets(), 64);
         let mut f = Vec::new();
-        b.write(&mut f, b"x").unwrap();
+        match tcp {
+            Some(syn) => {
+                let b = b.tcp(src.port(), dst.port(), 1, 512);
+                let b = if syn { b.syn() } else { b.ack(1) };
+                b.write(&mut f, b"x").unwrap();
+            }
+            None => b.udp(src.port(), dst.port()).write(&mut f, b"x").unwrap(),
+        }
         f
     }
 
@@ -362,26 +723,38 @@ mod tests {
         };
         let h = v4.header().to_header();
         assert_eq!(h.calc_header_checksum(), h.header_checksum);
-        let Some(TransportSlice::Tcp(t)) = &p.transport else {
-            panic!("not TCP")
+        let (sport, dport) = match &p.transport {
+            Some(TransportSlice::Tcp(t)) => {
+                let sum = t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap();
+                assert_eq!(sum, t.checksum());
+                (t.source_port(), t.destination_port())
+            }
+            Some(TransportSlice::Udp(u)) => {
+                let sum = u.to_header().calc_checksum_ipv4(&h, u.payload()).unwrap();
+                assert_eq!(sum, u.checksum());
+                (u.source_port(), u.destination_port())
+            }
+            _ => panic!("neither TCP nor UDP"),
         };
-        assert_eq!(
-            t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap(),
-            t.checksum()
-        );
         let (mut src_mac, mut dst_mac) = ([0; 6], [0; 6]);
         dst_mac.copy_from_slice(&f[..6]);
         src_mac.copy_from_slice(&f[6..12]);
         (
             src_mac,
             dst_mac,
-            SocketAddrV4::new(h.source.into(), t.source_port()),
-            SocketAddrV4::new(h.destination.into(), t.destination_port()),
+            SocketAddrV4::new(h.source.into(), sport),
+            SocketAddrV4::new(h.destination.into(), dport),
         )
     }
 
     fn run(b: &Balancer, f: &mut [u8]) -> Verdict {
-        b.process(f, Mode::Full, Instant::now(), &mut [0u8; 128])
+        b.process(
+            f,
+            Mode::Full,
+            Origin::Overlay,
+            Instant::now(),
+            &mut [0u8; 128],
+        )
     }
 
     #[test]
@@ -444,7 +817,13 @@ mod tests {
         let mut out = [0u8; 128];
         let mut syn = tcp((5, 40000), (VIP, 80), true);
         assert!(matches!(
-            b.process(&mut syn, Mode::Full, Instant::now(), &mut out),
+            b.process(
+                &mut syn,
+                Mode::Full,
+                Origin::Overlay,
+                Instant::now(),
+                &mut out
+            ),
             Verdict::Reply(54)
         ));
 
@@ -454,7 +833,13 @@ mod tests {
         b.publish(table(&[]), Instant::now());
         let mut next = tcp((5, 40001), (VIP, 80), false);
         assert!(matches!(
-            b.process(&mut next, Mode::Full, Instant::now(), &mut out),
+            b.process(
+                &mut next,
+                Mode::Full,
+                Origin::Overlay,
+                Instant::now(),
+                &mut out
+            ),
             Verdict::Reply(54)
         ));
         assert_eq!(b.stats.rejected.load(Ordering::Relaxed), 1);

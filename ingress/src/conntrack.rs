@@ -63,6 +63,26 @@ pub struct Nat {
     /// itself (Linux drops a packet from its own address arriving on eth0); `None` keeps the
     /// client's address.
     pub source: Option<SocketAddrV4>,
+    /// Which way the flow's replies go.
+    pub via: Via,
+}
+
+/// Which way a flow's replies go, and so what becomes of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// Back over the overlay to a client on it (a VIP flow): un-NATed.
+    Overlay,
+    /// Out of this node's own stack, which handed over the flow's first packet (a published
+    /// port): un-NATed, with the MACs that packet came with, swapped.
+    Host {
+        /// The client's (or its next hop's) MAC; all zero when the flow came over loopback.
+        client_mac: [u8; 6],
+        /// This node's MAC on the interface the flow came in on.
+        node_mac: [u8; 6],
+    },
+    /// Back to the node at this underlay address, untouched: a published port's flow that
+    /// entered there and was sent to a task here. That node un-NATs it.
+    Node(Ipv4Addr),
 }
 
 /// A flow's state; each has its own timeout in [`Timeouts`].
@@ -461,6 +481,17 @@ impl Table {
         }
         self.stats.backend_gone += marked as u64;
         marked
+    }
+
+    /// Stops tracking the flow `tuple` belongs to (either direction); false if none does.
+    pub fn forget(&mut self, tuple: &Tuple) -> bool {
+        match self.index.get(tuple) {
+            Some(&(slot, _)) => {
+                self.remove(slot);
+                true
+            }
+            None => false,
+        }
     }
 
     /// When the next entry expires, if any.

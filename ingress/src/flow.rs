@@ -5,6 +5,7 @@ use crate::{Protocol, hash};
 use std::net::SocketAddrV4;
 
 const SEED_FLOW: u64 = 0x666c_6f77; // "flow"
+const SEED_CLIENT: u64 = 0x636c_6e74; // "clnt"
 
 /// One direction of a flow: (protocol, source ip:port, destination ip:port), the "tuple" of
 /// Linux conntrack.
@@ -43,6 +44,12 @@ impl Tuple {
         b[11..13].copy_from_slice(&self.dst.port().to_be_bytes());
         hash::stable(SEED_FLOW, &b)
     }
+
+    /// A hash of the source address alone, for `affinity=client-ip`: every flow of one client
+    /// picks the same task, on every node.
+    pub fn client_hash(&self) -> u64 {
+        hash::stable(SEED_CLIENT, &self.src.ip().octets())
+    }
 }
 
 #[cfg(test)]
@@ -62,6 +69,16 @@ mod tests {
     fn reversed_twice_is_identity() {
         assert_eq!(t(40_000).reversed().reversed(), t(40_000));
         assert_ne!(t(40_000).reversed(), t(40_000));
+    }
+
+    #[test]
+    fn the_client_hash_depends_on_the_client_address_only() {
+        let mut other_port = t(40_001);
+        other_port.dst = SocketAddrV4::new(Ipv4Addr::new(198, 19, 255, 2), 443);
+        assert_eq!(t(40_000).client_hash(), other_port.client_hash());
+        let mut other_client = t(40_000);
+        other_client.src = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 6), 40_000);
+        assert_ne!(t(40_000).client_hash(), other_client.client_hash());
     }
 
     #[test]

@@ -88,6 +88,18 @@ pub fn tcp_flags(frame: &[u8]) -> u8 {
     tcp::Packet::new_checked(ip.payload()).map_or(0, |t| t.flags())
 }
 
+/// The source and destination MACs of an Ethernet frame (zero if it is too short to hold
+/// them; callers have parsed the frame already).
+pub fn macs(frame: &[u8]) -> ([u8; 6], [u8; 6]) {
+    let mut src = [0; 6];
+    let mut dst = [0; 6];
+    if frame.len() >= field::IP {
+        src.copy_from_slice(&frame[field::SRC_MAC]);
+        dst.copy_from_slice(&frame[field::DST_MAC]);
+    }
+    (src, dst)
+}
+
 /// Sets the Ethernet destination and source MACs that are given (after a rewrite, the frame
 /// goes to the new address's MAC, and comes from the VIP's).
 pub fn set_macs(frame: &mut [u8], dst: Option<[u8; 6]>, src: Option<[u8; 6]>) {

@@ -13,9 +13,9 @@
 //! only while healthy, and every node, building from the same set, picks the same task for
 //! the same flow.
 
-use crate::{Vip, maglev};
+use crate::{Protocol, Vip, maglev};
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 
 /// A task's health as the node running it reports it; `service ps` shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,12 +40,30 @@ pub struct Backend {
     pub health: Health,
 }
 
+/// A port a service publishes on the nodes (the routing mesh), as the data path needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Port {
+    pub protocol: Protocol,
+    /// The port clients connect to, on a node's address.
+    pub published: u16,
+    /// The port on the task it is rewritten to.
+    pub target: u16,
+    /// Only connections to this address; to any address of the node otherwise.
+    pub addr: Option<Ipv4Addr>,
+    /// The task is chosen by the client's address alone (`affinity=client-ip`), so that a
+    /// client always lands on the same one; by the whole flow otherwise.
+    pub client_affinity: bool,
+    /// Only this node's own tasks take the port's flows (Swarm's `mode=host`).
+    pub local_only: bool,
+}
+
 /// A service as the control plane describes it, input to [`Table::build`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Spec {
     pub name: String,
     pub vip: Vip,
     pub backends: Vec<Backend>,
+    pub ports: Vec<Port>,
 }
 
 /// Why a snapshot was not built. Nothing is built in any case; the previous snapshot stays.
@@ -64,6 +82,14 @@ pub enum Error {
     /// A task address appears twice in one service.
     #[error("service {service}: task {addr} is listed twice")]
     DuplicateBackend { service: String, addr: Ipv4Addr },
+    /// Two services publish the same port of the same protocol on addresses that overlap.
+    #[error("services {first} and {second} both publish {port}/{protocol:?}")]
+    DuplicatePort {
+        protocol: Protocol,
+        port: u16,
+        first: String,
+        second: String,
+    },
     /// The Maglev table for the service's healthy tasks could not be built.
     #[error("service {service}: {source}")]
     Maglev {
@@ -148,6 +174,17 @@ impl Service {
         self.healthy.get(i).copied()
     }
 
+    /// Like [`Service::pick`], among the healthy tasks on the node at `node` only (a
+    /// `mode=host` port: no other node needs to agree). O(tasks), for a flow's first packet.
+    pub fn pick_local(&self, flow_hash: u64, node: Ipv4Addr) -> Option<Backend> {
+        let local = || self.healthy.iter().filter(|b| b.node == node);
+        let count = local().count() as u64;
+        if count == 0 {
+            return None;
+        }
+        local().nth((flow_hash % count) as usize).copied()
+    }
+
     /// The task with this address, if it is still one of the service's.
     pub fn backend(&self, addr: Ipv4Addr) -> Option<&Backend> {
         self.backends
@@ -157,10 +194,13 @@ impl Service {
     }
 }
 
-/// The snapshot: every service, by VIP.
+/// The snapshot: every service, by VIP, and every published port.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Table {
     by_vip: HashMap<Ipv4Addr, Service>,
+    /// Published ports by protocol and port: each with the VIP of its service (several only
+    /// when bound to different addresses).
+    published: HashMap<(Protocol, u16), Vec<(Port, Ipv4Addr)>>,
     /// Every task address of every service: only packets from one can be replies of a
     /// balanced flow.
     tasks: HashSet<Ipv4Addr>,
@@ -174,7 +214,9 @@ impl Table {
         specs: impl IntoIterator<Item = Spec>,
     ) -> Result<Table, Error> {
         let mut by_vip: HashMap<Ipv4Addr, Service> = HashMap::new();
-        for spec in specs {
+        let mut published: HashMap<(Protocol, u16), Vec<(Port, Ipv4Addr)>> = HashMap::new();
+        for mut spec in specs {
+            let ports = std::mem::take(&mut spec.ports);
             let service = Service::build(size, spec)?;
             if let Some(other) = by_vip.get(&service.vip) {
                 return Err(Error::DuplicateVip {
@@ -183,13 +225,36 @@ impl Table {
                     second: service.name.to_string(),
                 });
             }
+            for port in ports {
+                let same = published
+                    .entry((port.protocol, port.published))
+                    .or_default();
+                let overlapping = same.iter().find(|(other, _)| {
+                    other.addr.is_none() || port.addr.is_none() || other.addr == port.addr
+                });
+                if let Some((_, vip)) = overlapping {
+                    return Err(Error::DuplicatePort {
+                        protocol: port.protocol,
+                        port: port.published,
+                        first: by_vip
+                            .get(vip)
+                            .map_or_else(|| service.name.to_string(), |s| s.name.to_string()),
+                        second: service.name.to_string(),
+                    });
+                }
+                same.push((port, service.vip));
+            }
             by_vip.insert(service.vip, service);
         }
         let tasks = by_vip
             .values()
             .flat_map(|s| s.backends.iter().map(|b| b.addr))
             .collect();
-        Ok(Table { by_vip, tasks })
+        Ok(Table {
+            by_vip,
+            published,
+            tasks,
+        })
     }
 
     /// Whether `addr` is a task of some service.
@@ -200,6 +265,16 @@ impl Table {
     /// The service whose VIP is `dst`, for any port and protocol.
     pub fn service_for(&self, dst: Ipv4Addr) -> Option<&Service> {
         self.by_vip.get(&dst)
+    }
+
+    /// The published port a connection to `dst` (one of this node's addresses) is for, and
+    /// its service: one bound to every address, or to `dst` itself (the two never overlap).
+    pub fn published(&self, protocol: Protocol, dst: SocketAddrV4) -> Option<(&Service, Port)> {
+        let ports = self.published.get(&(protocol, dst.port()))?;
+        let (port, vip) = ports
+            .iter()
+            .find(|(p, _)| p.addr.is_none_or(|a| a == *dst.ip()))?;
+        Some((self.by_vip.get(vip)?, *port))
     }
 
     pub fn len(&self) -> usize {
@@ -240,7 +315,6 @@ mod tests {
     use crate::Protocol;
     use crate::flow::Tuple;
     use proptest::prelude::*;
-    use std::net::SocketAddrV4;
 
     const WEB: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
 
@@ -261,6 +335,7 @@ mod tests {
             name: "web".into(),
             vip: Vip(IpAddr::V4(WEB)),
             backends,
+            ports: Vec::new(),
         }
     }
 
@@ -284,6 +359,69 @@ mod tests {
         (0..2000)
             .map(|p| service.pick(flow(p)).map(|b| b.addr))
             .collect()
+    }
+
+    fn port(published: u16, addr: Option<[u8; 4]>) -> Port {
+        Port {
+            protocol: Protocol::Tcp,
+            published,
+            target: 80,
+            addr: addr.map(Ipv4Addr::from),
+            client_affinity: false,
+            local_only: false,
+        }
+    }
+
+    #[test]
+    fn a_published_port_is_found_by_protocol_port_and_bound_address() {
+        let api = Spec {
+            name: "api".into(),
+            vip: Vip(IpAddr::V4(Ipv4Addr::new(198, 19, 255, 2))),
+            backends: vec![],
+            ports: vec![port(9300, Some([198, 18, 0, 1]))],
+        };
+        let web = Spec {
+            ports: vec![port(9200, None), port(8080, None)],
+            ..web(vec![])
+        };
+        let t = Table::build(size(), [web, api]).unwrap();
+        let to = |a: [u8; 4], p| SocketAddrV4::new(a.into(), p);
+        let name = |dst| t.published(Protocol::Tcp, dst).map(|(s, _)| s.name());
+        assert_eq!(name(to([198, 18, 0, 1], 9300)), Some("api"));
+        assert_eq!(name(to([198, 18, 0, 2], 9300)), None);
+        assert_eq!(name(to([198, 18, 0, 2], 9200)), Some("web"));
+        assert_eq!(name(to([127, 0, 0, 1], 8080)), Some("web"));
+        assert_eq!(name(to([198, 18, 0, 1], 9201)), None);
+        assert!(
+            t.published(Protocol::Udp, to([198, 18, 0, 1], 9200))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn two_services_cannot_publish_one_port_on_overlapping_addresses() {
+        let api = |addr| Spec {
+            name: "api".into(),
+            vip: Vip(IpAddr::V4(Ipv4Addr::new(198, 19, 255, 2))),
+            backends: vec![],
+            ports: vec![port(9200, addr)],
+        };
+        let web = |addr| Spec {
+            ports: vec![port(9200, addr)],
+            ..web(vec![])
+        };
+        for (a, b) in [
+            (None, None),
+            (Some([198, 18, 0, 1]), None),
+            (None, Some([198, 18, 0, 1])),
+        ] {
+            assert!(matches!(
+                Table::build(size(), [web(a), api(b)]),
+                Err(Error::DuplicatePort { port: 9200, .. })
+            ));
+        }
+        let apart = [web(Some([198, 18, 0, 1])), api(Some([198, 18, 0, 2]))];
+        assert!(Table::build(size(), apart).is_ok());
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::stage::{Passthrough, Stage};
 use crate::switch::DropReason;
 use crate::udp::{self, SendPool};
 use crate::vxlan::{self, Vni};
+use crate::wire::Wire;
 use crate::worker::{Control, Counters, WAKER, Worker};
 use crate::{steer, tap};
 
@@ -328,6 +329,14 @@ impl DataPlane {
                 }
             }
         };
+        // Replies of connections to published ports leave through the node's own interfaces.
+        let wire = match Wire::open(ip) {
+            Ok(wire) => Some(Arc::new(wire)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the sockets replies to published ports leave on (they need CAP_NET_RAW): published ports will not answer");
+                None
+            }
+        };
         let steerable = tap_program.is_some();
         let tables = Arc::new(ArcSwap::from_pointee(Index::default()));
         let mut workers: Vec<WorkerHandle> = Vec::with_capacity(config.workers);
@@ -344,6 +353,7 @@ impl DataPlane {
                 counters: counters.clone(),
                 offloads: config.offloads,
                 stage: config.stage.clone(),
+                wire: wire.clone(),
                 cpu: steerable.then_some((index, config.workers)),
                 // Worker 0 attaches the per-device and per-group programs.
                 steering: tap_program.take(),

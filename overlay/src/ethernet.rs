@@ -129,6 +129,10 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Frame<T> {
     pub fn set_dst(&mut self, mac: Mac) {
         self.buffer.as_mut()[field::DST].copy_from_slice(&mac.0);
     }
+
+    pub fn set_src(&mut self, mac: Mac) {
+        self.buffer.as_mut()[field::SRC].copy_from_slice(&mac.0);
+    }
 }
 
 /// Writes an Ethernet II header into the first [`HEADER_LEN`] bytes of `out`.

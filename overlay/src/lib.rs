@@ -67,9 +67,10 @@ pub mod tap;
 pub mod udp;
 pub mod vnet;
 pub mod vxlan;
+pub mod wire;
 mod worker;
 
 pub use dataplane::{Config, DataPlane, Endpoint, Error, Location, NetworkTable, Stats, Tables};
 pub use ethernet::Mac;
-pub use stage::{Stage, Verdict};
+pub use stage::{Origin, Stage, Verdict};
 pub use vxlan::Vni;

@@ -19,7 +19,7 @@ use std::time::Instant;
 use crate::dataplane::Location;
 use crate::ethernet::{self, Frame, Mac};
 use crate::fdb::{Index, Learned, Network, PeerKind};
-use crate::stage::{Checksum, Stage, Verdict};
+use crate::stage::{Checksum, Origin, Stage, Verdict};
 use crate::vxlan::{self, Vni};
 use crate::{arp, nd};
 
@@ -41,6 +41,11 @@ pub enum Forward {
     Local,
     /// Write the frame of this length, already built in the caller's reply buffer, back to the TAP.
     Reply(usize),
+    /// Send the frame (rewritten by the stage) out of the node's own interfaces ([`crate::wire`]).
+    Wire,
+    /// Send the frame of this length, built in the caller's reply buffer, out of the node's own
+    /// interfaces: the stage's answer to a frame from the node's stack.
+    WireReply(usize),
     /// Count and forget.
     Drop(DropReason),
 }
@@ -108,6 +113,9 @@ drop_reasons! {
     UdpSend => "udp-send",
     /// A frame too big or malformed for segmentation offload.
     Offload => "offload",
+    /// Sending out of the node's own interfaces failed (the reply of a connection to a
+    /// published port), or the node has no socket for it.
+    WireSend => "wire-send",
 }
 
 /// Decides what to do with `frame`, read from the TAP of `net`; `checksum` says whether its
@@ -129,6 +137,7 @@ pub fn from_tap(
         return Forward::Drop(DropReason::MalformedFrame);
     };
     let dst = eth.dst();
+    let src = eth.src();
     match eth.ethertype() {
         ethernet::ethertype::ARP => {
             let Ok(packet) = arp::Packet::new_checked(eth.payload()) else {
@@ -166,29 +175,78 @@ pub fn from_tap(
         }
         _ => dst,
     };
+    // A container's frame to the gateway reaches the TAP only when a published port's hook
+    // steered it here: the reply of a connection that came from some node's own stack.
+    if dst == net.gateway_mac() {
+        let verdict = stage.rewrite(frame, checksum, Origin::Overlay, now, reply);
+        return after_stage(verdict, frame, net, Forward::Drop(DropReason::Service));
+    }
     match net.location(dst) {
         Some(location @ (Location::Local | Location::Service)) => {
-            match stage.rewrite(frame, checksum, now, reply) {
-                Verdict::Pass if location == Location::Local => Forward::Local,
-                Verdict::Pass | Verdict::Drop => Forward::Drop(DropReason::Service),
-                Verdict::Reply(len) => Forward::Reply(len),
-                Verdict::Rewritten => match net.location(rewritten_dst(frame)) {
-                    Some(Location::Local) => Forward::Local,
-                    Some(Location::Remote(vtep)) => Forward::Remote(vtep),
-                    // A stage sends to endpoints, never to another service address.
-                    Some(Location::Service) | None => Forward::Drop(DropReason::Service),
-                },
-            }
+            let verdict = stage.rewrite(frame, checksum, Origin::Overlay, now, reply);
+            let passed = match location {
+                Location::Local => Forward::Local,
+                _ => Forward::Drop(DropReason::Service),
+            };
+            after_stage(verdict, frame, net, passed)
         }
         Some(Location::Remote(vtep)) => Forward::Remote(vtep),
-        None => match learned
-            .lookup(net.vni(), dst, now)
-            .and_then(|ip| net.peer(ip))
-        {
-            Some((vtep, _)) => Forward::Remote(vtep),
-            None => flood(net),
+        None => {
+            // Neither an endpoint nor the bridge sent this: the node's stack may have steered
+            // it here, a connection to a published port.
+            if src != net.gateway_mac() && net.location(src).is_none() {
+                match stage.rewrite(frame, checksum, Origin::Host, now, reply) {
+                    Verdict::Pass => {}
+                    Verdict::Rewritten => {
+                        if let Ok(mut eth) = Frame::new_checked(&mut *frame) {
+                            eth.set_src(mesh_mac(net));
+                        }
+                        let dropped = Forward::Drop(DropReason::Service);
+                        return after_stage(Verdict::Rewritten, frame, net, dropped);
+                    }
+                    Verdict::Reply(len) => return Forward::WireReply(len),
+                    _ => return Forward::Drop(DropReason::Service),
+                }
+            }
+            match learned
+                .lookup(net.vni(), dst, now)
+                .and_then(|ip| net.peer(ip))
+            {
+                Some((vtep, _)) => Forward::Remote(vtep),
+                None => flood(net),
+            }
+        }
+    }
+}
+
+/// Where a frame goes after the stage's verdict; `passed` if the stage let it pass.
+fn after_stage(verdict: Verdict, frame: &mut [u8], net: &Network, passed: Forward) -> Forward {
+    match verdict {
+        Verdict::Pass => passed,
+        Verdict::Drop => Forward::Drop(DropReason::Service),
+        Verdict::Reply(len) => Forward::Reply(len),
+        Verdict::Wire => Forward::Wire,
+        Verdict::Rewritten => match net.location(rewritten_dst(frame)) {
+            Some(Location::Local) => Forward::Local,
+            Some(Location::Remote(vtep)) => Forward::Remote(vtep),
+            // A stage sends to endpoints, never to another service address.
+            Some(Location::Service) | None => Forward::Drop(DropReason::Service),
+        },
+        Verdict::Return(node) => match (net.peer(node), Frame::new_checked(&mut *frame)) {
+            (Some((vtep, PeerKind::Member)), Ok(mut eth)) => {
+                eth.set_dst(mesh_mac(net));
+                Forward::Remote(vtep)
+            }
+            _ => Forward::Drop(DropReason::Service),
         },
     }
+}
+
+/// The routing mesh's MAC on a network: the source of the frames a node sends a task on
+/// another node for a connection from its own stack, and the destination of the task's
+/// replies sent back to it. It is the gateway's [`proxy_mac`], which no endpoint has.
+pub fn mesh_mac(net: &Network) -> Mac {
+    proxy_mac(net.gateway_mac())
 }
 
 /// The MAC overlayd gives a local endpoint in its ARP and ND answers: the endpoint's own MAC
@@ -299,21 +357,33 @@ fn flood(net: &Network) -> Forward {
     }
 }
 
+/// Where a frame that [`from_vtep`] accepted goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// To the TAP of this VNI.
+    Tap(Vni),
+    /// Out of the node's own interfaces ([`crate::wire`]): the reply of a connection to a
+    /// published port that came in here, from a task on the sending node.
+    Wire,
+}
+
 /// Checks a VXLAN `datagram` (the UDP payload) from `sender` and, if the sender is an external
 /// VTEP, learns its inner source MAC.
 ///
-/// A member may send only from the MACs of the endpoints the tables place behind it; an
+/// A member may send only from the MACs of the endpoints the tables place behind it, or from
+/// the [`mesh_mac`] (a connection to a published port it took, for an endpoint here); an
 /// external VTEP from none of the cluster's. ARP and ND inside are held to the tables'
 /// bindings like those from the TAP.
 ///
 /// A unicast frame for a local endpoint goes through the stage (it may be the reply of a flow
 /// the stage rewrote on its way out), with complete checksums: the sender's segmentation
-/// filled them in.
+/// filled them in. So does a frame to the mesh MAC, which must be the reply of a connection
+/// to a published port that entered here.
 ///
 /// The stage gets `reply` (at least [`REPLY_LEN`] bytes) as scratch: nothing is answered
 /// towards the underlay.
 ///
-/// `Ok(vni)`: deliver the inner frame, `datagram[vxlan::HEADER_LEN..]`, to the TAP of `vni`.
+/// The inner frame is `datagram[vxlan::HEADER_LEN..]`.
 pub fn from_vtep(
     datagram: &mut [u8],
     sender: SocketAddrV4,
@@ -322,7 +392,7 @@ pub fn from_vtep(
     now: Instant,
     stage: &dyn Stage,
     reply: &mut [u8],
-) -> Result<Vni, DropReason> {
+) -> Result<Delivery, DropReason> {
     let header = vxlan::Header::new_checked(&*datagram).map_err(|e| match e {
         vxlan::Malformed::Short => DropReason::Short,
         vxlan::Malformed::NoIFlag => DropReason::NoIFlag,
@@ -331,17 +401,19 @@ pub fn from_vtep(
     let net = index.network(vni).ok_or(DropReason::UnknownVni)?;
     let (_, kind) = net.peer(*sender.ip()).ok_or(DropReason::NotMember)?;
     let inner = Frame::new_checked(header.inner()).map_err(|_| DropReason::Short)?;
-    let src = inner.src();
+    let (src, dst) = (inner.src(), inner.dst());
     if src.is_multicast() {
         return Err(DropReason::MalformedFrame);
     }
     if src == net.gateway_mac() {
         return Err(DropReason::LocalSource);
     }
+    let mesh = src == mesh_mac(net);
     match (net.location(src), kind) {
         (Some(Location::Local | Location::Service), _) => return Err(DropReason::LocalSource),
         (Some(Location::Remote(vtep)), PeerKind::Member) if vtep.ip() == sender.ip() => {}
-        (None, PeerKind::External) => {}
+        (None, PeerKind::Member) if mesh => {}
+        (None, PeerKind::External) if !mesh => {}
         _ => return Err(DropReason::ForeignSource),
     }
     match inner.ethertype() {
@@ -362,14 +434,27 @@ pub fn from_vtep(
     if kind == PeerKind::External {
         learned.learn(vni, src, *sender.ip(), now);
     }
-    if net.location(inner.dst()) == Some(Location::Local) {
-        let inner = &mut datagram[vxlan::HEADER_LEN..];
-        match stage.rewrite(inner, Checksum::Full, now, reply) {
-            Verdict::Pass | Verdict::Rewritten => {}
-            Verdict::Reply(_) | Verdict::Drop => return Err(DropReason::Service),
-        }
+    let inner = &mut datagram[vxlan::HEADER_LEN..];
+    if dst == mesh_mac(net) && kind == PeerKind::Member {
+        return match stage.rewrite(inner, Checksum::Full, Origin::Overlay, now, reply) {
+            Verdict::Wire => Ok(Delivery::Wire),
+            _ => Err(DropReason::Service),
+        };
     }
-    Ok(vni)
+    if net.location(dst) == Some(Location::Local) {
+        let origin = if mesh {
+            Origin::Node(*sender.ip())
+        } else {
+            Origin::Overlay
+        };
+        match stage.rewrite(inner, Checksum::Full, origin, now, reply) {
+            Verdict::Pass | Verdict::Rewritten => {}
+            _ => return Err(DropReason::Service),
+        }
+    } else if mesh {
+        return Err(DropReason::ForeignSource);
+    }
+    Ok(Delivery::Tap(vni))
 }
 
 #[cfg(test)]
@@ -424,6 +509,10 @@ mod tests {
             &Passthrough,
             &mut [0u8; REPLY_LEN],
         )
+        .map(|delivery| match delivery {
+            Delivery::Tap(vni) => vni,
+            Delivery::Wire => panic!("a passthrough stage sends nothing out of the node"),
+        })
     }
 
     fn frame(dst: Mac, src: Mac, ty: u16) -> Vec<u8> {
@@ -872,5 +961,170 @@ mod tests {
         for (i, r) in DropReason::ALL.iter().enumerate() {
             assert_eq!(r.index(), i);
         }
+    }
+
+    /// A stage that answers every frame with `verdict` (after pointing a rewritten frame at
+    /// `rewrite_to`), and remembers where each frame came from.
+    struct Scripted {
+        verdict: Verdict,
+        rewrite_to: Mac,
+        origins: std::sync::Mutex<Vec<Origin>>,
+    }
+
+    impl Scripted {
+        fn new(verdict: Verdict) -> Scripted {
+            Scripted {
+                verdict,
+                rewrite_to: mac(9),
+                origins: Default::default(),
+            }
+        }
+
+        fn origins(&self) -> Vec<Origin> {
+            self.origins.lock().unwrap().clone()
+        }
+    }
+
+    impl Stage for Scripted {
+        fn rewrite(
+            &self,
+            f: &mut [u8],
+            _: Checksum,
+            o: Origin,
+            _: Instant,
+            _: &mut [u8],
+        ) -> Verdict {
+            self.origins.lock().unwrap().push(o);
+            if self.verdict == Verdict::Rewritten {
+                Frame::new_checked(&mut *f)
+                    .unwrap()
+                    .set_dst(self.rewrite_to);
+            }
+            self.verdict
+        }
+    }
+
+    /// `from_tap` on network 4096 with `stage`; the frame as it left, and the decision.
+    fn tap_with(stage: &Scripted, frame: &[u8]) -> (Forward, Vec<u8>) {
+        let index = index();
+        let mut frame = frame.to_vec();
+        let fwd = super::from_tap(
+            &mut frame,
+            index.network(vni(4096)).unwrap(),
+            &Learned::default(),
+            Instant::now(),
+            &mut [0u8; REPLY_LEN],
+            stage,
+            Checksum::Full,
+        );
+        (fwd, frame)
+    }
+
+    fn mesh() -> Mac {
+        proxy_mac(GATEWAY_MAC)
+    }
+
+    /// What the node's stack steers into the TAP: from the client's MAC to the node's.
+    const CLIENT_MAC: Mac = Mac([0x52, 0x54, 0, 0, 0, 1]);
+    const NODE_MAC: Mac = Mac([0x52, 0x54, 0, 0, 0, 2]);
+
+    #[test]
+    fn a_connection_from_the_nodes_stack_goes_to_the_stage_and_on_from_the_mesh_mac() {
+        let stage = Scripted::new(Verdict::Rewritten);
+        let (fwd, out) = tap_with(&stage, &frame(NODE_MAC, CLIENT_MAC, ethertype::IPV4));
+        assert_eq!(fwd, Forward::Remote(vtep(2)));
+        assert_eq!(stage.origins(), [Origin::Host]);
+        let eth = Frame::new_checked(&out[..]).unwrap();
+        assert_eq!((eth.dst(), eth.src()), (mac(9), mesh()));
+
+        let stage = Scripted::new(Verdict::Reply(54));
+        let (fwd, _) = tap_with(&stage, &frame(NODE_MAC, CLIENT_MAC, ethertype::IPV4));
+        assert_eq!(
+            fwd,
+            Forward::WireReply(54),
+            "a reset goes back out of the node"
+        );
+        let stage = Scripted::new(Verdict::Pass);
+        let (fwd, _) = tap_with(&stage, &frame(NODE_MAC, CLIENT_MAC, ethertype::IPV4));
+        assert_eq!(fwd, Forward::Flood, "not a published port: unknown unicast");
+    }
+
+    #[test]
+    fn the_bridges_own_unknown_unicast_is_not_taken_for_the_nodes_stack() {
+        let stage = Scripted::new(Verdict::Drop);
+        let (fwd, _) = tap_with(&stage, &frame(NODE_MAC, GATEWAY_MAC, ethertype::IPV4));
+        assert_eq!(fwd, Forward::Flood);
+        assert!(stage.origins().is_empty());
+    }
+
+    #[test]
+    fn a_tasks_frame_to_the_gateway_leaves_the_node_or_returns_to_the_node_it_came_from() {
+        let task_to_gateway = frame(GATEWAY_MAC, mac(5), ethertype::IPV4);
+        let stage = Scripted::new(Verdict::Wire);
+        assert_eq!(tap_with(&stage, &task_to_gateway).0, Forward::Wire);
+        assert_eq!(stage.origins(), [Origin::Overlay]);
+
+        let stage = Scripted::new(Verdict::Return(*vtep(2).ip()));
+        let (fwd, out) = tap_with(&stage, &task_to_gateway);
+        assert_eq!(fwd, Forward::Remote(vtep(2)));
+        assert_eq!(Frame::new_checked(&out[..]).unwrap().dst(), mesh());
+        // Only to members: an external VTEP gets nothing of the mesh.
+        let stage = Scripted::new(Verdict::Return(*vtep(3).ip()));
+        assert_eq!(
+            tap_with(&stage, &task_to_gateway).0,
+            Forward::Drop(DropReason::Service)
+        );
+        let stage = Scripted::new(Verdict::Pass);
+        assert_eq!(
+            tap_with(&stage, &task_to_gateway).0,
+            Forward::Drop(DropReason::Service)
+        );
+    }
+
+    fn vtep_with(
+        stage: &Scripted,
+        inner: &[u8],
+        sender: SocketAddrV4,
+    ) -> Result<Delivery, DropReason> {
+        super::from_vtep(
+            &mut encapsulate(4096, inner),
+            sender,
+            &index(),
+            &mut Learned::default(),
+            Instant::now(),
+            stage,
+            &mut [0u8; REPLY_LEN],
+        )
+    }
+
+    #[test]
+    fn a_member_may_send_a_local_endpoint_a_connection_from_the_mesh_mac() {
+        let stage = Scripted::new(Verdict::Pass);
+        let to_task = frame(mac(5), mesh(), ethertype::IPV4);
+        assert_eq!(
+            vtep_with(&stage, &to_task, vtep(2)),
+            Ok(Delivery::Tap(vni(4096)))
+        );
+        assert_eq!(stage.origins(), [Origin::Node(*vtep(2).ip())]);
+        assert_eq!(
+            vtep_with(&stage, &to_task, peer3()),
+            Err(DropReason::ForeignSource),
+            "not an external VTEP"
+        );
+        let elsewhere = frame(mac(9), mesh(), ethertype::IPV4);
+        assert_eq!(
+            vtep_with(&stage, &elsewhere, vtep(2)),
+            Err(DropReason::ForeignSource)
+        );
+    }
+
+    #[test]
+    fn a_reply_to_the_mesh_mac_leaves_the_node_only_if_the_stage_says_so() {
+        let reply = frame(mesh(), mac(9), ethertype::IPV4);
+        let stage = Scripted::new(Verdict::Wire);
+        assert_eq!(vtep_with(&stage, &reply, vtep(2)), Ok(Delivery::Wire));
+        assert_eq!(stage.origins(), [Origin::Overlay]);
+        let stage = Scripted::new(Verdict::Pass);
+        assert_eq!(vtep_with(&stage, &reply, vtep(2)), Err(DropReason::Service));
     }
 }

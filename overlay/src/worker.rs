@@ -31,9 +31,10 @@ use crate::fdb::{Index, Learned};
 use crate::governor::Layout;
 use crate::offload::{self, Coalescer, Push};
 use crate::stage::{Checksum, Stage};
-use crate::switch::{self, DropReason, Forward};
+use crate::switch::{self, Delivery, DropReason, Forward};
 use crate::udp::{self, RecvBatch, SendPool};
 use crate::vxlan::{self, Vni};
+use crate::wire::Wire;
 use crate::{flowhash, steer, tap, vnet};
 
 /// Messages from the control side; each is followed by a wake-up.
@@ -67,7 +68,7 @@ pub(crate) struct Counters {
     pub drops: [AtomicU64; DROP_REASONS],
 }
 
-pub(crate) const DROP_REASONS: usize = 17;
+pub(crate) const DROP_REASONS: usize = 18;
 const _: () = assert!(switch::DropReason::ALL.len() == DROP_REASONS);
 
 impl Counters {
@@ -114,6 +115,9 @@ pub(crate) struct Worker {
     /// Offload path: receive with `UDP_GRO` and coalesce TCP before writing to the TAP.
     pub offloads: bool,
     pub stage: Arc<dyn Stage>,
+    /// Where replies to the node's own stack leave ([`crate::wire`]); none if it could not be
+    /// opened.
+    pub wire: Option<Arc<Wire>>,
     /// `(i, n)`: this is worker `i` of `n`, one per CPU, so it can be steered (see
     /// `governor`); `None` if workers and CPUs do not match.
     pub cpu: Option<(usize, usize)>,
@@ -151,6 +155,7 @@ impl Worker {
             counters,
             offloads,
             stage,
+            wire,
             cpu,
             steering,
         } = self;
@@ -180,6 +185,7 @@ impl Worker {
             counters: &counters,
             offloads,
             stage: &*stage,
+            wire: wire.as_deref(),
         };
         let mut events = Events::with_capacity(256);
         let mut pending: Vec<Token> = Vec::with_capacity(16);
@@ -351,6 +357,7 @@ struct Io<'a> {
     counters: &'a Counters,
     offloads: bool,
     stage: &'a dyn Stage,
+    wire: Option<&'a Wire>,
 }
 
 impl Io<'_> {
@@ -450,6 +457,17 @@ impl Io<'_> {
                         self.write_tap(taps, idx, &ZERO_VNET, &reply[..len]);
                         continue;
                     }
+                    // Out whole, with its vnet header: the interface segments it.
+                    Forward::Wire => {
+                        let mut header = ZERO_VNET;
+                        header.copy_from_slice(&buf[..TAP_HEADROOM]);
+                        self.to_wire(&header, &mut buf[TAP_HEADROOM..n]);
+                        continue;
+                    }
+                    Forward::WireReply(len) => {
+                        self.to_wire(&ZERO_VNET, &mut reply[..len]);
+                        continue;
+                    }
                 };
                 self.send_super(slot.vni, frame, &vh, targets, batch, gso);
                 continue;
@@ -490,10 +508,23 @@ impl Io<'_> {
                     Ok(_) => self.counters.add(&self.counters.arp_answered, 1),
                     Err(_) => self.counters.drop(DropReason::TapWrite),
                 },
+                // Checksums are complete now: no vnet flags.
+                Forward::Wire => self.to_wire(&ZERO_VNET, &mut buf[TAP_HEADROOM..n]),
+                Forward::WireReply(len) => self.to_wire(&ZERO_VNET, &mut reply[..len]),
                 Forward::Drop(reason) => self.counters.drop(reason),
             }
         }
         true
+    }
+
+    /// Sends a frame out of the node's own interfaces (see [`crate::wire`]).
+    fn to_wire(&self, header: &[u8; vnet::HEADER_LEN], frame: &mut [u8]) {
+        let sent = self
+            .wire
+            .is_some_and(|wire| wire.send(header, frame).is_ok());
+        if !sent {
+            self.counters.drop(DropReason::WireSend);
+        }
     }
 
     /// Segments a TSO/USO super-frame into the batch (joining what it holds if that goes the
@@ -667,7 +698,11 @@ impl Io<'_> {
                     let vni = match switch::from_vtep(
                         datagram, from, &tables, learned, now, self.stage, reply,
                     ) {
-                        Ok(vni) => vni,
+                        Ok(Delivery::Tap(vni)) => vni,
+                        Ok(Delivery::Wire) => {
+                            self.to_wire(&ZERO_VNET, &mut datagram[vxlan::HEADER_LEN..]);
+                            continue;
+                        }
                         Err(reason) => {
                             self.counters.drop(reason);
                             continue;

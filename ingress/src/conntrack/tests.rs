@@ -21,6 +21,7 @@ fn to(backend: u8) -> Nat {
     Nat {
         backend: addr(backend, 80),
         source: None,
+        via: Via::Overlay,
     }
 }
 
@@ -121,6 +122,7 @@ fn hairpin_reply_comes_back_to_the_rewritten_source() {
     let nat = Nat {
         backend: addr(9, 80),
         source: Some(rewritten),
+        via: Via::Overlay,
     };
     let e = ct.insert(t0, f, nat, 0).unwrap();
     let reply = Tuple::new(Protocol::Udp, addr(9, 80), rewritten);
@@ -408,6 +410,7 @@ proptest! {
                     let nat = Nat {
                         backend: addr(10 + backend, 80),
                         source: hairpin.then(|| vip(50_000 + sport)),
+                        via: Via::Overlay,
                     };
                     let full = ct.len() == ct.capacity();
                     match ct.insert(now, original, nat, flags) {
@@ -479,4 +482,20 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_forgotten_flow_is_gone_in_both_directions() {
+    let t0 = Instant::now();
+    let mut ct = table(4);
+    let f = flow(Protocol::Udp, 1, 5353);
+    let e = ct.insert(t0, f, to(7), 0).unwrap();
+    assert!(ct.forget(&e.reply()));
+    assert!(ct.get(&f).is_none() && ct.get(&e.reply()).is_none());
+    assert!(!ct.forget(&f));
+    assert_eq!(ct.len(), 0);
+    assert!(
+        ct.insert(t0, f, to(8), 0).is_ok(),
+        "its tuples are free again"
+    );
 }
