@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::BufReader;
 use tokio::net::UnixStream;
 
-use crate::model::{Health, Mode};
+use crate::model::{Health, Mode, Publish};
+use crate::publish::Unpublish;
 use crate::wire;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -48,6 +49,15 @@ pub enum Request {
         network: String,
         mode: Mode,
         health: Option<Health>,
+        /// Ports to publish (`--publish`).
+        #[serde(default)]
+        publish: Vec<Publish>,
+    },
+    /// Changes the ports a service publishes: `remove` first, then `add`.
+    ServiceUpdate {
+        name: String,
+        add: Vec<Publish>,
+        remove: Vec<Unpublish>,
     },
     ServiceLs,
     ServicePs {
@@ -89,6 +99,12 @@ impl From<crate::ipam::Refusal> for Failure {
     }
 }
 
+impl From<crate::publish::Refusal> for Failure {
+    fn from(refusal: crate::publish::Refusal) -> Failure {
+        Failure::usage(refusal)
+    }
+}
+
 impl From<anyhow::Error> for Failure {
     fn from(err: anyhow::Error) -> Failure {
         Failure::runtime(format!("{err:#}"))
@@ -125,6 +141,9 @@ pub struct ServiceInfo {
     pub health: Option<Health>,
     pub tasks_healthy: usize,
     pub tasks_total: usize,
+    /// The ports it publishes (the routing mesh).
+    #[serde(default)]
+    pub publish: Vec<Publish>,
 }
 
 /// A task as `service ps` shows it.
@@ -135,6 +154,10 @@ pub struct Task {
     pub node: String,
     pub node_address: Option<Ipv4Addr>,
     pub state: TaskState,
+    /// The ports its service publishes: each reaches this task (from any node, or from its own
+    /// node in host mode).
+    #[serde(default)]
+    pub publish: Vec<Publish>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,11 +3,12 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use ipnetwork::Ipv4Network;
 
 use crate::api::{self, Attachment, NetworkInfo, ServiceInfo, Task};
-use crate::model::{Check, Health, Mode, Node};
+use crate::model::{Check, Health, Mode, Node, Publish};
+use crate::publish::Unpublish;
 
 #[derive(Parser)]
 #[command(
@@ -177,15 +178,33 @@ pub enum ServiceCommand {
         /// Time between health checks, e.g. 500ms, 2s (default 1s).
         #[arg(long, value_name = "DUR", value_parser = parse_duration_ms, requires = "health")]
         health_interval: Option<u64>,
+        /// Publish a port on every node (repeatable): PUB:TARGET[/tcp|/udp], ADDR:PUB:TARGET
+        /// (one node's address only) or published=PUB,target=TARGET[,protocol=udp][,mode=host];
+        /// append ,affinity=client-ip and/or ,proxy=v2 (TCP) to any form.
+        #[arg(long, value_name = "SPEC", value_parser = parse_publish)]
+        publish: Vec<Publish>,
         #[arg(long)]
         json: bool,
     },
-    /// List services: name, mode, network, VIP, tasks healthy/total.
+    /// Change the ports a service publishes: removals first, then additions.
+    #[command(group(ArgGroup::new("change").args(["publish_add", "publish_rm"]).required(true).multiple(true)))]
+    Update {
+        name: String,
+        /// Publish another port (repeatable); takes what `service create --publish` takes.
+        #[arg(long, value_name = "SPEC", value_parser = parse_publish)]
+        publish_add: Vec<Publish>,
+        /// Stop publishing a port (repeatable): PUB[/tcp|/udp], ADDR:PUB[/proto], or a full SPEC.
+        #[arg(long, value_name = "PORT", value_parser = parse_unpublish)]
+        publish_rm: Vec<Unpublish>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List services: name, mode, network, VIP, tasks healthy/total, published ports.
     Ls {
         #[arg(long)]
         json: bool,
     },
-    /// List a service's tasks: container, address, node, state.
+    /// List a service's tasks: container, address, node, state, published ports.
     Ps {
         name: String,
         #[arg(long)]
@@ -216,6 +235,16 @@ fn parse_http_check(spec: &str) -> Result<(u16, String), String> {
         return Err(format!("path {path:?} has spaces or control characters"));
     }
     Ok((port, format!("/{path}")))
+}
+
+/// `SPEC` of `--publish` and `--publish-add` (see [`crate::publish`]).
+fn parse_publish(spec: &str) -> Result<Publish, crate::publish::Refusal> {
+    spec.parse()
+}
+
+/// `PORT` of `--publish-rm`.
+fn parse_unpublish(spec: &str) -> Result<Unpublish, crate::publish::Refusal> {
+    spec.parse()
 }
 
 /// `DUR` of `--health-interval`: a number with `ms` or `s`, between 100ms and 1h.
@@ -287,6 +316,7 @@ impl Command {
                 health_tcp,
                 health_http,
                 health_interval,
+                publish,
                 json,
             }) => {
                 let check = match (health_tcp, health_http) {
@@ -304,10 +334,24 @@ impl Command {
                         network,
                         mode,
                         health,
+                        publish,
                     },
                     Render::Services.or_json(json),
                 )
             }
+            Command::Service(ServiceCommand::Update {
+                name,
+                publish_add,
+                publish_rm,
+                json,
+            }) => (
+                R::ServiceUpdate {
+                    name,
+                    add: publish_add,
+                    remove: publish_rm,
+                },
+                Render::Services.or_json(json),
+            ),
             Command::Service(ServiceCommand::Ls { json }) => {
                 (R::ServiceLs, Render::Services.or_json(json))
             }
@@ -395,7 +439,7 @@ impl Render {
                     vec![serde_json::from_value(value)?]
                 };
                 table(
-                    &["NAME", "MODE", "NETWORK", "VIP", "TASKS"],
+                    &["NAME", "MODE", "NETWORK", "VIP", "TASKS", "PORTS"],
                     services.iter().map(|s| {
                         vec![
                             s.name.clone(),
@@ -403,6 +447,7 @@ impl Render {
                             s.network.clone(),
                             s.vip.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
                             format!("{}/{}", s.tasks_healthy, s.tasks_total),
+                            ports(&s.publish),
                         ]
                     }),
                 )
@@ -410,7 +455,14 @@ impl Render {
             Render::Tasks => {
                 let tasks: Vec<Task> = serde_json::from_value(value)?;
                 table(
-                    &["CONTAINER", "ADDRESS", "NODE", "NODE ADDRESS", "STATE"],
+                    &[
+                        "CONTAINER",
+                        "ADDRESS",
+                        "NODE",
+                        "NODE ADDRESS",
+                        "STATE",
+                        "PORTS",
+                    ],
                     tasks.iter().map(|t| {
                         vec![
                             t.netns.clone(),
@@ -418,6 +470,7 @@ impl Render {
                             t.node.clone(),
                             t.node_address.map(|a| a.to_string()).unwrap_or_default(),
                             t.state.to_string(),
+                            ports(&t.publish),
                         ]
                     }),
                 )
@@ -431,6 +484,15 @@ impl Render {
             }
         })
     }
+}
+
+/// The PORTS cell: `*:9200->80/tcp, *:53->53/udp`, as Docker lists them.
+fn ports(publish: &[Publish]) -> String {
+    publish
+        .iter()
+        .map(Publish::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
@@ -505,6 +567,103 @@ mod tests {
         for bad in ["2", "10ms", "2h", "s", "-1s"] {
             assert!(parse_duration_ms(bad).is_err(), "{bad}");
         }
+    }
+
+    fn parse(args: &[&str]) -> Result<(api::Request, Render), clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("overlayd").chain(args.iter().copied()))?;
+        Ok(cli.command.request().expect("a client verb"))
+    }
+
+    #[test]
+    fn publish_flags_become_the_request() {
+        let (request, _) = parse(&[
+            "service",
+            "create",
+            "search",
+            "--network",
+            "app",
+            "--publish",
+            "9200:80",
+            "--publish",
+            "53:53/udp,affinity=client-ip",
+        ])
+        .unwrap();
+        let api::Request::ServiceCreate { publish, .. } = request else {
+            panic!("{request:?}")
+        };
+        let shown: Vec<String> = publish.iter().map(Publish::to_string).collect();
+        assert_eq!(shown, ["*:9200->80/tcp", "*:53->53/udp"]);
+        let (request, _) = parse(&[
+            "service",
+            "update",
+            "search",
+            "--publish-rm",
+            "9200",
+            "--publish-add",
+            "9300:80",
+            "--publish-rm",
+            "198.18.0.1:53/udp",
+        ])
+        .unwrap();
+        let api::Request::ServiceUpdate { name, add, remove } = request else {
+            panic!("{request:?}")
+        };
+        assert_eq!(name, "search");
+        assert_eq!(add, ["9300:80".parse::<Publish>().unwrap()]);
+        let removed: Vec<String> = remove.iter().map(Unpublish::to_string).collect();
+        assert_eq!(removed, ["9200/tcp", "198.18.0.1:53/udp"]);
+    }
+
+    #[test]
+    fn bad_publish_flags_are_usage_errors_naming_the_spec() {
+        for (args, says) in [
+            ("create s --network n --publish 70000:80", "'70000:80'"),
+            (
+                "create s --network n --publish 53:53/udp,proxy=v2",
+                "needs TCP",
+            ),
+            ("update s --publish-add 80", "'80'"),
+            ("update s --publish-rm 0/tcp", "'0/tcp'"),
+            ("update s", "--publish-add"),
+        ] {
+            let args: Vec<&str> = ["service"].into_iter().chain(args.split(' ')).collect();
+            let err = parse(&args)
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} parsed"));
+            assert!(err.use_stderr(), "{args:?}");
+            let text = err.to_string();
+            assert!(text.contains(says), "{args:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn tables_show_published_ports() {
+        let service = serde_json::json!({
+            "name": "search", "mode": "vip", "network": "app", "vip": "198.19.0.2",
+            "health": null, "tasks_healthy": 3, "tasks_total": 3,
+            "publish": [
+                {"published": 9200, "target": 80, "protocol": "tcp"},
+                {"published": 8080, "target": 80, "protocol": "udp", "addr": "198.18.0.1"},
+                {"published": 81, "target": 80, "protocol": "tcp", "mode": "host"},
+            ],
+        });
+        let out = Render::Services.show(serde_json::json!([service])).unwrap();
+        assert_eq!(
+            out,
+            "NAME     MODE   NETWORK   VIP          TASKS   PORTS\n\
+             search   vip    app       198.19.0.2   3/3     \
+             *:9200->80/tcp, 198.18.0.1:8080->80/udp, *:81->80/tcp (host)"
+        );
+        let task = serde_json::json!({
+            "netns": "t1", "ip": "198.19.0.3", "node": "n1", "node_address": "198.18.0.1",
+            "state": "healthy", "publish": [{"published": 9200, "target": 80, "protocol": "tcp"}],
+        });
+        let out = Render::Tasks.show(serde_json::json!([task])).unwrap();
+        assert_eq!(
+            out,
+            "CONTAINER   ADDRESS      NODE   NODE ADDRESS   STATE     PORTS\n\
+             t1          198.19.0.3   n1     198.18.0.1     healthy   *:9200->80/tcp"
+        );
     }
 
     #[test]

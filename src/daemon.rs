@@ -8,11 +8,13 @@
 //! - this file: start and stop, the API and peer servers, changes proposed through Raft.
 //! - [`reconcile`]: the loop that makes bridges, TAPs and the data plane's tables match the view.
 //! - [`endpoints`]: containers on this node (attach, detach, restore after a restart).
+//! - [`ports`]: the checks before a service publishes ports, and `service update`.
 //! - [`dns`]: the DNS server on each network's gateway address.
 
 mod dns;
 mod endpoints;
 mod health;
+mod ports;
 mod reconcile;
 
 use std::collections::BTreeMap;
@@ -403,12 +405,20 @@ impl Daemon {
                 network,
                 mode,
                 health,
+                publish,
             } => {
+                let view = self.view().await;
+                // An existing name is the registry's refusal to make, ports or not.
+                if !view.services.contains_key(&name) {
+                    crate::registry::known(&view.networks, &network)?;
+                    self.check_publish(&view, &name, &[], &publish, &[]).await?;
+                }
                 let command = Command::CreateService {
                     name: name.clone(),
                     network,
                     mode,
                     health,
+                    publish,
                 };
                 self.propose(Change::registry(command)).await?;
                 let view = self
@@ -416,12 +426,9 @@ impl Daemon {
                         v.services.contains_key(&name)
                     })
                     .await?;
-                service_infos(&view)
-                    .into_iter()
-                    .find(|s| s.name == name)
-                    .map(|info| json(&info))
-                    .ok_or_else(|| Failure::runtime(format!("service {name} vanished")))
+                service_reply(&view, &name)
             }
+            ServiceUpdate { name, add, remove } => self.service_update(name, add, remove).await,
             ServiceLs => Ok(json(&service_infos(&self.view().await))),
             ServicePs { name } => {
                 let view = self.view().await;
@@ -636,6 +643,9 @@ impl Daemon {
                 }
             }
             peer::Request::Raft(rpc) => Ok(self.consensus.serve(rpc).await),
+            peer::Request::Bindable { ports } => {
+                ports::bindable(&self.id, self.config.advertise, &ports).map(|()| json(&()))
+            }
         }
     }
 }
@@ -689,13 +699,28 @@ fn service_infos(view: &View) -> Vec<ServiceInfo> {
                     .filter(|t| t.state == TaskState::Healthy)
                     .count(),
                 tasks_total: tasks.len(),
+                publish: s.publish.clone(),
             }
         })
         .collect()
 }
 
+/// Service `name` as `service create` and `service update` answer with it.
+fn service_reply(view: &View, name: &str) -> api::Reply {
+    service_infos(view)
+        .into_iter()
+        .find(|s| s.name == name)
+        .map(|info| json(&info))
+        .ok_or_else(|| Failure::runtime(format!("service {name} vanished")))
+}
+
 /// The tasks of service `name`, as `service ps` shows them.
 fn tasks_of(view: &View, name: &str) -> Vec<Task> {
+    let publish = view
+        .services
+        .get(name)
+        .map(|s| s.publish.clone())
+        .unwrap_or_default();
     view.tasks
         .iter()
         .filter(|t| t.service == name)
@@ -717,6 +742,7 @@ fn tasks_of(view: &View, name: &str) -> Vec<Task> {
                 .find(|m| m.node.id == t.node)
                 .map(|m| m.node.address),
             state: view.task_state(t),
+            publish: publish.clone(),
         })
         .collect()
 }

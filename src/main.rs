@@ -9,7 +9,8 @@
 //! - [`gossip`]: chitchat on a transport signed with the cluster secret ([`token`]).
 //! - [`peer`]: authenticated requests between members (join check, proposals, Raft RPCs).
 //! - [`registry`]: what must be unique cluster-wide, as a state machine (pure), and
-//!   [`consensus`]: Raft that replicates it; [`ipam`]: subnet, VNI and address choices (pure).
+//!   [`consensus`]: Raft that replicates it; [`ipam`]: subnet, VNI and address choices (pure);
+//!   [`publish`]: published ports as users write them, and the rules they obey (pure).
 //! - [`services`]: the balancer as the data plane's stage, and its snapshot of the view.
 //! - [`host`]: bridges and veth pairs via iproute2; [`state_dir`]: the node's identity on disk.
 
@@ -23,6 +24,7 @@ mod host;
 mod ipam;
 mod model;
 mod peer;
+mod publish;
 mod registry;
 mod services;
 mod state_dir;

@@ -21,7 +21,7 @@
 //! it read a request of up to [`REQUEST_LIMIT`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ use tracing::warn;
 
 use crate::api::Failure;
 use crate::consensus::{Change, Rpc};
+use crate::model::PublishProtocol;
 use crate::token::{Key, Purpose, Secret};
 use crate::wire;
 
@@ -75,6 +76,18 @@ pub enum Request {
     Propose { change: Change, forward: bool },
     /// Raft's own traffic between members.
     Raft(Rpc),
+    /// Whether this node could bind each port now, asked before a service publishes them;
+    /// refused with a message naming the first one taken. Binds nothing that outlives the
+    /// answer.
+    Bindable { ports: Vec<Bind> },
+}
+
+/// A port a node is asked to bind: on all its addresses (`0.0.0.0`) or on one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bind {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: PublishProtocol,
 }
 
 pub type Reply = Result<serde_json::Value, Failure>;

@@ -1,5 +1,5 @@
 //! The registry: what must be unique cluster-wide (network names, subnets, VNIs, container
-//! addresses, services and their VIPs), as the state machine that Raft replicates
+//! addresses, services, their VIPs and their published ports), as the state machine that Raft replicates
 //! ([`crate::consensus`]).
 //!
 //! Pure: [`Registry::apply`] takes a committed [`Command`] and returns its reply. Every member
@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{Failure, Reply};
 use crate::ipam;
-use crate::model::{Health, Mode, Network, Service, check_name};
+use crate::model::{Health, Mode, Network, Publish, Service, check_name};
+use crate::publish::{self, Unpublish};
 
 /// A change to the registry. Everything random (a new network's id) is chosen before the
 /// command is proposed, so applying it is deterministic.
@@ -47,12 +48,21 @@ pub enum Command {
         node: String,
         ip: Ipv4Addr,
     },
-    /// A service on `network`, with a VIP from its subnet in vip mode.
+    /// A service on `network`, with a VIP from its subnet in vip mode, publishing `publish`.
     CreateService {
         name: String,
         network: String,
         mode: Mode,
         health: Option<Health>,
+        #[serde(default)]
+        publish: Vec<Publish>,
+    },
+    /// Changes the ports a service publishes: takes those `remove` names away, then adds `add`
+    /// (so one update can move a port to another target).
+    UpdateService {
+        name: String,
+        add: Vec<Publish>,
+        remove: Vec<Unpublish>,
     },
     /// Removes a service; refused while it has tasks, unless `force`, which also takes their
     /// addresses back (their nodes then unplug them).
@@ -267,6 +277,7 @@ impl Registry {
                 network,
                 mode,
                 health,
+                publish,
             } => {
                 check_name(&name)?;
                 if self.services.contains_key(&name) {
@@ -275,6 +286,7 @@ impl Registry {
                     )));
                 }
                 let net = known(&self.networks, &network)?;
+                let publish = publish::admit(&self.services, &name, &[], &publish, &[])?;
                 let vip = match mode {
                     Mode::Dnsrr => None,
                     Mode::Vip => {
@@ -292,7 +304,7 @@ impl Registry {
                     mode,
                     vip,
                     health,
-                    publish: Vec::new(),
+                    publish,
                 };
                 if let Some(vip) = vip {
                     self.addresses.entry(net.id.clone()).or_default().insert(
@@ -302,6 +314,14 @@ impl Registry {
                         },
                     );
                 }
+                let reply = json(&service);
+                self.services.insert(name, service);
+                Ok(reply)
+            }
+            Command::UpdateService { name, add, remove } => {
+                let mut service = known_service(&self.services, &name)?.clone();
+                service.publish =
+                    publish::admit(&self.services, &name, &service.publish, &add, &remove)?;
                 let reply = json(&service);
                 self.services.insert(name, service);
                 Ok(reply)
@@ -505,6 +525,138 @@ mod tests {
         let bad = good.replace("198.19.0.0/24", "198.19.0.0/32");
         let err = serde_json::from_str::<Registry>(&bad).unwrap_err();
         assert!(err.to_string().contains("too small"), "{err}");
+    }
+
+    fn create_service(registry: &mut Registry, name: &str, publish: &[&str]) -> Reply {
+        registry.apply(Command::CreateService {
+            name: name.into(),
+            network: "web".into(),
+            mode: Mode::Vip,
+            health: None,
+            publish: publish.iter().map(|p| p.parse().unwrap()).collect(),
+        })
+    }
+
+    fn update_service(registry: &mut Registry, name: &str, add: &[&str], rm: &[&str]) -> Reply {
+        registry.apply(Command::UpdateService {
+            name: name.into(),
+            add: add.iter().map(|p| p.parse().unwrap()).collect(),
+            remove: rm.iter().map(|p| p.parse().unwrap()).collect(),
+        })
+    }
+
+    fn ports(registry: &Registry, name: &str) -> Vec<String> {
+        registry.services()[name]
+            .publish
+            .iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn services_publish_ports_and_updates_change_them() {
+        let mut r = Registry::default();
+        create(&mut r, "web", "198.19.0.0/24").unwrap();
+        let created = create_service(&mut r, "search", &["9200:80", "53:53/udp"]).unwrap();
+        assert_eq!(created["publish"][0]["published"], 9200, "{created}");
+        assert_eq!(ports(&r, "search"), ["*:9200->80/tcp", "*:53->53/udp"]);
+        let updated = update_service(&mut r, "search", &["9300:80", "9200:81"], &["9200"]).unwrap();
+        assert_eq!(
+            updated["publish"].as_array().map(Vec::len),
+            Some(3),
+            "{updated}"
+        );
+        assert_eq!(
+            ports(&r, "search"),
+            ["*:53->53/udp", "*:9300->80/tcp", "*:9200->81/tcp"]
+        );
+        // A port given up is free for another service.
+        update_service(&mut r, "search", &[], &["9300/tcp"]).unwrap();
+        create_service(&mut r, "other", &["9300:80"]).unwrap();
+        // Without ports, a service publishes none.
+        create_service(&mut r, "plain", &[]).unwrap();
+        assert!(r.services()["plain"].publish.is_empty());
+    }
+
+    #[test]
+    fn publish_conflicts_are_refused_and_change_nothing() {
+        let mut r = Registry::default();
+        create(&mut r, "web", "198.19.0.0/24").unwrap();
+        create_service(&mut r, "search", &["9200:80", "198.18.0.1:8080:80"]).unwrap();
+        let before = r.clone();
+        for (create, update, why) in [
+            (
+                vec!["9200:9200"],
+                None,
+                "port 9200/tcp is already published by service search",
+            ),
+            (
+                vec!["198.18.0.2:9200:80"],
+                None,
+                "9200/tcp is already published by service search",
+            ),
+            (
+                vec!["8080:80"],
+                None,
+                "8080/tcp is already published by service search",
+            ),
+            (
+                vec!["7000:1", "7000:2"],
+                None,
+                "port 7000/tcp is given twice",
+            ),
+            (
+                vec![],
+                Some((vec!["9200:1"], vec![])),
+                "already published by service search",
+            ),
+            (
+                vec![],
+                Some((vec!["7000:1", "7000:2"], vec![])),
+                "given twice",
+            ),
+            (
+                vec![],
+                Some((vec![], vec!["7000"])),
+                "service search does not publish 7000/tcp",
+            ),
+            (
+                vec![],
+                Some((vec![], vec!["9200/udp"])),
+                "does not publish 9200/udp",
+            ),
+            (
+                vec![],
+                Some((vec![], vec!["198.18.0.2:8080"])),
+                "does not publish 198.18.0.2:8080/tcp",
+            ),
+        ] {
+            let refusal = match update {
+                None => create_service(&mut r, "new", &create),
+                Some((add, rm)) => update_service(&mut r, "search", &add, &rm),
+            }
+            .expect_err(why);
+            assert!(refusal.usage && refusal.message.contains(why), "{refusal}");
+            assert_eq!(r, before, "{why}: changed");
+        }
+        let refusal = update_service(&mut r, "nosuch", &["1:1"], &[]).unwrap_err();
+        assert!(
+            refusal.message.contains("service nosuch not found"),
+            "{refusal}"
+        );
+        // A publish that breaks the rules on its own, as a stray proposal could carry it.
+        let mut udp_proxy: Publish = "9999:1".parse().unwrap();
+        udp_proxy.protocol = crate::model::PublishProtocol::Udp;
+        udp_proxy.proxy = Some(crate::model::ProxyProtocol::V2);
+        let refusal = r
+            .apply(Command::UpdateService {
+                name: "search".into(),
+                add: vec![udp_proxy],
+                remove: vec![],
+            })
+            .unwrap_err();
+        assert!(refusal.message.contains("proxy=v2 needs TCP"), "{refusal}");
+        assert_eq!(r, before);
     }
 
     proptest! {
