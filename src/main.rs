@@ -21,6 +21,7 @@ mod daemon;
 mod gossip;
 mod host;
 mod ipam;
+mod mesh_hooks;
 mod model;
 mod peer;
 mod registry;
