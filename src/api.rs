@@ -208,6 +208,30 @@ pub struct Status {
     pub peer_refused: BTreeMap<String, u64>,
     pub dataplane: Dataplane,
     pub dns: Dns,
+    /// The routing mesh's kernel hooks and published ports on this node.
+    pub mesh: Mesh,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Mesh {
+    /// tc filters installed that steer mesh packets into overlayd.
+    pub hooks: usize,
+    /// Published ports that apply to this node: held (reserved, hooks in) or, with an error,
+    /// refused (no hooks).
+    pub ports: Vec<PublishedPort>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PublishedPort {
+    pub port: u16,
+    pub protocol: crate::model::PublishProtocol,
+    /// The one address it is published on, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<Ipv4Addr>,
+    pub service: String,
+    /// Why this node does not hold it (and so does not answer on it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The DNS servers on this node's gateway addresses, all networks together.

@@ -10,10 +10,13 @@
 //! - [`endpoints`]: containers on this node (attach, detach, restore after a restart).
 //! - [`ports`]: the checks before a service publishes ports, and `service update`.
 //! - [`dns`]: the DNS server on each network's gateway address.
+//! - [`mesh_hooks`]: the tc filters that steer the routing mesh into overlayd, and the published
+//!   ports held for it.
 
 mod dns;
 mod endpoints;
 mod health;
+mod mesh_hooks;
 mod ports;
 mod reconcile;
 
@@ -83,6 +86,8 @@ pub struct Daemon {
     secret: Secret,
     config: Config,
     vtep: SocketAddrV4,
+    /// The interface holding the advertise address, and its MTU.
+    underlay: String,
     underlay_mtu: u32,
     gossip: Gossip,
     dataplane: overlay::DataPlane,
@@ -104,12 +109,13 @@ pub struct Daemon {
     balancer: Arc<ingress::balancer::Balancer>,
     /// DNS servers of the realised networks.
     dns: dns::Dns,
+    mesh: mesh_hooks::MeshHooks,
 }
 
 impl Daemon {
     /// Checks everything that could fail, then starts; on error nothing is left behind.
     pub async fn start(config: Config, start: Start) -> Result<Arc<Daemon>, Failure> {
-        let underlay_mtu = host::underlay_mtu(config.advertise)
+        let (underlay, underlay_mtu) = host::underlay(config.advertise)
             .await
             .map_err(|e| Failure::usage(format!("{e:#}")))?;
         let new_id = || hex::encode(rand::random::<[u8; 6]>());
@@ -207,12 +213,14 @@ impl Daemon {
                 return Err(failure);
             }
         };
-        info!(node = %id, %vtep, underlay_mtu, restored = restored.len(), "node started");
+        let mesh = mesh_hooks::MeshHooks::start(&underlay).await;
+        info!(node = %id, %vtep, %underlay, underlay_mtu, restored = restored.len(), "node started");
         let daemon = Arc::new(Daemon {
             id,
             secret,
             config,
             vtep,
+            underlay,
             underlay_mtu,
             gossip,
             dataplane,
@@ -225,6 +233,7 @@ impl Daemon {
             peer_gate: Arc::default(),
             balancer,
             dns: dns::Dns::new(),
+            mesh,
         });
         let api_listener = Arc::new(api_listener);
         let peer_listener = Arc::new(peer_listener);
@@ -276,6 +285,8 @@ impl Daemon {
     /// Stops the data plane and removes what this node made on the host.
     /// The data-path threads end with the process.
     pub async fn stop(&self) {
+        // First: a hook that outlives its TAP drops what it steers.
+        self.mesh.stop().await;
         let mut realised = self.realised.lock().await;
         // Under the lock, so a reconcile round cannot make the bridges again behind us.
         self.stopping.store(true, Ordering::Relaxed);
@@ -488,6 +499,7 @@ impl Daemon {
                         },
                     },
                     dns: self.dns.stats(),
+                    mesh: self.mesh.status().await,
                 }))
             }
         }

@@ -4,6 +4,7 @@
 //! iproute2 rather than a netlink crate: its error messages are the ones operators know, and the
 //! test hosts need it anyway.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
@@ -44,22 +45,45 @@ async fn ip(args: &[&str]) -> anyhow::Result<String> {
     iproute2("ip", args).await
 }
 
-/// MTU of the interface that holds `addr`, the node's underlay address.
-pub async fn underlay_mtu(addr: Ipv4Addr) -> anyhow::Result<u32> {
+/// `ip -j addr show`: every link with its addresses.
+async fn links_with_addresses() -> anyhow::Result<Vec<serde_json::Value>> {
     let json = ip(&["-j", "addr", "show"]).await?;
-    let links: serde_json::Value =
-        serde_json::from_str(&json).context("parsing `ip -j addr show`")?;
-    let wanted = addr.to_string();
-    links
+    serde_json::from_str(&json).context("parsing `ip -j addr show`")
+}
+
+/// The IPv4 addresses of `link` (an entry of [`links_with_addresses`]).
+fn ipv4_addresses(link: &serde_json::Value) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    link["addr_info"]
         .as_array()
         .into_iter()
         .flatten()
-        .find(|link| {
-            link["addr_info"].as_array().into_iter().flatten().any(|a| a["local"].as_str() == Some(&wanted))
-        })
-        .and_then(|link| link["mtu"].as_u64())
-        .map(|mtu| mtu as u32)
+        .filter_map(|a| a["local"].as_str()?.parse().ok())
+}
+
+/// The interface that holds `addr`, the node's underlay address: its name and MTU.
+pub async fn underlay(addr: Ipv4Addr) -> anyhow::Result<(String, u32)> {
+    links_with_addresses()
+        .await?
+        .iter()
+        .find(|link| ipv4_addresses(link).any(|a| a == addr))
+        .and_then(|link| Some((link["ifname"].as_str()?.to_string(), link["mtu"].as_u64()? as u32)))
         .with_context(|| format!("no interface in this network namespace holds {addr}: pass an --advertise-addr this node owns"))
+}
+
+/// This network namespace's IPv4 addresses and the interface holding each.
+pub async fn addresses() -> anyhow::Result<BTreeMap<Ipv4Addr, String>> {
+    let mut found = BTreeMap::new();
+    for link in links_with_addresses().await? {
+        if let Some(name) = link["ifname"].as_str() {
+            found.extend(ipv4_addresses(&link).map(|a| (a, name.to_string())));
+        }
+    }
+    Ok(found)
+}
+
+/// Runs `tc ARGS`, returning stdout.
+pub async fn tc(args: &[&str]) -> anyhow::Result<String> {
+    iproute2("tc", args).await
 }
 
 /// Whether `name` is a namespace `ip netns add` made (a plain name under /run/netns).
@@ -141,14 +165,11 @@ pub async fn enslave_container(port: &ContainerPort<'_>, net: &Network) -> anyho
     let dev = port.host_if;
     let program = overlay::port_filter::program(port.mac, port.ip);
     let bytecode = overlay::port_filter::tc_bytecode(&program);
-    iproute2("tc", &["qdisc", "replace", "dev", dev, "clsact"]).await?;
-    iproute2(
-        "tc",
-        &[
-            "filter", "replace", "dev", dev, "ingress", "prio", "1", "handle", "1", "bpf", "da",
-            "bytecode", &bytecode,
-        ],
-    )
+    tc(&["qdisc", "replace", "dev", dev, "clsact"]).await?;
+    tc(&[
+        "filter", "replace", "dev", dev, "ingress", "prio", "1", "handle", "1", "bpf", "da",
+        "bytecode", &bytecode,
+    ])
     .await?;
     join_bridge(dev, net, Port::Container).await?;
     let mac = port.mac.to_string();

@@ -22,6 +22,7 @@ mod daemon;
 mod gossip;
 mod host;
 mod ipam;
+mod mesh_hooks;
 mod model;
 mod peer;
 mod publish;

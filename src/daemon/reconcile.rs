@@ -1,5 +1,6 @@
 //! The reconcile loop: every [`RECONCILE_EVERY`] it derives the [`View`] from gossip and the
-//! registry and makes this node match it. It makes and removes bridges and TAPs, puts restored
+//! registry and makes this node match it. It steers the routing mesh's published ports into
+//! overlayd (tc hooks, port reservations), makes and removes bridges and TAPs, puts restored
 //! endpoints back, unplugs those whose address the registry took back, publishes the data
 //! plane's tables, saves the members to rejoin through, and logs gossip entries that stay
 //! refused.
@@ -8,7 +9,7 @@
 //! cannot be made does not hold up the others. Containers are plugged in elsewhere (see
 //! [`super::endpoints`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,7 +22,7 @@ use super::{Daemon, vni};
 use crate::cluster::View;
 use crate::host;
 use crate::model::{Network, NodeState, key};
-use crate::{services, state_dir};
+use crate::{mesh_hooks, services, state_dir};
 
 const RECONCILE_EVERY: Duration = Duration::from_millis(250);
 /// Rounds a gossip entry stays refused before it is logged and counted. An endpoint announced
@@ -57,6 +58,8 @@ impl Daemon {
         let view = self.view().await;
         log_member_changes(&view, &mut seen.members);
         self.note_refused(&view, &mut seen.refused);
+        // Before `realise`: hooks of a network being removed go before its TAP does.
+        self.steer_mesh(&view).await;
         self.realise(&view).await;
         self.dns.refresh(&view);
         self.restore().await;
@@ -99,6 +102,39 @@ impl Daemon {
             }
         }
         self.balancer.handle_timeout(now);
+    }
+
+    /// Makes the routing mesh's hooks and port reservations match the view's published ports.
+    async fn steer_mesh(&self, view: &View) {
+        let realised: BTreeSet<String> = self.realised.lock().await.keys().cloned().collect();
+        let named = mesh_hooks::named_addresses(view);
+        let addresses = if named.is_empty() {
+            BTreeMap::new()
+        } else {
+            match host::addresses().await {
+                Ok(mut all) => {
+                    all.retain(|a, _| named.contains(a));
+                    all
+                }
+                Err(err) => {
+                    warn!(err = %format!("{err:#}"), "this node's addresses unknown; publishes bound to one address wait");
+                    BTreeMap::new()
+                }
+            }
+        };
+        let host = mesh_hooks::Host {
+            id: &self.id,
+            address: self.config.advertise,
+            underlay: &self.underlay,
+            addresses: &addresses,
+            realised: &realised,
+        };
+        let plan = mesh_hooks::plan(view, &host);
+        let node = super::mesh_hooks::Node {
+            id: &self.id,
+            address: self.config.advertise,
+        };
+        self.mesh.apply(&plan, &node).await;
     }
 
     /// Logs and counts gossip entries that stay refused: once each, not every round.
