@@ -2,7 +2,10 @@
 //! checks their nodes run, a task whose server dies turns unhealthy within about 2 s (measured and
 //! printed), `service rm` is refused while tasks exist and `--force` unplugs them on their nodes,
 //! bad input is refused with exit 64, one line, and nothing changed, and HTTP checks pass on 200
-//! and fail on 404 from a real server. Needs root (CI runs as root).
+//! and fail on 404 from a real server. Published ports are listed (table and JSON) on every node,
+//! changed with `service update`, and refused when they conflict, are out of range, are not
+//! published, name an address of no node, or are held by a process on a node; a node whose
+//! daemon is down does not stop a publish. Needs root (CI runs as root).
 
 mod netns;
 
@@ -307,3 +310,206 @@ fn tasks_are_checked_turn_unhealthy_quickly_and_force_removal_unplugs_them() {
 
 /// Port of the HTTP servers of the HTTP checks.
 const HTTP_PORT: u16 = 8000;
+
+/// Ports the published-port test uses; none has a server behind it (the data path is tested
+/// elsewhere), except [`HELD`], which a plain listener holds on node 2.
+const SEARCH: u16 = 9200;
+const MOVED: u16 = 9300;
+const HELD: u16 = 9400;
+
+/// The PORTS cell of the row of service `name` in `service ls` (the last column).
+fn ports_cell(table: &str, name: &str) -> Option<String> {
+    let header = table.lines().next()?;
+    let at = header.find("PORTS")?;
+    let row = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))?;
+    Some(row.get(at..).unwrap_or_default().trim().to_owned())
+}
+
+/// `publish` of service `name` in `node`'s `service ls --json`, as `published/protocol` strings.
+fn published(node: &Node, name: &str) -> Result<Vec<String>, String> {
+    let s = service(node, name)?.ok_or(format!("no service {name}"))?;
+    let list = s["publish"]
+        .as_array()
+        .ok_or(format!("no publish list: {s}"))?;
+    Ok(list
+        .iter()
+        .map(|p| {
+            format!(
+                "{}/{}",
+                p["published"],
+                p["protocol"].as_str().unwrap_or("?")
+            )
+        })
+        .collect())
+}
+
+#[test]
+fn published_ports_are_listed_updated_and_refused_when_taken() {
+    let c = Cluster::new("pub", 3);
+    let (n1, n2) = (c.node(1), c.node(2));
+    n1.cli_ok(&["network", "create", "app", "--subnet", "198.19.30.0/24"]);
+    c.wait_network_everywhere("app");
+    let search = format!("{SEARCH}:80");
+    let created = n1.json(&[
+        "service",
+        "create",
+        "search",
+        "--network",
+        "app",
+        "--publish",
+        &search,
+        "--publish",
+        "198.18.0.1:8080:80/udp,affinity=client-ip",
+    ]);
+    assert_eq!(created["publish"][0]["published"], SEARCH, "{created}");
+    assert_eq!(created["publish"][1]["addr"], "198.18.0.1", "{created}");
+    assert_eq!(created["publish"][1]["affinity"], "client-ip", "{created}");
+
+    // Listed on every node, in the table and in JSON.
+    let want = format!("*:{SEARCH}->80/tcp, 198.18.0.1:8080->80/udp");
+    for node in &c.nodes {
+        wait_for(CONVERGED_WITHIN, "the ports listed", || {
+            let table = String::from_utf8_lossy(&node.cli(&["service", "ls"]).stdout).into_owned();
+            match ports_cell(&table, "search") {
+                Some(cell) if cell == want => Ok(()),
+                _ => Err(format!("node {}:\n{table}", node.index)),
+            }
+        });
+        assert_eq!(
+            published(node, "search"),
+            Ok(vec![format!("{SEARCH}/tcp"), "8080/udp".to_owned()])
+        );
+    }
+    let task = c.container(2, "s1");
+    c.attach(2, &task, "app", &["--service", "search"]);
+    let ps = n1.cli_ok(&["service", "ps", "search"]);
+    assert!(
+        ps.lines().next().is_some_and(|h| h.ends_with("PORTS"))
+            && ps.lines().nth(1).is_some_and(|row| row.ends_with(&want)),
+        "{ps}"
+    );
+    let ps = n1.json(&["service", "ps", "search"]);
+    assert_eq!(ps[0]["publish"][0]["published"], SEARCH, "{ps}");
+
+    // Moved from one port to another in one update, seen on every node.
+    let moved = format!("{MOVED}:80");
+    let updated = n2.json(&[
+        "service",
+        "update",
+        "search",
+        "--publish-rm",
+        &SEARCH.to_string(),
+        "--publish-add",
+        &moved,
+    ]);
+    assert_eq!(updated["publish"][1]["published"], MOVED, "{updated}");
+    for node in &c.nodes {
+        wait_for(CONVERGED_WITHIN, "the update listed", || {
+            match published(node, "search")? {
+                p if p == ["8080/udp".to_owned(), format!("{MOVED}/tcp")] => Ok(()),
+                other => Err(format!("node {}: {other:?}", node.index)),
+            }
+        });
+    }
+
+    // A plain listener holds a port on node 2.
+    let _holder = c.tcp_server(&n2.netns, HELD);
+    wait_for(CONVERGED_WITHIN, "the listener on node 2", || {
+        let port = format!("sport = :{HELD}");
+        let out = c.exec(&n2.netns, &["ss", "-Hltn", &port]);
+        (!out.stdout.is_empty())
+            .then_some(())
+            .ok_or_else(|| show(&out))
+    });
+    let n2_id = own_id(n2);
+    let held = format!("{HELD}:80");
+    let in_use = format!("port {HELD}/tcp is in use on node {n2_id} (198.18.0.2)");
+    let create = |spec: &str| {
+        [
+            "service",
+            "create",
+            "other",
+            "--network",
+            "app",
+            "--publish",
+            spec,
+        ]
+        .map(String::from)
+    };
+    let update =
+        |flag: &str, spec: &str| ["service", "update", "search", flag, spec].map(String::from);
+    let cases: Vec<(&str, Vec<String>, Vec<&str>)> = vec![
+        (
+            "a port another service publishes",
+            create(&moved).into(),
+            vec!["port 9300/tcp is already published by service search"],
+        ),
+        (
+            "the same port twice in one request",
+            [
+                &create("9500:80")[..],
+                &["--publish".into(), "9500:81/tcp".into()],
+            ]
+            .concat(),
+            vec!["port 9500/tcp is given twice"],
+        ),
+        (
+            "a port out of range",
+            create("70000:80").into(),
+            vec!["70000:80", "out of range"],
+        ),
+        (
+            "a port the service does not publish",
+            update("--publish-rm", "9999").into(),
+            vec!["service search does not publish 9999/tcp"],
+        ),
+        (
+            "a bind address that is no node's",
+            create("198.18.0.99:80:80").into(),
+            vec!["198.18.0.99", "not the address of any node"],
+        ),
+        (
+            "a port in use on a node (create)",
+            create(&held).into(),
+            vec![&in_use, "free it or publish another port"],
+        ),
+        (
+            "a port in use on a node (update)",
+            update("--publish-add", &held).into(),
+            vec![&in_use],
+        ),
+    ];
+    for (case, args, mentions) in &cases {
+        let before = n1.json(&["service", "ls"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run_bounded(&mut n1.cli_command(&args), netns::CLI_TIMEOUT);
+        assert_refused(case, out, mentions);
+        assert_eq!(
+            n1.json(&["service", "ls"]),
+            before,
+            "{case}: services changed"
+        );
+    }
+
+    // Node 3's daemon is gone: the others publish without its answer, and say so.
+    c.node(3).kill_daemon();
+    n1.cli_ok(&[
+        "service",
+        "create",
+        "late",
+        "--network",
+        "app",
+        "--publish",
+        "9600:80",
+    ]);
+    assert_eq!(published(n1, "late"), Ok(vec!["9600/tcp".to_owned()]));
+    let log = n1.log_text();
+    let said = log.lines().find(|l| l.contains("publishing without"));
+    let said = said.expect("node 1 does not log that it published without node 3");
+    println!("with node 3 down, node 1 logged: {said}");
+}
+
+/// How long a change may take to show on every node.
+const CONVERGED_WITHIN: Duration = Duration::from_secs(10);
