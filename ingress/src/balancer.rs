@@ -160,6 +160,11 @@ impl Balancer {
         }
     }
 
+    /// The services and tasks the balancer uses now.
+    pub fn services(&self) -> Arc<Table> {
+        self.services.load_full()
+    }
+
     /// Flows tracked now, and flows evicted since start to make room for new ones (a full
     /// table evicts unanswered flows first, and keeps forwarding).
     pub fn flows(&self) -> (usize, u64) {
@@ -266,6 +271,8 @@ impl Balancer {
     /// - from this node's stack, a connection to a published port: to a task on any node,
     ///   with the client's address kept (a client on this node itself gets the node's address
     ///   instead of a loopback one, which the task could not answer);
+    /// - from this node's stack, a connection from the node's address to a task (the
+    ///   `proxy=v2` proxy's): to that task, unchanged;
     /// - from the node at `node`, a published port's connection it sent to a task here:
     ///   tracked as it is, so that the task's replies go back to that node.
     fn mesh_nat(
@@ -287,26 +294,29 @@ impl Balancer {
                 via: Via::Node(node),
             });
         }
-        // Not a published port: not the balancer's business.
-        let (service, port) = services
-            .published(tuple.proto, tuple.dst)
-            .ok_or(Verdict::Pass)?;
-        let hash = if port.client_affinity {
-            tuple.client_hash()
-        } else {
-            tuple.stable_hash()
+        let Some((service, port)) = services.published(tuple.proto, tuple.dst) else {
+            // The node's own connection to a task (a `proxy=v2` port's, from the node's
+            // address): tracked as it is, so that the task's node sends the replies back here,
+            // into this node's stack (all-zero MACs). Anything else is not the balancer's.
+            return if *tuple.src.ip() == self.node && services.is_backend(*tuple.dst.ip()) {
+                Ok(Nat {
+                    backend: tuple.dst,
+                    source: None,
+                    via: Via::Host {
+                        client_mac: [0; 6],
+                        node_mac: [0; 6],
+                    },
+                })
+            } else {
+                Err(Verdict::Pass)
+            };
         };
-        let task = if port.local_only {
-            service.pick_local(hash, self.node)
-        } else {
-            service.pick(hash)
-        };
-        let Some(task) = task else {
+        let Some(backend) = port.pick(service, tuple, self.node) else {
             return Err(self.reject(frame, tuple.proto, reply));
         };
         let (client_mac, node_mac) = nat::macs(frame);
         Ok(Nat {
-            backend: SocketAddrV4::new(task.addr, port.target),
+            backend,
             // Loopback has all-zero MACs.
             source: (client_mac == [0; 6] && node_mac == [0; 6])
                 .then(|| SocketAddrV4::new(self.node, tuple.src.port())),
@@ -609,6 +619,70 @@ mod tests {
             Verdict::Return(entry)
         );
         assert_eq!(answer, before);
+        assert_eq!(b.flows(), (1, 0));
+    }
+
+    #[test]
+    fn the_proxy_of_a_port_picks_the_task_the_data_path_picks() {
+        let ports = [
+            PUBLISHED,
+            Port {
+                client_affinity: true,
+                ..PUBLISHED
+            },
+            Port {
+                local_only: true,
+                ..PUBLISHED
+            },
+        ];
+        for port in ports {
+            let b = Balancer::new(1024, conntrack::Timeouts::default(), mac_of, NODE).unwrap();
+            b.publish(published(&[6, 7, 8, 9], port), Instant::now());
+            let clients: Vec<SocketAddrV4> = (1..=40)
+                .map(|c| at(Ipv4Addr::new(198, 18, 1, c), 30000 + u16::from(c)))
+                .collect();
+            let table = b.services();
+            let picked: Vec<Ipv4Addr> = clients
+                .iter()
+                .map(|&c| {
+                    let task = table.pick_published(Protocol::Tcp, at(NODE, 9200), c, NODE);
+                    let task = task.unwrap();
+                    assert_eq!(task.port(), 80);
+                    *task.ip()
+                })
+                .collect();
+            assert_eq!(picked, landings(&b, clients.into_iter()), "{port:?}");
+        }
+    }
+
+    #[test]
+    fn the_nodes_own_connection_to_a_task_is_tracked_and_answered_into_its_stack() {
+        let b = balancer(&[7]);
+        let proxy = at(NODE, 45000);
+        let mut syn = frame((NODE_MAC, mac_of(ip(7))), proxy, at(ip(7), 80), Some(true));
+        assert_eq!(run_from(&b, Origin::Host, &mut syn), Verdict::Rewritten);
+        let (_, dst_mac, src, dst) = seen(&syn);
+        assert_eq!((src, dst, dst_mac), (proxy, at(ip(7), 80), mac_of(ip(7))));
+        let mut answer = frame((mac_of(ip(7)), NODE_MAC), at(ip(7), 80), proxy, Some(false));
+        assert_eq!(run_from(&b, Origin::Overlay, &mut answer), Verdict::Wire);
+        let (src_mac, dst_mac, src, dst) = seen(&answer);
+        assert_eq!((src, dst), (at(ip(7), 80), proxy));
+        assert_eq!(
+            (src_mac, dst_mac),
+            ([0; 6], [0; 6]),
+            "into the node's stack"
+        );
+
+        let gateway = at(Ipv4Addr::new(198, 19, 0, 1), 45001);
+        let mut other = frame(
+            (NODE_MAC, mac_of(ip(7))),
+            gateway,
+            at(ip(7), 80),
+            Some(true),
+        );
+        assert_eq!(run_from(&b, Origin::Host, &mut other), Verdict::Pass);
+        let mut stranger = frame((NODE_MAC, mac_of(ip(5))), proxy, at(ip(5), 80), Some(true));
+        assert_eq!(run_from(&b, Origin::Host, &mut stranger), Verdict::Pass);
         assert_eq!(b.flows(), (1, 0));
     }
 

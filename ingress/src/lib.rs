@@ -2,7 +2,7 @@
 //!
 //! This crate owns the service table (VIPs, tasks, their health), backend choice by Maglev
 //! consistent hashing (so every node picks the same task for a flow), connection tracking and
-//! DNS answers, NAT rewrite. Published ports are still to come.
+//! DNS answers, NAT rewrite, for VIPs and for ports published on the nodes (the routing mesh).
 //!
 //! It knows nothing of VXLAN, TAPs or sockets, and does not read the clock: like `overlay`'s
 //! packet logic it is sans-IO, time is passed in, and the `overlayd` binary connects the two.
@@ -31,6 +31,10 @@
 //! incremental checksums (full, or the partial sum of an offloaded frame), and reads its
 //! 5-tuple.
 //!
+//! A published port with `proxy=v2` is not NATed: the daemon accepts the client's connection,
+//! picks its task as the data path would ([`service::Table::pick_published`]) and writes a
+//! [`proxy_protocol`] header to the task before the client's bytes.
+//!
 //! [`dns`] answers queries for the names of one network (services, `tasks.` names,
 //! containers and their aliases) from a snapshot, and says which queries belong upstream.
 #![forbid(unsafe_code)]
@@ -42,6 +46,7 @@ pub mod flow;
 mod hash;
 pub mod maglev;
 pub mod nat;
+pub mod proxy_protocol;
 pub mod reject;
 pub mod service;
 

@@ -13,6 +13,7 @@
 //! only while healthy, and every node, building from the same set, picks the same task for
 //! the same flow.
 
+use crate::flow::Tuple;
 use crate::{Protocol, Vip, maglev};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
@@ -55,6 +56,26 @@ pub struct Port {
     pub client_affinity: bool,
     /// Only this node's own tasks take the port's flows (Swarm's `mode=host`).
     pub local_only: bool,
+}
+
+impl Port {
+    /// The task a new flow to this port of `service` goes to, as `task:target`: by Maglev over
+    /// the healthy tasks, hashing the whole flow or (`affinity=client-ip`) the client's address
+    /// only, or (`mode=host`) among the healthy tasks on the node at `node`. `None` when there
+    /// is no such task.
+    pub fn pick(&self, service: &Service, flow: &Tuple, node: Ipv4Addr) -> Option<SocketAddrV4> {
+        let hash = if self.client_affinity {
+            flow.client_hash()
+        } else {
+            flow.stable_hash()
+        };
+        let task = if self.local_only {
+            service.pick_local(hash, node)
+        } else {
+            service.pick(hash)
+        }?;
+        Some(SocketAddrV4::new(task.addr, self.target))
+    }
 }
 
 /// A service as the control plane describes it, input to [`Table::build`].
@@ -277,6 +298,20 @@ impl Table {
         Some((self.by_vip.get(vip)?, *port))
     }
 
+    /// The task (`task:target`) for a connection from `client` to the published port at `dst`
+    /// on the node at `node`: the choice the data path makes for the same connection. `None`
+    /// when `dst` is not published or no task can take it.
+    pub fn pick_published(
+        &self,
+        protocol: Protocol,
+        dst: SocketAddrV4,
+        client: SocketAddrV4,
+        node: Ipv4Addr,
+    ) -> Option<SocketAddrV4> {
+        let (service, port) = self.published(protocol, dst)?;
+        port.pick(service, &Tuple::new(protocol, client, dst), node)
+    }
+
     pub fn len(&self) -> usize {
         self.by_vip.len()
     }
@@ -396,6 +431,37 @@ mod tests {
             t.published(Protocol::Udp, to([198, 18, 0, 1], 9200))
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_published_connection_picks_a_healthy_task_at_the_target_port() {
+        let two = Spec {
+            ports: vec![port(9300, None)],
+            ..web(vec![task(1, Health::Healthy), task(2, Health::Unhealthy)])
+        };
+        let t = Table::build(size(), [two]).unwrap();
+        let node = Ipv4Addr::new(198, 18, 0, 1);
+        let dst = SocketAddrV4::new(node, 9300);
+        let client = |p| SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 200), p);
+        for p in 40_000..40_050 {
+            let picked = t.pick_published(Protocol::Tcp, dst, client(p), node);
+            assert_eq!(
+                picked,
+                Some(SocketAddrV4::new(task(1, Health::Healthy).addr, 80))
+            );
+        }
+        let other_port = SocketAddrV4::new(node, 9301);
+        assert_eq!(
+            t.pick_published(Protocol::Tcp, other_port, client(1), node),
+            None
+        );
+        assert_eq!(t.pick_published(Protocol::Udp, dst, client(1), node), None);
+        let sick = Spec {
+            ports: vec![port(9300, None)],
+            ..web(vec![task(2, Health::Unhealthy)])
+        };
+        let t = Table::build(size(), [sick]).unwrap();
+        assert_eq!(t.pick_published(Protocol::Tcp, dst, client(1), node), None);
     }
 
     #[test]

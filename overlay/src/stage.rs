@@ -5,7 +5,8 @@
 //! matter to one: frames sent to a service address's MAC ([`crate::Location::Service`]),
 //! frames about to be delivered to a local endpoint (which may be the replies of flows the
 //! stage rewrote), frames the node's own stack steered into the TAP (connections to published
-//! ports, [`Origin::Host`]), frames a container sent to the gateway's MAC that were steered to
+//! ports, [`Origin::Host`]) or sent through its bridge to an endpoint (also [`Origin::Host`]:
+//! the node's own connections to tasks), frames a container sent to the gateway's MAC that were steered to
 //! the TAP (replies of those connections), and frames another node forwarded from its own
 //! stack ([`Origin::Node`]). The daemon plugs in the load balancer of the `ingress` crate;
 //! without one, [`Passthrough`] leaves every frame alone.
@@ -24,7 +25,8 @@ pub use packet::checksum::Mode as Checksum;
 pub enum Origin {
     /// The overlay: a container on this node, or one on another node over VXLAN.
     Overlay,
-    /// This node's own stack, steered into the TAP by the kernel hooks of published ports.
+    /// This node's own stack: steered into the TAP by the kernel hooks of published ports, or
+    /// sent through the network's bridge (from the gateway's MAC) to an endpoint.
     Host,
     /// The node at this underlay address, which took a connection from its own stack and
     /// sent it to an endpoint here.

@@ -182,6 +182,22 @@ pub fn from_tap(
         return after_stage(verdict, frame, net, Forward::Drop(DropReason::Service));
     }
     match net.location(dst) {
+        // The node's own stack through its bridge. The stage takes its connections to tasks
+        // (a `proxy=v2` port's), which must reach tasks on other nodes and come back here; the
+        // far end drops a frame from the gateway's MAC, so such a frame leaves as the mesh's.
+        Some(location @ (Location::Local | Location::Remote(_))) if src == net.gateway_mac() => {
+            let passed = match location {
+                Location::Remote(vtep) => Forward::Remote(vtep),
+                _ => Forward::Local,
+            };
+            let verdict = stage.rewrite(frame, checksum, Origin::Host, now, reply);
+            if verdict == Verdict::Rewritten
+                && let Ok(mut eth) = Frame::new_checked(&mut *frame)
+            {
+                eth.set_src(mesh_mac(net));
+            }
+            after_stage(verdict, frame, net, passed)
+        }
         Some(location @ (Location::Local | Location::Service)) => {
             let verdict = stage.rewrite(frame, checksum, Origin::Overlay, now, reply);
             let passed = match location {
@@ -1047,6 +1063,34 @@ mod tests {
         let stage = Scripted::new(Verdict::Pass);
         let (fwd, _) = tap_with(&stage, &frame(NODE_MAC, CLIENT_MAC, ethertype::IPV4));
         assert_eq!(fwd, Forward::Flood, "not a published port: unknown unicast");
+    }
+
+    #[test]
+    fn the_nodes_stack_reaches_endpoints_through_the_stage_and_remote_ones_as_the_mesh() {
+        let to_remote = frame(mac(9), GATEWAY_MAC, ethertype::IPV4);
+        let stage = Scripted::new(Verdict::Rewritten);
+        let (fwd, out) = tap_with(&stage, &to_remote);
+        assert_eq!(fwd, Forward::Remote(vtep(2)));
+        assert_eq!(stage.origins(), [Origin::Host]);
+        let eth = Frame::new_checked(&out[..]).unwrap();
+        assert_eq!(
+            (eth.dst(), eth.src()),
+            (mac(9), mesh()),
+            "the far end takes the mesh's"
+        );
+
+        let stage = Scripted::new(Verdict::Pass);
+        let (fwd, out) = tap_with(&stage, &to_remote);
+        assert_eq!(fwd, Forward::Remote(vtep(2)));
+        assert_eq!(out, to_remote, "passed untouched");
+        let to_local = frame(proxy_mac(mac(5)), GATEWAY_MAC, ethertype::IPV4);
+        let (fwd, _) = tap_with(&stage, &to_local);
+        assert_eq!(fwd, Forward::Local);
+        assert_eq!(stage.origins(), [Origin::Host, Origin::Host]);
+
+        let stage = Scripted::new(Verdict::Reply(54));
+        let (fwd, _) = tap_with(&stage, &to_remote);
+        assert_eq!(fwd, Forward::Reply(54), "a reset goes back into the bridge");
     }
 
     #[test]
