@@ -219,6 +219,24 @@ pub struct Mesh {
     /// Published ports that apply to this node: held (reserved, hooks in) or, with an error,
     /// refused (no hooks).
     pub ports: Vec<PublishedPort>,
+    /// The proxy of the `proxy=v2` ports.
+    #[serde(default)]
+    pub proxy: MeshProxy,
+}
+
+/// Counts of the `proxy=v2` proxy since start.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MeshProxy {
+    /// Connections taken and relayed (or tried).
+    pub connections: u64,
+    /// Relayed now.
+    pub active: u64,
+    /// Reset because the node relays its most connections already.
+    pub refused: u64,
+    /// Reset because no healthy task could take them.
+    pub no_task: u64,
+    /// Reset because the task was not reached in time or refused, or failed to accept.
+    pub failed: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

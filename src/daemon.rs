@@ -12,11 +12,14 @@
 //! - [`dns`]: the DNS server on each network's gateway address.
 //! - [`mesh_hooks`]: the tc filters that steer the routing mesh into overlayd, and the published
 //!   ports held for it.
+//! - [`mesh_proxy`]: the userspace proxy of the `proxy=v2` ports, which send tasks a PROXY
+//!   protocol header.
 
 mod dns;
 mod endpoints;
 mod health;
 mod mesh_hooks;
+mod mesh_proxy;
 mod ports;
 mod reconcile;
 
@@ -213,7 +216,8 @@ impl Daemon {
                 return Err(failure);
             }
         };
-        let mesh = mesh_hooks::MeshHooks::start(&underlay).await;
+        let proxy = mesh_proxy::Proxy::new(balancer.clone(), config.advertise);
+        let mesh = mesh_hooks::MeshHooks::start(&underlay, proxy).await;
         info!(node = %id, %vtep, %underlay, underlay_mtu, restored = restored.len(), "node started");
         let daemon = Arc::new(Daemon {
             id,

@@ -16,6 +16,10 @@
 //! other process takes the port and the kernel never picks it as an ephemeral source port (whose
 //! replies the first two hooks would steal). A port's hooks go in only while it is held.
 //!
+//! A TCP port with `proxy=v2` gets no port hooks: the daemon's proxy listens on it (that socket
+//! holds it) and connects to the task from the node's address. The reply hooks stay, for those
+//! connections' replies.
+//!
 //! [`plan`] derives all of it from the [`View`]; `daemon::mesh_hooks` makes the kernel match.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -168,6 +172,9 @@ impl fmt::Display for Reservation {
 pub struct Claim {
     pub service: String,
     pub hooks: BTreeSet<Hook>,
+    /// A TCP port with `proxy=v2`: the daemon's proxy listens on it, which holds it, and no
+    /// hook steers it (a PROXY header is bytes in the stream, which the NAT cannot add).
+    pub proxy: bool,
 }
 
 /// This node, as the hooks need it.
@@ -233,9 +240,18 @@ pub fn plan(view: &View, host: &Host) -> Plan {
                 port: publish.published,
                 addr: publish.addr.unwrap_or(Ipv4Addr::UNSPECIFIED),
             };
-            let hooks = port_hooks(publish, host, &tap);
+            let proxy = publish.proxy.is_some() && publish.protocol == PublishProtocol::Tcp;
+            let hooks = if proxy {
+                BTreeSet::new()
+            } else {
+                port_hooks(publish, host, &tap)
+            };
             match plan.ports.get(&reservation) {
-                Some(claim) if claim.service != service.name || claim.hooks != hooks => {
+                Some(claim)
+                    if claim.service != service.name
+                        || claim.hooks != hooks
+                        || claim.proxy != proxy =>
+                {
                     plan.conflicts.push((service.name.clone(), reservation));
                 }
                 Some(_) => {}
@@ -243,6 +259,7 @@ pub fn plan(view: &View, host: &Host) -> Plan {
                     let claim = Claim {
                         service: service.name.clone(),
                         hooks,
+                        proxy,
                     };
                     plan.ports.insert(reservation, claim);
                 }
@@ -430,6 +447,30 @@ mod tests {
                 "ovbr-100 ingress: protocol ip u32 match ip protocol 6 0xff match ip sport 80 0xffff action mirred egress redirect dev ovtap-100",
             ],
             "the subnet passes, ordered before the steering"
+        );
+    }
+
+    #[test]
+    fn a_proxy_port_is_held_for_the_proxy_without_port_hooks_but_with_reply_hooks() {
+        let mut proxied = publish(9300, 80, PublishProtocol::Tcp);
+        proxied.proxy = Some(crate::model::ProxyProtocol::V2);
+        let v = view(vec![("api", "a", vec![proxied], vec!["me"])]);
+        let p = plan_on(&v, &[], &["a"]);
+        let claim = &p.ports[&tcp(9300)];
+        assert!(claim.proxy);
+        assert!(claim.hooks.is_empty(), "{:?}", claim.hooks);
+        let plain = view(vec![(
+            "api",
+            "a",
+            vec![publish(9300, 80, PublishProtocol::Tcp)],
+            vec!["me"],
+        )]);
+        let plain = plan_on(&plain, &[], &["a"]);
+        assert!(!plain.ports[&tcp(9300)].proxy);
+        assert!(!plain.ports[&tcp(9300)].hooks.is_empty());
+        assert_eq!(
+            p.replies, plain.replies,
+            "the proxy's connections to a task here are answered through the mesh"
         );
     }
 

@@ -311,12 +311,12 @@ impl Balancer {
                 Err(Verdict::Pass)
             };
         };
-        let Some(backend) = port.pick(service, tuple, self.node) else {
+        let Some(task) = port.pick(service, tuple, self.node) else {
             return Err(self.reject(frame, tuple.proto, reply));
         };
         let (client_mac, node_mac) = nat::macs(frame);
         Ok(Nat {
-            backend,
+            backend: SocketAddrV4::new(task.addr, port.target),
             // Loopback has all-zero MACs.
             source: (client_mac == [0; 6] && node_mac == [0; 6])
                 .then(|| SocketAddrV4::new(self.node, tuple.src.port())),
@@ -645,10 +645,10 @@ mod tests {
             let picked: Vec<Ipv4Addr> = clients
                 .iter()
                 .map(|&c| {
-                    let task = table.pick_published(Protocol::Tcp, at(NODE, 9200), c, NODE);
-                    let task = task.unwrap();
-                    assert_eq!(task.port(), 80);
-                    *task.ip()
+                    let picked = table.pick_published(Protocol::Tcp, at(NODE, 9200), c, NODE);
+                    let (task, target) = picked.unwrap();
+                    assert_eq!(target, 80);
+                    task.addr
                 })
                 .collect();
             assert_eq!(picked, landings(&b, clients.into_iter()), "{port:?}");

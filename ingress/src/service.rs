@@ -59,22 +59,21 @@ pub struct Port {
 }
 
 impl Port {
-    /// The task a new flow to this port of `service` goes to, as `task:target`: by Maglev over
-    /// the healthy tasks, hashing the whole flow or (`affinity=client-ip`) the client's address
-    /// only, or (`mode=host`) among the healthy tasks on the node at `node`. `None` when there
-    /// is no such task.
-    pub fn pick(&self, service: &Service, flow: &Tuple, node: Ipv4Addr) -> Option<SocketAddrV4> {
+    /// The task a new flow to this port of `service` goes to (at port `target`): by Maglev
+    /// over the healthy tasks, hashing the whole flow or (`affinity=client-ip`) the client's
+    /// address only, or (`mode=host`) among the healthy tasks on the node at `node`. `None`
+    /// when there is no such task.
+    pub fn pick(&self, service: &Service, flow: &Tuple, node: Ipv4Addr) -> Option<Backend> {
         let hash = if self.client_affinity {
             flow.client_hash()
         } else {
             flow.stable_hash()
         };
-        let task = if self.local_only {
+        if self.local_only {
             service.pick_local(hash, node)
         } else {
             service.pick(hash)
-        }?;
-        Some(SocketAddrV4::new(task.addr, self.target))
+        }
     }
 }
 
@@ -298,18 +297,19 @@ impl Table {
         Some((self.by_vip.get(vip)?, *port))
     }
 
-    /// The task (`task:target`) for a connection from `client` to the published port at `dst`
-    /// on the node at `node`: the choice the data path makes for the same connection. `None`
-    /// when `dst` is not published or no task can take it.
+    /// The task, and the port on it, for a connection from `client` to the published port at
+    /// `dst` on the node at `node`: the choice the data path makes for the same connection.
+    /// `None` when `dst` is not published or no task can take it.
     pub fn pick_published(
         &self,
         protocol: Protocol,
         dst: SocketAddrV4,
         client: SocketAddrV4,
         node: Ipv4Addr,
-    ) -> Option<SocketAddrV4> {
+    ) -> Option<(Backend, u16)> {
         let (service, port) = self.published(protocol, dst)?;
-        port.pick(service, &Tuple::new(protocol, client, dst), node)
+        let task = port.pick(service, &Tuple::new(protocol, client, dst), node)?;
+        Some((task, port.target))
     }
 
     pub fn len(&self) -> usize {
@@ -445,10 +445,7 @@ mod tests {
         let client = |p| SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 200), p);
         for p in 40_000..40_050 {
             let picked = t.pick_published(Protocol::Tcp, dst, client(p), node);
-            assert_eq!(
-                picked,
-                Some(SocketAddrV4::new(task(1, Health::Healthy).addr, 80))
-            );
+            assert_eq!(picked, Some((task(1, Health::Healthy), 80)));
         }
         let other_port = SocketAddrV4::new(node, 9301);
         assert_eq!(

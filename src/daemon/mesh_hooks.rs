@@ -19,6 +19,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::sync::Mutex;
 use tracing::{error, info, warn};
 
+use super::mesh_proxy::{self, Proxy};
 use crate::api;
 use crate::host;
 use crate::mesh_hooks::{Action, Direction, Hook, Plan, Reservation};
@@ -32,6 +33,8 @@ const STEER: RangeInclusive<u16> = 0xC010..=0xCFFF;
 
 pub struct MeshHooks {
     state: Mutex<State>,
+    /// Listens on the `proxy=v2` ports instead of holding them with a bare socket.
+    proxy: Proxy,
 }
 
 #[derive(Default)]
@@ -58,7 +61,15 @@ struct Held {
     /// Its hooks as last planned: the port stays held while any of them is still installed.
     hooks: BTreeSet<Hook>,
     /// Closed on drop, which frees the port.
-    _socket: Socket,
+    hold: Hold,
+}
+
+/// What holds a port.
+enum Hold {
+    /// A bound socket that takes nothing: the hooks steer the port's packets past it.
+    Socket { _bound: Socket },
+    /// The `proxy=v2` proxy's listener.
+    Proxy { _listener: mesh_proxy::Listener },
 }
 
 /// Who is asking, for messages that name the node.
@@ -69,7 +80,7 @@ pub struct Node<'a> {
 
 impl MeshHooks {
     /// Removes our filters left by an earlier run on `lo`, `underlay` and the networks' bridges.
-    pub async fn start(underlay: &str) -> MeshHooks {
+    pub async fn start(underlay: &str, proxy: Proxy) -> MeshHooks {
         let mut devs = vec!["lo".to_string(), underlay.to_string()];
         devs.extend(bridges());
         for dev in &devs {
@@ -91,6 +102,7 @@ impl MeshHooks {
         }
         MeshHooks {
             state: Mutex::default(),
+            proxy,
         }
     }
 
@@ -102,7 +114,7 @@ impl MeshHooks {
         if state.stopped {
             return;
         }
-        state.reserve(plan, node);
+        state.reserve(plan, node, &self.proxy);
         let mut desired: BTreeSet<&Hook> = plan.replies.iter().collect();
         for (reservation, claim) in &plan.ports {
             if state.held.contains_key(reservation) {
@@ -136,7 +148,8 @@ impl MeshHooks {
         state.remove_unused_qdiscs().await;
     }
 
-    /// Removes every hook, frees every port, and removes the qdiscs this run added.
+    /// Removes every hook, frees every port (closing the proxy's listeners and connections),
+    /// and removes the qdiscs this run added.
     pub async fn stop(&self) {
         let mut state = self.state.lock().await;
         state.stopped = true;
@@ -163,14 +176,16 @@ impl MeshHooks {
         api::Mesh {
             hooks: state.installed.len(),
             ports: held.chain(refused).collect(),
+            proxy: self.proxy.status(),
         }
     }
 }
 
 impl State {
-    /// Binds the ports `plan` wants that are not held yet, and records (and logs once) those
-    /// that cannot be.
-    fn reserve(&mut self, plan: &Plan, node: &Node) {
+    /// Binds the ports `plan` wants that are not held yet (or held the other way: a bare
+    /// socket for a port now proxied, or the reverse), and records (and logs once) those that
+    /// cannot be.
+    fn reserve(&mut self, plan: &Plan, node: &Node, proxy: &Proxy) {
         let mut refused = BTreeMap::new();
         for (service, reservation) in &plan.conflicts {
             let holder = plan
@@ -185,19 +200,30 @@ impl State {
         }
         for (reservation, claim) in &plan.ports {
             if let Some(held) = self.held.get_mut(reservation) {
-                held.service.clone_from(&claim.service);
-                held.hooks.clone_from(&claim.hooks);
-                continue;
+                if matches!(held.hold, Hold::Proxy { .. }) == claim.proxy {
+                    held.service.clone_from(&claim.service);
+                    held.hooks.clone_from(&claim.hooks);
+                    continue;
+                }
+                // Its hooks (if any) come out in this round, before the port is free again;
+                // a listener's socket closes as its task ends, so binding may wait a round.
+                self.held.remove(reservation);
             }
-            match bind(reservation) {
-                Ok(socket) => {
+            let hold = if claim.proxy {
+                let at = SocketAddrV4::new(reservation.addr, reservation.port);
+                proxy.listen(at).map(|_listener| Hold::Proxy { _listener })
+            } else {
+                bind(reservation).map(|_bound| Hold::Socket { _bound })
+            };
+            match hold {
+                Ok(hold) => {
                     if self.refused.contains_key(reservation) {
                         info!(port = %reservation, service = %claim.service, "published port now held");
                     }
                     let held = Held {
                         service: claim.service.clone(),
                         hooks: claim.hooks.clone(),
-                        _socket: socket,
+                        hold,
                     };
                     self.held.insert(*reservation, held);
                 }

@@ -1,0 +1,195 @@
+//! The userspace proxy of published TCP ports with `proxy=v2`: a PROXY protocol v2 header is
+//! bytes at the start of the stream, which the packet-level mesh cannot add, so for such a
+//! port the daemon listens itself.
+//!
+//! For each connection it picks the task the data path would pick for it
+//! ([`ingress::service::Table::pick_published`]: Maglev over the healthy tasks, the client's
+//! address with `affinity=client-ip`, this node's tasks with `mode=host`), connects to
+//! `task:target` (from this node's address to a task on another node: the data path carries
+//! that connection there and its replies back here), writes the header (the client's address and port, and
+//! the address and port it connected to), then copies both ways until both sides are done.
+//!
+//! Limits: at most [`MAX_CONNECTIONS`] relayed at once on the node, all ports together, and
+//! [`CONNECT_WITHIN`] to reach the task. A client over the limit, or with no task to go to, is
+//! reset at once. An idle connection is never cut: both ends decide when it ends.
+//!
+//! A [`Listener`] holds its port the way a reservation does (`crate::mesh_hooks`); dropping it
+//! closes the port and every connection it relays.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ingress::balancer::Balancer;
+use ingress::proxy_protocol;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{debug, warn};
+
+use crate::api;
+
+/// Connections relayed at once on this node, over all proxied ports.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// How long the proxy waits for a task to accept.
+pub const CONNECT_WITHIN: Duration = Duration::from_secs(3);
+/// Connections the kernel queues for accept.
+const BACKLOG: u32 = 1024;
+/// A failed accept (out of file descriptors, say) is retried after this.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// The proxy of this node: what every listener shares.
+#[derive(Clone)]
+pub struct Proxy(Arc<Shared>);
+
+struct Shared {
+    balancer: Arc<Balancer>,
+    /// This node's underlay address: the source of the connections to tasks, and where a
+    /// `mode=host` port's tasks must run.
+    node: Ipv4Addr,
+    slots: Arc<Semaphore>,
+    counters: Counters,
+}
+
+/// Counts since start, for `overlayd status`.
+#[derive(Default)]
+struct Counters {
+    connections: AtomicU64,
+    refused: AtomicU64,
+    no_task: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// A proxied port: its accept loop, which owns the listening socket and the connections.
+pub struct Listener(JoinHandle<()>);
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Proxy {
+    pub fn new(balancer: Arc<Balancer>, node: Ipv4Addr) -> Proxy {
+        Proxy(Arc::new(Shared {
+            balancer,
+            node,
+            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            counters: Counters::default(),
+        }))
+    }
+
+    /// Listens on `at` and relays what it accepts; fails as binding the port fails. With
+    /// `SO_REUSEADDR`, so that connections of an earlier listener in TIME_WAIT do not keep the
+    /// port; a listening socket still keeps any other socket off it.
+    pub fn listen(&self, at: SocketAddrV4) -> io::Result<Listener> {
+        let socket = TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(at.into())?;
+        let listener = socket.listen(BACKLOG)?;
+        Ok(Listener(tokio::spawn(self.clone().serve(listener, at))))
+    }
+
+    pub fn status(&self) -> api::MeshProxy {
+        let c = &self.0.counters;
+        api::MeshProxy {
+            connections: c.connections.load(Ordering::Relaxed),
+            active: (MAX_CONNECTIONS - self.0.slots.available_permits()) as u64,
+            refused: c.refused.load(Ordering::Relaxed),
+            no_task: c.no_task.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn serve(self, listener: TcpListener, at: SocketAddrV4) {
+        let mut relays = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((client, peer)) => {
+                        let Ok(permit) = self.0.slots.clone().try_acquire_owned() else {
+                            self.0.counters.refused.fetch_add(1, Ordering::Relaxed);
+                            reset(client);
+                            continue;
+                        };
+                        self.0.counters.connections.fetch_add(1, Ordering::Relaxed);
+                        relays.spawn(self.clone().relay(client, peer, permit));
+                    }
+                    Err(err) => {
+                        self.0.counters.failed.fetch_add(1, Ordering::Relaxed);
+                        warn!(port = %at, %err, "proxied port: accept failed; retrying");
+                        tokio::time::sleep(ACCEPT_RETRY).await;
+                    }
+                },
+                Some(_) = relays.join_next(), if !relays.is_empty() => {}
+            }
+        }
+    }
+
+    /// One client's connection, from pick to close; `_permit` is its slot.
+    async fn relay(self, client: TcpStream, peer: SocketAddr, _permit: OwnedSemaphorePermit) {
+        let counters = &self.0.counters;
+        let (SocketAddr::V4(source), Ok(SocketAddr::V4(destination))) = (peer, client.local_addr())
+        else {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            return reset(client);
+        };
+        let services = self.0.balancer.services();
+        let picked =
+            services.pick_published(ingress::Protocol::Tcp, destination, source, self.0.node);
+        let Some((task, target)) = picked else {
+            counters.no_task.fetch_add(1, Ordering::Relaxed);
+            return reset(client);
+        };
+        // A task here is reached from the gateway's address, as any from the node's stack:
+        // the host may know the task's own MAC and send straight to it, past the data path,
+        // and the reply, to an address on the task's subnet, comes straight back. A task on
+        // another node is reached from the node's address, which the data path tracks.
+        let from = if task.node == self.0.node {
+            Ipv4Addr::UNSPECIFIED
+        } else {
+            self.0.node
+        };
+        let task = SocketAddrV4::new(task.addr, target);
+        let header = proxy_protocol::Repr {
+            source,
+            destination,
+        }
+        .emit();
+        let mut upstream = match connect(from, task, &header).await {
+            Ok(upstream) => upstream,
+            Err(err) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                debug!(client = %source, %task, %err, "proxied port: task not reached");
+                return reset(client);
+            }
+        };
+        let mut client = client;
+        if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            // One side broke off: the other learns it the same way.
+            debug!(client = %source, %task, %err, "proxied connection cut");
+            reset(client);
+            reset(upstream);
+        }
+    }
+}
+
+/// A connection to `task` from address `from` (any port), with `header` sent.
+async fn connect(from: Ipv4Addr, task: SocketAddrV4, header: &[u8]) -> io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddrV4::new(from, 0).into())?;
+    let mut stream = tokio::time::timeout(CONNECT_WITHIN, socket.connect(task.into()))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    stream.set_nodelay(true)?;
+    stream.write_all(header).await?;
+    Ok(stream)
+}
+
+/// Closes `stream` with a reset (`SO_LINGER` 0), so the peer knows at once.
+fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+}
