@@ -11,13 +11,15 @@
 //! - [`registry`]: what must be unique cluster-wide, as a state machine (pure), and
 //!   [`consensus`]: Raft that replicates it; [`ipam`]: subnet, VNI and address choices (pure).
 //! - [`services`]: the balancer as the data plane's stage, and its snapshot of the view.
-//! - [`host`]: bridges and veth pairs via iproute2; [`state_dir`]: the node's identity on disk.
+//! - [`host`]: bridges and veth pairs via iproute2; [`egress`]: the nftables rules that let
+//!   containers out through their node; [`state_dir`]: the node's identity on disk.
 
 mod api;
 mod cli;
 mod cluster;
 mod consensus;
 mod daemon;
+mod egress;
 mod gossip;
 mod host;
 mod ipam;

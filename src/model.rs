@@ -28,6 +28,10 @@ pub struct Network {
     /// External VTEPs (not cluster members, e.g. a kernel vxlan device) that carry this network.
     #[serde(default)]
     pub vteps: Vec<Ipv4Addr>,
+    /// No egress: its containers reach nothing outside the network but their own node
+    /// (`network create --internal`, see [`crate::egress`]).
+    #[serde(default)]
+    pub internal: bool,
 }
 
 /// A network as it arrives, before [`Network::check`].
@@ -40,6 +44,8 @@ struct NetworkRecord {
     mtu: u32,
     #[serde(default)]
     vteps: Vec<Ipv4Addr>,
+    #[serde(default)]
+    internal: bool,
 }
 
 impl TryFrom<NetworkRecord> for Network {
@@ -53,6 +59,7 @@ impl TryFrom<NetworkRecord> for Network {
             vni: r.vni,
             mtu: r.mtu,
             vteps: r.vteps,
+            internal: r.internal,
         };
         net.check()?;
         Ok(net)

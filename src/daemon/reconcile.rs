@@ -19,8 +19,8 @@ use tracing::{debug, info, warn};
 
 use super::{Daemon, vni};
 use crate::cluster::View;
-use crate::host;
 use crate::model::{Network, NodeState, key};
+use crate::{egress, host};
 use crate::{services, state_dir};
 
 const RECONCILE_EVERY: Duration = Duration::from_millis(250);
@@ -128,6 +128,7 @@ impl Daemon {
             };
             self.dataplane.remove_network(vni(&net));
             self.dns.stop(&id);
+            egress::remove(&net).await;
             host::remove_link(&net.bridge_name()).await;
             self.gossip.update(&[], &[key::realised(&id)]).await;
             info!(network = %net.name, vni = net.vni, "network removed from this node");
@@ -164,7 +165,13 @@ impl Daemon {
             self.dataplane
                 .add_network(vni(net), &tap)
                 .with_context(|| format!("creating TAP {tap}"))?;
-            if let Err(err) = host::enslave(&tap, net).await {
+            // Egress last: `egress::add` leaves no rule when it fails, so there is nothing of
+            // it to undo here.
+            let plugged = async {
+                host::enslave(&tap, net).await?;
+                egress::add(net).await
+            };
+            if let Err(err) = plugged.await {
                 self.dataplane.remove_network(vni(net));
                 return Err(err);
             }
