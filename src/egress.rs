@@ -16,6 +16,12 @@
 //!   are masqueraded to the address of that interface, the node's own.
 //! - forward (internal): nothing from the bridge leaves through another interface.
 //!
+//! One more rule, for every network: nothing from any bridge reaches a member's VTEP or peer
+//! port (the set `cluster`, kept by the reconcile loop). Masqueraded, a container's packets
+//! come from its node's address, which the other members trust in places: VXLAN is accepted by
+//! the sender's address, so a container could put frames on any network as its node, and the
+//! peer port admits few handshakes per address, so a container could crowd its node out.
+//!
 //! Traffic between the subnet and the node itself (the gateway, DNS on it, the node's other
 //! addresses) is input and output, not forwarding, and no rule touches it. Frames bridged
 //! between a container and the TAP pass these hooks too when `bridge-nf-call-iptables` is on
@@ -26,13 +32,16 @@
 //! What `nft` is told is built by pure functions ([`rules`], [`add_script`], [`tagged`]); the
 //! `async` functions run it, like [`crate::host`] runs iproute2.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
+use std::net::Ipv4Addr;
 
 use anyhow::Context;
 use tracing::{info, warn};
 
+use crate::cluster::Member;
 use crate::host;
-use crate::model::Network;
+use crate::model::{BRIDGE_PREFIX, Network};
 
 /// The table that holds every rule overlayd makes: family and name as `nft` spells them.
 pub const TABLE: &str = "ip overlayd";
@@ -59,6 +68,57 @@ impl Chain {
     }
 }
 
+/// A member's port that containers must not reach (see the module docs), as `nft` matches it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MemberPort {
+    pub addr: Ipv4Addr,
+    /// `udp` or `tcp`.
+    pub protocol: &'static str,
+    pub port: u16,
+}
+
+/// The VTEPs (UDP) and gossip and peer ports (UDP and TCP) of `members`, down ones included:
+/// a member that comes back trusts the same addresses.
+pub fn member_ports(members: &[Member]) -> BTreeSet<MemberPort> {
+    let mut ports = BTreeSet::new();
+    for m in members {
+        if let Some(vtep) = m.node.vtep {
+            ports.insert(MemberPort {
+                addr: *vtep.ip(),
+                protocol: "udp",
+                port: vtep.port(),
+            });
+        }
+        if let std::net::SocketAddr::V4(gossip) = m.gossip {
+            for protocol in ["udp", "tcp"] {
+                ports.insert(MemberPort {
+                    addr: *gossip.ip(),
+                    protocol,
+                    port: gossip.port(),
+                });
+            }
+        }
+    }
+    ports
+}
+
+/// An nft transaction that makes the set `cluster` hold exactly `ports`.
+pub fn member_ports_script(ports: &BTreeSet<MemberPort>) -> String {
+    let mut script = format!("flush set {TABLE} cluster\n");
+    if !ports.is_empty() {
+        let elements: Vec<String> = ports
+            .iter()
+            .map(|p| format!("{} . {} . {}", p.addr, p.protocol, p.port))
+            .collect();
+        let _ = writeln!(
+            script,
+            "add element {TABLE} cluster {{ {} }}",
+            elements.join(", ")
+        );
+    }
+    script
+}
+
 /// A rule of [`TABLE`] as `nft -a` numbers it, for deleting it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Handle {
@@ -72,14 +132,19 @@ pub fn tag(net: &Network) -> String {
     net.bridge_name()
 }
 
-/// An nft transaction that leaves [`TABLE`] holding its two base chains and no rule, whether or
-/// not it existed: declaring a table is a no-op when it exists, so it can always be deleted.
+/// An nft transaction that leaves [`TABLE`] holding its two base chains, an empty set
+/// `cluster` and the one rule that keeps bridges from it, whether or not the table existed:
+/// declaring a table is a no-op when it exists, so it can always be deleted.
 fn reset_script() -> String {
     format!(
         "table {TABLE}\n\
          delete table {TABLE}\n\
          table {TABLE} {{\n\
-         \tchain {} {{ type filter hook forward priority filter; policy accept; }}\n\
+         \tset cluster {{ type ipv4_addr . inet_proto . inet_service; }}\n\
+         \tchain {} {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tiifname \"{BRIDGE_PREFIX}*\" ip daddr . meta l4proto . th dport @cluster counter drop comment \"cluster ports\"\n\
+         \t}}\n\
          \tchain {} {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
          }}\n",
         Chain::Forward.name(),
@@ -197,6 +262,14 @@ pub async fn remove(net: &Network) {
     if let Err(err) = removed.await {
         warn!(network = %net.name, err = %format!("{err:#}"), "could not remove egress rules");
     }
+}
+
+/// Makes the set `cluster` hold exactly `ports` (see [`member_ports`]).
+pub async fn guard_member_ports(ports: &BTreeSet<MemberPort>) -> anyhow::Result<()> {
+    nft(&[&member_ports_script(ports)])
+        .await
+        .context("updating the members' ports that containers may not reach")
+        .map(drop)
 }
 
 /// Deletes [`TABLE`] and every rule in it; logs rather than fails (it runs at stop).
@@ -321,10 +394,53 @@ mod tests {
         let reset = reset_script();
         assert!(reset.starts_with("table ip overlayd\ndelete table ip overlayd\n"));
         assert!(reset.contains("type filter hook forward priority filter; policy accept;"));
+        assert!(reset.contains(
+            "iifname \"ovbr-*\" ip daddr . meta l4proto . th dport @cluster counter drop"
+        ));
         assert!(reset.contains("type nat hook postrouting priority srcnat; policy accept;"));
         assert_eq!(
             delete_script(),
             "table ip overlayd\ndelete table ip overlayd\n"
+        );
+    }
+
+    fn member(addr: &str, vtep_port: Option<u16>, gossip_port: u16) -> Member {
+        let ip: Ipv4Addr = addr.parse().unwrap();
+        Member {
+            node: crate::model::Node {
+                id: addr.into(),
+                address: ip,
+                vtep: vtep_port.map(|p| std::net::SocketAddrV4::new(ip, p)),
+                state: crate::model::NodeState::Down,
+                is_self: false,
+                raft: None,
+            },
+            gossip: (ip, gossip_port).into(),
+            realised: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn containers_are_kept_from_every_members_vtep_and_peer_ports() {
+        let members = [
+            member("198.18.0.1", Some(4789), 7946),
+            member("198.18.0.2", Some(4790), 7947),
+            member("198.18.0.3", None, 7946),
+        ];
+        let ports = member_ports(&members);
+        let script = member_ports_script(&ports);
+        assert_eq!(
+            script,
+            "flush set ip overlayd cluster\n\
+             add element ip overlayd cluster { \
+             198.18.0.1 . tcp . 7946, 198.18.0.1 . udp . 4789, 198.18.0.1 . udp . 7946, \
+             198.18.0.2 . tcp . 7947, 198.18.0.2 . udp . 4790, 198.18.0.2 . udp . 7947, \
+             198.18.0.3 . tcp . 7946, 198.18.0.3 . udp . 7946 }\n"
+        );
+        assert_eq!(
+            member_ports_script(&BTreeSet::new()),
+            "flush set ip overlayd cluster\n",
+            "no members, an empty set (nft refuses an empty element list)"
         );
     }
 

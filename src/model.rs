@@ -66,6 +66,9 @@ impl TryFrom<NetworkRecord> for Network {
     }
 }
 
+/// How the name of every network's bridge starts ([`Network::bridge_name`]).
+pub const BRIDGE_PREFIX: &str = "ovbr-";
+
 /// IPv4's minimum MTU (RFC 791), and the largest a Linux bridge takes.
 const MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=65_535;
 
@@ -90,7 +93,7 @@ impl Network {
     }
 
     pub fn bridge_name(&self) -> String {
-        format!("ovbr-{}", self.vni)
+        format!("{BRIDGE_PREFIX}{}", self.vni)
     }
 
     pub fn tap_name(&self) -> String {

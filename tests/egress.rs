@@ -2,7 +2,8 @@
 //! namespace on the underlay switch, no member) by ping and TCP, and the host sees the
 //! container's node as the source. A container on an `--internal` network reaches nothing
 //! outside, yet its own network and node as before. Neither network is reachable from the
-//! other, nor from an underlay host that routes the subnet to a node. The rules of a removed
+//! other, nor from an underlay host that routes the subnet to a node, and no container reaches
+//! a member's VTEP or peer port (it would speak as its node). The rules of a removed
 //! network, and all of a stopped daemon's, are gone from `nft list table ip overlayd`; a daemon
 //! killed and restarted has each rule once. Needs root (CI runs as root).
 //!
@@ -46,12 +47,32 @@ const ASK_PEER: &str = "import socket, sys; \
     c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])); \
     print(c.makefile().readline().strip())";
 
+/// Opens a TCP connection to IP PORT within TIMEOUT seconds. argv: IP PORT TIMEOUT.
+const CONNECT: &str = "import socket, sys; \
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))";
+
+/// Sends one UDP datagram to IP PORT. argv: IP PORT.
+const UDP_SEND: &str = "import socket, sys; \
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x' * 16, (sys.argv[1], int(sys.argv[2])))";
+
 /// `nft list table ip overlayd` on `netns`: `None` when the table does not exist.
 fn overlayd_table(c: &Cluster, netns: &str) -> Option<String> {
     let out = c.exec(netns, &["nft", "list", "table", "ip", "overlayd"]);
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The packets counted by the rule of `table` commented `comment`.
+fn counted(table: &str, comment: &str) -> u64 {
+    let tail = format!("comment \"{comment}\"");
+    table
+        .lines()
+        .find(|l| l.trim_end().ends_with(&tail))
+        .and_then(|l| l.split("counter packets ").nth(1))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counted rule commented {comment}:\n{table}"))
 }
 
 /// The rules of `table` that name bridge `br`.
@@ -186,6 +207,33 @@ fn containers_reach_the_outside_through_their_node_and_internal_networks_do_not(
         c.assert_no_ping(pns, &a.ip);
         c.assert_no_ping(ns, &p.ip);
     }
+
+    // Masqueraded, a container would speak as its node, whom the other members trust: their
+    // VTEP and peer ports are out of its reach (while the outside reaches the peer port).
+    let p1 = &public[0].1;
+    let out = c.exec(p1, &["python3", "-c", CONNECT, &node_addr(2), "7946", "3"]);
+    assert!(
+        !out.status.success(),
+        "a container reached node 2's peer port\n{}",
+        show(&out)
+    );
+    c.exec_ok(
+        &outside,
+        &["python3", "-c", CONNECT, &node_addr(2), "7946", "3"],
+    );
+    let before = counted(
+        &overlayd_table(&c, &n1.netns).unwrap_or_default(),
+        "cluster ports",
+    );
+    c.exec_ok(p1, &["python3", "-c", UDP_SEND, &node_addr(2), "4789"]);
+    let after = counted(
+        &overlayd_table(&c, &n1.netns).unwrap_or_default(),
+        "cluster ports",
+    );
+    assert!(
+        after > before,
+        "a datagram to node 2's VTEP was not dropped on node 1 ({before} -> {after})"
+    );
 
     // An underlay host that routes the public subnet to node 1 reaches none of its containers.
     c.exec_ok(

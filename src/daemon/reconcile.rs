@@ -1,5 +1,6 @@
 //! The reconcile loop: every [`RECONCILE_EVERY`] it derives the [`View`] from gossip and the
-//! registry and makes this node match it. It makes and removes bridges and TAPs, puts restored
+//! registry and makes this node match it. It makes and removes bridges, TAPs and their egress
+//! rules, keeps containers from the members' ports, puts restored
 //! endpoints back, unplugs those whose address the registry took back, publishes the data
 //! plane's tables, saves the members to rejoin through, and logs gossip entries that stay
 //! refused.
@@ -8,7 +9,7 @@
 //! cannot be made does not hold up the others. Containers are plugged in elsewhere (see
 //! [`super::endpoints`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -39,6 +40,8 @@ struct Seen {
     refused: BTreeMap<String, u32>,
     /// The services and tasks last given to the balancer.
     services: Vec<ingress::service::Spec>,
+    /// The members' ports last kept from containers (see [`egress::member_ports`]).
+    member_ports: BTreeSet<egress::MemberPort>,
 }
 
 impl Daemon {
@@ -58,6 +61,7 @@ impl Daemon {
         log_member_changes(&view, &mut seen.members);
         self.note_refused(&view, &mut seen.refused);
         self.realise(&view).await;
+        self.guard_member_ports(&view, &mut seen.member_ports).await;
         self.dns.refresh(&view);
         self.restore().await;
         self.unplug_released().await;
@@ -99,6 +103,21 @@ impl Daemon {
             }
         }
         self.balancer.handle_timeout(now);
+    }
+
+    /// Keeps containers from the members' VTEP and peer ports when the members change.
+    async fn guard_member_ports(&self, view: &View, seen: &mut BTreeSet<egress::MemberPort>) {
+        let ports = egress::member_ports(&view.members);
+        // Stopping, the table is gone or going; it is not made again behind `stop`.
+        if ports == *seen || self.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        match egress::guard_member_ports(&ports).await {
+            Ok(()) => *seen = ports,
+            Err(err) => {
+                warn!(err = %format!("{err:#}"), "members' ports not kept from containers; retrying")
+            }
+        }
     }
 
     /// Logs and counts gossip entries that stay refused: once each, not every round.
