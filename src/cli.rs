@@ -147,8 +147,8 @@ pub enum NetworkCommand {
         /// External VTEP that carries this network without being a member (e.g. a kernel vxlan device); repeatable.
         #[arg(long = "vtep")]
         vteps: Vec<Ipv4Addr>,
-        /// No egress: containers reach their network and their own node (gateway, DNS), but
-        /// nothing outside the cluster (Docker's --internal).
+        /// No egress: containers reach their network and their own node (gateway, DNS),
+        /// nothing else (Docker's --internal).
         #[arg(long)]
         internal: bool,
         #[arg(long)]
