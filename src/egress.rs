@@ -44,7 +44,7 @@ use crate::host;
 use crate::model::{BRIDGE_PREFIX, Network};
 
 /// The table that holds every rule overlayd makes: family and name as `nft` spells them.
-pub const TABLE: &str = "ip overlayd";
+const TABLE: &str = "ip overlayd";
 
 /// The Debian package with `nft`, named when it is missing.
 const PACKAGE: &str = "nftables";
@@ -54,7 +54,7 @@ const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 /// A base chain of [`TABLE`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Chain {
+enum Chain {
     Forward,
     Postrouting,
 }
@@ -103,7 +103,7 @@ pub fn member_ports(members: &[Member]) -> BTreeSet<MemberPort> {
 }
 
 /// An nft transaction that makes the set `cluster` hold exactly `ports`.
-pub fn member_ports_script(ports: &BTreeSet<MemberPort>) -> String {
+fn member_ports_script(ports: &BTreeSet<MemberPort>) -> String {
     let mut script = format!("flush set {TABLE} cluster\n");
     if !ports.is_empty() {
         let elements: Vec<String> = ports
@@ -121,14 +121,14 @@ pub fn member_ports_script(ports: &BTreeSet<MemberPort>) -> String {
 
 /// A rule of [`TABLE`] as `nft -a` numbers it, for deleting it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Handle {
-    pub chain: String,
-    pub handle: u64,
+struct Handle {
+    chain: String,
+    handle: u64,
 }
 
 /// The comment on every rule of `net`: its bridge, unique on a node, so a network re-made with
 /// the same VNI finds (and replaces) whatever rules its bridge had.
-pub fn tag(net: &Network) -> String {
+fn tag(net: &Network) -> String {
     net.bridge_name()
 }
 
@@ -158,7 +158,7 @@ fn delete_script() -> String {
 }
 
 /// `net`'s rules, in the order they are added (see the module docs for what each is for).
-pub fn rules(net: &Network) -> Vec<(Chain, String)> {
+fn rules(net: &Network) -> Vec<(Chain, String)> {
     let br = net.bridge_name();
     let tag = tag(net);
     let subnet = format!("{}/{}", net.subnet.network(), net.subnet.prefix());
@@ -184,7 +184,7 @@ pub fn rules(net: &Network) -> Vec<(Chain, String)> {
 
 /// One nft transaction that deletes the rules `stale` and adds `net`'s: applied whole or not
 /// at all, so a network never has half its rules, nor its old ones next to its new ones.
-pub fn add_script(net: &Network, stale: &[Handle]) -> String {
+fn add_script(net: &Network, stale: &[Handle]) -> String {
     let mut script = delete_rules_script(stale);
     for (chain, rule) in rules(net) {
         let _ = writeln!(script, "add rule {TABLE} {} {rule}", chain.name());
@@ -201,7 +201,7 @@ fn delete_rules_script(rules: &[Handle]) -> String {
 }
 
 /// The rules commented `tag` in `listing`, the output of `nft -j -a list table ip overlayd`.
-pub fn tagged(listing: &str, tag: &str) -> anyhow::Result<Vec<Handle>> {
+fn tagged(listing: &str, tag: &str) -> anyhow::Result<Vec<Handle>> {
     let listing: serde_json::Value =
         serde_json::from_str(listing).context("parsing `nft -j -a list table`")?;
     let items = listing["nftables"]
@@ -224,8 +224,9 @@ async fn nft(args: &[&str]) -> anyhow::Result<String> {
     host::run_tool("nft", PACKAGE, args).await
 }
 
-/// Makes [`TABLE`] hold no rule, replacing what a run that could not clean up (killed) left.
-/// Run at start, before any network: it also proves that `nft` is installed and works.
+/// Makes [`TABLE`] hold no network's rule and no member, replacing what a run that could not
+/// clean up (killed) left. Run at start, before any network: it also proves that `nft` is
+/// installed and works.
 pub async fn reset() -> anyhow::Result<()> {
     nft(&[&reset_script()])
         .await
@@ -280,7 +281,9 @@ pub async fn clear() {
 }
 
 async fn rules_of(net: &Network) -> anyhow::Result<Vec<Handle>> {
-    let listing = nft(&["-j", "-a", "list", "table", "ip", "overlayd"]).await?;
+    let mut args = vec!["-j", "-a", "list", "table"];
+    args.extend(TABLE.split(' '));
+    let listing = nft(&args).await?;
     tagged(&listing, &tag(net))
 }
 
