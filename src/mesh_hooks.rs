@@ -313,6 +313,7 @@ mod tests {
             vni,
             mtu: 1450,
             vteps: vec![],
+            internal: false,
         }
     }
 
