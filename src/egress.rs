@@ -41,7 +41,7 @@ use tracing::{info, warn};
 
 use crate::cluster::Member;
 use crate::host;
-use crate::model::{BRIDGE_PREFIX, Network};
+use crate::model::{BRIDGE_PREFIX, EGRESS_PORTS, Network};
 
 /// The table that holds every rule overlayd makes: family and name as `nft` spells them.
 const TABLE: &str = "ip overlayd";
@@ -176,7 +176,11 @@ fn rules(net: &Network) -> Vec<(Chain, String)> {
     } else {
         (
             Chain::Postrouting,
-            format!("ip saddr {subnet} oifname != \"{br}\" counter masquerade comment \"{tag}\""),
+            format!(
+                "ip saddr {subnet} oifname != \"{br}\" counter masquerade to :{}-{} comment \"{tag}\"",
+                EGRESS_PORTS.start(),
+                EGRESS_PORTS.end()
+            ),
         )
     });
     rules
@@ -338,7 +342,7 @@ mod tests {
                 ),
                 (
                     Chain::Postrouting,
-                    "ip saddr 198.19.1.0/24 oifname != \"ovbr-4096\" counter masquerade comment \"ovbr-4096\"".to_string()
+                    "ip saddr 198.19.1.0/24 oifname != \"ovbr-4096\" counter masquerade to :61000-65535 comment \"ovbr-4096\"".to_string()
                 ),
             ]
         );

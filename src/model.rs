@@ -69,6 +69,12 @@ impl TryFrom<NetworkRecord> for Network {
 /// How the name of every network's bridge starts ([`Network::bridge_name`]).
 pub const BRIDGE_PREFIX: &str = "ovbr-";
 
+/// The source ports containers' connections to the outside are masqueraded to. No service may
+/// publish one: the routing mesh takes every packet to a published port before the node's
+/// stack sees it, so it would take the replies of those connections too. Above the kernel's
+/// ephemeral range (32768-60999), so the node's own connections do not use them either.
+pub const EGRESS_PORTS: std::ops::RangeInclusive<u16> = 61_000..=65_535;
+
 /// IPv4's minimum MTU (RFC 791), and the largest a Linux bridge takes.
 const MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=65_535;
 
