@@ -24,33 +24,68 @@
 #   (direct) and against the VIP, which node 1's balancer NATs to t2: the same path plus the
 #   balancer. Each twice (direct, VIP, VIP, direct), averaged. Then c1 sends one UDP datagram on each of ~100k (client port, VIP port) pairs, each
 #   a flow node 1's balancer tracks for 30 s, and node 1's daemon RSS is read while they are.
+# - Routing mesh (a third table, issue 10; scripts/bench-mesh.sh): a client on the underlay hits
+#   node 1's published port, 3 nodes with an nginx task each, keep-alive and new-connection
+#   requests/s (wrk) and bulk Gbit/s (iperf3, to a task on node 2). Runs
+#   ../../shared/anchors/netns-ingress-baseline.sh (nftables DNAT and HAProxy on the kernel's VXLAN),
+#   then overlayd on its topology with its wrk and iperf3 commands; installs nginx-light, haproxy,
+#   wrk and nftables if missing.
 #
-#   DUR=5 scripts/bench.sh        # seconds per iperf3/sockperf run (default 5)
+#   DUR=5 scripts/bench.sh        # seconds per iperf3/sockperf/wrk run (default 5)
+#   ONLY=mesh scripts/bench.sh    # only the routing-mesh rows
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
+# shellcheck source=scripts/bench-mesh.sh
+source "$(dirname "$0")/bench-mesh.sh"
 
 DUR=${DUR:-5}
-CMDLINE="DUR=$DUR $0${*:+ $*}"
+ONLY=${ONLY:-}
+case $ONLY in
+'' | mesh) ;;
+*) echo "error: ONLY=$ONLY: the only part that runs alone is ONLY=mesh (or unset ONLY for the whole bench)" >&2; exit 64 ;;
+esac
+CMDLINE="DUR=$DUR${ONLY:+ ONLY=$ONLY} $0${*:+ $*}"
 echo "== command: $CMDLINE"
 ANCHORS="$(dirname "$0")/../../shared/anchors"
 [ -f "$ANCHORS/netns-vxlan-baseline.sh" ] ||
   ov_die "anchor scripts not found in $ANCHORS (shared/ must sit beside the repository clone)"
 ANCHORS=$(cd "$ANCHORS" && pwd)
 
+# apt_for WHAT PACKAGE:COMMAND...: installs (Debian) the packages whose command is missing. If
+# that fails, says that WHAT will show n/a and returns 1.
+apt_for() {
+  local what=$1 pc pkgs=()
+  shift
+  for pc in "$@"; do
+    command -v "${pc#*:}" >/dev/null 2>&1 || [[ " ${pkgs[*]} " == *" ${pc%%:*} "* ]] || pkgs+=("${pc%%:*}")
+  done
+  [ ${#pkgs[@]} -eq 0 ] && return 0
+  ov_log "installing ${pkgs[*]} (Debian's packages) for $what"
+  if command -v apt-get >/dev/null 2>&1 &&
+    DEBIAN_FRONTEND=noninteractive timeout 300 apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq "${pkgs[@]}" >/dev/null; then
+    return 0
+  fi
+  ov_log "installing ${pkgs[*]} failed: $what will be n/a"
+  return 1
+}
+
 ov_need_root
 ov_install_deps
-if ! { command -v nebula && command -v nebula-cert; } >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  ov_log "installing nebula (Debian's package) for the Nebula anchor"
-  { DEBIAN_FRONTEND=noninteractive timeout 300 apt-get update -qq &&
-    DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq nebula >/dev/null; } ||
-    ov_log "installing nebula failed: the Nebula column will be n/a"
-fi
+[ -n "$ONLY" ] || apt_for "the Nebula column" nebula:nebula nebula:nebula-cert || true
+MESH_TOOLS_OK=1
+apt_for "the routing-mesh rows" "${MESH_TOOLS[@]}" || MESH_TOOLS_OK=
 ov_reap_stale
 ov_build_release
 ov_workdir ovbench
 trap ov_cleanup EXIT
-P="ovb$$"   # + k (kernel anchor), n (nebula anchor), r (kernel sockperf), o (overlayd); short: veth names use it
+# Ctrl-C stops the run: the tools it waits for (wrk, iperf3, the daemons) exit cleanly on SIGINT,
+# and bash would go on with the next step.
+trap 'exit 130' INT TERM
+# + k (kernel anchor), n (nebula anchor), r (kernel sockperf), o (overlayd), i (ingress anchor),
+# m (overlayd mesh); short: veth names use it
+P="ovb$$"
 if pgrep -x iperf3 >/dev/null || pgrep -x sockperf >/dev/null; then
   ov_log "WARNING: another iperf3/sockperf is running (another benchmark?): both runs' numbers are skewed"
 fi
@@ -130,10 +165,42 @@ sockperf_rtt() {
   if [[ $lat =~ ^[0-9.]+$ ]]; then awk -v l="$lat" 'BEGIN{printf "%.1f", 2 * l}'; else echo "n/a"; fi
 }
 
+# iperf FILE CLIENT_NS SERVER_NS DIAL ARGS...: one iperf3 run from CLIENT_NS to DIAL port 5201
+# (one-off server in SERVER_NS, which DIAL reaches), JSON to FILE.
+iperf() {
+  local out=$1 cns=$2 sns=$3 dial=$4 spid
+  shift 4
+  ip netns exec "$sns" iperf3 -s -1 -p 5201 >/dev/null 2>&1 &
+  spid=$!
+  OV_PIDS+=("$spid")
+  ov_wait 10 "iperf3 server in $sns" bash -c "ip netns exec '$sns' ss -Hltn 'sport = :5201' | grep -q ."
+  timeout $((DUR + 30)) ip netns exec "$cns" iperf3 -c "$dial" -p 5201 -t "$DUR" -J "$@" >"$out" || true
+  kill "$spid" 2>/dev/null || true
+  wait "$spid" 2>/dev/null || true
+}
+gbps() { python3 -c 'import json,sys;d=json.load(open(sys.argv[1]));print("%.2f"%(d["end"]["sum_received"]["bits_per_second"]/1e9))' "$1" 2>/dev/null || echo "n/a"; }
+
+# mean A B: their average, or n/a. ratio A B: A/B, or n/a.
+mean() { awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/) printf "%.2f", (a + b) / 2; else print "n/a" }'; }
+ratio() { awk -v o="$1" -v k="$2" 'BEGIN { if (o ~ /^[0-9.]+$/ && k ~ /^[0-9.]+$/ && k > 0) printf "%.2f", o / k; else print "n/a" }'; }
+
+# mesh_rows: the routing-mesh part, measured and printed; dies if overlayd's side got no number.
+mesh_rows() {
+  mesh_measure "$P"
+  echo
+  mesh_table
+  [[ $MESH_O_KA != n/a ]] || ov_die "overlayd routing-mesh measurement failed (see above)"
+}
+
 # CPU is measured machine-wide, so say how busy the machine was before anything started.
 I0=$(snap); sleep 1; I1=$(snap)
 IDLE_BUSY=$(delta_cpu_s "$I0" "$I1")
 echo "machine busy before the run: $IDLE_BUSY CPU-s in 1 s (of $(nproc)); more than ~0.1 skews the per-CPU row"
+if [ "$ONLY" = mesh ]; then
+  echo "DUR=${DUR}s, $(nproc) cores, kernel $(uname -r); ratios are from this one run"
+  mesh_rows
+  exit 0
+fi
 
 # --- anchors -------------------------------------------------------------------------------------
 ov_log "kernel VXLAN anchor (DUR=$DUR)"
@@ -198,24 +265,10 @@ cpu_ticks() { # total utime+stime of the overlayd daemons, in clock ticks
   echo "$t"
 }
 
-# iperf FILE SERVER_NS DIAL ARGS...: one iperf3 run from c1 to DIAL (one-off server in SERVER_NS,
-# which DIAL reaches), JSON to FILE.
-iperf() {
-  local out=$1 sns=$2 dial=$3 spid; shift 3
-  ip netns exec "$sns" iperf3 -s -1 -p 5201 >/dev/null 2>&1 &
-  spid=$!
-  OV_PIDS+=("$spid")
-  ov_wait 10 "iperf3 server in $sns" bash -c "ip netns exec '$sns' ss -Hltn 'sport = :5201' | grep -q ."
-  timeout $((DUR + 30)) ip netns exec "${O}c1" iperf3 -c "$dial" -p 5201 -t "$DUR" -J "$@" >"$out" || true
-  kill "$spid" 2>/dev/null || true
-  wait "$spid" 2>/dev/null || true
-}
-gbps() { python3 -c 'import json,sys;d=json.load(open(sys.argv[1]));print("%.2f"%(d["end"]["sum_received"]["bits_per_second"]/1e9))' "$1" 2>/dev/null || echo "n/a"; }
-
 ov_log "overlayd TCP 1 stream"
 T0=$(cpu_ticks)
 S0=$(snap)
-iperf "$OV_WORK/o-tcp1.json" "${O}c2" "$C2_IP"
+iperf "$OV_WORK/o-tcp1.json" "${O}c1" "${O}c2" "$C2_IP"
 S1=$(snap)
 T1=$(cpu_ticks)
 O_TCP1=$(gbps "$OV_WORK/o-tcp1.json")
@@ -224,7 +277,7 @@ O_PER_CPU=$(per_cpu "$O_TCP1" "$O_CPU")
 echo "overlayd c1->c2: $O_TCP1 Gbit/s ($O_CPU busy CPU-s machine-wide; the daemons' own share $(((T1 - T0) * 1000 / $(getconf CLK_TCK))) ms)"
 
 ov_log "overlayd TCP 4 streams"
-iperf "$OV_WORK/o-tcp4.json" "${O}c2" "$C2_IP" -P 4
+iperf "$OV_WORK/o-tcp4.json" "${O}c1" "${O}c2" "$C2_IP" -P 4
 O_TCP4=$(gbps "$OV_WORK/o-tcp4.json")
 echo "overlayd 4 streams c1->c2: $O_TCP4 Gbit/s"
 
@@ -243,7 +296,7 @@ O_RR=$(sockperf_rtt "${O}c2" "${O}c1" "$C2_IP")
 echo "overlayd TCP req/resp c1->c2: $O_RR us avg RTT"
 
 ov_log "overlayd UDP 1350 B"
-iperf "$OV_WORK/o-udp.json" "${O}c2" "$C2_IP" -u -b 0 -l 1350
+iperf "$OV_WORK/o-udp.json" "${O}c1" "${O}c2" "$C2_IP" -u -b 0 -l 1350
 O_UDP=$(python3 -c 'import json,sys;s=json.load(open(sys.argv[1]))["end"]["sum"];print("%.0f pps recv, loss %.1f%%"%(s["packets"]*(1-s["lost_percent"]/100)/s["seconds"], s["lost_percent"]))' "$OV_WORK/o-udp.json" 2>/dev/null || echo "n/a")
 echo "overlayd 1-stream UDP 1350B c1->c2 (pps): $O_UDP"
 O_PPS=${O_UDP%% *}
@@ -263,13 +316,11 @@ ov_wait 20 "c1 -> VIP $VIP reaching t2" ip netns exec "${O}c1" curl -s -o /dev/n
 
 # Each measured twice, in the order direct, VIP, VIP, direct, and averaged: on a shared machine the
 # rate drifts by tens of percent within a minute, and a fixed order would charge it to one side.
-# mean A B: their average, or n/a.
-mean() { awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/) printf "%.2f", (a + b) / 2; else print "n/a" }'; }
 
 ov_log "overlayd TCP 1 stream: c1 -> t2 directly and via the VIP (direct, VIP, VIP, direct)"
 S_TCP=()
 for dial in "$T2_IP" "$VIP" "$VIP" "$T2_IP"; do
-  iperf "$OV_WORK/s-tcp.json" "${O}t2" "$dial"
+  iperf "$OV_WORK/s-tcp.json" "${O}c1" "${O}t2" "$dial"
   S_TCP+=("$(gbps "$OV_WORK/s-tcp.json")")
 done
 S_TCP_DIRECT=$(mean "${S_TCP[0]}" "${S_TCP[3]}")
@@ -328,7 +379,6 @@ echo "node 1's daemon: VmRSS $S_RSS MB with $S_TRACKED tracked flows (idle: $O_R
   ov_log "WARNING: fewer than 100000 flows tracked: the RSS row is for $S_TRACKED flows"
 
 # --- the table -----------------------------------------------------------------------------------
-ratio() { awk -v o="$1" -v k="$2" 'BEGIN { if (o ~ /^[0-9.]+$/ && k ~ /^[0-9.]+$/ && k > 0) printf "%.2f", o / k; else print "n/a" }'; }
 row() { printf '%-40s | %-12s | %-12s | %-12s | %-15s | %s\n' "$1" "$2" "$3" "$4" "$5" "$6"; }
 echo
 echo "overlayd benchmark: $CMDLINE"
@@ -353,3 +403,8 @@ srow "RSS with 100k tracked flows (MB)" "-" "$S_RSS" "-" "<= 64 MiB"
 srow "  flows tracked then (node 1 status)" "-" "$S_TRACKED" "-" ">= 100000"
 
 [[ $O_TCP1 != n/a ]] || ov_die "overlayd TCP measurement failed (see above)"
+
+# --- the routing mesh (last: it makes its own cluster, and a failure there keeps the tables above) --
+echo
+ov_cluster_down pair 2 "${O}c1" "${O}c2" "${O}t2" "${O}n1" "${O}n2"
+mesh_rows

@@ -3,11 +3,14 @@
 #
 #   switch netns (bridge) ── node 1, 2, 3 (underlay 198.18.0.1-3/24, one overlayd each)
 #   each node: 2 containers (netns) attached to overlay network "demo" (198.19.10.0/24)
-#   service "web": one task per node, a real HTTP server (busybox httpd) answering its own name
+#   service "search" published on port 9200 of every node (Swarm's routing mesh): one task per
+#   node, a real HTTP server answering its own name and the client address it sees
 #
 # Builds overlayd (release), shows containers pinging across nodes, `node ls` and `network ls`,
-# then the service: curl from a container on each node to the VIP and to the name `web` (answered
-# by overlayd's DNS), the answers rotating over the tasks of all nodes, and `service ps web`.
+# then Swarm's routing-mesh walkthrough: curl from a container on each node to the VIP and to the
+# name `search` (answered by overlayd's DNS); `curl localhost:9200` on each node; curl from an
+# outside client to each node's address, the answers rotating over the tasks of all nodes, each
+# task seeing the client's own address; then `service ls` and `service ps search`.
 # Removes everything on exit (also on failure or Ctrl-C). Run as root: sudo scripts/demo.sh
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -87,17 +90,28 @@ if [ "$fails" -ne 0 ]; then
 fi
 ov_log "all cross-node pings answered"
 
-ov_log "service web on $NET (created on node 2), one task per node serving its own name"
-VIP=$(ov_cli "${OV_API[2]}" service create web --network "$NET" --json |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["vip"])')
+ov_log "service search on $NET, published on port 9200 of every node (created on node 2)"
+ov_cli "${OV_API[2]}" service create search --network "$NET" --publish 9200:80
+VIP=$(ov_cli "${OV_API[2]}" service ls --json |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["vip"])')
 echo "  VIP $VIP"
+ov_log "one task per node, each answering its own name and the client address it sees"
+# A tiny HTTP server: "taskN on node N saw CLIENT".
+WHO='
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 80)); s.listen(64)
+while True:
+    c, peer = s.accept()
+    c.recv(4096)
+    c.sendall(("HTTP/1.0 200 OK\r\n\r\n%s saw %s\n" % (sys.argv[1], peer[0])).encode())
+    c.close()
+'
 for i in 1 2 3; do
   t="task$i"
   ov_ns_add "${P}$t"
-  mkdir -p "$OV_WORK/www-$t"
-  echo "$t on node $i" >"$OV_WORK/www-$t/index.html"
-  echo "  $t on node $i: $(ov_attach "${OV_API[i]}" "${P}$t" "$NET" --service web)"
-  ip netns exec "${P}$t" busybox httpd -f -p 80 -h "$OV_WORK/www-$t" </dev/null >/dev/null 2>&1 &
+  echo "  $t on node $i: $(ov_attach "${OV_API[i]}" "${P}$t" "$NET" --service search)"
+  ip netns exec "${P}$t" python3 -c "$WHO" "$t on node $i" </dev/null >/dev/null 2>&1 &
   OV_PIDS+=("$!")
 done
 three_healthy() {
@@ -105,26 +119,43 @@ three_healthy() {
     python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)[0]["tasks_healthy"] == 3 else 1)'
 }
 ov_wait 20 "3 healthy tasks" three_healthy
+sleep 1 # every node's balancer takes the tasks at its next reconcile round
 echo
 ov_log "overlayd service ls (on node 3)"
 ov_cli "${OV_API[3]}" service ls
 
 fails=0
+# curl_times NETNS URL N: N requests, each answer indented; failures counted.
+curl_times() {
+  for _ in $(seq "$3"); do
+    if ! ip netns exec "$1" curl -sS --max-time 3 "$2" | sed 's/^/  /'; then
+      fails=$((fails + 1))
+    fi
+  done
+}
 for i in 1 2 3; do
-  from="c${i}a"
-  for target in "$VIP" web; do
+  for target in "$VIP" search; do
     echo
-    ov_log "curl http://$target/ six times from $from (node $i)"
-    for _ in 1 2 3 4 5 6; do
-      if ! ip netns exec "${P}$from" curl -sS --max-time 3 "http://$target/" | sed 's/^/  /'; then
-        fails=$((fails + 1))
-      fi
-    done
+    ov_log "curl http://$target/ from container c${i}a (node $i): the VIP and the name, inside the overlay"
+    curl_times "${P}c${i}a" "http://$target/" 3
   done
 done
+for i in 1 2 3; do
+  echo
+  ov_log "curl localhost:9200 on node $i itself (the routing mesh)"
+  curl_times "${P}n$i" "http://localhost:9200/" 6
+done
+ov_log "an outside client on the underlay, 198.18.0.200"
+ov_ns_add "${P}cl"
+ov_plug "${P}sw" "cl" "${P}cl" "198.18.0.200/24"
+for i in 1 2 3; do
+  echo
+  ov_log "curl 198.18.0.$i:9200 from the outside client: every task, and each saw the client's own address"
+  curl_times "${P}cl" "http://198.18.0.$i:9200/" 9
+done
 echo
-ov_log "overlayd service ps web (on node 1)"
-ov_cli "${OV_API[1]}" service ps web
+ov_log "overlayd service ps search (on node 1)"
+ov_cli "${OV_API[1]}" service ps search
 echo
 if [ "$fails" -ne 0 ]; then
   ov_die "$fails requests to the service failed"

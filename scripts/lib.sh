@@ -20,11 +20,12 @@ ov_need_root() {
 }
 
 # Installs the Debian packages the scripts and tests use, if any of their commands is missing:
-# iproute2, iperf3, ping, curl, python3, ps, ethtool, sockperf (bench: TCP request/response) and
-# busybox-static (tests/docker.rs builds its container image from the static busybox).
+# iproute2, iperf3, ping, curl, python3, ps, ethtool, sockperf (bench: TCP request/response),
+# nftables (the daemon's egress rules; tests read them with `nft`) and busybox-static
+# (tests/docker.rs builds its container image from the static busybox).
 ov_install_deps() {
   local missing=() cmd
-  for cmd in ip bridge iperf3 ping curl python3 ps ethtool sockperf c++; do
+  for cmd in ip bridge iperf3 ping curl python3 ps ethtool sockperf c++ nft; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
   done
   ov_have_static_busybox || missing+=("busybox-static")
@@ -34,7 +35,7 @@ ov_install_deps() {
   export DEBIAN_FRONTEND=noninteractive
   timeout 300 apt-get update -qq || ov_die "apt-get update failed (or took over 300 s)"
   timeout 600 apt-get install -y -qq iproute2 iperf3 iputils-ping curl python3 procps ethtool sockperf g++ \
-    busybox-static >/dev/null || ov_die "apt-get install failed (or took over 600 s)"
+    nftables busybox-static >/dev/null || ov_die "apt-get install failed (or took over 600 s)"
   for cmd in "${missing[@]}"; do
     if [ "$cmd" = busybox-static ]; then
       ov_have_static_busybox || ov_die "no static busybox after apt-get install busybox-static"
@@ -85,12 +86,12 @@ ov_wait() {
 
 # Deletes namespaces left by killed runs: names carry the pid of their maker, and those whose
 # maker is gone are removed (with their processes). Patterns: ovt-<test>-<pid>-* (cargo tests),
-# ovd<pid>-* (demo), ovb<pid>[knor]* (bench); also their /etc/netns entries, the tests' temp
+# ovd<pid>-* (demo), ovb<pid>[knorim]* (bench); also their /etc/netns entries, the tests' temp
 # dirs $TMPDIR/ovt-<test>-<pid> and the tests' Docker containers and images.
 ov_reap_stale() {
   local ns pid
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}'); do
-    if [[ $ns =~ ^ovt-[a-z0-9]+-([0-9]+)- || $ns =~ ^ovd([0-9]+)- || $ns =~ ^ovb([0-9]+)[knor] ]]; then
+    if [[ $ns =~ ^ovt-[a-z0-9]+-([0-9]+)- || $ns =~ ^ovd([0-9]+)- || $ns =~ ^ovb([0-9]+)[knorim] ]]; then
       pid=${BASH_REMATCH[1]}
       kill -0 "$pid" 2>/dev/null && continue
       ov_ns_kill_del "$ns"
@@ -98,7 +99,7 @@ ov_reap_stale() {
   done
   local d
   for d in /etc/netns/ovt-* /etc/netns/ovd* /etc/netns/ovb*; do
-    [[ -d $d && ${d##*/} =~ ^ovt-[a-z0-9]+-([0-9]+)-|^ovd([0-9]+)-|^ovb([0-9]+)[knor] ]] || continue
+    [[ -d $d && ${d##*/} =~ ^ovt-[a-z0-9]+-([0-9]+)-|^ovd([0-9]+)-|^ovb([0-9]+)[knorim] ]] || continue
     pid=${BASH_REMATCH[1]}${BASH_REMATCH[2]}${BASH_REMATCH[3]}
     kill -0 "$pid" 2>/dev/null || rm -rf "$d"
   done
@@ -267,6 +268,29 @@ ov_cluster() {
     fi
   done
   ov_wait 30 "$n nodes ready" ov_has_ready "${OV_API[1]}" "$n"
+}
+
+# ov_cluster_down TAG N NS...: undoes ov_cluster of N nodes and what hangs off it, so that the next
+# ov_cluster starts afresh: deletes the namespaces NS (give containers before nodes; their
+# processes, the daemons included, are killed) and the nodes' state dirs and API sockets. The
+# logs stay in $OV_WORK as TAG-n<i>.log.
+ov_cluster_down() {
+  local tag=$1 n=$2 ns p i
+  shift 2
+  for ns in "$@"; do
+    # This shell's own children first, each waited for at once: bash then does not report them
+    # as "Killed" later.
+    for p in $(ip netns pids "$ns" 2>/dev/null); do
+      [[ " ${OV_PIDS[*]} " == *" $p "* ]] || continue
+      kill -9 "$p" 2>/dev/null || true
+      wait "$p" 2>/dev/null || true
+    done
+    ov_ns_kill_del "$ns"
+  done
+  for ((i = 1; i <= n; i++)); do
+    rm -rf "$OV_WORK/n$i-state" "$OV_WORK/n$i.sock"
+    mv "$OV_WORK/n$i.log" "$OV_WORK/$tag-n$i.log" 2>/dev/null || true
+  done
 }
 
 # ov_overlay_pair PREFIX: the benchmark topology run by overlayd: nodes PREFIXn1 and PREFIXn2 on

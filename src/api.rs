@@ -24,6 +24,9 @@ pub enum Request {
         vni: Option<u32>,
         mtu: Option<u32>,
         vteps: Vec<Ipv4Addr>,
+        /// No egress (`--internal`).
+        #[serde(default)]
+        internal: bool,
     },
     NetworkLs,
     NetworkRm {
@@ -127,6 +130,9 @@ pub struct NetworkInfo {
     pub vni: u32,
     pub mtu: u32,
     pub vteps: Vec<Ipv4Addr>,
+    /// No egress: containers reach nothing outside the network but their node.
+    #[serde(default)]
+    pub internal: bool,
     /// Endpoints on this network, cluster-wide.
     pub endpoints: usize,
 }

@@ -148,6 +148,10 @@ pub enum NetworkCommand {
         /// External VTEP that carries this network without being a member (e.g. a kernel vxlan device); repeatable.
         #[arg(long = "vtep")]
         vteps: Vec<Ipv4Addr>,
+        /// No egress: containers reach their network and their own node (gateway, DNS),
+        /// nothing else (Docker's --internal).
+        #[arg(long)]
+        internal: bool,
         #[arg(long)]
         json: bool,
     },
@@ -277,6 +281,7 @@ impl Command {
                 vni,
                 mtu,
                 vteps,
+                internal,
                 json,
             }) => (
                 R::NetworkCreate {
@@ -285,6 +290,7 @@ impl Command {
                     vni,
                     mtu,
                     vteps,
+                    internal,
                 },
                 Render::Network.or_json(json),
             ),
@@ -410,15 +416,24 @@ impl Render {
             }
             Render::Network => {
                 let net: NetworkInfo = serde_json::from_value(value)?;
+                let internal = if net.internal { ", internal" } else { "" };
                 format!(
-                    "{} (vni {}, subnet {}, gateway {}, mtu {})",
+                    "{} (vni {}, subnet {}, gateway {}, mtu {}{internal})",
                     net.name, net.vni, net.subnet, net.gateway, net.mtu
                 )
             }
             Render::Networks => {
                 let nets: Vec<NetworkInfo> = serde_json::from_value(value)?;
                 table(
-                    &["NAME", "SUBNET", "GATEWAY", "VNI", "MTU", "ENDPOINTS"],
+                    &[
+                        "NAME",
+                        "SUBNET",
+                        "GATEWAY",
+                        "VNI",
+                        "MTU",
+                        "INTERNAL",
+                        "ENDPOINTS",
+                    ],
                     nets.iter().map(|n| {
                         vec![
                             n.name.clone(),
@@ -426,6 +441,7 @@ impl Render {
                             n.gateway.to_string(),
                             n.vni.to_string(),
                             n.mtu.to_string(),
+                            if n.internal { "yes" } else { "no" }.to_string(),
                             n.endpoints.to_string(),
                         ]
                     }),

@@ -330,6 +330,7 @@ mod tests {
             vni: None,
             mtu: 1450,
             vteps: vec!["198.18.0.9".parse().unwrap()],
+            internal: false,
         })
         .unwrap();
         for (node, last) in held {

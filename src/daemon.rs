@@ -45,7 +45,7 @@ use crate::peer;
 use crate::registry::Command;
 use crate::state_dir::{self, Identity};
 use crate::token::Secret;
-use crate::{host, services, wire};
+use crate::{egress, host, services, wire};
 
 /// How long a node waits to see its own change come back through gossip.
 const CONVERGE_WITHIN: Duration = Duration::from_secs(10);
@@ -156,6 +156,12 @@ impl Daemon {
             }
         };
         let api_listener = bind_api(&config.api).await?;
+        // Before anything else is made: a missing `nft` stops the start here, and rules a killed
+        // run left are dropped (the networks' own are put back as their bridges are).
+        if let Err(err) = egress::reset().await {
+            let _ = std::fs::remove_file(&config.api);
+            return Err(Failure::runtime(format!("{err:#}")));
+        }
         let started = async {
             let gossip_addr = SocketAddr::from((config.advertise, config.gossip_port));
             let peer_listener = TcpListener::bind(gossip_addr).await.map_err(|e| {
@@ -210,6 +216,7 @@ impl Daemon {
             Ok(parts) => parts,
             Err(failure) => {
                 let _ = std::fs::remove_file(&config.api);
+                egress::clear().await;
                 if identity_to_create {
                     state_dir::remove_new_node(&config.state_dir);
                 }
@@ -299,6 +306,7 @@ impl Daemon {
             self.dns.stop(&net.id);
             host::remove_link(&net.bridge_name()).await;
         }
+        egress::clear().await;
         let _ = std::fs::remove_file(&self.config.api);
         self.consensus.shutdown().await;
         if let Err(err) = self.gossip.handle.initiate_shutdown() {
@@ -396,7 +404,11 @@ impl Daemon {
                 vni,
                 mtu,
                 vteps,
-            } => self.network_create(name, subnet, vni, mtu, vteps).await,
+                internal,
+            } => {
+                self.network_create(name, subnet, vni, mtu, vteps, internal)
+                    .await
+            }
             NetworkRm { name } => {
                 self.propose(Change::registry(Command::RemoveNetwork {
                     name: name.clone(),
@@ -516,6 +528,7 @@ impl Daemon {
         vni: Option<u32>,
         mtu: Option<u32>,
         vteps: Vec<Ipv4Addr>,
+        internal: bool,
     ) -> api::Reply {
         crate::model::check_name(&name)?;
         let max_mtu = self.underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
@@ -542,6 +555,7 @@ impl Daemon {
                 vni,
                 mtu,
                 vteps,
+                internal,
             }))
             .await?;
         let created: Network = serde_json::from_value(reply)
@@ -771,6 +785,7 @@ fn network_info(net: &Network, view: &View) -> NetworkInfo {
         vni: net.vni,
         mtu: net.mtu,
         vteps: net.vteps.clone(),
+        internal: net.internal,
         endpoints: view.endpoints_on(net).count(),
     }
 }

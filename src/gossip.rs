@@ -452,6 +452,7 @@ mod tests {
                 vni: None,
                 mtu: 1450,
                 vteps: vec![],
+                internal: false,
             })
             .unwrap();
         let allocate = |node: &str| Command::Allocate {

@@ -15,22 +15,29 @@ use tracing::warn;
 
 use crate::model::Network;
 
-/// Longest one iproute2 command may take; it is killed after that.
-const IP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest one command of a host tool may take; it is killed after that.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs the iproute2 tool `tool` (`ip`, `bridge`, `tc`) with ARGS, returning stdout, or an error
-/// that carries the tool's own complaint.
+/// Runs the iproute2 tool `tool` (`ip`, `bridge`, `tc`) with ARGS (see [`run_tool`]).
 async fn iproute2(tool: &str, args: &[&str]) -> anyhow::Result<String> {
+    run_tool(tool, "iproute2", args).await
+}
+
+/// Runs the host tool `tool` with ARGS, returning stdout, or an error that carries the tool's
+/// own complaint. `package` is the Debian package that has the tool, named in the error when
+/// the tool is not installed.
+pub async fn run_tool(tool: &str, package: &str, args: &[&str]) -> anyhow::Result<String> {
     let run = Command::new(tool).args(args).kill_on_drop(true).output();
-    let out = tokio::time::timeout(IP_TIMEOUT, run)
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "`{tool} {}` did not finish within {IP_TIMEOUT:?}",
-                args.join(" ")
-            )
-        })?
-        .with_context(|| format!("running `{tool}` (install iproute2)"))?;
+    let out = match tokio::time::timeout(TOOL_TIMEOUT, run).await {
+        Err(_) => bail!(
+            "`{tool} {}` did not finish within {TOOL_TIMEOUT:?}",
+            args.join(" ")
+        ),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "`{tool}` is not installed: install the {package} package (`apt-get install {package}`)"
+        ),
+        Ok(run) => run.with_context(|| format!("running `{tool}`"))?,
+    };
     if !out.status.success() {
         bail!(
             "`{tool} {}` failed: {}",

@@ -131,6 +131,7 @@ mod tests {
             vni,
             mtu: 1450,
             vteps: vec![],
+            internal: false,
         }
     }
 

@@ -12,13 +12,15 @@
 //!   [`consensus`]: Raft that replicates it; [`ipam`]: subnet, VNI and address choices (pure);
 //!   [`publish`]: published ports as users write them, and the rules they obey (pure).
 //! - [`services`]: the balancer as the data plane's stage, and its snapshot of the view.
-//! - [`host`]: bridges and veth pairs via iproute2; [`state_dir`]: the node's identity on disk.
+//! - [`host`]: bridges and veth pairs via iproute2; [`egress`]: the nftables rules that let
+//!   containers out through their node; [`state_dir`]: the node's identity on disk.
 
 mod api;
 mod cli;
 mod cluster;
 mod consensus;
 mod daemon;
+mod egress;
 mod gossip;
 mod host;
 mod ipam;

@@ -28,6 +28,10 @@ pub struct Network {
     /// External VTEPs (not cluster members, e.g. a kernel vxlan device) that carry this network.
     #[serde(default)]
     pub vteps: Vec<Ipv4Addr>,
+    /// No egress: its containers reach nothing outside the network but their own node
+    /// (`network create --internal`, see [`crate::egress`]).
+    #[serde(default)]
+    pub internal: bool,
 }
 
 /// A network as it arrives, before [`Network::check`].
@@ -40,6 +44,8 @@ struct NetworkRecord {
     mtu: u32,
     #[serde(default)]
     vteps: Vec<Ipv4Addr>,
+    #[serde(default)]
+    internal: bool,
 }
 
 impl TryFrom<NetworkRecord> for Network {
@@ -53,11 +59,21 @@ impl TryFrom<NetworkRecord> for Network {
             vni: r.vni,
             mtu: r.mtu,
             vteps: r.vteps,
+            internal: r.internal,
         };
         net.check()?;
         Ok(net)
     }
 }
+
+/// How the name of every network's bridge starts ([`Network::bridge_name`]).
+pub const BRIDGE_PREFIX: &str = "ovbr-";
+
+/// The source ports containers' connections to the outside are masqueraded to. No service may
+/// publish one: the routing mesh takes every packet to a published port before the node's
+/// stack sees it, so it would take the replies of those connections too. Above the kernel's
+/// ephemeral range (32768-60999), so the node's own connections do not use them either.
+pub const EGRESS_PORTS: std::ops::RangeInclusive<u16> = 61_000..=65_535;
 
 /// IPv4's minimum MTU (RFC 791), and the largest a Linux bridge takes.
 const MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=65_535;
@@ -83,7 +99,7 @@ impl Network {
     }
 
     pub fn bridge_name(&self) -> String {
-        format!("ovbr-{}", self.vni)
+        format!("{BRIDGE_PREFIX}{}", self.vni)
     }
 
     pub fn tap_name(&self) -> String {

@@ -11,7 +11,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Affinity, ProxyProtocol, Publish, PublishMode, PublishProtocol, Service};
+use crate::model::{
+    Affinity, EGRESS_PORTS, ProxyProtocol, Publish, PublishMode, PublishProtocol, Service,
+};
 
 /// The forms `--publish` takes, for error messages.
 const FORMS: &str = "use PUB:TARGET[/tcp|/udp], ADDR:PUB:TARGET[/proto] or \
@@ -46,6 +48,13 @@ pub enum Refusal {
         "port {0}: ADDR binds one node's address and mode=host binds the nodes running a task: use one of them"
     )]
     HostWithAddr(String),
+    #[error(
+        "port {port} is one of the ports containers reach the outside from ({first}-{last}): publish a lower port",
+        port = .0,
+        first = EGRESS_PORTS.start(),
+        last = EGRESS_PORTS.end()
+    )]
+    EgressPort(String),
     #[error("port {0} is given twice in this request: give it once")]
     Twice(String),
     #[error(
@@ -89,6 +98,9 @@ impl Publish {
             if port == 0 {
                 return Err(Refusal::Range { which, port: 0 });
             }
+        }
+        if EGRESS_PORTS.contains(&self.published) {
+            return Err(Refusal::EgressPort(self.port()));
         }
         if self.proxy.is_some() && self.protocol != PublishProtocol::Tcp {
             return Err(Refusal::ProxyNeedsTcp(self.port()));

@@ -30,6 +30,9 @@ pub enum Command {
         vni: Option<u32>,
         mtu: u32,
         vteps: Vec<Ipv4Addr>,
+        /// Without egress (absent in commands logged before the flag existed).
+        #[serde(default)]
+        internal: bool,
     },
     RemoveNetwork {
         name: String,
@@ -183,6 +186,7 @@ impl Registry {
                 vni,
                 mtu,
                 vteps,
+                internal,
             } => {
                 let existing: Vec<Network> = self.networks.values().cloned().collect();
                 let vni = ipam::admit_network(&name, subnet, vni, &existing)?;
@@ -196,6 +200,7 @@ impl Registry {
                     vni,
                     mtu,
                     vteps,
+                    internal,
                 };
                 net.check()?;
                 let reply = json(&net);
@@ -397,8 +402,24 @@ mod tests {
             vni: None,
             mtu: 1450,
             vteps: vec![],
+            internal: false,
         })?;
         Ok(serde_json::from_value(reply).unwrap())
+    }
+
+    /// Commands in a Raft log written before `--internal` existed, and the networks they made,
+    /// read as networks with egress.
+    #[test]
+    fn networks_from_before_internal_existed_have_egress() {
+        let logged = r#"{"CreateNetwork":{"id":"n1","name":"web","subnet":"198.19.0.0/24","vni":null,"mtu":1450,"vteps":[]}}"#;
+        let command: Command = serde_json::from_str(logged).unwrap();
+        let mut registry = Registry::default();
+        let made: Network = serde_json::from_value(registry.apply(command).unwrap()).unwrap();
+        assert!(!made.internal);
+        let mut record = serde_json::to_value(&made).unwrap();
+        record.as_object_mut().unwrap().remove("internal");
+        let read: Network = serde_json::from_value(record).unwrap();
+        assert_eq!(read, made);
     }
 
     fn allocate(registry: &mut Registry, node: &str, ip: Option<&str>) -> Result<String, Failure> {

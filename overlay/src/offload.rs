@@ -545,12 +545,12 @@ impl Coalescer {
     /// write; `None` if empty. A single segment goes out unchanged with a zero header; merged
     /// segments get a TCP GSO header, merged datagrams a UDP_L4 (USO) one with the UDP length
     /// of the whole super-frame, both with a partial checksum (`NEEDS_CSUM`).
-    pub fn finish(&mut self) -> Option<&[u8]> {
+    pub fn finish(&mut self) -> Option<&mut [u8]> {
         let f = self.flow.take()?;
         let (hdr, frame) = self.buf[..self.len].split_at_mut(H);
         if f.segs == 1 {
             hdr.fill(0);
-            return Some(&self.buf[..self.len]);
+            return Some(&mut self.buf[..self.len]);
         }
         let lay = f.lay;
         fix_ip(frame, &lay, 0);
@@ -575,7 +575,7 @@ impl Coalescer {
             csum_offset: csum_offset as u16,
         }
         .emit(hdr);
-        Some(&self.buf[..self.len])
+        Some(&mut self.buf[..self.len])
     }
 }
 

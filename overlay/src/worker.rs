@@ -98,6 +98,15 @@ const TAP_HEADROOM: usize = vnet::HEADER_LEN;
 
 const ZERO_VNET: [u8; vnet::HEADER_LEN] = [0; vnet::HEADER_LEN];
 
+/// Where a decapsulated frame goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sink {
+    /// The TAP in this slot.
+    Tap(usize),
+    /// Out of the node's own interfaces ([`crate::wire`]).
+    Wire,
+}
+
 struct TapSlot {
     vni: Vni,
     queue: tap::Queue,
@@ -664,8 +673,8 @@ impl Io<'_> {
             ..
         } = st;
         let tables = self.tables.load();
-        // The TAP the coalescer is filling.
-        let mut current: Option<usize> = None;
+        // Where the frame the coalescer is filling goes.
+        let mut current: Option<Sink> = None;
         let mut more = true;
         let mut handled = 0;
         while handled < BUDGET {
@@ -695,25 +704,24 @@ impl Io<'_> {
                     continue;
                 };
                 for datagram in data.chunks_mut(seg) {
-                    let vni = match switch::from_vtep(
+                    let sink = match switch::from_vtep(
                         datagram, from, &tables, learned, now, self.stage, reply,
                     ) {
-                        Ok(Delivery::Tap(vni)) => vni,
-                        Ok(Delivery::Wire) => {
-                            self.to_wire(&ZERO_VNET, &mut datagram[vxlan::HEADER_LEN..]);
-                            continue;
-                        }
+                        Ok(Delivery::Tap(vni)) => match by_vni.get(&vni) {
+                            Some(&idx) => Sink::Tap(idx),
+                            None => {
+                                self.counters.drop(DropReason::NoTap);
+                                continue;
+                            }
+                        },
+                        Ok(Delivery::Wire) => Sink::Wire,
                         Err(reason) => {
                             self.counters.drop(reason);
                             continue;
                         }
                     };
-                    let Some(&idx) = by_vni.get(&vni) else {
-                        self.counters.drop(DropReason::NoTap);
-                        continue;
-                    };
-                    let inner = &datagram[vxlan::HEADER_LEN..];
-                    self.deliver(taps, idx, inner, coalescer, &mut current);
+                    let inner = &mut datagram[vxlan::HEADER_LEN..];
+                    self.deliver(taps, sink, inner, coalescer, &mut current);
                 }
             }
             if count < RECV_BATCH {
@@ -729,26 +737,30 @@ impl Io<'_> {
         more
     }
 
-    /// Hands a decapsulated frame to TAP `idx`: written at once on the plain path, else
-    /// joined to what the coalescer holds for `current` (flushing that first if it cannot
-    /// join), or written alone if it can never be coalesced.
+    /// Hands a decapsulated frame to `sink`: written at once on the plain path, else joined
+    /// to what the coalescer holds for `current` (flushing that first if it cannot join), or
+    /// written alone if it can never be coalesced.
     fn deliver(
         &self,
         taps: &[Option<TapSlot>],
-        idx: usize,
-        inner: &[u8],
+        sink: Sink,
+        inner: &mut [u8],
         coalescer: &mut Coalescer,
-        current: &mut Option<usize>,
+        current: &mut Option<Sink>,
     ) {
         if !self.offloads {
-            self.write_tap(taps, idx, &ZERO_VNET, inner);
+            self.write_to(taps, sink, &ZERO_VNET, inner);
             return;
         }
-        if *current != Some(idx) {
+        if *current != Some(sink) {
             self.flush(taps, *current, coalescer);
-            *current = Some(idx);
+            *current = Some(sink);
         }
-        let uso = taps[idx].as_ref().is_some_and(|s| s.uso);
+        // UDP super-frames only to a TAP that takes them.
+        let uso = match sink {
+            Sink::Tap(idx) => taps[idx].as_ref().is_some_and(|s| s.uso),
+            Sink::Wire => false,
+        };
         let mut push = coalescer.push_with(inner, uso);
         if push == Push::Later {
             self.flush(taps, *current, coalescer);
@@ -756,11 +768,24 @@ impl Io<'_> {
         }
         if push == Push::Never {
             self.flush(taps, *current, coalescer);
-            self.write_tap(taps, idx, &ZERO_VNET, inner);
+            self.write_to(taps, sink, &ZERO_VNET, inner);
         }
     }
 
-    fn flush(&self, taps: &[Option<TapSlot>], idx: Option<usize>, coalescer: &mut Coalescer) {
+    fn write_to(
+        &self,
+        taps: &[Option<TapSlot>],
+        sink: Sink,
+        header: &[u8; vnet::HEADER_LEN],
+        frame: &mut [u8],
+    ) {
+        match sink {
+            Sink::Tap(idx) => self.write_tap(taps, idx, header, frame),
+            Sink::Wire => self.to_wire(header, frame),
+        }
+    }
+
+    fn flush(&self, taps: &[Option<TapSlot>], sink: Option<Sink>, coalescer: &mut Coalescer) {
         let merged = coalescer.segments() > 1;
         let Some(out) = coalescer.finish() else {
             return;
@@ -768,8 +793,16 @@ impl Io<'_> {
         if merged {
             self.counters.add(&self.counters.gro_frames, 1);
         }
-        if let Some(idx) = idx {
-            self.write_tap(taps, idx, &[], out);
+        match sink {
+            // Header and frame are contiguous: one plain write.
+            Some(Sink::Tap(idx)) => self.write_tap(taps, idx, &[], out),
+            Some(Sink::Wire) => {
+                let (header, frame) = out.split_at_mut(TAP_HEADROOM);
+                let mut vnet = ZERO_VNET;
+                vnet.copy_from_slice(header);
+                self.to_wire(&vnet, frame);
+            }
+            None => {}
         }
     }
 

@@ -1,6 +1,7 @@
 //! The reconcile loop: every [`RECONCILE_EVERY`] it derives the [`View`] from gossip and the
 //! registry and makes this node match it. It steers the routing mesh's published ports into
-//! overlayd (tc hooks, port reservations), makes and removes bridges and TAPs, puts restored
+//! overlayd (tc hooks, port reservations), makes and removes bridges, TAPs and their egress
+//! rules, keeps containers from the members' ports, puts restored
 //! endpoints back, unplugs those whose address the registry took back, publishes the data
 //! plane's tables, saves the members to rejoin through, and logs gossip entries that stay
 //! refused.
@@ -20,9 +21,8 @@ use tracing::{debug, info, warn};
 
 use super::{Daemon, vni};
 use crate::cluster::View;
-use crate::host;
 use crate::model::{Network, NodeState, key};
-use crate::{mesh_hooks, services, state_dir};
+use crate::{egress, host, mesh_hooks, services, state_dir};
 
 const RECONCILE_EVERY: Duration = Duration::from_millis(250);
 /// Rounds a gossip entry stays refused before it is logged and counted. An endpoint announced
@@ -40,6 +40,8 @@ struct Seen {
     refused: BTreeMap<String, u32>,
     /// The services and tasks last given to the balancer.
     services: Vec<ingress::service::Spec>,
+    /// The members' ports last kept from containers (see [`egress::member_ports`]).
+    member_ports: BTreeSet<egress::MemberPort>,
 }
 
 impl Daemon {
@@ -61,6 +63,7 @@ impl Daemon {
         // Before `realise`: hooks of a network being removed go before its TAP does.
         self.steer_mesh(&view).await;
         self.realise(&view).await;
+        self.guard_member_ports(&view, &mut seen.member_ports).await;
         self.dns.refresh(&view);
         self.restore().await;
         self.unplug_released().await;
@@ -137,6 +140,21 @@ impl Daemon {
         self.mesh.apply(&plan, &node).await;
     }
 
+    /// Keeps containers from the members' VTEP and peer ports when the members change.
+    async fn guard_member_ports(&self, view: &View, seen: &mut BTreeSet<egress::MemberPort>) {
+        let ports = egress::member_ports(&view.members);
+        // Stopping, the table is gone or going; it is not made again behind `stop`.
+        if ports == *seen || self.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        match egress::guard_member_ports(&ports).await {
+            Ok(()) => *seen = ports,
+            Err(err) => {
+                warn!(err = %format!("{err:#}"), "members' ports not kept from containers; retrying")
+            }
+        }
+    }
+
     /// Logs and counts gossip entries that stay refused: once each, not every round.
     fn note_refused(&self, view: &View, seen: &mut BTreeMap<String, u32>) {
         seen.retain(|entry, _| view.refused.contains(entry));
@@ -164,6 +182,7 @@ impl Daemon {
             };
             self.dataplane.remove_network(vni(&net));
             self.dns.stop(&id);
+            egress::remove(&net).await;
             host::remove_link(&net.bridge_name()).await;
             self.gossip.update(&[], &[key::realised(&id)]).await;
             info!(network = %net.name, vni = net.vni, "network removed from this node");
@@ -200,7 +219,13 @@ impl Daemon {
             self.dataplane
                 .add_network(vni(net), &tap)
                 .with_context(|| format!("creating TAP {tap}"))?;
-            if let Err(err) = host::enslave(&tap, net).await {
+            // Egress last: `egress::add` leaves no rule when it fails, so there is nothing of
+            // it to undo here.
+            let plugged = async {
+                host::enslave(&tap, net).await?;
+                egress::add(net).await
+            };
+            if let Err(err) = plugged.await {
                 self.dataplane.remove_network(vni(net));
                 return Err(err);
             }

@@ -84,6 +84,10 @@ fn bad_specs_are_refused_naming_the_part() {
         ("published=9200", "target= are both needed"),
         ("published=9200,target=80,mode=local", "mode=local"),
         ("198.18.0.1:9200:80,mode=host", "198.18.0.1:9200/tcp"),
+        (
+            "61000:80",
+            "port 61000/tcp is one of the ports containers reach the outside from",
+        ),
     ] {
         let refusal = parse(spec).expect_err(spec).to_string();
         assert!(refusal.contains(says), "{spec}: {refusal}");
@@ -248,7 +252,7 @@ fn spec(p: &Publish) -> String {
 
 fn any_publish() -> impl Strategy<Value = Publish> {
     (
-        1u16..,
+        1u16..*EGRESS_PORTS.start(),
         1u16..,
         any::<bool>(),
         any::<bool>(),

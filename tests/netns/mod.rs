@@ -78,7 +78,7 @@ pub fn require_root() {
         euid == "0",
         "needs root: this test builds network namespaces (euid is {euid}); run scripts/test.sh as root"
     );
-    for tool in ["ip", "bridge", "ping", "python3"] {
+    for tool in ["ip", "bridge", "ping", "python3", "nft"] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
@@ -339,6 +339,31 @@ impl Node {
         if let Some(mut c) = lock(&self.daemon).take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Stops the daemon as its supervisor would (SIGTERM), waits at most `timeout` for it to
+    /// exit, and returns how it exited; panics (after a SIGKILL) if it has not by then.
+    pub fn stop_daemon(&self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = lock(&self.daemon)
+            .take()
+            .unwrap_or_else(|| panic!("node {}: no daemon to stop", self.index));
+        let pid = child.id().to_string();
+        let _ = run(Command::new("kill").args(["-TERM", &pid]), CLI_TIMEOUT);
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "node {}: overlayd did not exit within {timeout:?} of SIGTERM",
+                        self.index
+                    );
+                }
+            }
         }
     }
 

@@ -15,6 +15,7 @@ fn network(id: &str, vni: u32) -> Network {
         vni,
         mtu: 1450,
         vteps: vec![],
+        internal: false,
     }
 }
 
