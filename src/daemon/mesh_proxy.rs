@@ -193,3 +193,115 @@ async fn connect(from: Ipv4Addr, task: SocketAddrV4, header: &[u8]) -> io::Resul
 fn reset(stream: TcpStream) {
     let _ = stream.set_zero_linger();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ingress::service::{Backend, Health, Port, Spec, Table};
+    use std::time::Instant;
+    use tokio::io::AsyncReadExt;
+
+    const NODE: Ipv4Addr = Ipv4Addr::LOCALHOST;
+    /// The task: another loopback address, as if on another node.
+    const TASK: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+    /// Service `api` publishing `published` -> `target` over one task at [`TASK`].
+    fn table(published: u16, target: u16, health: Health) -> Table {
+        let spec = Spec {
+            name: "api".into(),
+            vip: ingress::Vip(Ipv4Addr::new(198, 19, 255, 1).into()),
+            backends: vec![Backend {
+                addr: TASK,
+                node: Ipv4Addr::new(198, 18, 0, 2),
+                health,
+            }],
+            ports: vec![Port {
+                protocol: ingress::Protocol::Tcp,
+                published,
+                target,
+                addr: None,
+                client_affinity: false,
+                local_only: false,
+            }],
+        };
+        Table::build(ingress::maglev::Size::new(251).unwrap(), [spec]).unwrap()
+    }
+
+    /// A port nothing holds right now.
+    fn free_port() -> u16 {
+        let held = std::net::TcpListener::bind((NODE, 0)).unwrap();
+        held.local_addr().unwrap().port()
+    }
+
+    /// Connects to `at`, sends `hello`, closes its sending side and reads to the end.
+    async fn ask(at: SocketAddrV4) -> (SocketAddrV4, io::Result<Vec<u8>>) {
+        let mut stream = TcpStream::connect(at).await.unwrap();
+        let SocketAddr::V4(me) = stream.local_addr().unwrap() else {
+            unreachable!("an IPv4 connection")
+        };
+        stream.write_all(b"hello").await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        let read = stream.read_to_end(&mut answer).await.map(|_| answer);
+        (me, read)
+    }
+
+    #[tokio::test]
+    async fn a_task_reads_the_header_then_the_clients_bytes_and_both_ends_close() {
+        // The task echoes all it read once the client is done sending.
+        let task = TcpListener::bind((TASK, 0)).await.unwrap();
+        let target = task.local_addr().unwrap().port();
+        let echo = tokio::spawn(async move {
+            let (mut stream, from) = task.accept().await.unwrap();
+            let mut read = Vec::new();
+            stream.read_to_end(&mut read).await.unwrap();
+            stream.write_all(&read).await.unwrap();
+            from
+        });
+        let balancer = Arc::new(Balancer::new(64, Default::default(), |_| [0; 6], NODE).unwrap());
+        let published = free_port();
+        balancer.publish(table(published, target, Health::Healthy), Instant::now());
+        let proxy = Proxy::new(balancer.clone(), NODE);
+        let at = SocketAddrV4::new(NODE, published);
+        let listener = proxy.listen(at).unwrap();
+
+        let (me, answer) = ask(at).await;
+        let mut want = proxy_protocol::Repr {
+            source: me,
+            destination: at,
+        }
+        .emit()
+        .to_vec();
+        want.extend_from_slice(b"hello");
+        assert_eq!(answer.unwrap(), want);
+        let from = echo.await.unwrap();
+        assert_eq!(
+            from.ip(),
+            std::net::IpAddr::from(NODE),
+            "from the node's address"
+        );
+        let status = proxy.status();
+        assert_eq!(
+            (status.connections, status.no_task, status.failed),
+            (1, 0, 0)
+        );
+
+        // No healthy task: reset at once.
+        balancer.publish(table(published, target, Health::Unhealthy), Instant::now());
+        let (_, answer) = ask(at).await;
+        assert_eq!(
+            answer.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset)
+        );
+        assert_eq!(proxy.status().no_task, 1);
+
+        // Dropped: the port closes.
+        drop(listener);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while TcpStream::connect(at).await.is_ok() {
+            assert!(Instant::now() < deadline, "{at} still accepts");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(proxy.status().active, 0);
+    }
+}
