@@ -400,11 +400,12 @@ mod tests {
         ];
         let script = add_script(&net(4096, "198.19.1.0/24", false), &stale);
         let lines: Vec<&str> = script.lines().collect();
-        assert_eq!(lines.len(), 4, "{script}");
+        assert_eq!(lines.len(), 5, "{script}");
         assert_eq!(lines[0], "delete rule ip overlayd forward handle 7");
         assert_eq!(lines[1], "delete rule ip overlayd postrouting handle 9");
         assert!(lines[2].starts_with("add rule ip overlayd forward oifname \"ovbr-4096\""));
         assert!(lines[3].starts_with("add rule ip overlayd postrouting ip saddr 198.19.1.0/24"));
+        assert!(lines[4].starts_with("add rule ip overlayd postrouting ip saddr 198.19.1.0/24"));
     }
 
     #[test]
