@@ -44,6 +44,8 @@ struct State {
     refused: BTreeMap<Reservation, (String, String)>,
     /// Devices whose `clsact` qdisc this run added.
     qdiscs: BTreeSet<String>,
+    /// Hooks that failed to go in or out, with the last error logged.
+    failing: BTreeMap<Hook, String>,
 }
 
 struct Installed {
@@ -113,11 +115,19 @@ impl MeshHooks {
                 desired.extend(&claim.hooks);
             }
         }
+        let taps: BTreeMap<&str, Option<u32>> = desired
+            .iter()
+            .filter_map(|h| h.tap())
+            .map(|tap| (tap, ifindex(tap)))
+            .collect();
         let stale: Vec<Hook> = state
             .installed
             .iter()
             .filter(|(hook, installed)| {
-                !desired.contains(hook) || installed.tap != hook.tap().and_then(ifindex)
+                !desired.contains(hook)
+                    || hook
+                        .tap()
+                        .is_some_and(|tap| taps.get(tap).copied().flatten() != installed.tap)
             })
             .map(|(hook, _)| hook.clone())
             .collect();
@@ -125,10 +135,9 @@ impl MeshHooks {
             state.remove(&hook).await;
         }
         for hook in desired {
-            if !state.installed.contains_key(hook)
-                && let Err(err) = state.install(hook).await
-            {
-                warn!(%hook, err = %format!("{err:#}"), "mesh hook not installed; retrying");
+            if !state.installed.contains_key(hook) {
+                let installed = state.install(hook).await;
+                state.note(hook, installed, "mesh hook not installed; retrying");
             }
         }
         let State {
@@ -266,15 +275,35 @@ impl State {
         let Some(installed) = self.installed.get(hook) else {
             return;
         };
-        match delete(&hook.dev, hook.direction, installed.pref).await {
-            Ok(()) => info!(%hook, "mesh hook removed"),
-            Err(_) if ifindex(&hook.dev).is_none() => {}
+        let removed = match delete(&hook.dev, hook.direction, installed.pref).await {
+            Ok(()) => {
+                info!(%hook, "mesh hook removed");
+                Ok(())
+            }
+            Err(_) if ifindex(&hook.dev).is_none() => Ok(()),
+            Err(err) => Err(err),
+        };
+        if removed.is_ok() {
+            self.installed.remove(hook);
+        }
+        self.note(hook, removed, "mesh hook not removed; retrying");
+    }
+
+    /// Logs a failure to install or remove `hook` when it is new or its cause changed, not every
+    /// round it is retried.
+    fn note(&mut self, hook: &Hook, result: anyhow::Result<()>, what: &str) {
+        match result {
+            Ok(()) => {
+                self.failing.remove(hook);
+            }
             Err(err) => {
-                warn!(%hook, err = %format!("{err:#}"), "mesh hook not removed; retrying");
-                return;
+                let err = format!("{err:#}");
+                if self.failing.get(hook) != Some(&err) {
+                    warn!(%hook, %err, "{what}");
+                    self.failing.insert(hook.clone(), err);
+                }
             }
         }
-        self.installed.remove(hook);
     }
 
     /// Removes the `clsact` qdiscs this run added where none of our hooks is left and no
