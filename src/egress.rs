@@ -168,21 +168,28 @@ fn rules(net: &Network) -> Vec<(Chain, String)> {
             "oifname \"{br}\" iifname != \"{br}\" ct state != {{ established, related }} counter drop comment \"{tag}\""
         ),
     )];
-    rules.push(if net.internal {
-        (
+    if net.internal {
+        rules.push((
             Chain::Forward,
             format!("iifname \"{br}\" oifname != \"{br}\" counter drop comment \"{tag}\""),
-        )
+        ));
     } else {
-        (
+        // TCP and UDP to the egress ports (nft maps ports only after a transport match), the
+        // rest (ICMP) as it comes.
+        let leaving = format!("ip saddr {subnet} oifname != \"{br}\"");
+        rules.push((
             Chain::Postrouting,
             format!(
-                "ip saddr {subnet} oifname != \"{br}\" counter masquerade to :{}-{} comment \"{tag}\"",
+                "{leaving} meta l4proto {{ tcp, udp }} counter masquerade to :{}-{} comment \"{tag}\"",
                 EGRESS_PORTS.start(),
                 EGRESS_PORTS.end()
             ),
-        )
-    });
+        ));
+        rules.push((
+            Chain::Postrouting,
+            format!("{leaving} counter masquerade comment \"{tag}\""),
+        ));
+    }
     rules
 }
 
@@ -342,7 +349,11 @@ mod tests {
                 ),
                 (
                     Chain::Postrouting,
-                    "ip saddr 198.19.1.0/24 oifname != \"ovbr-4096\" counter masquerade to :61000-65535 comment \"ovbr-4096\"".to_string()
+                    "ip saddr 198.19.1.0/24 oifname != \"ovbr-4096\" meta l4proto { tcp, udp } counter masquerade to :61000-65535 comment \"ovbr-4096\"".to_string()
+                ),
+                (
+                    Chain::Postrouting,
+                    "ip saddr 198.19.1.0/24 oifname != \"ovbr-4096\" counter masquerade comment \"ovbr-4096\"".to_string()
                 ),
             ]
         );
@@ -389,11 +400,12 @@ mod tests {
         ];
         let script = add_script(&net(4096, "198.19.1.0/24", false), &stale);
         let lines: Vec<&str> = script.lines().collect();
-        assert_eq!(lines.len(), 4, "{script}");
+        assert_eq!(lines.len(), 5, "{script}");
         assert_eq!(lines[0], "delete rule ip overlayd forward handle 7");
         assert_eq!(lines[1], "delete rule ip overlayd postrouting handle 9");
         assert!(lines[2].starts_with("add rule ip overlayd forward oifname \"ovbr-4096\""));
         assert!(lines[3].starts_with("add rule ip overlayd postrouting ip saddr 198.19.1.0/24"));
+        assert!(lines[4].starts_with("add rule ip overlayd postrouting ip saddr 198.19.1.0/24"));
     }
 
     #[test]

@@ -88,6 +88,15 @@ pub async fn addresses() -> anyhow::Result<BTreeMap<Ipv4Addr, String>> {
     Ok(found)
 }
 
+/// The names of this network namespace's links.
+pub async fn link_names() -> anyhow::Result<Vec<String>> {
+    let links = links_with_addresses().await?;
+    Ok(links
+        .iter()
+        .filter_map(|l| Some(l["ifname"].as_str()?.to_string()))
+        .collect())
+}
+
 /// Runs `tc ARGS`, returning stdout.
 pub async fn tc(args: &[&str]) -> anyhow::Result<String> {
     iproute2("tc", args).await

@@ -315,14 +315,14 @@ fn port_hooks(publish: &Publish, host: &Host, tap: &str) -> BTreeSet<Hook> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cluster::TaskRef;
     use crate::model::{Affinity, Mode, Network, Service};
 
     const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 
-    fn network(id: &str, vni: u32, subnet: &str) -> Network {
+    pub(crate) fn network(id: &str, vni: u32, subnet: &str) -> Network {
         Network {
             id: id.into(),
             name: format!("net-{id}"),
@@ -334,7 +334,7 @@ mod tests {
         }
     }
 
-    fn publish(published: u16, target: u16, protocol: PublishProtocol) -> Publish {
+    pub(crate) fn publish(published: u16, target: u16, protocol: PublishProtocol) -> Publish {
         Publish {
             published,
             target,

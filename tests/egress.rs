@@ -146,7 +146,10 @@ fn containers_reach_the_outside_through_their_node_and_internal_networks_do_not(
             .unwrap_or_else(|| panic!("node {}: no table ip overlayd", node.index));
         let (public, internal) = (rules_of(&table, &pub_br), rules_of(&table, &priv_br));
         assert!(
-            public.len() == 2 && public.iter().any(|r| r.contains("masquerade")),
+            public.len() == 3
+                && public
+                    .iter()
+                    .any(|r| r.contains("masquerade to :61000-65535")),
             "node {}: rules of {pub_br}:\n{table}",
             node.index
         );
@@ -274,7 +277,7 @@ fn containers_reach_the_outside_through_their_node_and_internal_networks_do_not(
         || {
             let table = overlayd_table(&c, &n3.netns).unwrap_or_default();
             let rules = rules_of(&table, &pub_br);
-            if rules.len() == 2 && table.contains("masquerade") {
+            if rules.len() == 3 && table.contains("masquerade") {
                 Ok(())
             } else {
                 Err(table)

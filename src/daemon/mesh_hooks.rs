@@ -47,6 +47,8 @@ struct State {
     refused: BTreeMap<Reservation, (String, String)>,
     /// Devices whose `clsact` qdisc this run added.
     qdiscs: BTreeSet<String>,
+    /// Hooks that failed to go in or out, with the last error logged.
+    failing: BTreeMap<Hook, String>,
 }
 
 struct Installed {
@@ -82,7 +84,11 @@ impl MeshHooks {
     /// Removes our filters left by an earlier run on `lo`, `underlay` and the networks' bridges.
     pub async fn start(underlay: &str, proxy: Proxy) -> MeshHooks {
         let mut devs = vec!["lo".to_string(), underlay.to_string()];
-        devs.extend(bridges());
+        match host::link_names().await {
+            // A killed run leaves its networks' bridges.
+            Ok(links) => devs.extend(links.into_iter().filter(|l| l.starts_with("ovbr-"))),
+            Err(err) => warn!(err = %format!("{err:#}"), "could not list bridges to sweep"),
+        }
         for dev in &devs {
             for direction in [Direction::Ingress, Direction::Egress] {
                 match prefs(dev, direction).await {
@@ -121,11 +127,19 @@ impl MeshHooks {
                 desired.extend(&claim.hooks);
             }
         }
+        let taps: BTreeMap<&str, Option<u32>> = desired
+            .iter()
+            .filter_map(|h| h.tap())
+            .map(|tap| (tap, ifindex(tap)))
+            .collect();
         let stale: Vec<Hook> = state
             .installed
             .iter()
             .filter(|(hook, installed)| {
-                !desired.contains(hook) || installed.tap != hook.tap().and_then(ifindex)
+                !desired.contains(hook)
+                    || hook
+                        .tap()
+                        .is_some_and(|tap| taps.get(tap).copied().flatten() != installed.tap)
             })
             .map(|(hook, _)| hook.clone())
             .collect();
@@ -133,10 +147,9 @@ impl MeshHooks {
             state.remove(&hook).await;
         }
         for hook in desired {
-            if !state.installed.contains_key(hook)
-                && let Err(err) = state.install(hook).await
-            {
-                warn!(%hook, err = %format!("{err:#}"), "mesh hook not installed; retrying");
+            if !state.installed.contains_key(hook) {
+                let installed = state.install(hook).await;
+                state.note(hook, installed, "mesh hook not installed; retrying");
             }
         }
         let State {
@@ -288,15 +301,35 @@ impl State {
         let Some(installed) = self.installed.get(hook) else {
             return;
         };
-        match delete(&hook.dev, hook.direction, installed.pref).await {
-            Ok(()) => info!(%hook, "mesh hook removed"),
-            Err(_) if !host::link_exists(&hook.dev) => {}
+        let removed = match delete(&hook.dev, hook.direction, installed.pref).await {
+            Ok(()) => {
+                info!(%hook, "mesh hook removed");
+                Ok(())
+            }
+            Err(_) if ifindex(&hook.dev).is_none() => Ok(()),
+            Err(err) => Err(err),
+        };
+        if removed.is_ok() {
+            self.installed.remove(hook);
+        }
+        self.note(hook, removed, "mesh hook not removed; retrying");
+    }
+
+    /// Logs a failure to install or remove `hook` when it is new or its cause changed, not every
+    /// round it is retried.
+    fn note(&mut self, hook: &Hook, result: anyhow::Result<()>, what: &str) {
+        match result {
+            Ok(()) => {
+                self.failing.remove(hook);
+            }
             Err(err) => {
-                warn!(%hook, err = %format!("{err:#}"), "mesh hook not removed; retrying");
-                return;
+                let err = format!("{err:#}");
+                if self.failing.get(hook) != Some(&err) {
+                    warn!(%hook, %err, "{what}");
+                    self.failing.insert(hook.clone(), err);
+                }
             }
         }
-        self.installed.remove(hook);
     }
 
     /// Removes the `clsact` qdiscs this run added where none of our hooks is left and no
@@ -309,7 +342,7 @@ impl State {
             .cloned()
             .collect();
         for dev in unused {
-            if !host::link_exists(&dev) {
+            if ifindex(&dev).is_none() {
                 self.qdiscs.remove(&dev);
                 continue;
             }
@@ -396,20 +429,245 @@ async fn has_clsact(dev: &str) -> anyhow::Result<bool> {
         .any(|q| q["kind"] == "clsact"))
 }
 
-/// The networks' bridges present in this namespace (a killed run leaves them).
-fn bridges() -> Vec<String> {
-    std::fs::read_dir("/sys/class/net")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|name| name.starts_with("ovbr-"))
-        .collect()
+/// `dev`'s ifindex in this network namespace, asked of the kernel (SIOCGIFINDEX): `/sys` shows
+/// the namespace it was mounted in, which need not be ours.
+fn ifindex(dev: &str) -> Option<u32> {
+    use rustix::net::{AddressFamily, SocketType, netdevice, socket};
+    let probe = socket(AddressFamily::INET, SocketType::DGRAM, None).ok()?;
+    netdevice::name_to_index(&probe, dev).ok()
 }
 
-fn ifindex(dev: &str) -> Option<u32> {
-    std::fs::read_to_string(format!("/sys/class/net/{dev}/ifindex"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{TaskRef, View};
+    use crate::mesh_hooks::tests::{network, publish};
+    use crate::mesh_hooks::{Host, plan};
+    use crate::model::{Mode, Service};
+    use std::process::Command;
+
+    const NS_TAG: &str = "meshhk";
+    const TAP: &str = "ovtap-4242";
+
+    /// Runs `tc LINE` in the calling thread's namespace; panics unless it succeeds.
+    fn tc(line: &str) -> String {
+        sh(&format!("tc {line}"))
+    }
+
+    fn sh(line: &str) -> String {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "{line}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The filters on `dev` at `dir`: (pref, the device it redirects to, if any).
+    fn filters(dev: &str, dir: &str) -> Vec<(u16, Option<String>)> {
+        let json: serde_json::Value =
+            serde_json::from_str(&tc(&format!("-j filter show dev {dev} {dir}"))).unwrap();
+        let mut found: Vec<(u16, Option<String>)> = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| {
+                f["options"]["fh"]
+                    .as_str()
+                    .is_some_and(|h| !h.ends_with(':'))
+            })
+            .map(|f| {
+                let to = f["options"]["actions"][0]["to_dev"]
+                    .as_str()
+                    .map(String::from);
+                (f["pref"].as_u64().unwrap() as u16, to)
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    fn has_clsact(dev: &str) -> bool {
+        tc(&format!("qdisc show dev {dev}")).contains("clsact")
+    }
+
+    /// Network `net-m` (vni 4242) with service `search` (a task on this node) publishing
+    /// 9200->80/tcp and 9300->53/udp.
+    fn view() -> View {
+        let mut view = View::default();
+        let net = network("m", 4242, "198.19.42.0/24");
+        view.networks.insert(net.name.clone(), net);
+        let service = Service {
+            name: "search".into(),
+            network_id: "m".into(),
+            mode: Mode::Vip,
+            vip: None,
+            health: None,
+            publish: vec![
+                publish(9200, 80, PublishProtocol::Tcp),
+                publish(9300, 53, PublishProtocol::Udp),
+            ],
+        };
+        view.services.insert(service.name.clone(), service);
+        view.tasks.push(TaskRef {
+            service: "search".into(),
+            network_id: "m".into(),
+            ip: "198.19.42.2".parse().unwrap(),
+            node: "me".into(),
+        });
+        view
+    }
+
+    /// Needs root (CI runs it as root). In a namespace of its own: a leftover of ours is swept
+    /// at start and someone else's filter is kept; the hooks of a held port appear on the
+    /// underlay, `lo` and the bridge, a port held by someone else gets none and is reported; a
+    /// TAP made again gets its hooks made again; an empty plan and `stop` remove every hook of
+    /// ours and free the ports, and only the qdisc this run added goes.
+    #[test]
+    fn hooks_follow_the_plan_and_the_ports_they_steer_are_held() {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(
+            status.lines().any(|l| l.starts_with("Uid:\t0\t")),
+            "needs root (CI runs these tests as root)"
+        );
+        let ns = format!("ovt-{NS_TAG}-{}-ns", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        sh(&format!("ip netns add {ns}"));
+        struct Remove(String);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+            }
+        }
+        let _remove = Remove(ns.clone());
+        for cmd in [
+            "link set lo up",
+            "link add eth0 type veth peer name eth1",
+            "addr add 198.18.60.1/24 dev eth0",
+            "link set eth0 up",
+            "link set eth1 up",
+            "link add ovbr-4242 type bridge",
+            &format!("tuntap add {TAP} mode tap"),
+        ] {
+            sh(&format!("ip -n {ns} {cmd}"));
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+                rustix::thread::move_into_link_name_space(
+                    std::os::fd::AsFd::as_fd(&file),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )
+                .expect("setns");
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(inside());
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        });
+    }
+
+    async fn inside() {
+        // Someone else's clsact and filter on the underlay, and a leftover of ours on `lo`.
+        tc("qdisc add dev eth0 clsact");
+        tc(
+            "filter add dev eth0 ingress pref 100 protocol ip u32 match ip dst 198.18.60.9/32 classid 1:1",
+        );
+        tc("qdisc add dev lo clsact");
+        tc(
+            "filter add dev lo egress pref 49999 protocol ip u32 match ip dst 198.18.60.9/32 classid 1:1",
+        );
+        tc("qdisc add dev ovbr-4242 clsact");
+        tc(
+            "filter add dev ovbr-4242 ingress pref 49153 protocol ip u32 match ip sport 80 0xffff classid 1:1",
+        );
+        let hooks = MeshHooks::start("eth0").await;
+        assert_eq!(filters("lo", "egress"), [], "the leftover is swept");
+        assert_eq!(filters("ovbr-4242", "ingress"), [], "on bridges too");
+        assert_eq!(filters("eth0", "ingress"), [(100, None)], "not ours: kept");
+        for dev in ["lo", "ovbr-4242"] {
+            tc(&format!("qdisc del dev {dev} clsact"));
+        }
+
+        let view = view();
+        let (addresses, realised) = (BTreeMap::new(), BTreeSet::from(["m".to_string()]));
+        let host = Host {
+            id: "me",
+            address: "198.18.60.1".parse().unwrap(),
+            underlay: "eth0",
+            addresses: &addresses,
+            realised: &realised,
+        };
+        let plan = plan(&view, &host);
+        let node = Node {
+            id: "me",
+            address: host.address,
+        };
+        let taken = std::net::UdpSocket::bind("0.0.0.0:9300").unwrap();
+        hooks.apply(&plan, &node).await;
+        let tap = Some(TAP.to_string());
+        assert_eq!(
+            filters("eth0", "ingress"),
+            [(100, None), (0xC010, tap.clone())]
+        );
+        assert_eq!(
+            filters("lo", "egress"),
+            [(0xC010, tap.clone())],
+            "only 9200/tcp"
+        );
+        assert_eq!(
+            filters("ovbr-4242", "ingress"),
+            [(0xC000, None), (0xC010, tap.clone()), (0xC011, tap.clone())],
+            "the subnet passes first, then replies from 80/tcp and 53/udp"
+        );
+        let err = std::net::TcpListener::bind("0.0.0.0:9200").expect_err("9200 is held");
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        let status = hooks.status().await;
+        assert_eq!(status.hooks, 5);
+        let refused: Vec<&str> = status
+            .ports
+            .iter()
+            .filter_map(|p| p.error.as_deref())
+            .collect();
+        assert_eq!(refused.len(), 1, "{:?}", status.ports);
+        assert!(
+            refused[0].starts_with(
+                "port 9300/udp on node me (198.18.60.1) cannot be held for service search"
+            ),
+            "{}",
+            refused[0]
+        );
+
+        // The TAP made again: the hooks that pointed at the old one follow the new one.
+        sh(&format!("ip link del {TAP}"));
+        sh(&format!("ip tuntap add {TAP} mode tap"));
+        drop(taken);
+        hooks.apply(&plan, &node).await;
+        assert_eq!(
+            filters("lo", "egress"),
+            [(0xC010, tap.clone()), (0xC011, tap.clone())],
+            "9300/udp too, now that it is free"
+        );
+        assert_eq!(hooks.status().await.hooks, 7);
+        assert!(std::net::UdpSocket::bind("0.0.0.0:9300").is_err());
+
+        hooks.apply(&Plan::default(), &node).await;
+        assert_eq!(filters("lo", "egress"), []);
+        assert_eq!(filters("eth0", "ingress"), [(100, None)]);
+        assert_eq!(filters("ovbr-4242", "ingress"), []);
+        assert!(!has_clsact("lo") && !has_clsact("ovbr-4242"), "ours go");
+        assert!(has_clsact("eth0"), "someone else's stays");
+        std::net::TcpListener::bind("0.0.0.0:9200").expect("9200 freed");
+        assert!(hooks.status().await.ports.is_empty());
+
+        hooks.apply(&plan, &node).await;
+        assert_eq!(hooks.status().await.hooks, 7);
+        hooks.stop().await;
+        hooks.apply(&plan, &node).await;
+        assert_eq!(filters("lo", "egress"), [], "nothing comes back after stop");
+        assert_eq!(filters("eth0", "ingress"), [(100, None)]);
+        assert_eq!(filters("ovbr-4242", "ingress"), []);
+        std::net::UdpSocket::bind("0.0.0.0:9300").expect("9300 freed");
+    }
 }
