@@ -264,25 +264,27 @@ pub fn plan(view: &View, host: &Host) -> Plan {
                     plan.ports.insert(reservation, claim);
                 }
             }
-            if local_task {
-                let bridge = net.bridge_name();
-                plan.replies.insert(Hook {
-                    dev: bridge.clone(),
-                    direction: Direction::Ingress,
-                    action: Action::Pass,
-                    dst: Some(net.subnet),
-                    protocol: None,
-                    port: None,
-                });
-                plan.replies.insert(Hook {
-                    dev: bridge,
-                    direction: Direction::Ingress,
-                    action: Action::Steer { tap: tap.clone() },
-                    dst: None,
-                    protocol: Some(publish.protocol),
-                    port: Some(Port::Src(publish.target)),
-                });
-            }
+        }
+        // Every publish of a service with a task here, whether it applies here or not: a port
+        // bound to another node's address sends that node's connections to tasks here too.
+        for publish in service.publish.iter().filter(|_| local_task) {
+            let bridge = net.bridge_name();
+            plan.replies.insert(Hook {
+                dev: bridge.clone(),
+                direction: Direction::Ingress,
+                action: Action::Pass,
+                dst: Some(net.subnet),
+                protocol: None,
+                port: None,
+            });
+            plan.replies.insert(Hook {
+                dev: bridge,
+                direction: Direction::Ingress,
+                action: Action::Steer { tap: tap.clone() },
+                dst: None,
+                protocol: Some(publish.protocol),
+                port: Some(Port::Src(publish.target)),
+            });
         }
     }
     plan
@@ -508,6 +510,11 @@ pub(crate) mod tests {
             plan_on(&v, &[], &["b"]).ports.len(),
             0,
             "not this node's address: nothing"
+        );
+        assert_eq!(
+            plan_on(&v, &[], &["b"]).replies.len(),
+            2,
+            "a task here answers the node holding the address through the mesh"
         );
         let p = plan_on(&v, &[(addr, "eth1")], &["b"]);
         let held = Reservation {

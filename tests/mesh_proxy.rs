@@ -1,7 +1,7 @@
 //! A published port with `proxy=v2`: every node's proxy sends the task a PROXY protocol v2
 //! header carrying the client's own address and port, for a task on the node the client hit
-//! and on another node; a port with no task resets at once; `--publish-rm` closes the port on
-//! every node. The tasks run a PROXY-aware server that answers what the header said.
+//! and on another node, also through a port bound to one node's address; a port with no task
+//! resets at once; `--publish-rm` closes the port on every node. The tasks run a PROXY-aware server that answers what the header said.
 //! Needs root (CI runs as root).
 
 mod netns;
@@ -104,18 +104,18 @@ fn ask(c: &Cluster, netns: &str, addr: &str, port: u16, times: usize) -> Vec<Str
     out.lines().map(String::from).collect()
 }
 
-/// Each of `REQUESTS` connections from `netns` to `addr:9300` reaches a task that read a
+/// Each of `REQUESTS` connections from `netns` to `addr:port` reaches a task that read a
 /// header naming the client's own address and port and `addr:9300`, then the client's bytes;
 /// every task answers. Returns the answers.
-fn all_tasks_read_the_client(c: &Cluster, netns: &str, addr: &str) -> BTreeSet<Answer> {
-    let answers: Vec<Answer> = ask(c, netns, addr, 9300, REQUESTS)
+fn all_tasks_read_the_client(c: &Cluster, netns: &str, addr: &str, port: u16) -> BTreeSet<Answer> {
+    let answers: Vec<Answer> = ask(c, netns, addr, port, REQUESTS)
         .iter()
         .map(|l| parse(l))
         .collect();
     for (task, source, destination, data, me) in &answers {
         assert_eq!(
             (source, destination.as_str(), data.as_str()),
-            (me, format!("{addr}:9300").as_str(), "hello"),
+            (me, format!("{addr}:{port}").as_str(), "hello"),
             "task {task:?} read the client's own address and port, then its bytes: {answers:?}"
         );
     }
@@ -172,7 +172,7 @@ fn tasks_on_every_node_read_the_clients_own_address_in_a_proxy_v2_header() {
     let client_addr = "198.18.0.200";
     let client = c.host("client", client_addr);
     for n in 1..=NODES {
-        let answers = all_tasks_read_the_client(&c, &client, &node_addr(n));
+        let answers = all_tasks_read_the_client(&c, &client, &node_addr(n), 9300);
         assert!(answers.iter().all(|a| a.4.starts_with(client_addr)));
         println!("through node {n}: {answers:?}");
         // No tc hook steers the port: the proxy, not the packet mesh, answers it.
@@ -193,7 +193,7 @@ fn tasks_on_every_node_read_the_clients_own_address_in_a_proxy_v2_header() {
     }
     // The node itself is a client too.
     for n in 1..=NODES {
-        let answers = all_tasks_read_the_client(&c, &c.node(n).netns, &node_addr(n));
+        let answers = all_tasks_read_the_client(&c, &c.node(n).netns, &node_addr(n), 9300);
         assert!(answers.iter().all(|a| a.4.starts_with(&node_addr(n))));
     }
 
@@ -218,9 +218,17 @@ fn tasks_on_every_node_read_the_clients_own_address_in_a_proxy_v2_header() {
         assert!(status["no_task"].as_u64() >= Some(1), "node {n}: {status}");
     }
 
-    // Unpublished: the listener goes on every node, and the port is closed.
-    c.node(2)
-        .cli_ok(&["service", "update", "api", "--publish-rm", "9300"]);
+    // 9300 moves to node 1's address: it closes on every node, and only node 1 listens on the
+    // new port and reaches the task on node 2 too, which no other publish answers through.
+    c.node(2).cli_ok(&[
+        "service",
+        "update",
+        "api",
+        "--publish-rm",
+        "9300",
+        "--publish-add",
+        &format!("{}:9302:80,proxy=v2", node_addr(1)),
+    ]);
     for n in 1..=NODES {
         let mut lines = Vec::new();
         let closed = wait_until(PING_WAIT, || {
@@ -234,4 +242,20 @@ fn tasks_on_every_node_read_the_clients_own_address_in_a_proxy_v2_header() {
         let listening = c.exec_ok(&c.node(n).netns, &["ss", "-Htln", "sport = :9300"]);
         assert!(listening.trim().is_empty(), "node {n}: {listening}");
     }
+    let mut lines = Vec::new();
+    let open = wait_until(PING_WAIT, || {
+        lines = ask(&c, &client, &node_addr(1), 9302, 1);
+        lines.len() == 1 && lines[0].starts_with('t')
+    });
+    assert!(open, "node 1 answers on its address: {lines:?}");
+    // Node 2 holds no port now, yet its task's replies to node 1 go back through the mesh.
+    let mut mesh = serde_json::Value::Null;
+    let replies = wait_until(PING_WAIT, || {
+        mesh = c.node(2).json(&["status"])["mesh"].clone();
+        let ports = mesh["ports"].as_array().cloned().unwrap_or_default();
+        mesh["hooks"] == 2 && ports.iter().all(|p| p["service"] != "api")
+    });
+    assert!(replies, "node 2 keeps the reply hooks only: {mesh}");
+    all_tasks_read_the_client(&c, &client, &node_addr(1), 9302);
+    assert_eq!(ask(&c, &client, &node_addr(2), 9302, 1), ["refused"]);
 }

@@ -50,6 +50,8 @@ struct Shared {
     /// This node's underlay address: the source of the connections to tasks, and where a
     /// `mode=host` port's tasks must run.
     node: Ipv4Addr,
+    /// Connections relayed at once at most, and the slots left.
+    limit: usize,
     slots: Arc<Semaphore>,
     counters: Counters,
 }
@@ -77,6 +79,7 @@ impl Proxy {
         Proxy(Arc::new(Shared {
             balancer,
             node,
+            limit: MAX_CONNECTIONS,
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             counters: Counters::default(),
         }))
@@ -97,7 +100,7 @@ impl Proxy {
         let c = &self.0.counters;
         api::MeshProxy {
             connections: c.connections.load(Ordering::Relaxed),
-            active: (MAX_CONNECTIONS - self.0.slots.available_permits()) as u64,
+            active: (self.0.limit - self.0.slots.available_permits()) as u64,
             refused: c.refused.load(Ordering::Relaxed),
             no_task: c.no_task.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
@@ -303,5 +306,49 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(proxy.status().active, 0);
+    }
+
+    #[tokio::test]
+    async fn a_client_over_the_limit_is_reset_and_counted() {
+        // A task that takes connections and never answers.
+        let task = TcpListener::bind((TASK, 0)).await.unwrap();
+        let target = task.local_addr().unwrap().port();
+        let _silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = task.accept().await {
+                held.push(stream);
+            }
+        });
+        let balancer = Arc::new(Balancer::new(64, Default::default(), |_| [0; 6], NODE).unwrap());
+        let published = free_port();
+        balancer.publish(table(published, target, Health::Healthy), Instant::now());
+        let proxy = Proxy(Arc::new(Shared {
+            balancer,
+            node: NODE,
+            limit: 1,
+            slots: Arc::new(Semaphore::new(1)),
+            counters: Counters::default(),
+        }));
+        let at = SocketAddrV4::new(NODE, published);
+        let _listener = proxy.listen(at).unwrap();
+        let _first = TcpStream::connect(at).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while proxy.0.slots.available_permits() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the first connection is never relayed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_, answer) = ask(at).await;
+        assert_eq!(
+            answer.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset)
+        );
+        let status = proxy.status();
+        assert_eq!(
+            (status.connections, status.refused, status.active),
+            (1, 1, 1)
+        );
     }
 }
