@@ -92,7 +92,13 @@ impl Hook {
         }
         match self.port {
             Some(Port::Dst(p)) => matches(&["ip", "dport", &p.to_string(), "0xffff"]),
-            Some(Port::Src(p)) => matches(&["ip", "sport", &p.to_string(), "0xffff"]),
+            Some(Port::Src(p)) => {
+                matches(&["ip", "sport", &p.to_string(), "0xffff"]);
+                // Only what a container sent (its MAC starts 02:42; the source MAC sits 8 bytes
+                // before the IP header): a frame overlayd hands back to the node's stack
+                // carries the container's proxy MAC (06:42) and is not steered again.
+                matches(&["u16", "0x0242", "0xffff", "at", "-8"]);
+            }
             None => {}
         }
         match &self.action {
@@ -428,7 +434,7 @@ pub(crate) mod tests {
             replies,
             [
                 "ovbr-100 ingress: protocol ip u32 match ip dst 198.19.1.0/24 classid 1:1",
-                "ovbr-100 ingress: protocol ip u32 match ip protocol 6 0xff match ip sport 80 0xffff action mirred egress redirect dev ovtap-100",
+                "ovbr-100 ingress: protocol ip u32 match ip protocol 6 0xff match ip sport 80 0xffff match u16 0x0242 0xffff at -8 action mirred egress redirect dev ovtap-100",
             ],
             "the subnet passes, ordered before the steering"
         );
@@ -530,10 +536,10 @@ pub(crate) mod tests {
             replies,
             [
                 "ovbr-100 ingress: protocol ip u32 match ip dst 198.19.1.0/24 classid 1:1",
-                "ovbr-100 ingress: protocol ip u32 match ip protocol 6 0xff match ip sport 80 0xffff action mirred egress redirect dev ovtap-100",
-                "ovbr-100 ingress: protocol ip u32 match ip protocol 17 0xff match ip sport 80 0xffff action mirred egress redirect dev ovtap-100",
+                "ovbr-100 ingress: protocol ip u32 match ip protocol 6 0xff match ip sport 80 0xffff match u16 0x0242 0xffff at -8 action mirred egress redirect dev ovtap-100",
+                "ovbr-100 ingress: protocol ip u32 match ip protocol 17 0xff match ip sport 80 0xffff match u16 0x0242 0xffff at -8 action mirred egress redirect dev ovtap-100",
                 "ovbr-200 ingress: protocol ip u32 match ip dst 198.19.2.0/24 classid 1:1",
-                "ovbr-200 ingress: protocol ip u32 match ip protocol 6 0xff match ip sport 80 0xffff action mirred egress redirect dev ovtap-200",
+                "ovbr-200 ingress: protocol ip u32 match ip protocol 6 0xff match ip sport 80 0xffff match u16 0x0242 0xffff at -8 action mirred egress redirect dev ovtap-200",
             ]
         );
         assert!(p.conflicts.is_empty());

@@ -88,8 +88,21 @@ fn mesh_cluster(name: &str) -> (Cluster, Vec<Bg>) {
         })),
         "every node lists 3 healthy tasks"
     );
-    // The balancers take the view at their node's next reconcile round.
-    std::thread::sleep(Duration::from_millis(600));
+    // The balancers take the view at their node's next reconcile round: wait until each
+    // node's own port has reached every task.
+    for n in 1..=3 {
+        let node = &c.node(n).netns;
+        let mut seen = BTreeSet::new();
+        let all = wait_until(Duration::from_secs(20), || {
+            let out = c.exec(
+                node,
+                &["curl", "-sS", "--max-time", "2", "http://localhost:9200/"],
+            );
+            seen.insert(parse(&String::from_utf8_lossy(&out.stdout)).0);
+            ["t1", "t2", "t3"].iter().all(|t| seen.contains(*t))
+        });
+        assert!(all, "node {n}'s port reached only {seen:?}");
+    }
     (c, servers)
 }
 
@@ -161,3 +174,52 @@ fn each_node_reaches_every_task_through_its_own_localhost_and_address() {
         all_tasks_saw(&answers, &node_addr(n));
     }
 }
+
+/// A container's own connection to the outside from a port that is a published target port
+/// (here 80) is not taken for a reply of the mesh: it leaves through the node like any other.
+#[test]
+fn a_containers_own_connection_from_a_published_target_port_still_leaves_the_node() {
+    let (c, _servers) = mesh_cluster("meshown");
+    let outside = c.host("outside", "198.18.0.201");
+    let _echo = c.spawn(&outside, &["python3", "-c", ECHO, "7000"]);
+    let plain = c.container(1, "plain");
+    c.attach(1, &plain, "app", &[]);
+    let said = c.exec_ok(
+        &plain,
+        &["python3", "-c", FROM_PORT_80, "198.18.0.201", "7000"],
+    );
+    let port: u16 = said
+        .trim()
+        .strip_prefix("hello from ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("the outside host's answer: {said:?}"));
+    assert!(
+        (61_000..=65_535).contains(&port),
+        "masqueraded to an egress port, not {port}"
+    );
+}
+
+/// Answers each connection on port `argv[1]` with its first bytes and the peer's port.
+const ECHO: &str = r#"
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(8)
+while True:
+    c, peer = s.accept()
+    c.sendall(c.recv(64) + b" from %d" % peer[1])
+    c.close()
+"#;
+
+/// Connects from port 80 to `argv[1]:argv[2]` (retrying while the network settles), says
+/// hello and prints the answer.
+const FROM_PORT_80: &str = r#"
+import socket, sys, time
+for attempt in range(20):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 80)); s.settimeout(2)
+    try:
+        s.connect((sys.argv[1], int(sys.argv[2]))); s.sendall(b"hello")
+        print(s.recv(64).decode()); break
+    except OSError:
+        s.close(); time.sleep(0.5)
+"#;

@@ -178,8 +178,18 @@ pub fn from_tap(
     // A container's frame to the gateway reaches the TAP only when a published port's hook
     // steered it here: the reply of a connection that came from some node's own stack.
     if dst == net.gateway_mac() {
-        let verdict = stage.rewrite(frame, checksum, Origin::Overlay, now, reply);
-        return after_stage(verdict, frame, net, Forward::Drop(DropReason::Service));
+        return match stage.rewrite(frame, checksum, Origin::Overlay, now, reply) {
+            // Not such a reply (a container's own connection from a published target port):
+            // to the node's stack, as the bridge would have taken it, from the container's
+            // proxy MAC, which the hook does not steer back.
+            Verdict::Pass => {
+                if let Ok(mut eth) = Frame::new_checked(&mut *frame) {
+                    eth.set_src(proxy_mac(src));
+                }
+                Forward::Local
+            }
+            verdict => after_stage(verdict, frame, net, Forward::Drop(DropReason::Service)),
+        };
     }
     match net.location(dst) {
         Some(location @ (Location::Local | Location::Service)) => {
@@ -1074,11 +1084,12 @@ mod tests {
             tap_with(&stage, &task_to_gateway).0,
             Forward::Drop(DropReason::Service)
         );
+        // Not a reply of the mesh: the node's stack takes it, from the proxy MAC.
         let stage = Scripted::new(Verdict::Pass);
-        assert_eq!(
-            tap_with(&stage, &task_to_gateway).0,
-            Forward::Drop(DropReason::Service)
-        );
+        let (fwd, out) = tap_with(&stage, &task_to_gateway);
+        assert_eq!(fwd, Forward::Local);
+        let eth = Frame::new_checked(&out[..]).unwrap();
+        assert_eq!((eth.dst(), eth.src()), (GATEWAY_MAC, proxy_mac(mac(5))));
     }
 
     fn vtep_with(
