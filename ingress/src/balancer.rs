@@ -40,7 +40,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use packet::checksum::Mode;
 
-use crate::conntrack::{self, Direction, Entry, Nat, Via};
+use crate::conntrack::{self, Direction, Entry, Nat, State, Via};
 use crate::flow::Tuple;
 use crate::service::Table;
 use crate::{Protocol, nat, reject};
@@ -328,6 +328,13 @@ impl Balancer {
             let Some(table) = table.as_mut() else {
                 continue;
             };
+            if table
+                .get(&packet.tuple)
+                .is_some_and(|(direction, entry)| reopens_mesh_flow(direction, entry, packet))
+            {
+                table.forget(&packet.tuple);
+                return None;
+            }
             match table.track(packet.now, &packet.tuple, packet.flags) {
                 Some((Direction::Original, entry))
                     if entry.is_backend_gone() && packet.tuple.proto == Protocol::Udp =>
@@ -473,6 +480,21 @@ impl Balancer {
     }
 }
 
+/// Whether `packet` is a client's new connection (a SYN) on the tuple of a finished connection
+/// to a published port. Its entry names the node, or the MACs, the old connection came
+/// through, and the new one may come through another: a client reusing its port towards two
+/// nodes that chose the same task gives that task the same tuple twice. So it is balanced
+/// afresh; conntrack would reopen the entry with its old NAT (right for a VIP's flows, whose
+/// NAT does not depend on the way in), and the task's answers would go back to the wrong node.
+fn reopens_mesh_flow(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
+    use conntrack::tcp_flags::{ACK, SYN};
+    direction == Direction::Original
+        && packet.tuple.proto == Protocol::Tcp
+        && packet.flags & (SYN | ACK) == SYN
+        && matches!(entry.state(), State::TcpTimeWait | State::TcpClose)
+        && matches!(entry.nat().via, Via::Host { .. } | Via::Node(_))
+}
+
 /// The shard's table. A worker that panicked while holding it left it consistent (every
 /// change is made in one call that does not unwind halfway), so it is used as it is.
 fn lock(shard: &Mutex<Option<conntrack::Table>>) -> MutexGuard<'_, Option<conntrack::Table>> {
@@ -610,6 +632,36 @@ mod tests {
         );
         assert_eq!(answer, before);
         assert_eq!(b.flows(), (1, 0));
+    }
+
+    #[test]
+    fn a_client_port_reused_through_another_node_after_its_connection_ended_answers_there() {
+        let b = balancer(&[7]);
+        let (first, second) = (Ipv4Addr::new(198, 18, 0, 3), Ipv4Addr::new(198, 18, 0, 4));
+        let task = at(ip(7), 80);
+        let syn = frame((CLIENT_MAC, mac_of(ip(7))), CLIENT, task, Some(true));
+        let answer = frame((mac_of(ip(7)), [0; 6]), task, CLIENT, Some(false));
+        assert_eq!(
+            run_from(&b, Origin::Node(first), &mut syn.clone()),
+            Verdict::Pass
+        );
+        assert_eq!(
+            run_from(&b, Origin::Overlay, &mut answer.clone()),
+            Verdict::Return(first)
+        );
+        // The client resets the connection (RST|ACK), then reuses its port through `second`.
+        let mut rst = frame((CLIENT_MAC, mac_of(ip(7))), CLIENT, task, Some(false));
+        rst[14 + 20 + 13] = 0x14;
+        assert_eq!(run_from(&b, Origin::Node(first), &mut rst), Verdict::Pass);
+        assert_eq!(
+            run_from(&b, Origin::Node(second), &mut syn.clone()),
+            Verdict::Pass
+        );
+        assert_eq!(
+            run_from(&b, Origin::Overlay, &mut answer.clone()),
+            Verdict::Return(second)
+        );
+        assert_eq!(b.flows(), (1, 0), "the old flow's entry was replaced");
     }
 
     #[test]
