@@ -18,6 +18,8 @@
 //! Every wait is bounded: CLI calls time out after [`CLI_TIMEOUT`], polls take a deadline.
 #![allow(dead_code)]
 
+pub mod mesh;
+
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -246,6 +248,8 @@ pub struct Node {
     pub state_dir: PathBuf,
     pub api: PathBuf,
     pub log: PathBuf,
+    /// Added to every daemon command line of this node (see [`Cluster::with_daemon_args`]).
+    daemon_extra: Vec<String>,
     daemon: Mutex<Option<Child>>,
 }
 
@@ -342,12 +346,39 @@ impl Node {
         }
     }
 
+    /// Stops the daemon the way `systemctl stop` does (SIGTERM) and waits for it to exit, at
+    /// most [`CLI_TIMEOUT`]; returns its exit status, or panics if it did not exit.
+    pub fn stop_daemon(&self) -> std::process::ExitStatus {
+        let mut child = lock(&self.daemon)
+            .take()
+            .unwrap_or_else(|| panic!("node {}: no daemon to stop", self.index));
+        let pid = child.id().to_string();
+        let out = run(Command::new("kill").args(["-TERM", &pid]), CLI_TIMEOUT);
+        assert!(out.status.success(), "kill -TERM {pid}: {}", show(&out));
+        let deadline = Instant::now() + CLI_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "node {}: overlayd did not exit within {CLI_TIMEOUT:?} of SIGTERM",
+                        self.index
+                    );
+                }
+            }
+        }
+    }
+
     /// Starts the daemon with `args` (`init ...`/`join ...`), output appended to the node's log.
     /// When the run forces offloads off ([`offloads_forced_off`]), `--no-offloads` is added.
     pub fn start_daemon(&self, mut args: Vec<String>) {
         if offloads_forced_off() && !args.iter().any(|a| a == "--no-offloads") {
             args.push("--no-offloads".to_owned());
         }
+        args.extend(self.daemon_extra.iter().cloned());
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -483,6 +514,7 @@ impl Cluster {
                 state_dir: dir.join(format!("n{i}-state")),
                 api: dir.join(format!("n{i}.sock")),
                 log: dir.join(format!("n{i}.log")),
+                daemon_extra: Vec::new(),
                 daemon: Mutex::new(None),
             })
             .collect();
@@ -508,7 +540,16 @@ impl Cluster {
     /// Builds `n` nodes, starts `init` on node 1 and `join` on the others, and waits until every
     /// node lists every node as ready.
     pub fn new(name: &str, n: usize) -> Self {
-        let c = Self::bare(name, n);
+        Self::with_daemon_args(name, n, &[])
+    }
+
+    /// Like [`Cluster::new`], with `extra` added to every daemon's command line (also after a
+    /// restart): a data-path setting such as `--conntrack-tcp-idle 3`.
+    pub fn with_daemon_args(name: &str, n: usize, extra: &[&str]) -> Self {
+        let mut c = Self::bare(name, n);
+        for node in &mut c.nodes {
+            node.daemon_extra = strings(extra);
+        }
         let first = &c.nodes[0];
         first.start_daemon(first.daemon_args(&["init", "--advertise-addr", &first.addr]));
         let token = c.token();
@@ -960,6 +1001,16 @@ pub fn token_in(text: &str) -> Option<String> {
 
 fn strings(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// The resident memory of process `pid` in kB (`VmRSS` of /proc/PID/status), 0 if unknown.
+pub fn vm_rss_kb(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Runs `ip ARGS` in the root namespace; panics unless it succeeds.
