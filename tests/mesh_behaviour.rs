@@ -669,6 +669,10 @@ fn hostile_traffic_leaves_the_daemon_up_bounded_and_serving() {
         flooded < 100,
         "{flooded} hostile frames flooded into the overlay"
     );
+    assert!(
+        n(&balancer_after, "dropped") > n(&balancer_before, "dropped"),
+        "broken packets are counted where they are dropped"
+    );
     // The tables are allocated whole (~25 MB for all shards); nothing else grows per flow.
     assert!(
         rss_after < rss_before + 64 * 1024,

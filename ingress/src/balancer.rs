@@ -199,8 +199,17 @@ impl Balancer {
                 Origin::Node(_) => self.count_drop(),
             };
         }
-        let Ok(tuple) = nat::flow(frame) else {
-            return Verdict::Pass;
+        let tuple = match nat::flow(frame) {
+            Ok(tuple) => tuple,
+            Err(nat::Unsupported::NotIpv4 | nat::Unsupported::Protocol(_)) => {
+                return Verdict::Pass;
+            }
+            // From the node's stack, a TCP or UDP packet too broken to take (a truncated
+            // header, a fragment) is what a mesh hook steered here from anyone who can reach a
+            // published port. Passed on, the switch would flood it to every node and
+            // container of the network as unknown unicast.
+            Err(_) if origin == Origin::Host => return self.count_drop(),
+            Err(_) => return Verdict::Pass,
         };
         let packet = Packet {
             tuple,
@@ -662,6 +671,26 @@ mod tests {
             Verdict::Return(second)
         );
         assert_eq!(b.flows(), (1, 0), "the old flow's entry was replaced");
+    }
+
+    #[test]
+    fn a_broken_packet_from_the_host_is_dropped_and_anything_not_tcp_or_udp_passes() {
+        let b = balancer(&[7]);
+        let syn = frame((CLIENT_MAC, NODE_MAC), CLIENT, at(NODE, 9200), Some(true));
+        // Cut inside the TCP header, and a later fragment (offset 8 bytes).
+        let mut cut = syn[..14 + 20 + 8].to_vec();
+        let mut fragment = syn.clone();
+        fragment[14 + 7] = 1;
+        for broken in [&mut cut, &mut fragment] {
+            assert_eq!(run_from(&b, Origin::Host, broken), Verdict::Drop);
+        }
+        assert_eq!(b.stats.dropped.load(Ordering::Relaxed), 2);
+        let mut icmp = syn.clone();
+        icmp[14 + 9] = 1;
+        assert_eq!(run_from(&b, Origin::Host, &mut icmp), Verdict::Pass);
+        let mut arp = syn;
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(run_from(&b, Origin::Host, &mut arp), Verdict::Pass);
     }
 
     #[test]

@@ -194,8 +194,7 @@ pub fn from_tap(
         None => {
             // Neither an endpoint nor the bridge sent this: the node's stack may have steered
             // it here, a connection to a published port.
-            let from_host = src != net.gateway_mac() && net.location(src).is_none();
-            if from_host {
+            if src != net.gateway_mac() && net.location(src).is_none() {
                 match stage.rewrite(frame, checksum, Origin::Host, now, reply) {
                     Verdict::Pass => {}
                     Verdict::Rewritten => {
@@ -214,11 +213,6 @@ pub fn from_tap(
                 .and_then(|ip| net.peer(ip))
             {
                 Some((vtep, _)) => Forward::Remote(vtep),
-                // What a mesh hook steers here and the stage cannot use (a truncated header, a
-                // fragment, a port just unpublished) would otherwise be flooded to every node
-                // and container of the network: anyone who can reach a published port could
-                // spray the overlay.
-                None if from_host => Forward::Drop(DropReason::Service),
                 None => flood(net),
             }
         }
@@ -1052,11 +1046,7 @@ mod tests {
         );
         let stage = Scripted::new(Verdict::Pass);
         let (fwd, _) = tap_with(&stage, &frame(NODE_MAC, CLIENT_MAC, ethertype::IPV4));
-        assert_eq!(
-            fwd,
-            Forward::Drop(DropReason::Service),
-            "what the stage cannot use is not flooded into the overlay"
-        );
+        assert_eq!(fwd, Forward::Flood, "not a published port: unknown unicast");
     }
 
     #[test]
