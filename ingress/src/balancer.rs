@@ -339,7 +339,7 @@ impl Balancer {
             };
             if table
                 .get(&packet.tuple)
-                .is_some_and(|(direction, entry)| reopens_mesh_flow(direction, entry, packet))
+                .is_some_and(|(direction, entry)| rebalances(direction, entry, packet))
             {
                 table.forget(&packet.tuple);
                 return None;
@@ -489,18 +489,24 @@ impl Balancer {
     }
 }
 
-/// Whether `packet` is a client's new connection (a SYN) on the tuple of a finished connection
-/// to a published port. Its entry names the node, or the MACs, the old connection came
-/// through, and the new one may come through another: a client reusing its port towards two
-/// nodes that chose the same task gives that task the same tuple twice. So it is balanced
-/// afresh; conntrack would reopen the entry with its old NAT (right for a VIP's flows, whose
-/// NAT does not depend on the way in), and the task's answers would go back to the wrong node.
-fn reopens_mesh_flow(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
+/// Whether `packet` is a client's SYN on the tuple of a published port's flow that has no
+/// connection to keep: one that never got an answer (its task may have died since: a client
+/// reusing the port of a connection that timed out would keep knocking on the dead task), one
+/// whose task went away, or one that ended. Such a SYN is balanced afresh, with the task, node
+/// and MACs of the new connection: a client reusing its port towards two nodes that chose the
+/// same task gives that task the same tuple twice, and the old entry would send the task's
+/// answers back to the old node. (conntrack reopens a finished entry with its old NAT, which
+/// is right for a VIP's flows, whose NAT does not depend on the way in.) A retransmitted SYN of
+/// a live flow is balanced to the same task again.
+fn rebalances(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
     use conntrack::tcp_flags::{ACK, SYN};
     direction == Direction::Original
         && packet.tuple.proto == Protocol::Tcp
         && packet.flags & (SYN | ACK) == SYN
-        && matches!(entry.state(), State::TcpTimeWait | State::TcpClose)
+        && matches!(
+            entry.state(),
+            State::TcpSynSent | State::TcpTimeWait | State::TcpClose | State::BackendGone
+        )
         && matches!(entry.nat().via, Via::Host { .. } | Via::Node(_))
 }
 
@@ -671,6 +677,20 @@ mod tests {
             Verdict::Return(second)
         );
         assert_eq!(b.flows(), (1, 0), "the old flow's entry was replaced");
+    }
+
+    #[test]
+    fn a_syn_on_a_flow_whose_task_went_away_goes_to_a_live_task() {
+        let b = balancer(&[7, 8]);
+        let syn = frame((CLIENT_MAC, NODE_MAC), CLIENT, at(NODE, 9200), Some(true));
+        let mut first = syn.clone();
+        assert_eq!(run_from(&b, Origin::Host, &mut first), Verdict::Rewritten);
+        let other = if *seen(&first).3.ip() == ip(7) { 8 } else { 7 };
+        b.publish(table(&[other]), Instant::now());
+        // The client gave up and reuses its port: not reset, not sent to the gone task.
+        let mut again = syn;
+        assert_eq!(run_from(&b, Origin::Host, &mut again), Verdict::Rewritten);
+        assert_eq!(seen(&again).3, at(ip(other), 80));
     }
 
     #[test]
