@@ -253,8 +253,12 @@ pub fn plan(view: &View, host: &Host) -> Plan {
                     plan.ports.insert(reservation, claim);
                 }
             }
-            if local_task {
-                let bridge = net.bridge_name();
+        }
+        // A local task answers every publish of its service, also one whose address another
+        // node holds: that node sent it the connection and waits for the answers.
+        if local_task {
+            let bridge = net.bridge_name();
+            for publish in &service.publish {
                 plan.replies.insert(Hook {
                     dev: bridge.clone(),
                     direction: Direction::Ingress,
@@ -264,7 +268,7 @@ pub fn plan(view: &View, host: &Host) -> Plan {
                     port: None,
                 });
                 plan.replies.insert(Hook {
-                    dev: bridge,
+                    dev: bridge.clone(),
                     direction: Direction::Ingress,
                     action: Action::Steer { tap: tap.clone() },
                     dst: None,
@@ -469,10 +473,12 @@ pub(crate) mod tests {
         let mut bound = publish(53, 5353, PublishProtocol::Udp);
         bound.addr = Some(addr);
         let v = view(vec![("dns", "b", vec![bound], vec!["me"])]);
+        let elsewhere = plan_on(&v, &[], &["b"]);
+        assert_eq!(elsewhere.ports.len(), 0, "not this node's address: no port");
         assert_eq!(
-            plan_on(&v, &[], &["b"]).ports.len(),
-            0,
-            "not this node's address: nothing"
+            elsewhere.replies.len(),
+            2,
+            "the node holding it sends the task here connections: its answers go back"
         );
         let p = plan_on(&v, &[(addr, "eth1")], &["b"]);
         let held = Reservation {

@@ -40,7 +40,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use packet::checksum::Mode;
 
-use crate::conntrack::{self, Direction, Entry, Nat, Via};
+use crate::conntrack::{self, Direction, Entry, Nat, State, Via};
 use crate::flow::Tuple;
 use crate::service::Table;
 use crate::{Protocol, nat, reject};
@@ -199,8 +199,17 @@ impl Balancer {
                 Origin::Node(_) => self.count_drop(),
             };
         }
-        let Ok(tuple) = nat::flow(frame) else {
-            return Verdict::Pass;
+        let tuple = match nat::flow(frame) {
+            Ok(tuple) => tuple,
+            Err(nat::Unsupported::NotIpv4 | nat::Unsupported::Protocol(_)) => {
+                return Verdict::Pass;
+            }
+            // From the node's stack, a TCP or UDP packet too broken to take (a truncated
+            // header, a fragment) is what a mesh hook steered here from anyone who can reach a
+            // published port. Passed on, the switch would flood it to every node and
+            // container of the network as unknown unicast.
+            Err(_) if origin == Origin::Host => return self.count_drop(),
+            Err(_) => return Verdict::Pass,
         };
         let packet = Packet {
             tuple,
@@ -328,6 +337,13 @@ impl Balancer {
             let Some(table) = table.as_mut() else {
                 continue;
             };
+            if table
+                .get(&packet.tuple)
+                .is_some_and(|(direction, entry)| rebalances(direction, entry, packet))
+            {
+                table.forget(&packet.tuple);
+                return None;
+            }
             match table.track(packet.now, &packet.tuple, packet.flags) {
                 Some((Direction::Original, entry))
                     if entry.is_backend_gone() && packet.tuple.proto == Protocol::Udp =>
@@ -473,6 +489,27 @@ impl Balancer {
     }
 }
 
+/// Whether `packet` is a client's SYN on the tuple of a published port's flow that has no
+/// connection to keep: one that never got an answer (its task may have died since: a client
+/// reusing the port of a connection that timed out would keep knocking on the dead task), one
+/// whose task went away, or one that ended. Such a SYN is balanced afresh, with the task, node
+/// and MACs of the new connection: a client reusing its port towards two nodes that chose the
+/// same task gives that task the same tuple twice, and the old entry would send the task's
+/// answers back to the old node. (conntrack reopens a finished entry with its old NAT, which
+/// is right for a VIP's flows, whose NAT does not depend on the way in.) A retransmitted SYN of
+/// a live flow is balanced to the same task again.
+fn rebalances(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
+    use conntrack::tcp_flags::{ACK, SYN};
+    direction == Direction::Original
+        && packet.tuple.proto == Protocol::Tcp
+        && packet.flags & (SYN | ACK) == SYN
+        && matches!(
+            entry.state(),
+            State::TcpSynSent | State::TcpTimeWait | State::TcpClose | State::BackendGone
+        )
+        && matches!(entry.nat().via, Via::Host { .. } | Via::Node(_))
+}
+
 /// The shard's table. A worker that panicked while holding it left it consistent (every
 /// change is made in one call that does not unwind halfway), so it is used as it is.
 fn lock(shard: &Mutex<Option<conntrack::Table>>) -> MutexGuard<'_, Option<conntrack::Table>> {
@@ -610,6 +647,70 @@ mod tests {
         );
         assert_eq!(answer, before);
         assert_eq!(b.flows(), (1, 0));
+    }
+
+    #[test]
+    fn a_client_port_reused_through_another_node_after_its_connection_ended_answers_there() {
+        let b = balancer(&[7]);
+        let (first, second) = (Ipv4Addr::new(198, 18, 0, 3), Ipv4Addr::new(198, 18, 0, 4));
+        let task = at(ip(7), 80);
+        let syn = frame((CLIENT_MAC, mac_of(ip(7))), CLIENT, task, Some(true));
+        let answer = frame((mac_of(ip(7)), [0; 6]), task, CLIENT, Some(false));
+        assert_eq!(
+            run_from(&b, Origin::Node(first), &mut syn.clone()),
+            Verdict::Pass
+        );
+        assert_eq!(
+            run_from(&b, Origin::Overlay, &mut answer.clone()),
+            Verdict::Return(first)
+        );
+        // The client resets the connection (RST|ACK), then reuses its port through `second`.
+        let mut rst = frame((CLIENT_MAC, mac_of(ip(7))), CLIENT, task, Some(false));
+        rst[14 + 20 + 13] = 0x14;
+        assert_eq!(run_from(&b, Origin::Node(first), &mut rst), Verdict::Pass);
+        assert_eq!(
+            run_from(&b, Origin::Node(second), &mut syn.clone()),
+            Verdict::Pass
+        );
+        assert_eq!(
+            run_from(&b, Origin::Overlay, &mut answer.clone()),
+            Verdict::Return(second)
+        );
+        assert_eq!(b.flows(), (1, 0), "the old flow's entry was replaced");
+    }
+
+    #[test]
+    fn a_syn_on_a_flow_whose_task_went_away_goes_to_a_live_task() {
+        let b = balancer(&[7, 8]);
+        let syn = frame((CLIENT_MAC, NODE_MAC), CLIENT, at(NODE, 9200), Some(true));
+        let mut first = syn.clone();
+        assert_eq!(run_from(&b, Origin::Host, &mut first), Verdict::Rewritten);
+        let other = if *seen(&first).3.ip() == ip(7) { 8 } else { 7 };
+        b.publish(table(&[other]), Instant::now());
+        // The client gave up and reuses its port: not reset, not sent to the gone task.
+        let mut again = syn;
+        assert_eq!(run_from(&b, Origin::Host, &mut again), Verdict::Rewritten);
+        assert_eq!(seen(&again).3, at(ip(other), 80));
+    }
+
+    #[test]
+    fn a_broken_packet_from_the_host_is_dropped_and_anything_not_tcp_or_udp_passes() {
+        let b = balancer(&[7]);
+        let syn = frame((CLIENT_MAC, NODE_MAC), CLIENT, at(NODE, 9200), Some(true));
+        // Cut inside the TCP header, and a later fragment (offset 8 bytes).
+        let mut cut = syn[..14 + 20 + 8].to_vec();
+        let mut fragment = syn.clone();
+        fragment[14 + 7] = 1;
+        for broken in [&mut cut, &mut fragment] {
+            assert_eq!(run_from(&b, Origin::Host, broken), Verdict::Drop);
+        }
+        assert_eq!(b.stats.dropped.load(Ordering::Relaxed), 2);
+        let mut icmp = syn.clone();
+        icmp[14 + 9] = 1;
+        assert_eq!(run_from(&b, Origin::Host, &mut icmp), Verdict::Pass);
+        let mut arp = syn;
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(run_from(&b, Origin::Host, &mut arp), Verdict::Pass);
     }
 
     #[test]
