@@ -120,6 +120,10 @@ pub struct DataPathArgs {
     /// Turn TAP and UDP offloads (TSO, GSO, GRO) off: the fallback for kernels that refuse them.
     #[arg(long, env = "OVERLAYD_NO_OFFLOADS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_offloads: bool,
+    /// Seconds an established TCP flow through a VIP or published port may stay idle before
+    /// its connection-table entry expires (default 5 days, like Linux). Keepalives count.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub conntrack_tcp_idle: Option<u64>,
 }
 
 #[derive(Subcommand)]

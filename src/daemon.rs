@@ -71,6 +71,8 @@ pub struct Config {
     pub api: PathBuf,
     pub workers: usize,
     pub offloads: bool,
+    /// How long an established TCP flow may idle in the balancer's table (default: Linux's).
+    pub tcp_idle: Option<Duration>,
 }
 
 /// How this node enters a cluster.
@@ -171,7 +173,7 @@ impl Daemon {
             })?;
             let vtep = SocketAddrV4::new(config.advertise, config.vxlan_port);
             let balancer = Arc::new(
-                services::balancer(config.advertise)
+                services::balancer(config.advertise, config.tcp_idle)
                     .map_err(|e| Failure::runtime(format!("sizing the connection table: {e}")))?,
             );
             let dataplane = overlay::DataPlane::start(overlay::Config {

@@ -161,6 +161,7 @@ fn config(api: PathBuf, args: DaemonArgs) -> daemon::Config {
     let DataPathArgs {
         workers,
         no_offloads,
+        conntrack_tcp_idle,
     } = args.data_path;
     daemon::Config {
         advertise: args.advertise_addr,
@@ -171,6 +172,7 @@ fn config(api: PathBuf, args: DaemonArgs) -> daemon::Config {
         workers: workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         offloads: !no_offloads,
+        tcp_idle: conntrack_tcp_idle.map(std::time::Duration::from_secs),
     }
 }
 

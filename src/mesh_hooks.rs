@@ -96,7 +96,13 @@ impl Hook {
         }
         match self.port {
             Some(Port::Dst(p)) => matches(&["ip", "dport", &p.to_string(), "0xffff"]),
-            Some(Port::Src(p)) => matches(&["ip", "sport", &p.to_string(), "0xffff"]),
+            Some(Port::Src(p)) => {
+                matches(&["ip", "sport", &p.to_string(), "0xffff"]);
+                // Only what a container sent (its MAC starts 02:42; the source MAC sits 8 bytes
+                // before the IP header): a frame overlayd hands back to the node's stack
+                // carries the container's proxy MAC (06:42) and is not steered again.
+                matches(&["u16", "0x0242", "0xffff", "at", "-8"]);
+            }
             None => {}
         }
         match &self.action {
@@ -265,26 +271,28 @@ pub fn plan(view: &View, host: &Host) -> Plan {
                 }
             }
         }
-        // Every publish of a service with a task here, whether it applies here or not: a port
-        // bound to another node's address sends that node's connections to tasks here too.
-        for publish in service.publish.iter().filter(|_| local_task) {
+        // A local task answers every publish of its service, also one whose address another
+        // node holds: that node sent it the connection and waits for the answers.
+        if local_task {
             let bridge = net.bridge_name();
-            plan.replies.insert(Hook {
-                dev: bridge.clone(),
-                direction: Direction::Ingress,
-                action: Action::Pass,
-                dst: Some(net.subnet),
-                protocol: None,
-                port: None,
-            });
-            plan.replies.insert(Hook {
-                dev: bridge,
-                direction: Direction::Ingress,
-                action: Action::Steer { tap: tap.clone() },
-                dst: None,
-                protocol: Some(publish.protocol),
-                port: Some(Port::Src(publish.target)),
-            });
+            for publish in &service.publish {
+                plan.replies.insert(Hook {
+                    dev: bridge.clone(),
+                    direction: Direction::Ingress,
+                    action: Action::Pass,
+                    dst: Some(net.subnet),
+                    protocol: None,
+                    port: None,
+                });
+                plan.replies.insert(Hook {
+                    dev: bridge.clone(),
+                    direction: Direction::Ingress,
+                    action: Action::Steer { tap: tap.clone() },
+                    dst: None,
+                    protocol: Some(publish.protocol),
+                    port: Some(Port::Src(publish.target)),
+                });
+            }
         }
     }
     plan
@@ -447,7 +455,7 @@ pub(crate) mod tests {
             replies,
             [
                 "ovbr-100 ingress: protocol ip u32 match ip dst 198.19.1.0/24 classid 1:1",
-                "ovbr-100 ingress: protocol ip u32 match ip protocol 6 0xff match ip sport 80 0xffff action mirred egress redirect dev ovtap-100",
+                "ovbr-100 ingress: protocol ip u32 match ip protocol 6 0xff match ip sport 80 0xffff match u16 0x0242 0xffff at -8 action mirred egress redirect dev ovtap-100",
             ],
             "the subnet passes, ordered before the steering"
         );
@@ -506,15 +514,12 @@ pub(crate) mod tests {
         let mut bound = publish(53, 5353, PublishProtocol::Udp);
         bound.addr = Some(addr);
         let v = view(vec![("dns", "b", vec![bound], vec!["me"])]);
+        let elsewhere = plan_on(&v, &[], &["b"]);
+        assert_eq!(elsewhere.ports.len(), 0, "not this node's address: no port");
         assert_eq!(
-            plan_on(&v, &[], &["b"]).ports.len(),
-            0,
-            "not this node's address: nothing"
-        );
-        assert_eq!(
-            plan_on(&v, &[], &["b"]).replies.len(),
+            elsewhere.replies.len(),
             2,
-            "a task here answers the node holding the address through the mesh"
+            "the node holding it sends the task here connections: its answers go back"
         );
         let p = plan_on(&v, &[(addr, "eth1")], &["b"]);
         let held = Reservation {
@@ -578,10 +583,10 @@ pub(crate) mod tests {
             replies,
             [
                 "ovbr-100 ingress: protocol ip u32 match ip dst 198.19.1.0/24 classid 1:1",
-                "ovbr-100 ingress: protocol ip u32 match ip protocol 6 0xff match ip sport 80 0xffff action mirred egress redirect dev ovtap-100",
-                "ovbr-100 ingress: protocol ip u32 match ip protocol 17 0xff match ip sport 80 0xffff action mirred egress redirect dev ovtap-100",
+                "ovbr-100 ingress: protocol ip u32 match ip protocol 6 0xff match ip sport 80 0xffff match u16 0x0242 0xffff at -8 action mirred egress redirect dev ovtap-100",
+                "ovbr-100 ingress: protocol ip u32 match ip protocol 17 0xff match ip sport 80 0xffff match u16 0x0242 0xffff at -8 action mirred egress redirect dev ovtap-100",
                 "ovbr-200 ingress: protocol ip u32 match ip dst 198.19.2.0/24 classid 1:1",
-                "ovbr-200 ingress: protocol ip u32 match ip protocol 6 0xff match ip sport 80 0xffff action mirred egress redirect dev ovtap-200",
+                "ovbr-200 ingress: protocol ip u32 match ip protocol 6 0xff match ip sport 80 0xffff match u16 0x0242 0xffff at -8 action mirred egress redirect dev ovtap-200",
             ]
         );
         assert!(p.conflicts.is_empty());

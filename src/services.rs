@@ -6,9 +6,10 @@
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ingress::balancer::{Balancer, Origin, Verdict};
+use ingress::conntrack::Timeouts;
 use ingress::service::{Backend, Health, Port, Spec};
 
 use crate::api::TaskState;
@@ -33,6 +34,7 @@ impl overlay::Stage for Stage {
         let origin = match origin {
             overlay::Origin::Overlay => Origin::Overlay,
             overlay::Origin::Host => Origin::Host,
+            overlay::Origin::Bridge => Origin::Bridge,
             overlay::Origin::Node(node) => Origin::Node(node),
         };
         match self.0.process(frame, checksum, origin, now, reply) {
@@ -46,9 +48,18 @@ impl overlay::Stage for Stage {
     }
 }
 
-/// A new balancer for the node at `node`, with the cluster's address-to-MAC convention.
-pub fn balancer(node: Ipv4Addr) -> Result<Balancer, ingress::conntrack::Error> {
-    Balancer::new(MAX_FLOWS, Default::default(), Endpoint::mac_bytes, node)
+/// A new balancer for the node at `node`, with the cluster's address-to-MAC convention;
+/// `tcp_idle` replaces the established TCP flows' idle timeout.
+pub fn balancer(
+    node: Ipv4Addr,
+    tcp_idle: Option<Duration>,
+) -> Result<Balancer, ingress::conntrack::Error> {
+    let defaults = Timeouts::default();
+    let timeouts = Timeouts {
+        tcp_established: tcp_idle.unwrap_or(defaults.tcp_established),
+        ..defaults
+    };
+    Balancer::new(MAX_FLOWS, timeouts, Endpoint::mac_bytes, node)
 }
 
 /// Every vip-mode service of the view, with its tasks and their health: what the balancer
@@ -126,7 +137,7 @@ mod tests {
     const CSUM_OFFSET: usize = 16;
 
     fn stage() -> Stage {
-        let balancer = balancer(Ipv4Addr::new(198, 18, 0, 1)).unwrap();
+        let balancer = balancer(Ipv4Addr::new(198, 18, 0, 1), None).unwrap();
         let spec = Spec {
             name: "web".into(),
             vip: ingress::Vip(Ipv4Addr::from(VIP).into()),

@@ -77,6 +77,8 @@ fn summary(block: &str) -> Result<String, String> {
             }
             ("20", "0000ffff") => port = format!("dport {}", value & 0xffff),
             ("20", "ffff0000") => port = format!("sport {}", value >> 16),
+            // A reply hook's "sent by a container" (source MAC 02:42:..).
+            ("-8", "ffff0000") if value == 0x0242_0000 => {}
             ("16", mask) => {
                 let bits = u32::from_str_radix(mask, 16).map_err(|e| e.to_string())?;
                 dst = format!(

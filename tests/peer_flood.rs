@@ -14,7 +14,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use netns::{Cluster, run_bounded, show};
+use netns::{Cluster, run_bounded, show, vm_rss_kb};
 
 const SENDERS: usize = 400;
 const IDLE: usize = 1100;
@@ -29,15 +29,6 @@ const HOLDING: &str = "holding";
 /// Each CLI call must answer within this while the flood is held.
 const FAST: Duration = Duration::from_secs(2);
 const MAX_RSS_KB: u64 = 100 << 10;
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
 
 fn open_file_limit(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/limits"))
@@ -74,7 +65,7 @@ fn a_peer_port_flood_leaves_the_api_fast_and_memory_bounded() {
     let n1 = c.node(1);
     n1.cli_ok(&["network", "create", "web", "--subnet", "198.19.9.0/24"]);
     let pid = n1.daemon_pid().expect("daemon runs");
-    let rss_before = rss_kb(pid);
+    let rss_before = vm_rss_kb(pid);
     let limit = open_file_limit(pid);
 
     let attacker = c.host("flood", "198.18.0.200");
@@ -109,7 +100,7 @@ fn a_peer_port_flood_leaves_the_api_fast_and_memory_bounded() {
     // `node ls` is also timed all along: descriptors run out while connections are made.
     let mut ls_worst = Duration::ZERO;
     while !log().contains(HOLDING) && sampling.elapsed() < Duration::from_secs(30) {
-        rss_peak = rss_peak.max(rss_kb(pid));
+        rss_peak = rss_peak.max(vm_rss_kb(pid));
         let started = Instant::now();
         let answered = run_bounded(&mut n1.cli_command(&["node", "ls"]), FAST * 2)
             .is_some_and(|o| o.status.success());
@@ -130,7 +121,7 @@ fn a_peer_port_flood_leaves_the_api_fast_and_memory_bounded() {
     let (ls_took, ls) = timed(&["node", "ls"]);
     let ctr = c.container(1, "c1");
     let (attach_took, attach) = timed(&["attach", &ctr, "--network", "web"]);
-    rss_peak = rss_peak.max(rss_kb(pid));
+    rss_peak = rss_peak.max(vm_rss_kb(pid));
     let status = n1.try_json(&["status"]);
     let refused = status
         .as_ref()

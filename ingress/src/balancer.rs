@@ -40,7 +40,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use packet::checksum::Mode;
 
-use crate::conntrack::{self, Direction, Entry, Nat, Via};
+use crate::conntrack::{self, Direction, Entry, Nat, State, Via};
 use crate::flow::Tuple;
 use crate::service::Table;
 use crate::{Protocol, nat, reject};
@@ -75,6 +75,10 @@ pub enum Origin {
     Overlay,
     /// This node's own stack, which steers connections to published ports to overlayd.
     Host,
+    /// This node's own stack through the network's bridge, as the node reaches an endpoint.
+    /// Only its connections from the node's address to a task (a `proxy=v2` port's) are the
+    /// balancer's: they are tracked as they are, so that their replies come back here.
+    Bridge,
     /// The node at this underlay address, which took a connection to a published port and
     /// chose a task on this node for it.
     Node(Ipv4Addr),
@@ -200,12 +204,21 @@ impl Balancer {
         // Most frames of a network without services: no parsing at all.
         if services.is_empty() {
             return match origin {
-                Origin::Overlay | Origin::Host => Verdict::Pass,
+                Origin::Overlay | Origin::Host | Origin::Bridge => Verdict::Pass,
                 Origin::Node(_) => self.count_drop(),
             };
         }
-        let Ok(tuple) = nat::flow(frame) else {
-            return Verdict::Pass;
+        let tuple = match nat::flow(frame) {
+            Ok(tuple) => tuple,
+            Err(nat::Unsupported::NotIpv4 | nat::Unsupported::Protocol(_)) => {
+                return Verdict::Pass;
+            }
+            // From the node's stack, a TCP or UDP packet too broken to take (a truncated
+            // header, a fragment) is what a mesh hook steered here from anyone who can reach a
+            // published port. Passed on, the switch would flood it to every node and
+            // container of the network as unknown unicast.
+            Err(_) if origin == Origin::Host => return self.count_drop(),
+            Err(_) => return Verdict::Pass,
         };
         let packet = Packet {
             tuple,
@@ -214,6 +227,10 @@ impl Balancer {
         };
         if origin == Origin::Overlay {
             return self.on_overlay(&services, frame, mode, &packet, reply);
+        }
+        let (src, dst) = (*packet.tuple.src.ip(), *packet.tuple.dst.ip());
+        if origin == Origin::Bridge && !(src == self.node && services.is_backend(dst)) {
+            return Verdict::Pass;
         }
         // A flow from the host or from another node is its client's: in its source port's shard.
         let shard = self.shard(packet.tuple.src.port());
@@ -271,8 +288,8 @@ impl Balancer {
     /// - from this node's stack, a connection to a published port: to a task on any node,
     ///   with the client's address kept (a client on this node itself gets the node's address
     ///   instead of a loopback one, which the task could not answer);
-    /// - from this node's stack, a connection from the node's address to a task (the
-    ///   `proxy=v2` proxy's): to that task, unchanged;
+    /// - from this node's stack through the bridge, a connection from the node's address to a
+    ///   task (the `proxy=v2` proxy's): to that task, unchanged;
     /// - from the node at `node`, a published port's connection it sent to a task here:
     ///   tracked as it is, so that the task's replies go back to that node.
     fn mesh_nat(
@@ -294,23 +311,23 @@ impl Balancer {
                 via: Via::Node(node),
             });
         }
-        let Some((service, port)) = services.published(tuple.proto, tuple.dst) else {
-            // The node's own connection to a task (a `proxy=v2` port's, from the node's
-            // address): tracked as it is, so that the task's node sends the replies back here,
-            // into this node's stack (all-zero MACs). Anything else is not the balancer's.
-            return if *tuple.src.ip() == self.node && services.is_backend(*tuple.dst.ip()) {
-                Ok(Nat {
-                    backend: tuple.dst,
-                    source: None,
-                    via: Via::Host {
-                        client_mac: [0; 6],
-                        node_mac: [0; 6],
-                    },
-                })
-            } else {
-                Err(Verdict::Pass)
-            };
-        };
+        if origin == Origin::Bridge {
+            // The node's own connection to a task (see `process`): tracked as it is, so that
+            // the task's node sends the replies back here, into this node's stack (all-zero
+            // MACs).
+            return Ok(Nat {
+                backend: tuple.dst,
+                source: None,
+                via: Via::Host {
+                    client_mac: [0; 6],
+                    node_mac: [0; 6],
+                },
+            });
+        }
+        // Not a published port: not the balancer's business.
+        let (service, port) = services
+            .published(tuple.proto, tuple.dst)
+            .ok_or(Verdict::Pass)?;
         let Some(task) = port.pick(service, tuple, self.node) else {
             return Err(self.reject(frame, tuple.proto, reply));
         };
@@ -338,6 +355,13 @@ impl Balancer {
             let Some(table) = table.as_mut() else {
                 continue;
             };
+            if table
+                .get(&packet.tuple)
+                .is_some_and(|(direction, entry)| rebalances(direction, entry, packet))
+            {
+                table.forget(&packet.tuple);
+                return None;
+            }
             match table.track(packet.now, &packet.tuple, packet.flags) {
                 Some((Direction::Original, entry))
                     if entry.is_backend_gone() && packet.tuple.proto == Protocol::Udp =>
@@ -481,6 +505,27 @@ impl Balancer {
     fn shard(&self, port: u16) -> Option<usize> {
         (port != 0).then(|| usize::from(port) % self.shards.len())
     }
+}
+
+/// Whether `packet` is a client's SYN on the tuple of a published port's flow that has no
+/// connection to keep: one that never got an answer (its task may have died since: a client
+/// reusing the port of a connection that timed out would keep knocking on the dead task), one
+/// whose task went away, or one that ended. Such a SYN is balanced afresh, with the task, node
+/// and MACs of the new connection: a client reusing its port towards two nodes that chose the
+/// same task gives that task the same tuple twice, and the old entry would send the task's
+/// answers back to the old node. (conntrack reopens a finished entry with its old NAT, which
+/// is right for a VIP's flows, whose NAT does not depend on the way in.) A retransmitted SYN of
+/// a live flow is balanced to the same task again.
+fn rebalances(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
+    use conntrack::tcp_flags::{ACK, SYN};
+    direction == Direction::Original
+        && packet.tuple.proto == Protocol::Tcp
+        && packet.flags & (SYN | ACK) == SYN
+        && matches!(
+            entry.state(),
+            State::TcpSynSent | State::TcpTimeWait | State::TcpClose | State::BackendGone
+        )
+        && matches!(entry.nat().via, Via::Host { .. } | Via::Node(_))
 }
 
 /// The shard's table. A worker that panicked while holding it left it consistent (every
@@ -660,7 +705,7 @@ mod tests {
         let b = balancer(&[7]);
         let proxy = at(NODE, 45000);
         let mut syn = frame((NODE_MAC, mac_of(ip(7))), proxy, at(ip(7), 80), Some(true));
-        assert_eq!(run_from(&b, Origin::Host, &mut syn), Verdict::Rewritten);
+        assert_eq!(run_from(&b, Origin::Bridge, &mut syn), Verdict::Rewritten);
         let (_, dst_mac, src, dst) = seen(&syn);
         assert_eq!((src, dst, dst_mac), (proxy, at(ip(7), 80), mac_of(ip(7))));
         let mut answer = frame((mac_of(ip(7)), NODE_MAC), at(ip(7), 80), proxy, Some(false));
@@ -680,10 +725,86 @@ mod tests {
             at(ip(7), 80),
             Some(true),
         );
-        assert_eq!(run_from(&b, Origin::Host, &mut other), Verdict::Pass);
+        assert_eq!(run_from(&b, Origin::Bridge, &mut other), Verdict::Pass);
         let mut stranger = frame((NODE_MAC, mac_of(ip(5))), proxy, at(ip(5), 80), Some(true));
-        assert_eq!(run_from(&b, Origin::Host, &mut stranger), Verdict::Pass);
+        assert_eq!(run_from(&b, Origin::Bridge, &mut stranger), Verdict::Pass);
+        // An egress reply the node forwards to a container, to a port that is published.
+        let outside = at(Ipv4Addr::new(198, 18, 5, 5), 443);
+        let mut forwarded = frame(
+            (NODE_MAC, mac_of(ip(7))),
+            outside,
+            at(ip(7), 9200),
+            Some(false),
+        );
+        assert_eq!(run_from(&b, Origin::Bridge, &mut forwarded), Verdict::Pass);
+        let mut fragment = syn.clone();
+        fragment[14 + 7] = 1;
+        assert_eq!(run_from(&b, Origin::Bridge, &mut fragment), Verdict::Pass);
         assert_eq!(b.flows(), (1, 0));
+    }
+
+    #[test]
+    fn a_client_port_reused_through_another_node_after_its_connection_ended_answers_there() {
+        let b = balancer(&[7]);
+        let (first, second) = (Ipv4Addr::new(198, 18, 0, 3), Ipv4Addr::new(198, 18, 0, 4));
+        let task = at(ip(7), 80);
+        let syn = frame((CLIENT_MAC, mac_of(ip(7))), CLIENT, task, Some(true));
+        let answer = frame((mac_of(ip(7)), [0; 6]), task, CLIENT, Some(false));
+        assert_eq!(
+            run_from(&b, Origin::Node(first), &mut syn.clone()),
+            Verdict::Pass
+        );
+        assert_eq!(
+            run_from(&b, Origin::Overlay, &mut answer.clone()),
+            Verdict::Return(first)
+        );
+        // The client resets the connection (RST|ACK), then reuses its port through `second`.
+        let mut rst = frame((CLIENT_MAC, mac_of(ip(7))), CLIENT, task, Some(false));
+        rst[14 + 20 + 13] = 0x14;
+        assert_eq!(run_from(&b, Origin::Node(first), &mut rst), Verdict::Pass);
+        assert_eq!(
+            run_from(&b, Origin::Node(second), &mut syn.clone()),
+            Verdict::Pass
+        );
+        assert_eq!(
+            run_from(&b, Origin::Overlay, &mut answer.clone()),
+            Verdict::Return(second)
+        );
+        assert_eq!(b.flows(), (1, 0), "the old flow's entry was replaced");
+    }
+
+    #[test]
+    fn a_syn_on_a_flow_whose_task_went_away_goes_to_a_live_task() {
+        let b = balancer(&[7, 8]);
+        let syn = frame((CLIENT_MAC, NODE_MAC), CLIENT, at(NODE, 9200), Some(true));
+        let mut first = syn.clone();
+        assert_eq!(run_from(&b, Origin::Host, &mut first), Verdict::Rewritten);
+        let other = if *seen(&first).3.ip() == ip(7) { 8 } else { 7 };
+        b.publish(table(&[other]), Instant::now());
+        // The client gave up and reuses its port: not reset, not sent to the gone task.
+        let mut again = syn;
+        assert_eq!(run_from(&b, Origin::Host, &mut again), Verdict::Rewritten);
+        assert_eq!(seen(&again).3, at(ip(other), 80));
+    }
+
+    #[test]
+    fn a_broken_packet_from_the_host_is_dropped_and_anything_not_tcp_or_udp_passes() {
+        let b = balancer(&[7]);
+        let syn = frame((CLIENT_MAC, NODE_MAC), CLIENT, at(NODE, 9200), Some(true));
+        // Cut inside the TCP header, and a later fragment (offset 8 bytes).
+        let mut cut = syn[..14 + 20 + 8].to_vec();
+        let mut fragment = syn.clone();
+        fragment[14 + 7] = 1;
+        for broken in [&mut cut, &mut fragment] {
+            assert_eq!(run_from(&b, Origin::Host, broken), Verdict::Drop);
+        }
+        assert_eq!(b.stats.dropped.load(Ordering::Relaxed), 2);
+        let mut icmp = syn.clone();
+        icmp[14 + 9] = 1;
+        assert_eq!(run_from(&b, Origin::Host, &mut icmp), Verdict::Pass);
+        let mut arp = syn;
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(run_from(&b, Origin::Host, &mut arp), Verdict::Pass);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! matter to one: frames sent to a service address's MAC ([`crate::Location::Service`]),
 //! frames about to be delivered to a local endpoint (which may be the replies of flows the
 //! stage rewrote), frames the node's own stack steered into the TAP (connections to published
-//! ports, [`Origin::Host`]) or sent through its bridge to an endpoint (also [`Origin::Host`]:
+//! ports, [`Origin::Host`]) or sent through its bridge to an endpoint ([`Origin::Bridge`]:
 //! the node's own connections to tasks), frames a container sent to the gateway's MAC that were steered to
 //! the TAP (replies of those connections), and frames another node forwarded from its own
 //! stack ([`Origin::Node`]). The daemon plugs in the load balancer of the `ingress` crate;
@@ -25,9 +25,11 @@ pub use packet::checksum::Mode as Checksum;
 pub enum Origin {
     /// The overlay: a container on this node, or one on another node over VXLAN.
     Overlay,
-    /// This node's own stack: steered into the TAP by the kernel hooks of published ports, or
-    /// sent through the network's bridge (from the gateway's MAC) to an endpoint.
+    /// This node's own stack, steered into the TAP by the kernel hooks of published ports.
     Host,
+    /// This node's own stack through the network's bridge (the gateway's MAC), to an endpoint
+    /// from an address other than the gateway's: the node's own connections to tasks.
+    Bridge,
     /// The node at this underlay address, which took a connection from its own stack and
     /// sent it to an endpoint here.
     Node(Ipv4Addr),

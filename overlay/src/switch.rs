@@ -178,19 +178,32 @@ pub fn from_tap(
     // A container's frame to the gateway reaches the TAP only when a published port's hook
     // steered it here: the reply of a connection that came from some node's own stack.
     if dst == net.gateway_mac() {
-        let verdict = stage.rewrite(frame, checksum, Origin::Overlay, now, reply);
-        return after_stage(verdict, frame, net, Forward::Drop(DropReason::Service));
+        return match stage.rewrite(frame, checksum, Origin::Overlay, now, reply) {
+            // Not such a reply (a container's own connection from a published target port):
+            // to the node's stack, as the bridge would have taken it, from the container's
+            // proxy MAC, which the hook does not steer back.
+            Verdict::Pass => {
+                if let Ok(mut eth) = Frame::new_checked(&mut *frame) {
+                    eth.set_src(proxy_mac(src));
+                }
+                Forward::Local
+            }
+            verdict => after_stage(verdict, frame, net, Forward::Drop(DropReason::Service)),
+        };
     }
     match net.location(dst) {
-        // The node's own stack through its bridge. The stage takes its connections to tasks
-        // (a `proxy=v2` port's), which must reach tasks on other nodes and come back here; the
-        // far end drops a frame from the gateway's MAC, so such a frame leaves as the mesh's.
-        Some(location @ (Location::Local | Location::Remote(_))) if src == net.gateway_mac() => {
+        // The node's own stack through its bridge, from the node's address. The stage takes its
+        // connections to tasks (a `proxy=v2` port's), which must reach tasks on other nodes and
+        // come back here; the far end drops a frame from the gateway's MAC, so such a frame
+        // leaves as the mesh's.
+        Some(location @ (Location::Local | Location::Remote(_)))
+            if src == net.gateway_mac() && from_node_address(frame, net) =>
+        {
             let passed = match location {
                 Location::Remote(vtep) => Forward::Remote(vtep),
                 _ => Forward::Local,
             };
-            let verdict = stage.rewrite(frame, checksum, Origin::Host, now, reply);
+            let verdict = stage.rewrite(frame, checksum, Origin::Bridge, now, reply);
             if verdict == Verdict::Rewritten
                 && let Ok(mut eth) = Frame::new_checked(&mut *frame)
             {
@@ -233,6 +246,17 @@ pub fn from_tap(
             }
         }
     }
+}
+
+/// Whether `frame`, sent by the bridge, is IPv4 from an address other than the gateway's: the
+/// node's own connection to a task. What the gateway's address sends (DNS answers, the node
+/// reaching its containers) is not the stage's business and goes on as it is.
+fn from_node_address(frame: &[u8], net: &Network) -> bool {
+    Frame::new_checked(frame).is_ok_and(|eth| {
+        eth.ethertype() == ethernet::ethertype::IPV4
+            && packet::ipv4::Packet::new_checked(eth.payload())
+                .is_ok_and(|ip| ip.src() != net.gateway())
+    })
 }
 
 /// Where a frame goes after the stage's verdict; `passed` if the stage let it pass.
@@ -1067,11 +1091,24 @@ mod tests {
 
     #[test]
     fn the_nodes_stack_reaches_endpoints_through_the_stage_and_remote_ones_as_the_mesh() {
-        let to_remote = frame(mac(9), GATEWAY_MAC, ethertype::IPV4);
+        /// An IPv4 frame from the bridge, from the node's address or the gateway's.
+        fn from_bridge(dst: Mac, src: Ipv4Addr) -> Vec<u8> {
+            let mut f = frame(dst, GATEWAY_MAC, ethertype::IPV4);
+            let ip = packet::ipv4::Repr {
+                src,
+                dst: Ipv4Addr::new(198, 19, 0, 9),
+                protocol: 6,
+                payload_len: 20,
+            };
+            ip.emit(&mut f[14..]);
+            f
+        }
+        let node = Ipv4Addr::new(198, 18, 0, 1);
+        let to_remote = from_bridge(mac(9), node);
         let stage = Scripted::new(Verdict::Rewritten);
         let (fwd, out) = tap_with(&stage, &to_remote);
         assert_eq!(fwd, Forward::Remote(vtep(2)));
-        assert_eq!(stage.origins(), [Origin::Host]);
+        assert_eq!(stage.origins(), [Origin::Bridge]);
         let eth = Frame::new_checked(&out[..]).unwrap();
         assert_eq!(
             (eth.dst(), eth.src()),
@@ -1083,10 +1120,18 @@ mod tests {
         let (fwd, out) = tap_with(&stage, &to_remote);
         assert_eq!(fwd, Forward::Remote(vtep(2)));
         assert_eq!(out, to_remote, "passed untouched");
-        let to_local = frame(proxy_mac(mac(5)), GATEWAY_MAC, ethertype::IPV4);
+        let to_local = from_bridge(proxy_mac(mac(5)), node);
         let (fwd, _) = tap_with(&stage, &to_local);
         assert_eq!(fwd, Forward::Local);
-        assert_eq!(stage.origins(), [Origin::Host, Origin::Host]);
+        assert_eq!(stage.origins(), [Origin::Bridge, Origin::Bridge]);
+        // From the gateway's address: as before, never the host's.
+        let gateway = Ipv4Addr::new(198, 19, 0, 1);
+        let stage = Scripted::new(Verdict::Drop);
+        let (fwd, _) = tap_with(&stage, &from_bridge(mac(9), gateway));
+        assert_eq!(fwd, Forward::Remote(vtep(2)));
+        let (fwd, _) = tap_with(&stage, &from_bridge(proxy_mac(mac(5)), gateway));
+        assert_eq!(fwd, Forward::Drop(DropReason::Service));
+        assert_eq!(stage.origins(), [Origin::Overlay]);
 
         let stage = Scripted::new(Verdict::Reply(54));
         let (fwd, _) = tap_with(&stage, &to_remote);
@@ -1118,11 +1163,12 @@ mod tests {
             tap_with(&stage, &task_to_gateway).0,
             Forward::Drop(DropReason::Service)
         );
+        // Not a reply of the mesh: the node's stack takes it, from the proxy MAC.
         let stage = Scripted::new(Verdict::Pass);
-        assert_eq!(
-            tap_with(&stage, &task_to_gateway).0,
-            Forward::Drop(DropReason::Service)
-        );
+        let (fwd, out) = tap_with(&stage, &task_to_gateway);
+        assert_eq!(fwd, Forward::Local);
+        let eth = Frame::new_checked(&out[..]).unwrap();
+        assert_eq!((eth.dst(), eth.src()), (GATEWAY_MAC, proxy_mac(mac(5))));
     }
 
     fn vtep_with(

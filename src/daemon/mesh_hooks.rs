@@ -583,7 +583,7 @@ mod tests {
             "filter add dev ovbr-4242 ingress pref 49153 protocol ip u32 match ip sport 80 0xffff classid 1:1",
         );
         let node_addr = "198.18.60.1".parse().unwrap();
-        let balancer = std::sync::Arc::new(crate::services::balancer(node_addr).unwrap());
+        let balancer = std::sync::Arc::new(crate::services::balancer(node_addr, None).unwrap());
         let hooks = MeshHooks::start("eth0", Proxy::new(balancer, node_addr)).await;
         assert_eq!(filters("lo", "egress"), [], "the leftover is swept");
         assert_eq!(filters("ovbr-4242", "ingress"), [], "on bridges too");

@@ -18,6 +18,8 @@
 //! Every wait is bounded: CLI calls time out after [`CLI_TIMEOUT`], polls take a deadline.
 #![allow(dead_code)]
 
+pub mod mesh;
+
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -246,6 +248,8 @@ pub struct Node {
     pub state_dir: PathBuf,
     pub api: PathBuf,
     pub log: PathBuf,
+    /// Added to every daemon command line of this node (see [`Cluster::with_daemon_args`]).
+    daemon_extra: Vec<String>,
     daemon: Mutex<Option<Child>>,
 }
 
@@ -373,6 +377,7 @@ impl Node {
         if offloads_forced_off() && !args.iter().any(|a| a == "--no-offloads") {
             args.push("--no-offloads".to_owned());
         }
+        args.extend(self.daemon_extra.iter().cloned());
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -508,6 +513,7 @@ impl Cluster {
                 state_dir: dir.join(format!("n{i}-state")),
                 api: dir.join(format!("n{i}.sock")),
                 log: dir.join(format!("n{i}.log")),
+                daemon_extra: Vec::new(),
                 daemon: Mutex::new(None),
             })
             .collect();
@@ -533,7 +539,16 @@ impl Cluster {
     /// Builds `n` nodes, starts `init` on node 1 and `join` on the others, and waits until every
     /// node lists every node as ready.
     pub fn new(name: &str, n: usize) -> Self {
-        let c = Self::bare(name, n);
+        Self::with_daemon_args(name, n, &[])
+    }
+
+    /// Like [`Cluster::new`], with `extra` added to every daemon's command line (also after a
+    /// restart): a data-path setting such as `--conntrack-tcp-idle 3`.
+    pub fn with_daemon_args(name: &str, n: usize, extra: &[&str]) -> Self {
+        let mut c = Self::bare(name, n);
+        for node in &mut c.nodes {
+            node.daemon_extra = strings(extra);
+        }
         let first = &c.nodes[0];
         first.start_daemon(first.daemon_args(&["init", "--advertise-addr", &first.addr]));
         let token = c.token();
@@ -985,6 +1000,16 @@ pub fn token_in(text: &str) -> Option<String> {
 
 fn strings(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// The resident memory of process `pid` in kB (`VmRSS` of /proc/PID/status), 0 if unknown.
+pub fn vm_rss_kb(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Runs `ip ARGS` in the root namespace; panics unless it succeeds.
