@@ -6,8 +6,9 @@
 //! ([`ingress::service::Table::pick_published`]: Maglev over the healthy tasks, the client's
 //! address with `affinity=client-ip`, this node's tasks with `mode=host`), connects to
 //! `task:target` (from this node's address to a task on another node: the data path carries
-//! that connection there and its replies back here), writes the header (the client's address and port, and
-//! the address and port it connected to), then copies both ways until both sides are done.
+//! that connection there and its replies back here), writes the header (the client's address
+//! and port, and the address and port it connected to), then copies both ways until both sides
+//! are done.
 //!
 //! Limits: at most [`MAX_CONNECTIONS`] relayed at once on the node, all ports together, and
 //! [`CONNECT_WITHIN`] to reach the task. A client over the limit, or with no task to go to, is
