@@ -88,6 +88,7 @@ pub enum Origin {
 struct Packet {
     tuple: Tuple,
     flags: u8,
+    origin: Origin,
     now: Instant,
 }
 
@@ -223,6 +224,7 @@ impl Balancer {
         let packet = Packet {
             tuple,
             flags: nat::tcp_flags(frame),
+            origin,
             now,
         };
         if origin == Origin::Overlay {
@@ -516,10 +518,21 @@ impl Balancer {
 /// answers back to the old node. (conntrack reopens a finished entry with its old NAT, which
 /// is right for a VIP's flows, whose NAT does not depend on the way in.) A retransmitted SYN of
 /// a live flow is balanced to the same task again.
+///
+/// On a task's node, a packet that another node sent on the tuple of a flow that came through
+/// a different node is balanced afresh too, TCP or UDP: the client reused its port towards
+/// another node (a UDP client's new socket, most often), and the answers must go back there.
 fn rebalances(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
     use conntrack::tcp_flags::{ACK, SYN};
-    direction == Direction::Original
-        && packet.tuple.proto == Protocol::Tcp
+    if direction != Direction::Original {
+        return false;
+    }
+    if let (Via::Node(was), Origin::Node(now)) = (entry.nat().via, packet.origin)
+        && was != now
+    {
+        return true;
+    }
+    packet.tuple.proto == Protocol::Tcp
         && packet.flags & (SYN | ACK) == SYN
         && matches!(
             entry.state(),
@@ -805,6 +818,32 @@ mod tests {
         let mut arp = syn;
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
         assert_eq!(run_from(&b, Origin::Host, &mut arp), Verdict::Pass);
+    }
+
+    #[test]
+    fn a_udp_client_port_reused_through_another_node_answers_through_that_node() {
+        let b = balancer(&[7]);
+        let (one, two) = (Ipv4Addr::new(198, 18, 0, 3), Ipv4Addr::new(198, 18, 0, 4));
+        let to_task = || frame((CLIENT_MAC, mac_of(ip(7))), CLIENT, at(ip(7), 80), None);
+        let answer = || frame((mac_of(ip(7)), [0; 6]), at(ip(7), 80), CLIENT, None);
+        assert_eq!(
+            run_from(&b, Origin::Node(one), &mut to_task()),
+            Verdict::Pass
+        );
+        assert_eq!(
+            run_from(&b, Origin::Overlay, &mut answer()),
+            Verdict::Return(one)
+        );
+        // The client's next socket got the same port, and went through the other node.
+        assert_eq!(
+            run_from(&b, Origin::Node(two), &mut to_task()),
+            Verdict::Pass
+        );
+        assert_eq!(
+            run_from(&b, Origin::Overlay, &mut answer()),
+            Verdict::Return(two)
+        );
+        assert_eq!(b.flows(), (1, 0));
     }
 
     #[test]
