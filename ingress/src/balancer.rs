@@ -398,7 +398,24 @@ impl Balancer {
                 Err(_) => return self.count_drop(),
             },
         };
-        match table.insert(packet.now, packet.tuple, nat, packet.flags) {
+        let mut inserted = table.insert(packet.now, packet.tuple, nat, packet.flags);
+        if inserted == Err(conntrack::Error::ReplyClash) {
+            // The task would see this flow as an older one that the client has given up: the
+            // same client port through another node, to the same task. The new one wins.
+            let answer = Tuple::new(
+                packet.tuple.proto,
+                nat.backend,
+                nat.source.unwrap_or(packet.tuple.src),
+            );
+            if table
+                .get(&answer)
+                .is_some_and(|(_, old)| superseded(old, packet))
+            {
+                table.forget(&answer);
+                inserted = table.insert(packet.now, packet.tuple, nat, packet.flags);
+            }
+        }
+        match inserted {
             Ok(entry) => {
                 self.stats.flows.fetch_add(1, Ordering::Relaxed);
                 self.follow(frame, mode, Direction::Original, &entry, reply)
@@ -539,6 +556,23 @@ fn rebalances(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
             State::TcpSynSent | State::TcpTimeWait | State::TcpClose | State::BackendGone
         )
         && matches!(entry.nat().via, Via::Host { .. } | Via::Node(_))
+}
+
+/// Whether a flow's first `packet` replaces `old`, a flow of the same client port with the
+/// same answer tuple: a UDP flow always (UDP has no connection to keep), a TCP SYN an entry
+/// with no connection to keep (unanswered, ended, or its task gone).
+fn superseded(old: &Entry, packet: &Packet) -> bool {
+    use conntrack::tcp_flags::{ACK, SYN};
+    match packet.tuple.proto {
+        Protocol::Udp => true,
+        Protocol::Tcp => {
+            packet.flags & (SYN | ACK) == SYN
+                && matches!(
+                    old.state(),
+                    State::TcpSynSent | State::TcpTimeWait | State::TcpClose | State::BackendGone
+                )
+        }
+    }
 }
 
 /// The shard's table. A worker that panicked while holding it left it consistent (every
@@ -844,6 +878,36 @@ mod tests {
             Verdict::Return(two)
         );
         assert_eq!(b.flows(), (1, 0));
+    }
+
+    #[test]
+    fn a_client_port_that_ended_through_another_node_can_reach_the_same_task_here() {
+        let b = balancer(&[7]);
+        let other = Ipv4Addr::new(198, 18, 0, 3);
+        // Through the other node, to task .7 here: tracked as passing through, then ended.
+        let mut through = frame(
+            (CLIENT_MAC, mac_of(ip(7))),
+            CLIENT,
+            at(ip(7), 80),
+            Some(true),
+        );
+        assert_eq!(
+            run_from(&b, Origin::Node(other), &mut through),
+            Verdict::Pass
+        );
+        let mut rst = frame(
+            (CLIENT_MAC, mac_of(ip(7))),
+            CLIENT,
+            at(ip(7), 80),
+            Some(false),
+        );
+        rst[14 + 20 + 13] = 0x04; // RST (the checksum does not matter to the balancer)
+        run_from(&b, Origin::Node(other), &mut rst);
+        // The same client port, now through this node, lands on the same task.
+        let mut syn = frame((CLIENT_MAC, NODE_MAC), CLIENT, at(NODE, 9200), Some(true));
+        assert_eq!(run_from(&b, Origin::Host, &mut syn), Verdict::Rewritten);
+        let mut answer = frame((mac_of(ip(7)), [0; 6]), at(ip(7), 80), CLIENT, Some(false));
+        assert_eq!(run_from(&b, Origin::Overlay, &mut answer), Verdict::Wire);
     }
 
     #[test]
