@@ -357,9 +357,12 @@ impl Balancer {
             let Some(table) = table.as_mut() else {
                 continue;
             };
-            if table
-                .get(&packet.tuple)
-                .is_some_and(|(direction, entry)| rebalances(direction, entry, packet))
+            // Only a client's SYN or a packet from another node can start over: the extra
+            // lookup is not paid by the rest of a flow's packets.
+            if (is_syn(packet) || matches!(packet.origin, Origin::Node(_)))
+                && table
+                    .get(&packet.tuple)
+                    .is_some_and(|(direction, entry)| rebalances(direction, entry, packet))
             {
                 table.forget(&packet.tuple);
                 return None;
@@ -540,7 +543,6 @@ impl Balancer {
 /// a different node is balanced afresh too, TCP or UDP: the client reused its port towards
 /// another node (a UDP client's new socket, most often), and the answers must go back there.
 fn rebalances(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
-    use conntrack::tcp_flags::{ACK, SYN};
     if direction != Direction::Original {
         return false;
     }
@@ -549,8 +551,7 @@ fn rebalances(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
     {
         return true;
     }
-    packet.tuple.proto == Protocol::Tcp
-        && packet.flags & (SYN | ACK) == SYN
+    is_syn(packet)
         && matches!(
             entry.state(),
             State::TcpSynSent | State::TcpTimeWait | State::TcpClose | State::BackendGone
@@ -562,17 +563,22 @@ fn rebalances(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
 /// same answer tuple: a UDP flow always (UDP has no connection to keep), a TCP SYN an entry
 /// with no connection to keep (unanswered, ended, or its task gone).
 fn superseded(old: &Entry, packet: &Packet) -> bool {
-    use conntrack::tcp_flags::{ACK, SYN};
     match packet.tuple.proto {
         Protocol::Udp => true,
         Protocol::Tcp => {
-            packet.flags & (SYN | ACK) == SYN
+            is_syn(packet)
                 && matches!(
                     old.state(),
                     State::TcpSynSent | State::TcpTimeWait | State::TcpClose | State::BackendGone
                 )
         }
     }
+}
+
+/// Whether `packet` opens a TCP connection (SYN without ACK).
+fn is_syn(packet: &Packet) -> bool {
+    use conntrack::tcp_flags::{ACK, SYN};
+    packet.tuple.proto == Protocol::Tcp && packet.flags & (SYN | ACK) == SYN
 }
 
 /// The shard's table. A worker that panicked while holding it left it consistent (every
