@@ -22,6 +22,9 @@ use crate::{checksum, vnet};
 const L3: usize = ethernet::HEADER_LEN;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
+/// Where the checksum field sits in each L4 header.
+const TCP_CSUM_OFFSET: usize = 16;
+const UDP_CSUM_OFFSET: usize = 6;
 
 /// TCP flag bits (RFC 9293 §3.1, RFC 3168).
 mod flag {
@@ -140,7 +143,12 @@ fn pseudo(frame: &[u8], lay: &Layout, l4_len: usize) -> u64 {
 }
 
 fn csum_field(lay: &Layout) -> usize {
-    lay.l4 + if lay.proto == TCP { 16 } else { 6 }
+    lay.l4
+        + if lay.proto == TCP {
+            TCP_CSUM_OFFSET
+        } else {
+            UDP_CSUM_OFFSET
+        }
 }
 
 fn put16(b: &mut [u8], at: usize, v: u16) {
@@ -171,10 +179,11 @@ fn fix_ip(frame: &mut [u8], lay: &Layout, id_add: u16) {
 }
 
 /// The TCP/UDP checksum field value for an accumulated sum. 0x0000 and 0xffff are the same
-/// one's-complement zero; UDP needs the latter (0 means "no checksum").
-fn l4_checksum_value(acc: u64) -> u16 {
+/// one's-complement zero: UDP needs the latter (0 means "no checksum"), TCP keeps the 0 that
+/// every other sender computes, so a split or joined frame is byte-for-byte the original.
+fn l4_checksum_value(acc: u64, udp: bool) -> u16 {
     match checksum::finish(acc) {
-        0 => 0xffff,
+        0 if udp => 0xffff,
         c => c,
     }
 }
@@ -184,7 +193,7 @@ fn l4_checksum(frame: &mut [u8], lay: &Layout) {
     let at = csum_field(lay);
     put16(frame, at, 0);
     let acc = pseudo(frame, lay, frame.len() - lay.l4) + checksum::sum(&frame[lay.l4..]);
-    put16(frame, at, l4_checksum_value(acc));
+    put16(frame, at, l4_checksum_value(acc, lay.proto == UDP));
 }
 
 /// Finishes a partial checksum: sums from `csum_start` to the end (the field already holds
@@ -200,10 +209,12 @@ pub fn complete_checksum(
     if at + 2 > frame.len() {
         return Err(Unsupported::BadCsum);
     }
+    // The field's offset tells the protocol: 6 in a UDP header, 16 in a TCP one.
+    let udp = csum_offset == UDP_CSUM_OFFSET;
     put16(
         frame,
         at,
-        l4_checksum_value(checksum::sum(&frame[csum_start..])),
+        l4_checksum_value(checksum::sum(&frame[csum_start..]), udp),
     );
     Ok(())
 }
@@ -556,12 +567,12 @@ impl Coalescer {
         fix_ip(frame, &lay, 0);
         let l4_len = frame.len() - lay.l4;
         let (gso_type, csum_offset) = match (lay.proto, lay.v4) {
-            (TCP, true) => (vnet::gso::TCPV4, 16),
-            (TCP, false) => (vnet::gso::TCPV6, 16),
+            (TCP, true) => (vnet::gso::TCPV4, TCP_CSUM_OFFSET),
+            (TCP, false) => (vnet::gso::TCPV6, TCP_CSUM_OFFSET),
             _ => {
                 // The kernel splits by `gso_size` and adjusts the checksum from this length.
                 put16(frame, lay.l4 + 4, l4_len as u16);
-                (vnet::gso::UDP_L4, 6)
+                (vnet::gso::UDP_L4, UDP_CSUM_OFFSET)
             }
         };
         let partial = checksum::fold(pseudo(frame, &lay, l4_len));
