@@ -121,6 +121,8 @@ pub fn mesh_cluster_with(name: &str, spec: &Spec) -> (Cluster, Vec<Bg>) {
         if let Some(script) = spec.extra_server {
             servers.push(c.spawn(&ns, &["python3", "-c", script, &task]));
         }
+        c.wait_listening(&ns, false, 80);
+        c.wait_listening(&ns, true, 80);
     }
     let want = spec.tasks.len() as u64;
     assert!(

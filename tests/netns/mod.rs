@@ -784,6 +784,25 @@ impl Cluster {
         stdout_of_success(out, &format!("in {netns}: `{}`", args.join(" ")))
     }
 
+    /// Waits until something in `netns` listens on TCP `port` (`udp`: is bound to UDP `port`),
+    /// as a server just spawned takes a while to get there on a loaded machine.
+    pub fn wait_listening(&self, netns: &str, udp: bool, port: u16) {
+        let filter = format!("sport = :{port}");
+        let flags = if udp { "-Hlun" } else { "-Hltn" };
+        wait_for(
+            PING_WAIT,
+            &format!("a server on {netns} port {port}"),
+            || {
+                let out = self.exec(netns, &["ss", flags, &filter]);
+                if String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+                    Err("nothing there yet".to_string())
+                } else {
+                    Ok(())
+                }
+            },
+        );
+    }
+
     /// Starts `args` inside `netns` in the background; killed when the returned guard drops.
     pub fn spawn(&self, netns: &str, args: &[&str]) -> Bg {
         let what = format!("{netns}: {}", args.join(" "));
