@@ -56,6 +56,10 @@ const API_REQUEST_WITHIN: Duration = Duration::from_secs(10);
 const NOT_LEADER: &str = "this node is not the leader";
 /// How long a proposal may look for a leader that commits it.
 const PROPOSE_WITHIN: Duration = Duration::from_secs(12);
+/// Pause between attempts to find the leader. An election takes an election timeout (1-2 s);
+/// a short pause lets a change land soon after it ends, and an attempt costs little (a local
+/// Raft check, one peer request).
+const PROPOSE_RETRY: Duration = Duration::from_millis(100);
 /// How often a task that panicked is restarted, at most.
 const RESTART_PAUSE: Duration = Duration::from_secs(1);
 /// Pause after a failed `accept` (such as EMFILE), so the server does not spin on it.
@@ -580,7 +584,7 @@ impl Daemon {
     /// while leadership moves, for at most [`PROPOSE_WITHIN`].
     async fn propose(&self, change: Change) -> Result<serde_json::Value, Failure> {
         let deadline = Instant::now() + PROPOSE_WITHIN;
-        let mut attempt = 0;
+        let mut attempt = 0u32;
         let why = loop {
             let why = match self.consensus.propose(change.clone()).await {
                 Ok(reply) => return reply,
@@ -606,11 +610,10 @@ impl Daemon {
             };
             attempt += 1;
             debug!(attempt, %why, "proposal not committed yet");
-            let pause = Duration::from_millis(250 * attempt.min(4));
-            if Instant::now() + pause > deadline {
+            if Instant::now() + PROPOSE_RETRY > deadline {
                 break why;
             }
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep(PROPOSE_RETRY).await;
         };
         Err(Failure::runtime(format!(
             "no leader confirmed the change within {PROPOSE_WITHIN:?} ({why}): it was not made, \

@@ -96,6 +96,16 @@ impl Gossip {
             .await
     }
 
+    /// Follows which members the failure detector calls live, to react to a death at once
+    /// instead of at the next periodic round.
+    pub async fn liveness(&self) -> Liveness {
+        let watch = self.handle.with_chitchat(|c| c.live_nodes_watcher()).await;
+        Liveness {
+            watch,
+            live: BTreeSet::new(),
+        }
+    }
+
     /// Sets and deletes keys of this node's state in one step.
     pub async fn update(&self, set: &[(String, String)], delete: &[String]) {
         if set.is_empty() && delete.is_empty() {
@@ -112,6 +122,31 @@ impl Gossip {
                 }
             })
             .await
+    }
+}
+
+/// The members gossip calls live. chitchat's watch also fires on every change of a live
+/// member's keys; [`Liveness::changed`] waits for a member to die or come back.
+pub struct Liveness {
+    watch: tokio::sync::watch::Receiver<BTreeMap<ChitchatId, chitchat::NodeState>>,
+    live: BTreeSet<ChitchatId>,
+}
+
+impl Liveness {
+    /// Returns once the set of live members differs from the last one seen; never, once
+    /// gossip has stopped.
+    pub async fn changed(&mut self) {
+        loop {
+            if self.watch.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let live: BTreeSet<ChitchatId> =
+                self.watch.borrow_and_update().keys().cloned().collect();
+            if live != self.live {
+                self.live = live;
+                return;
+            }
+        }
     }
 }
 

@@ -2,7 +2,10 @@
 //! cut off from the other two: the majority side elects a new leader and keeps attaching and
 //! creating networks; the cut-off node refuses both up front with an error that says why. After
 //! the link heals, every address and VNI is unique, every acknowledged change stands, and every
-//! container reaches every other. Needs root (CI runs as root).
+//! container reaches every other. Nothing is stale or doubled after the heal: every node counts
+//! each container once, lists the same tasks for a service with a task on each node (all
+//! healthy), and every container's DNS names each task once and each container by its name.
+//! Needs root (CI runs as root).
 
 mod netns;
 
@@ -48,8 +51,17 @@ fn a_cut_off_leader_refuses_changes_and_nothing_is_handed_out_twice() {
     c.node(1)
         .cli_ok(&["network", "create", "red", "--subnet", "198.19.1.0/24"]);
     c.wait_network_everywhere("red");
+    c.node(1)
+        .cli_ok(&["service", "create", "web", "--network", "red"]);
     let before: Vec<_> = (1..=3)
-        .map(|i| c.attach(i, &c.container(i, &format!("c{i}")), "red", &[]))
+        .map(|i| {
+            c.attach(
+                i,
+                &c.container(i, &format!("c{i}")),
+                "red",
+                &["--service", "web"],
+            )
+        })
         .collect();
     let ids: Vec<String> = (1..=3)
         .map(|i| {
@@ -145,4 +157,79 @@ fn a_cut_off_leader_refuses_changes_and_nothing_is_handed_out_twice() {
             }
         }
     }
+
+    // Nothing stale or doubled: each node counts every container once, and lists the same
+    // healthy tasks, each once.
+    let mut want_tasks: Vec<(String, String)> = before
+        .iter()
+        .map(|a| (a.ip.clone(), a.node.clone()))
+        .collect();
+    want_tasks.sort();
+    for i in 1..=3 {
+        let red = c.node(i).network("red").ok().flatten();
+        assert_eq!(
+            red.as_ref().and_then(|n| n["endpoints"].as_u64()),
+            Some(all.len() as u64),
+            "node {i} counts {red:?} endpoints on red, not {}",
+            all.len()
+        );
+        assert!(
+            wait_until(NOTICE_WITHIN, || tasks(&c, i) == want_tasks),
+            "node {i} lists web's tasks as {:?}, want {want_tasks:?}",
+            tasks(&c, i)
+        );
+    }
+    // DNS: each container names web's tasks and every other container once.
+    let task_ips: BTreeSet<String> = before.iter().map(|a| a.ip.clone()).collect();
+    for from in &all {
+        assert_eq!(
+            getent(&c, &from.netns, "tasks.web"),
+            task_ips,
+            "tasks.web from {}",
+            from.netns
+        );
+        for to in &all {
+            assert_eq!(
+                getent(&c, &from.netns, &to.netns),
+                BTreeSet::from([to.ip.clone()]),
+                "{} from {}",
+                to.netns,
+                from.netns
+            );
+        }
+    }
+}
+
+/// Node `i`'s tasks of `web` as (address, node id), sorted; a task in any state but healthy
+/// has its state in place of the node.
+fn tasks(c: &Cluster, i: usize) -> Vec<(String, String)> {
+    let Ok(ps) = c.node(i).try_json(&["service", "ps", "web"]) else {
+        return Vec::new();
+    };
+    let mut tasks: Vec<(String, String)> = ps
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            let field = |k: &str| t[k].as_str().unwrap_or_default().to_string();
+            let node = match field("state").as_str() {
+                "healthy" => field("node"),
+                other => other.to_string(),
+            };
+            (field("ip"), node)
+        })
+        .collect();
+    tasks.sort();
+    tasks
+}
+
+/// The addresses `getent hosts NAME` prints in `netns` (its resolver is the network's DNS,
+/// through the resolv.conf `attach` writes); empty when the name does not resolve.
+fn getent(c: &Cluster, netns: &str, name: &str) -> BTreeSet<String> {
+    let out = c.exec(netns, &["getent", "hosts", name]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(String::from)
+        .collect()
 }

@@ -1,4 +1,5 @@
-//! The reconcile loop: every [`RECONCILE_EVERY`] it derives the [`View`] from gossip and the
+//! The reconcile loop: every [`RECONCILE_EVERY`], and at once when a member dies or comes
+//! back, it derives the [`View`] from gossip and the
 //! registry and makes this node match it. It steers the routing mesh's published ports into
 //! overlayd (tc hooks, port reservations), makes and removes bridges, TAPs and their egress
 //! rules, keeps containers from the members' ports, puts restored
@@ -48,8 +49,13 @@ impl Daemon {
     pub(super) async fn reconcile_forever(self: Arc<Daemon>) {
         let mut seen = Seen::default();
         let mut ticker = tokio::time::interval(RECONCILE_EVERY);
+        // A dead member's tasks leave the balancer the moment gossip calls it down.
+        let mut liveness = self.gossip.liveness().await;
         loop {
-            ticker.tick().await;
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = liveness.changed() => {}
+            }
             if let Err(err) = self.reconcile(&mut seen).await {
                 warn!(err = %format!("{err:#}"), "reconcile failed; retrying");
             }
