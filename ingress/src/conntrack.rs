@@ -571,7 +571,7 @@ impl Table {
             Lookup::Absent => {
                 // Nothing found: true only if no word moved meanwhile.
                 fence(Ordering::Acquire);
-                if shifting % 2 == 0 && self.shifting.load(Ordering::Relaxed) == shifting {
+                if shifting.is_multiple_of(2) && self.shifting.load(Ordering::Relaxed) == shifting {
                     Lookup::Absent
                 } else {
                     Lookup::Busy
