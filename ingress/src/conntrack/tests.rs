@@ -630,10 +630,15 @@ fn readers_without_the_lock_see_whole_flows_while_the_writer_churns() {
         (original, nat)
     };
     let writing = AtomicBool::new(true);
+    // The writer's clock, a microsecond a change, so that flows fill the table and expire
+    // alike however fast the run: microseconds since `t0`.
+    let clock = AtomicU64::new(0);
+    let now = |clock: &AtomicU64| t0 + Duration::from_micros(clock.load(Ordering::Relaxed));
     let (found, busy) = (AtomicU64::new(0), AtomicU64::new(0));
     std::thread::scope(|s| {
         for reader in 0..3u32 {
-            let (t, staying, writing, found, busy) = (&t, &staying, &writing, &found, &busy);
+            let (t, staying, writing, found, busy, clock) =
+                (&t, &staying, &writing, &found, &busy, &clock);
             s.spawn(move || {
                 let mut i = reader;
                 // Bounded in count too, should the writer never end.
@@ -651,8 +656,7 @@ fn readers_without_the_lock_see_whole_flows_while_the_writer_churns() {
                     match t.find(&tuple) {
                         Lookup::Found(f) => {
                             assert_eq!((f.direction, f.entry.record), (direction, e.record));
-                            let now = Instant::now();
-                            assert!(t.refresh(&f, now, ACK).is_some());
+                            assert!(t.refresh(&f, now(clock), ACK).is_some());
                             found.fetch_add(1, Ordering::Relaxed);
                         }
                         Lookup::Busy => {
@@ -671,7 +675,7 @@ fn readers_without_the_lock_see_whole_flows_while_the_writer_churns() {
                         let (original, nat) = churned(u32::from(f.entry.original().src.port()) - 1);
                         assert_eq!((f.entry.original(), f.entry.nat()), (original, nat));
                         assert!(tuple == original || tuple == reply_of(&original, &nat));
-                        t.refresh(&f, Instant::now(), 0);
+                        t.refresh(&f, now(clock), 0);
                     }
                 }
             });
@@ -684,7 +688,8 @@ fn readers_without_the_lock_see_whole_flows_while_the_writer_churns() {
                 break;
             }
             let (original, nat) = churned(i.wrapping_mul(2_654_435_761));
-            let now = Instant::now();
+            clock.store(u64::from(i), Ordering::Relaxed);
+            let now = now(&clock);
             let _ = ct.insert(now, original, nat, 0);
             match i % 16 {
                 0 => {
@@ -706,11 +711,14 @@ fn readers_without_the_lock_see_whole_flows_while_the_writer_churns() {
                 ct = t.lock();
             }
         }
+        // First, so that a failure below does not leave the readers running.
+        writing.store(false, Ordering::Relaxed);
         ct.check_invariants();
         let stats = ct.stats();
-        assert!(stats.evicted_embryonic > 0 && stats.expired > 0 && stats.backend_gone > 0);
-        drop(ct);
-        writing.store(false, Ordering::Relaxed);
+        assert!(
+            stats.evicted_embryonic > 0 && stats.expired > 0 && stats.backend_gone > 0,
+            "{stats:?}"
+        );
     });
     let (found, busy) = (found.into_inner(), busy.into_inner());
     eprintln!("staying flows found without the lock {found} times, busy {busy} times");
