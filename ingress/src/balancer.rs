@@ -17,8 +17,15 @@
 //! picks a queue by CPU or by the kernel's hash of the tuple it sees (the VIP), and the reply
 //! arrives over VXLAN on whichever socket the sending node's hash picked (the task). No
 //! steering can put both on one worker before NAT has run. So the connection table is shared
-//! by all workers, in [`SHARDS`] shards, each one [`conntrack::Table`] behind its own mutex:
-//! no global lock, and two workers contend only on flows of one shard.
+//! by all workers, in [`SHARDS`] shards, each one [`conntrack::Table`].
+//!
+//! A packet of a tracked flow that leaves it in its state (an established flow's data, a UDP
+//! flow's next datagram: nearly all of them) takes no lock: it is looked up in the table's
+//! index of atomic words and restarts the flow's timer with one atomic `fetch_max`
+//! ([`conntrack::Table::find`], [`conntrack::Table::refresh`]). A flow's events take its
+//! shard's lock: its first packet, a change of state (a SYN, a FIN, a RST, the first reply),
+//! starting over, and the sweeps (expiry, a task's removal). So workers wait for each other
+//! only on events of flows of one shard.
 //!
 //! A flow lives in the shard of its **client port**. Every packet of the flow carries that
 //! port: as its source on the way in (client -> VIP:port), as its destination on the way back
@@ -26,7 +33,7 @@
 //! rewritten but the port kept). So a packet is looked up in the shard of its source port and
 //! then of its destination port. A packet to a VIP is looked up in its source port's shard, a
 //! packet from a task in its destination port's, and only a task calling its own VIP in both;
-//! other traffic takes no lock.
+//! other traffic is not looked up at all.
 //!
 //! Nothing allocates per packet: a shard's table is allocated whole (at its full capacity) by
 //! the first flow that lands in it, so a node that balances nothing holds no table at all, and
@@ -34,13 +41,13 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use packet::checksum::Mode;
 
-use crate::conntrack::{self, Direction, Entry, Nat, State, Via};
+use crate::conntrack::{self, Direction, Entry, Lookup, Nat, State, Via};
 use crate::flow::Tuple;
 use crate::service::Table;
 use crate::{Protocol, nat, reject};
@@ -108,8 +115,8 @@ pub struct Stats {
 pub struct Balancer {
     services: ArcSwap<Table>,
     /// Each shard's table, made by its first flow.
-    shards: Box<[Mutex<Option<conntrack::Table>>]>,
-    per_shard: u32,
+    shards: Box<[OnceLock<conntrack::Table>]>,
+    per_shard: conntrack::Capacity,
     timeouts: conntrack::Timeouts,
     /// The MAC of an overlay address (the cluster's convention), for the rewritten frames.
     mac_of: fn(Ipv4Addr) -> [u8; 6],
@@ -128,12 +135,10 @@ impl Balancer {
         mac_of: fn(Ipv4Addr) -> [u8; 6],
         node: Ipv4Addr,
     ) -> Result<Balancer, conntrack::Error> {
-        let per_shard = flows.div_ceil(SHARDS as u32).max(1);
-        // Refused now rather than at the first flow.
-        conntrack::Table::new(per_shard, timeouts)?;
+        let per_shard = conntrack::Capacity::new(flows.div_ceil(SHARDS as u32).max(1))?;
         Ok(Balancer {
             services: ArcSwap::from_pointee(Table::default()),
-            shards: (0..SHARDS).map(|_| Mutex::new(None)).collect(),
+            shards: (0..SHARDS).map(|_| OnceLock::new()).collect(),
             per_shard,
             timeouts,
             mac_of,
@@ -148,20 +153,16 @@ impl Balancer {
         let gone = self.services.load().removed_backends(&next);
         self.services.store(Arc::new(next));
         for task in gone {
-            for shard in self.shards.iter() {
-                if let Some(table) = lock(shard).as_mut() {
-                    table.remove_backend(now, task);
-                }
+            for table in self.tables() {
+                table.lock().remove_backend(now, task);
             }
         }
     }
 
     /// Expires flows whose time is up.
     pub fn handle_timeout(&self, now: Instant) {
-        for shard in self.shards.iter() {
-            if let Some(table) = lock(shard).as_mut() {
-                table.handle_timeout(now);
-            }
+        for table in self.tables() {
+            table.lock().handle_timeout(now);
         }
     }
 
@@ -173,20 +174,19 @@ impl Balancer {
     /// Flows tracked now, and flows evicted since start to make room for new ones (a full
     /// table evicts unanswered flows first, and keeps forwarding).
     pub fn flows(&self) -> (usize, u64) {
-        self.shards
-            .iter()
-            .fold((0, 0), |(tracked, evicted), shard| {
-                match lock(shard).as_ref() {
-                    Some(table) => {
-                        let stats = table.stats();
-                        (
-                            tracked + table.len(),
-                            evicted + stats.evicted_embryonic + stats.evicted_oldest,
-                        )
-                    }
-                    None => (tracked, evicted),
-                }
-            })
+        self.tables().fold((0, 0), |(tracked, evicted), table| {
+            let table = table.lock();
+            let stats = table.stats();
+            (
+                tracked + table.len(),
+                evicted + stats.evicted_embryonic + stats.evicted_oldest,
+            )
+        })
+    }
+
+    /// The shards' tables made so far.
+    fn tables(&self) -> impl Iterator<Item = &conntrack::Table> {
+        self.shards.iter().filter_map(OnceLock::get)
     }
 
     /// Looks at an Ethernet frame that came from `origin`: sent to a VIP, on its way to a
@@ -346,37 +346,35 @@ impl Balancer {
         })
     }
 
-    /// The tracked flow of a packet, from the first of `shards` that knows it. A UDP flow
-    /// whose task went away is forgotten instead, so that it is balanced again at once
-    /// (UDP has no connection for the client to reset).
+    /// The tracked flow of a packet, from the first of `shards` that knows it; `None` if none
+    /// does, or if the packet starts the flow over ([`rebalances`]), which forgets it. A packet
+    /// that leaves its flow in its state (most of them) takes no lock: only a flow event (a
+    /// change of state, starting over) or a look-up the table's writer got in the way of does.
     fn tracked(&self, shards: [Option<usize>; 2], packet: &Packet) -> Option<(Direction, Entry)> {
         let [first, second] = shards;
         let second = second.filter(|s| Some(*s) != first);
         for shard in [first, second].into_iter().flatten() {
-            let mut table = lock(&self.shards[shard]);
-            let Some(table) = table.as_mut() else {
+            let Some(table) = self.shards[shard].get() else {
                 continue;
             };
-            // Only a client's SYN or a packet from another node can start over: the extra
-            // lookup is not paid by the rest of a flow's packets.
-            if (is_syn(packet) || matches!(packet.origin, Origin::Node(_)))
-                && table
-                    .get(&packet.tuple)
-                    .is_some_and(|(direction, entry)| rebalances(direction, entry, packet))
-            {
+            match table.find(&packet.tuple) {
+                Lookup::Absent => continue,
+                Lookup::Found(found) if !rebalances(found.direction, &found.entry, packet) => {
+                    if let Some(entry) = table.refresh(&found, packet.now, packet.flags) {
+                        return Some((found.direction, entry));
+                    }
+                }
+                Lookup::Found(_) | Lookup::Busy => {}
+            }
+            let mut table = table.lock();
+            let Some((direction, entry)) = table.get(&packet.tuple) else {
+                continue;
+            };
+            if rebalances(direction, &entry, packet) {
                 table.forget(&packet.tuple);
                 return None;
             }
-            match table.track(packet.now, &packet.tuple, packet.flags) {
-                Some((Direction::Original, entry))
-                    if entry.is_backend_gone() && packet.tuple.proto == Protocol::Udp =>
-                {
-                    table.forget(&packet.tuple);
-                    return None;
-                }
-                Some(tracked) => return Some(tracked),
-                None => {}
-            }
+            return table.track(packet.now, &packet.tuple, packet.flags);
         }
         None
     }
@@ -393,14 +391,11 @@ impl Balancer {
         let Some(shard) = self.shard(packet.tuple.src.port()) else {
             return self.count_drop();
         };
-        let mut table = lock(&self.shards[shard]);
-        let table = match table.as_mut() {
-            Some(table) => table,
-            None => match conntrack::Table::new(self.per_shard, self.timeouts) {
-                Ok(made) => table.insert(made),
-                Err(_) => return self.count_drop(),
-            },
-        };
+        // The first flow of the shard allocates its table whole; the first time it was given
+        // is the table's time 0.
+        let mut table = self.shards[shard]
+            .get_or_init(|| conntrack::Table::new(self.per_shard, self.timeouts, packet.now))
+            .lock();
         let mut inserted = table.insert(packet.now, packet.tuple, nat, packet.flags);
         if inserted == Err(conntrack::Error::ReplyClash) {
             // The task would see this flow as an older one that the client has given up: the
@@ -412,7 +407,7 @@ impl Balancer {
             );
             if table
                 .get(&answer)
-                .is_some_and(|(_, old)| superseded(old, packet))
+                .is_some_and(|(_, old)| superseded(&old, packet))
             {
                 table.forget(&answer);
                 inserted = table.insert(packet.now, packet.tuple, nat, packet.flags);
@@ -542,9 +537,15 @@ impl Balancer {
 /// On a task's node, a packet that another node sent on the tuple of a flow that came through
 /// a different node is balanced afresh too, TCP or UDP: the client reused its port towards
 /// another node (a UDP client's new socket, most often), and the answers must go back there.
+///
+/// A UDP flow whose task went away is balanced afresh at its client's next datagram (UDP has
+/// no connection for the client to reset).
 fn rebalances(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
     if direction != Direction::Original {
         return false;
+    }
+    if entry.is_backend_gone() && packet.tuple.proto == Protocol::Udp {
+        return true;
     }
     if let (Via::Node(was), Origin::Node(now)) = (entry.nat().via, packet.origin)
         && was != now
@@ -579,14 +580,6 @@ fn superseded(old: &Entry, packet: &Packet) -> bool {
 fn is_syn(packet: &Packet) -> bool {
     use conntrack::tcp_flags::{ACK, SYN};
     packet.tuple.proto == Protocol::Tcp && packet.flags & (SYN | ACK) == SYN
-}
-
-/// The shard's table. A worker that panicked while holding it left it consistent (every
-/// change is made in one call that does not unwind halfway), so it is used as it is.
-fn lock(shard: &Mutex<Option<conntrack::Table>>) -> MutexGuard<'_, Option<conntrack::Table>> {
-    shard
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -1160,6 +1153,48 @@ mod tests {
         let mut own = tcp((7, 80), (6, 5555), false);
         assert_eq!(run(&b, &mut own), Verdict::Pass);
         assert_eq!(b.flows(), (0, 0));
+    }
+
+    /// An established flow's packets, both ways, take no lock: with every shard's lock held
+    /// here, another thread still forwards them. A worker that took a lock would wait for
+    /// ever; the test gives it 10 s.
+    #[test]
+    fn an_established_flows_packets_take_no_lock() {
+        let b = Arc::new(balancer(&[7, 8, 9]));
+        let flows: Vec<(u16, SocketAddrV4)> = (0..100u16)
+            .map(|i| {
+                let mut syn = tcp((5, 30000 + i), (VIP, 80), true);
+                assert_eq!(run(&b, &mut syn), Verdict::Rewritten);
+                let task = seen(&syn).3;
+                // The task's first answer establishes the flow (a state change: locked).
+                let mut answer = tcp((task.ip().octets()[3], 80), (5, 30000 + i), false);
+                assert_eq!(run(&b, &mut answer), Verdict::Rewritten);
+                (30000 + i, task)
+            })
+            .collect();
+        let held: Vec<_> = b.tables().map(|table| table.lock()).collect();
+        assert!(held.len() > 1, "the flows are spread over shards");
+        let (done, finished) = std::sync::mpsc::channel();
+        let worker = {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                for (port, task) in flows {
+                    let mut out = tcp((5, port), (VIP, 80), false);
+                    assert_eq!(run(&b, &mut out), Verdict::Rewritten);
+                    assert_eq!(seen(&out).3, task);
+                    let mut back = tcp((task.ip().octets()[3], 80), (5, port), false);
+                    assert_eq!(run(&b, &mut back), Verdict::Rewritten);
+                    assert_eq!(seen(&back).2, SocketAddrV4::new(ip(VIP), 80));
+                }
+                done.send(()).unwrap();
+            })
+        };
+        finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a packet of an established flow waited for a shard's lock");
+        drop(held);
+        worker.join().unwrap();
+        assert_eq!(b.flows(), (100, 0));
     }
 
     /// The two directions of each flow go through different threads (as two workers would),

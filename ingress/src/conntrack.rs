@@ -1,26 +1,50 @@
-//! Connection tracking for NATed flows, owned by one data-path worker (no locks).
+//! Connection tracking for NATed flows, shared by every data-path worker. A packet of a tracked
+//! flow is looked up and accounted without a lock; only a flow's events (its first packet, a
+//! change of state, its end) take the table's lock.
 //!
 //! An entry records a flow's original tuple (client -> VIP:port) and its NAT mapping (the
 //! backend ip:port, and a source rewrite for the hairpin case where the client is the task
 //! itself). Like Linux conntrack's original and reply tuples, it is indexed under two keys:
 //! the original tuple and the reply tuple (backend -> client, or backend -> rewritten source),
-//! so a packet in either direction finds the same entry with one hash lookup.
+//! so a packet in either direction finds the same entry with one look-up.
 //!
 //! The state is just enough to expire flows sensibly: for TCP, whether only the client has
 //! spoken, the flow is established, FINs were seen (one way, both ways) or a RST was; for UDP,
-//! whether the backend has replied. Each state has its timeout ([`Timeouts`]); every packet
-//! restarts it. Time is passed in, never read: [`Table::poll_timeout`] says when the next
-//! entry expires and [`Table::handle_timeout`] expires it, at exactly its deadline.
+//! whether the backend has replied. Each state has its timeout ([`Timeouts`]), counted from the
+//! flow's last packet. Time is passed in, never read: [`Locked::poll_timeout`] says when the
+//! next entry expires and [`Locked::handle_timeout`] expires it, at exactly its deadline.
 //!
-//! Capacity is fixed at construction and everything is allocated then: a slab of entries, and
-//! the index reserved large enough never to grow (see [`Table::new`]). Entries of one state
-//! sit in a list in the order they were last touched; as a state's timeout is constant, that
-//! is also deadline order, so the next deadline is the earliest of the lists' heads, and a
-//! packet moves its entry to a list's tail in O(1). When the table is full, inserting evicts
-//! an embryonic entry (a TCP flow without reply, an unreplied UDP flow), the one idle longest,
-//! else the entry idle longest of all; [`Stats`] counts both kinds.
+//! # Readers without a lock
+//! As Linux's conntrack does with RCU, a look-up ([`Table::find`]) reads only atomics, and a
+//! packet that leaves its flow in its state ([`Table::refresh`]: an established flow's data, a
+//! UDP flow's next datagram) only raises the entry's last-seen time, with one atomic
+//! `fetch_max`: there is no list to reorder, a deadline is the last-seen time plus the state's
+//! timeout. A packet that changes the state (a SYN, a FIN, a RST, the first reply) goes
+//! through [`Table::lock`], as do inserts, removals and the sweeps. So there is one writer at
+//! a time, and any number of readers:
+//! - Each entry sits in a slot of a fixed array: its tuple, NAT and state in a few atomic words
+//!   under the slot's sequence counter (a seqlock). The writer makes the counter odd while it
+//!   changes them; a reader that saw it odd, or changed, has read nothing.
+//! - The index is an open-addressing table (linear probing, at most half full) of atomic
+//!   words: a slot number, the key's direction and 32 bits of its hash. A hit is checked
+//!   against the slot's own tuple, so a stale word costs a miss, never a wrong flow. A removal
+//!   moves the following words back (no tombstones: probes stay short however much flows
+//!   churn), and while it does a second counter is odd; a look-up that found nothing while
+//!   words moved says so ([`Lookup::Busy`]) and the caller asks again under the lock.
 //!
-//! When a backend is removed, [`Table::remove_backend`] marks its entries
+//! A reader that read a flow just before it was removed may still raise its slot's time: the
+//! slot's next flow then lives that much longer, the same instant in practice. A sweep that
+//! expires a flow while one of its packets is handled is the race every timeout has: that
+//! packet was the flow's last.
+//!
+//! Capacity is fixed at construction and everything is allocated then ([`Table::new`]): 64
+//! bytes a slot, and 4 to 8 index words of 8 bytes per slot. The sweeps scan the slots under
+//! the lock: [`Locked::handle_timeout`] removes every entry past its deadline, and when the
+//! table is full, inserting evicts an embryonic entry (a TCP flow without reply, an unreplied
+//! UDP flow), the one idle longest, else the entry idle longest of all; [`Stats`] counts both
+//! kinds.
+//!
+//! When a backend is removed, [`Locked::remove_backend`] marks its entries
 //! [`State::BackendGone`]: they stay long enough for the flow's next packets to find them and
 //! be answered (a TCP RST, an ICMP unreachable), then expire.
 //!
@@ -28,12 +52,14 @@
 
 use crate::Protocol;
 use crate::flow::Tuple;
-use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// TCP flag bits as they sit in the header's flags byte (RFC 9293 §3.1); [`Table::track`]
-/// and [`Table::insert`] take that byte as it is (0 for UDP).
+/// TCP flag bits as they sit in the header's flags byte (RFC 9293 §3.1); [`Table::refresh`],
+/// [`Locked::track`] and [`Locked::insert`] take that byte as it is (0 for UDP).
 pub mod tcp_flags {
     pub const FIN: u8 = 0x01;
     pub const SYN: u8 = 0x02;
@@ -41,8 +67,8 @@ pub mod tcp_flags {
     pub const ACK: u8 = 0x10;
 }
 
-/// The largest capacity [`Table::new`] accepts: slot numbers are `u32`, and past this the
-/// memory (about 200 bytes a flow with the index) is not something a node should commit to.
+/// The largest capacity [`Capacity::new`] accepts: past this the memory (64 bytes a flow, and
+/// 32 to 64 for the index) is not something a node should commit to.
 pub const MAX_CAPACITY: u32 = 1 << 22;
 
 /// Which way a packet goes relative to the flow's first packet.
@@ -102,7 +128,7 @@ pub enum State {
     UdpUnreplied,
     /// The backend has replied.
     UdpReplied,
-    /// The backend was removed ([`Table::remove_backend`]); the flow's packets should get a
+    /// The backend was removed ([`Locked::remove_backend`]); the flow's packets should get a
     /// TCP RST or an ICMP unreachable. Packets no longer restart the timeout.
     BackendGone,
 }
@@ -120,13 +146,14 @@ impl State {
         State::BackendGone,
     ];
 
+    /// The state a record's byte holds; `None` for 0, a free slot.
+    fn decode(byte: u8) -> Option<State> {
+        State::ALL.get(usize::from(byte).checked_sub(1)?).copied()
+    }
+
     /// Evicted first when the table is full: nobody has answered them yet.
     fn is_embryonic(self) -> bool {
         matches!(self, State::TcpSynSent | State::UdpUnreplied)
-    }
-
-    fn list(self) -> usize {
-        self as usize
     }
 
     /// The state a flow's first packet (from the client) puts it in.
@@ -240,13 +267,10 @@ impl Timeouts {
     }
 }
 
-/// A tracked flow.
+/// A tracked flow, as it was when read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
-    original: Tuple,
-    nat: Nat,
-    state: State,
-    fins: Fins,
+    record: Record,
     last_seen: Instant,
     deadline: Instant,
 }
@@ -254,25 +278,25 @@ pub struct Entry {
 impl Entry {
     /// The flow as the client sent it: client -> VIP:port.
     pub fn original(&self) -> Tuple {
-        self.original
+        self.record.original
     }
 
     /// The flow as the backend answers it: backend -> client (or the rewritten source).
     pub fn reply(&self) -> Tuple {
-        reply_of(&self.original, &self.nat)
+        self.record.reply()
     }
 
     pub fn nat(&self) -> Nat {
-        self.nat
+        self.record.nat
     }
 
     pub fn state(&self) -> State {
-        self.state
+        self.record.state
     }
 
     /// True once the backend was removed: answer the flow with a RST or ICMP unreachable.
     pub fn is_backend_gone(&self) -> bool {
-        self.state == State::BackendGone
+        self.record.state == State::BackendGone
     }
 
     /// When the entry expires unless a packet comes first.
@@ -302,7 +326,7 @@ pub struct Stats {
     pub backend_gone: u64,
 }
 
-/// Why a flow was not tracked. The table is unchanged in every case.
+/// Why a flow was not tracked, or a table not built. The table is unchanged in every case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// The capacity is 0 or above [`MAX_CAPACITY`]. No table was built.
@@ -317,92 +341,430 @@ pub enum Error {
     ReplyClash,
 }
 
-/// "No slot": the end of a list.
-const NIL: u32 = u32::MAX;
+/// How many flows a table holds: 1 to [`MAX_CAPACITY`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity(u32);
 
-#[derive(Clone, Copy, Debug)]
+impl Capacity {
+    pub fn new(flows: u32) -> Result<Capacity, Error> {
+        if flows == 0 || flows > MAX_CAPACITY {
+            return Err(Error::Capacity(flows));
+        }
+        Ok(Capacity(flows))
+    }
+}
+
+/// What a look-up without the lock found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// The flow of the tuple.
+    Found(Found),
+    /// No flow has the tuple.
+    Absent,
+    /// The writer was changing what the look-up read: ask again under [`Table::lock`].
+    Busy,
+}
+
+/// A tracked flow found by [`Table::find`]: a copy of its entry, and the packet's direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub direction: Direction,
+    pub entry: Entry,
+    slot: u32,
+}
+
+/// Everything a slot says of its flow except the last-seen time: what changes only under the
+/// lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Record {
+    original: Tuple,
+    nat: Nat,
+    state: State,
+    fins: Fins,
+}
+
+/// The atomic words a record takes in a slot.
+const WORDS: usize = 6;
+/// Where in those words' bytes the state is: a sweep reads it alone.
+const STATE_BYTE: usize = 39;
+
+impl Record {
+    fn reply(&self) -> Tuple {
+        reply_of(&self.original, &self.nat)
+    }
+
+    /// The record as bytes, in words: the protocol, the original source and destination, the
+    /// backend, the source rewrite (a flag and an address), the way back (a tag and up to 12
+    /// bytes), the state (0 is a free slot) and the FINs.
+    fn encode(&self) -> [u64; WORDS] {
+        let mut b = [0u8; WORDS * 8];
+        b[0] = match self.original.proto {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        };
+        put(&mut b[1..7], self.original.src);
+        put(&mut b[7..13], self.original.dst);
+        put(&mut b[13..19], self.nat.backend);
+        if let Some(source) = self.nat.source {
+            b[19] = 1;
+            put(&mut b[20..26], source);
+        }
+        match self.nat.via {
+            Via::Overlay => {}
+            Via::Host {
+                client_mac,
+                node_mac,
+            } => {
+                b[26] = 1;
+                b[27..33].copy_from_slice(&client_mac);
+                b[33..39].copy_from_slice(&node_mac);
+            }
+            Via::Node(node) => {
+                b[26] = 2;
+                b[27..31].copy_from_slice(&node.octets());
+            }
+        }
+        b[STATE_BYTE] = 1 + self.state as u8;
+        b[40] = self.fins.0;
+        let (words, _) = b.as_chunks::<8>();
+        std::array::from_fn(|i| u64::from_le_bytes(words[i]))
+    }
+
+    /// The record `encode` made, or `None` for a free slot.
+    fn decode(words: [u64; WORDS]) -> Option<Record> {
+        let mut b = [0u8; WORDS * 8];
+        for (chunk, word) in b.as_chunks_mut::<8>().0.iter_mut().zip(words) {
+            *chunk = word.to_le_bytes();
+        }
+        let state = State::decode(b[STATE_BYTE])?;
+        let mac = |at: usize| -> [u8; 6] { std::array::from_fn(|i| b[at + i]) };
+        Some(Record {
+            original: Tuple {
+                proto: if b[0] == 6 {
+                    Protocol::Tcp
+                } else {
+                    Protocol::Udp
+                },
+                src: get(&b[1..7]),
+                dst: get(&b[7..13]),
+            },
+            nat: Nat {
+                backend: get(&b[13..19]),
+                source: (b[19] == 1).then(|| get(&b[20..26])),
+                via: match b[26] {
+                    1 => Via::Host {
+                        client_mac: mac(27),
+                        node_mac: mac(33),
+                    },
+                    2 => Via::Node(get(&b[27..33]).ip().to_owned()),
+                    _ => Via::Overlay,
+                },
+            },
+            state,
+            fins: Fins(b[40]),
+        })
+    }
+}
+
+/// Writes an address and port into 6 bytes.
+fn put(b: &mut [u8], addr: SocketAddrV4) {
+    b[..4].copy_from_slice(&addr.ip().octets());
+    b[4..6].copy_from_slice(&addr.port().to_be_bytes());
+}
+
+/// Reads an address and port from 6 bytes.
+fn get(b: &[u8]) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::new(b[0], b[1], b[2], b[3]),
+        u16::from_be_bytes([b[4], b[5]]),
+    )
+}
+
+/// One entry's place: 64 bytes.
+#[derive(Debug, Default)]
 struct Slot {
-    entry: Option<Entry>,
-    /// Neighbours in the entry's state list; for a free slot, `next` chains the free list.
-    prev: u32,
-    next: u32,
+    /// Odd while the writer changes `words`.
+    seq: AtomicU64,
+    /// The encoded [`Record`]; all 0 when the slot is free.
+    words: [AtomicU64; WORDS],
+    /// Nanoseconds from the table's epoch to the flow's last packet. Readers raise it.
+    seen: AtomicU64,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct List {
-    head: u32,
-    tail: u32,
+/// A read of a slot that overlapped the writer's change of it.
+struct Torn;
+
+/// An index word: the low 32 bits of the key's hash (whose low bits are its home position),
+/// the key's direction, and the slot number plus 1, so that no word is 0, the empty one.
+fn index_word(hash: u64, slot: u32, direction: Direction) -> u64 {
+    (hash & 0xffff_ffff) << 32
+        | u64::from(direction == Direction::Reply) << 31
+        | u64::from(slot + 1)
 }
 
-/// The connection-tracking table of one worker.
+/// The hash bits an index word keeps.
+fn word_hash(word: u64) -> u64 {
+    word >> 32
+}
+
+fn word_slot(word: u64) -> u32 {
+    (word & 0x7fff_ffff) as u32 - 1
+}
+
+/// The connection-tracking table: read by any number of workers at once without a lock
+/// ([`Table::find`], [`Table::refresh`]), changed by one at a time ([`Table::lock`]).
 #[derive(Debug)]
 pub struct Table {
     slots: Box<[Slot]>,
-    /// Both tuples of every entry, to its slot.
-    index: HashMap<Tuple, (u32, Direction)>,
-    lists: [List; State::COUNT],
-    free: u32,
-    len: u32,
+    /// Two words per entry, one per tuple, at most half full; 0 is empty.
+    index: Box<[AtomicU64]>,
+    /// Odd while the writer moves index words back after a removal.
+    shifting: AtomicU64,
+    /// The index's hash: randomly keyed, as clients choose the tuples.
+    hasher: RandomState,
+    /// Time 0 of the slots' last-seen times; an earlier time counts as this one.
+    epoch: Instant,
     timeouts: Timeouts,
-    /// The latest time seen: time never goes back inside the table, which keeps every list in
-    /// deadline order even if a caller's clock did.
-    latest: Option<Instant>,
+    writer: Mutex<Writer>,
+}
+
+/// What only the writer touches.
+#[derive(Debug)]
+struct Writer {
+    /// Free slots, as a stack that never holds more than the capacity.
+    free: Vec<u32>,
+    len: u32,
     stats: Stats,
 }
 
 impl Table {
-    /// A table for `capacity` flows, with all its memory allocated now. The index holds two
-    /// keys a flow and is reserved for twice that: std's hash map then always has room to
-    /// reuse deleted buckets in place (it rehashes without allocating while at most half
-    /// full), so churn never makes it reallocate.
-    pub fn new(capacity: u32, timeouts: Timeouts) -> Result<Table, Error> {
-        if capacity == 0 || capacity > MAX_CAPACITY {
-            return Err(Error::Capacity(capacity));
-        }
-        let slots = (0..capacity)
-            .map(|i| Slot {
-                entry: None,
-                prev: NIL,
-                next: if i + 1 < capacity { i + 1 } else { NIL },
-            })
-            .collect();
-        Ok(Table {
-            slots,
-            index: HashMap::with_capacity(4 * capacity as usize),
-            lists: [List {
-                head: NIL,
-                tail: NIL,
-            }; State::COUNT],
-            free: 0,
-            len: 0,
+    /// A table for `capacity` flows, with all its memory allocated now. The index has 4 to 8
+    /// words per slot, two per flow: at most half full, linear probing stays short.
+    pub fn new(capacity: Capacity, timeouts: Timeouts, epoch: Instant) -> Table {
+        let slots = capacity.0 as usize;
+        Table {
+            slots: (0..slots).map(|_| Slot::default()).collect(),
+            index: (0..(4 * slots).next_power_of_two())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            shifting: AtomicU64::new(0),
+            hasher: RandomState::new(),
+            epoch,
             timeouts,
-            latest: None,
-            stats: Stats::default(),
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        self.len as usize
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+            writer: Mutex::new(Writer {
+                free: (0..capacity.0).rev().collect(),
+                len: 0,
+                stats: Stats::default(),
+            }),
+        }
     }
 
     pub fn capacity(&self) -> usize {
         self.slots.len()
     }
 
+    /// The flow a packet with this tuple belongs to, and the packet's direction, read without
+    /// a lock and changing nothing. [`Lookup::Busy`] if the writer was in the way.
+    pub fn find(&self, tuple: &Tuple) -> Lookup {
+        let shifting = self.shifting.load(Ordering::Acquire);
+        match self.probe(tuple) {
+            Lookup::Absent => {
+                // Nothing found: true only if no word moved meanwhile.
+                fence(Ordering::Acquire);
+                if shifting.is_multiple_of(2) && self.shifting.load(Ordering::Relaxed) == shifting {
+                    Lookup::Absent
+                } else {
+                    Lookup::Busy
+                }
+            }
+            found_or_busy => found_or_busy,
+        }
+    }
+
+    /// Accounts a packet of `found`'s flow without a lock, if the packet leaves the flow in its
+    /// state: restarts its timeout (unless its backend is gone, see [`State::BackendGone`]) and
+    /// returns the entry as it is now. `None` if the packet changes the flow's state, which is
+    /// [`Locked::track`]'s to do.
+    pub fn refresh(&self, found: &Found, now: Instant, tcp_flags: u8) -> Option<Entry> {
+        let Record { state, fins, .. } = found.entry.record;
+        if state == State::BackendGone {
+            return Some(found.entry);
+        }
+        if state.after(fins, found.direction, tcp_flags) != (state, fins) {
+            return None;
+        }
+        let seen = self.touch(found.slot, now);
+        Some(self.entry(found.entry.record, seen))
+    }
+
+    /// The table for changes, one writer at a time. A writer that panicked left it consistent
+    /// (no change unwinds halfway), so it is used as it is.
+    pub fn lock(&self) -> Locked<'_> {
+        Locked {
+            table: self,
+            writer: self.writer.lock().unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+
+    /// Looks `tuple` up; [`Lookup::Absent`] only means that no word it read led to the flow.
+    fn probe(&self, tuple: &Tuple) -> Lookup {
+        let hash = self.hasher.hash_one(tuple);
+        let mask = self.index.len() - 1;
+        let mut at = hash as usize & mask;
+        for _ in 0..self.index.len() {
+            let word = self.index[at].load(Ordering::Acquire);
+            if word == 0 {
+                return Lookup::Absent;
+            }
+            if word_hash(word) == hash & 0xffff_ffff {
+                let slot = word_slot(word);
+                let Ok(record) = self.read(slot) else {
+                    return Lookup::Busy;
+                };
+                let direction = record.and_then(|r| {
+                    if r.original == *tuple {
+                        Some(Direction::Original)
+                    } else {
+                        (r.reply() == *tuple).then_some(Direction::Reply)
+                    }
+                });
+                if let (Some(direction), Some(record)) = (direction, record) {
+                    let seen = self.slots[slot as usize].seen.load(Ordering::Relaxed);
+                    return Lookup::Found(Found {
+                        direction,
+                        entry: self.entry(record, seen),
+                        slot,
+                    });
+                }
+            }
+            at = (at + 1) & mask;
+        }
+        // Only words moving under the probe can make it go round.
+        Lookup::Busy
+    }
+
+    /// The record in `slot` (`None` if the slot is free), read as the seqlock reader does.
+    fn read(&self, slot: u32) -> Result<Option<Record>, Torn> {
+        let s = &self.slots[slot as usize];
+        let before = s.seq.load(Ordering::Acquire);
+        let words = std::array::from_fn(|i| s.words[i].load(Ordering::Relaxed));
+        fence(Ordering::Acquire);
+        if before % 2 == 1 || s.seq.load(Ordering::Relaxed) != before {
+            return Err(Torn);
+        }
+        Ok(Record::decode(words))
+    }
+
+    /// Writes `slot`'s words as the seqlock writer does. Only under the lock.
+    fn write(&self, slot: u32, words: [u64; WORDS]) {
+        let s = &self.slots[slot as usize];
+        let seq = s.seq.load(Ordering::Relaxed);
+        s.seq.store(seq + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        for (word, value) in s.words.iter().zip(words) {
+            word.store(value, Ordering::Relaxed);
+        }
+        s.seq.store(seq + 2, Ordering::Release);
+    }
+
+    /// Raises `slot`'s last-seen time to `now`; returns the time it has now.
+    fn touch(&self, slot: u32, now: Instant) -> u64 {
+        let now = self.nanos(now);
+        self.slots[slot as usize]
+            .seen
+            .fetch_max(now, Ordering::Relaxed)
+            .max(now)
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn time(&self, nanos: u64) -> Instant {
+        self.epoch + Duration::from_nanos(nanos)
+    }
+
+    fn entry(&self, record: Record, seen: u64) -> Entry {
+        let last_seen = self.time(seen);
+        Entry {
+            record,
+            last_seen,
+            deadline: last_seen + self.timeouts.of(record.state),
+        }
+    }
+
+    /// Adds `tuple`'s word for `slot` to the index. Only under the lock; the index is at most
+    /// half full, so there is an empty word to take.
+    fn link(&self, tuple: &Tuple, slot: u32, direction: Direction) {
+        let hash = self.hasher.hash_one(tuple);
+        let mask = self.index.len() - 1;
+        let mut at = hash as usize & mask;
+        while self.index[at].load(Ordering::Relaxed) != 0 {
+            at = (at + 1) & mask;
+        }
+        self.index[at].store(index_word(hash, slot, direction), Ordering::Release);
+    }
+
+    /// Removes `tuple`'s word for `slot` from the index, and moves back the words after it that
+    /// can be found from their home without the gap (Knuth's algorithm R), while `shifting`
+    /// is odd. Only under the lock.
+    fn unlink(&self, tuple: &Tuple, slot: u32, direction: Direction) {
+        let hash = self.hasher.hash_one(tuple);
+        let target = index_word(hash, slot, direction);
+        let mask = self.index.len() - 1;
+        let mut hole = hash as usize & mask;
+        loop {
+            match self.index[hole].load(Ordering::Relaxed) {
+                0 => return,
+                word if word == target => break,
+                _ => hole = (hole + 1) & mask,
+            }
+        }
+        let shifting = self.shifting.load(Ordering::Relaxed);
+        self.shifting.store(shifting + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        let mut at = hole;
+        loop {
+            at = (at + 1) & mask;
+            let word = self.index[at].load(Ordering::Relaxed);
+            if word == 0 {
+                break;
+            }
+            // The word may fill the hole unless its home lies after the hole, up to here.
+            let home = word_hash(word) as usize & mask;
+            if at.wrapping_sub(home) & mask >= at.wrapping_sub(hole) & mask {
+                self.index[hole].store(word, Ordering::Release);
+                hole = at;
+            }
+        }
+        self.index[hole].store(0, Ordering::Release);
+        self.shifting.store(shifting + 2, Ordering::Release);
+    }
+}
+
+/// The table with its writer's lock held: flow events, the sweeps, and the counters.
+pub struct Locked<'a> {
+    table: &'a Table,
+    writer: MutexGuard<'a, Writer>,
+}
+
+impl Locked<'_> {
+    pub fn len(&self) -> usize {
+        self.writer.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writer.len == 0
+    }
+
     pub fn stats(&self) -> Stats {
-        self.stats
+        self.writer.stats
     }
 
     /// The entry a packet with this tuple belongs to, and the packet's direction. Changes
     /// nothing.
-    pub fn get(&self, tuple: &Tuple) -> Option<(Direction, &Entry)> {
-        let &(slot, dir) = self.index.get(tuple)?;
-        let entry = self.slot(slot).entry.as_ref()?;
-        Some((dir, entry))
+    pub fn get(&self, tuple: &Tuple) -> Option<(Direction, Entry)> {
+        self.found(tuple).map(|f| (f.direction, f.entry))
     }
 
     /// Accounts a packet of a tracked flow: advances its state by the TCP flags (ignored for
@@ -413,15 +775,20 @@ impl Table {
         tuple: &Tuple,
         tcp_flags: u8,
     ) -> Option<(Direction, Entry)> {
-        let now = self.clock(now);
-        let &(slot, dir) = self.index.get(tuple)?;
-        let entry = self.slot(slot).entry?;
-        if entry.is_backend_gone() {
-            return Some((dir, entry));
+        let found = self.found(tuple)?;
+        if let Some(entry) = self.table.refresh(&found, now, tcp_flags) {
+            return Some((found.direction, entry));
         }
-        let (state, fins) = entry.state.after(entry.fins, dir, tcp_flags);
-        self.relist(slot, now, state, fins);
-        self.slot(slot).entry.map(|e| (dir, e))
+        let record = found.entry.record;
+        let (state, fins) = record.state.after(record.fins, found.direction, tcp_flags);
+        let record = Record {
+            state,
+            fins,
+            ..record
+        };
+        self.table.write(found.slot, record.encode());
+        let seen = self.table.touch(found.slot, now);
+        Some((found.direction, self.table.entry(record, seen)))
     }
 
     /// Starts tracking a flow from its first packet (`original`, client -> VIP:port) and the
@@ -434,188 +801,157 @@ impl Table {
         tcp_flags: u8,
     ) -> Result<Entry, Error> {
         let reply = reply_of(&original, &nat);
-        if let Some(&(_, dir)) = self.index.get(&original) {
-            return Err(Error::Exists(dir));
+        if let Some(found) = self.found(&original) {
+            return Err(Error::Exists(found.direction));
         }
-        if reply == original || self.index.contains_key(&reply) {
+        if reply == original || self.found(&reply).is_some() {
             return Err(Error::ReplyClash);
         }
-        let now = self.clock(now);
-        if self.free == NIL {
-            self.evict();
-        }
-        let slot = self.free;
-        self.free = self.slot(slot).next;
+        let slot = match self.writer.free.pop() {
+            Some(slot) => slot,
+            None => self.evict(),
+        };
         let (state, fins) = State::first(original.proto, tcp_flags);
-        let entry = Entry {
+        let record = Record {
             original,
             nat,
             state,
             fins,
-            last_seen: now,
-            deadline: now + self.timeouts.of(state),
         };
-        self.slots[slot as usize].entry = Some(entry);
-        self.link(slot, now, state, fins);
-        self.index.insert(original, (slot, Direction::Original));
-        self.index.insert(reply, (slot, Direction::Reply));
-        self.len += 1;
-        Ok(entry)
+        let seen = self.table.nanos(now);
+        self.table.slots[slot as usize]
+            .seen
+            .store(seen, Ordering::Relaxed);
+        self.table.write(slot, record.encode());
+        self.table.link(&original, slot, Direction::Original);
+        self.table.link(&reply, slot, Direction::Reply);
+        self.writer.len += 1;
+        Ok(self.table.entry(record, seen))
     }
 
     /// Marks every flow sent to `backend` (a task address, any port) as
     /// [`State::BackendGone`], to expire after [`Timeouts::backend_gone`]. Returns how many
     /// were marked. A control-plane event, not per packet: it walks the whole table.
     pub fn remove_backend(&mut self, now: Instant, backend: Ipv4Addr) -> usize {
-        let now = self.clock(now);
         let mut marked = 0;
-        for slot in 0..self.slots.len() as u32 {
-            let Some(entry) = self.slot(slot).entry else {
+        for slot in self.live() {
+            let Some(record) = self.record(slot) else {
                 continue;
             };
-            if *entry.nat.backend.ip() == backend && !entry.is_backend_gone() {
-                self.unlink(slot);
-                self.link(slot, now, State::BackendGone, entry.fins);
+            if *record.nat.backend.ip() == backend && record.state != State::BackendGone {
+                let gone = Record {
+                    state: State::BackendGone,
+                    ..record
+                };
+                self.table.write(slot, gone.encode());
+                self.table.touch(slot, now);
                 marked += 1;
             }
         }
-        self.stats.backend_gone += marked as u64;
+        self.writer.stats.backend_gone += marked as u64;
         marked
     }
 
     /// Stops tracking the flow `tuple` belongs to (either direction); false if none does.
     pub fn forget(&mut self, tuple: &Tuple) -> bool {
-        match self.index.get(tuple) {
-            Some(&(slot, _)) => {
-                self.remove(slot);
+        match self.found(tuple) {
+            Some(found) => {
+                self.remove(found.slot);
                 true
             }
             None => false,
         }
     }
 
-    /// When the next entry expires, if any.
+    /// When the next entry expires, if any. A scan of the table.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.lists
-            .iter()
-            .filter_map(|l| self.deadline(l.head))
-            .min()
+        self.live().filter_map(|slot| self.deadline(slot)).min()
     }
 
-    /// Removes every entry whose deadline is at or before `now`.
+    /// Removes every entry whose deadline is at or before `now`. A scan of the table.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let now = self.clock(now);
-        for list in 0..State::COUNT {
-            while let Some(deadline) = self.deadline(self.lists[list].head) {
-                if deadline > now {
-                    break;
-                }
-                let head = self.lists[list].head;
-                self.remove(head);
-                self.stats.expired += 1;
+        for slot in self.live() {
+            if self.deadline(slot).is_some_and(|deadline| deadline <= now) {
+                self.remove(slot);
+                self.writer.stats.expired += 1;
             }
         }
     }
 
-    fn clock(&mut self, now: Instant) -> Instant {
-        let now = self.latest.map_or(now, |l| l.max(now));
-        self.latest = Some(now);
-        now
+    /// The slots to scan: none at all in an empty table.
+    fn live(&self) -> std::ops::Range<u32> {
+        let end = if self.is_empty() {
+            0
+        } else {
+            self.table.slots.len() as u32
+        };
+        0..end
     }
 
-    fn slot(&self, slot: u32) -> &Slot {
-        &self.slots[slot as usize]
+    /// Under the lock a look-up is never [`Lookup::Busy`]: nothing changes under it.
+    fn found(&self, tuple: &Tuple) -> Option<Found> {
+        match self.table.probe(tuple) {
+            Lookup::Found(found) => Some(found),
+            Lookup::Absent | Lookup::Busy => None,
+        }
+    }
+
+    fn record(&self, slot: u32) -> Option<Record> {
+        self.table.read(slot).ok().flatten()
+    }
+
+    /// The state of the flow in `slot`, `None` if the slot is free: its byte alone, which only
+    /// the writer changes.
+    fn state(&self, slot: u32) -> Option<State> {
+        let word = self.table.slots[slot as usize].words[STATE_BYTE / 8].load(Ordering::Relaxed);
+        State::decode(word.to_le_bytes()[STATE_BYTE % 8])
+    }
+
+    fn seen(&self, slot: u32) -> u64 {
+        self.table.slots[slot as usize].seen.load(Ordering::Relaxed)
     }
 
     fn deadline(&self, slot: u32) -> Option<Instant> {
-        self.slots.get(slot as usize)?.entry.map(|e| e.deadline)
+        let state = self.state(slot)?;
+        Some(self.table.time(self.seen(slot)) + self.table.timeouts.of(state))
     }
 
-    fn last_seen(&self, slot: u32) -> Option<Instant> {
-        self.slots.get(slot as usize)?.entry.map(|e| e.last_seen)
-    }
-
-    /// Moves an entry to the tail of its (new) state's list after a packet at `now`.
-    fn relist(&mut self, slot: u32, now: Instant, state: State, fins: Fins) {
-        self.unlink(slot);
-        self.link(slot, now, state, fins);
-    }
-
-    /// Sets the entry's state and times, and appends it to its state's list: `now` is the
-    /// latest time, so the list stays in deadline order.
-    fn link(&mut self, slot: u32, now: Instant, state: State, fins: Fins) {
-        let deadline = now + self.timeouts.of(state);
-        let list = &mut self.lists[state.list()];
-        let tail = list.tail;
-        list.tail = slot;
-        if tail == NIL {
-            list.head = slot;
-        } else {
-            self.slots[tail as usize].next = slot;
-        }
-        let s = &mut self.slots[slot as usize];
-        s.prev = tail;
-        s.next = NIL;
-        if let Some(e) = &mut s.entry {
-            e.state = state;
-            e.fins = fins;
-            e.last_seen = now;
-            e.deadline = deadline;
-        }
-    }
-
-    fn unlink(&mut self, slot: u32) {
-        let Some(entry) = self.slot(slot).entry else {
-            return;
-        };
-        let Slot { prev, next, .. } = *self.slot(slot);
-        let list = &mut self.lists[entry.state.list()];
-        if prev == NIL {
-            list.head = next;
-        } else {
-            self.slots[prev as usize].next = next;
-        }
-        if next == NIL {
-            list.tail = prev;
-        } else {
-            self.slots[next as usize].prev = prev;
-        }
-    }
-
+    /// Frees `slot`: out of the index first, so that a reader that still reaches it finds it
+    /// free.
     fn remove(&mut self, slot: u32) {
-        let Some(entry) = self.slot(slot).entry else {
-            return;
-        };
-        self.unlink(slot);
-        self.index.remove(&entry.original);
-        self.index.remove(&entry.reply());
-        let s = &mut self.slots[slot as usize];
-        s.entry = None;
-        s.prev = NIL;
-        s.next = self.free;
-        self.free = slot;
-        self.len -= 1;
+        self.vacate(slot);
+        self.writer.free.push(slot);
     }
 
-    /// Frees one slot: the embryonic entry idle longest, else the entry idle longest. Each
-    /// list's head is its entry idle longest.
-    fn evict(&mut self) {
-        let oldest = |embryonic_only: bool| {
-            State::ALL
-                .iter()
-                .filter(|s| !embryonic_only || s.is_embryonic())
-                .map(|s| self.lists[s.list()].head)
-                .filter_map(|slot| Some((self.last_seen(slot)?, slot)))
-                .min()
-                .map(|(_, slot)| slot)
+    fn vacate(&mut self, slot: u32) {
+        let Some(record) = self.record(slot) else {
+            return;
         };
-        if let Some(slot) = oldest(true) {
-            self.remove(slot);
-            self.stats.evicted_embryonic += 1;
-        } else if let Some(slot) = oldest(false) {
-            self.remove(slot);
-            self.stats.evicted_oldest += 1;
+        self.table
+            .unlink(&record.original, slot, Direction::Original);
+        self.table.unlink(&record.reply(), slot, Direction::Reply);
+        self.table.write(slot, [0; WORDS]);
+        self.writer.len -= 1;
+    }
+
+    /// Empties the slot of the embryonic entry idle longest, else of the entry idle longest
+    /// (the table is full, every slot holds one), and returns it.
+    fn evict(&mut self) -> u32 {
+        // Sorts embryonic entries first, then by last packet; a free slot is no candidate.
+        let rank = |slot: u32| match self.state(slot) {
+            Some(state) => (!state.is_embryonic(), self.seen(slot)),
+            None => (true, u64::MAX),
+        };
+        let victim = (1..self.table.slots.len() as u32).fold(0, |best, slot| {
+            if rank(slot) < rank(best) { slot } else { best }
+        });
+        if rank(victim).0 {
+            self.writer.stats.evicted_oldest += 1;
+        } else {
+            self.writer.stats.evicted_embryonic += 1;
         }
+        self.vacate(victim);
+        victim
     }
 }
 

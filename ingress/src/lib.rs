@@ -19,9 +19,9 @@
 //! flow hash is [`flow::Tuple::stable_hash`], over the tuple the client sent, computed with
 //! the crate's one stable hash (`hash`) so that every node gets the same value.
 //!
-//! Once a task is chosen, [`conntrack`] remembers it: one worker's table, with no locks, of
-//! NATed flows, each under both its original and its reply tuple so that either direction
-//! finds it. It runs per-state TCP and UDP timeouts through `poll_timeout` and
+//! Once a task is chosen, [`conntrack`] remembers it: a table of NATed flows that every worker
+//! reads without a lock, each flow under both its original and its reply tuple so that either
+//! direction finds it; only a flow's events (its start, a change of state, its end) lock it. It runs per-state TCP and UDP timeouts through `poll_timeout` and
 //! `handle_timeout`, has a capacity fixed (and allocated) when it is built, evicts embryonic
 //! flows first when full, and marks the flows of a removed task so that they can be reset.
 //! [`service::Table::removed_backends`] says which tasks those are when a snapshot replaces

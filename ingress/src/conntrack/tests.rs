@@ -1,7 +1,7 @@
 use super::tcp_flags::{ACK, FIN, RST, SYN};
 use super::*;
 use proptest::prelude::*;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 const SEC: Duration = Duration::from_secs(1);
 
@@ -25,85 +25,87 @@ fn to(backend: u8) -> Nat {
     }
 }
 
-fn table(capacity: u32) -> Table {
-    Table::new(capacity, Timeouts::default()).unwrap()
+fn table(capacity: u32, epoch: Instant) -> Table {
+    Table::new(Capacity::new(capacity).unwrap(), Timeouts::default(), epoch)
 }
 
-impl Table {
-    fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.slots.iter().filter_map(|s| s.entry.as_ref())
+impl Locked<'_> {
+    fn entries(&self) -> Vec<Entry> {
+        (0..self.table.slots.len() as u32)
+            .filter_map(|slot| Some(self.table.entry(self.record(slot)?, self.seen(slot))))
+            .collect()
     }
 
     /// Everything that must hold between any two calls.
-    fn check_invariants(&self, index_capacity: usize) {
-        assert!(self.len() <= self.capacity());
-        assert_eq!(self.entries().count(), self.len());
-        assert_eq!(self.index.len(), 2 * self.len(), "two keys per entry");
-        // Never reallocated after construction. std's `capacity()` is the entries plus the
-        // room left before it must grow, which deleted buckets reduce until it rehashes in
-        // place; only reallocation (to twice the buckets) makes it larger.
-        assert!(
-            self.index.capacity() <= index_capacity,
-            "index grew: {} > {index_capacity}",
-            self.index.capacity()
-        );
-        for e in self.entries() {
-            let (d, o) = self.get(&e.original()).unwrap();
-            assert_eq!((d, o), (Direction::Original, e));
-            let (d, r) = self.get(&e.reply()).unwrap();
-            assert_eq!((d, r), (Direction::Reply, e));
-            assert_eq!(e.deadline, e.last_seen + self.timeouts.of(e.state));
+    fn check_invariants(&self) {
+        let table = self.table;
+        assert!(self.len() <= table.capacity());
+        let entries = self.entries();
+        assert_eq!(entries.len(), self.len());
+        for e in &entries {
+            assert_eq!(self.get(&e.original()), Some((Direction::Original, *e)));
+            assert_eq!(self.get(&e.reply()), Some((Direction::Reply, *e)));
+            assert_eq!(e.deadline, e.last_seen + table.timeouts.of(e.state()));
         }
-        // Each list holds exactly the entries of its state, in deadline order, doubly linked.
-        let mut listed = 0;
-        for state in State::ALL {
-            let list = self.lists[state.list()];
-            let (mut prev, mut at, mut last) = (NIL, list.head, None);
-            while at != NIL {
-                let s = self.slot(at);
-                let e = s.entry.unwrap();
-                assert_eq!(e.state, state);
-                assert_eq!(s.prev, prev);
-                assert!(
-                    last <= Some(e.deadline),
-                    "{state:?} list out of deadline order"
-                );
-                last = Some(e.deadline);
-                prev = at;
-                at = s.next;
-                listed += 1;
+        // Two index words per entry, each reachable from its home without an empty word
+        // (what lets a look-up stop at the first empty one), each its tuple's.
+        let mask = table.index.len() - 1;
+        let words: Vec<u64> = table
+            .index
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(words.iter().filter(|w| **w != 0).count(), 2 * self.len());
+        for (at, &word) in words.iter().enumerate().filter(|(_, w)| **w != 0) {
+            let mut home = word_hash(word) as usize & mask;
+            while home != at {
+                assert_ne!(words[home], 0, "word at {at} cut off from its home");
+                home = (home + 1) & mask;
             }
-            assert_eq!(list.tail, prev);
+            let slot = word_slot(word);
+            let record = self
+                .record(slot)
+                .expect("an index word leads to a free slot");
+            let (tuple, direction) = if word >> 31 & 1 == 0 {
+                (record.original, Direction::Original)
+            } else {
+                (record.reply(), Direction::Reply)
+            };
+            assert_eq!(
+                word,
+                index_word(table.hasher.hash_one(tuple), slot, direction)
+            );
         }
-        assert_eq!(listed, self.len());
-        let mut free = 0;
-        let mut at = self.free;
-        while at != NIL {
-            assert!(self.slot(at).entry.is_none());
-            at = self.slot(at).next;
-            free += 1;
-        }
-        assert_eq!(free + self.len(), self.capacity());
-        // The next deadline is the earliest entry's.
-        assert_eq!(
-            self.poll_timeout(),
-            self.entries().map(|e| e.deadline).min()
+        // Every slot is free or holds an entry; no writer is halfway through anything; the
+        // free list is never reallocated.
+        let free: HashSet<u32> = self.writer.free.iter().copied().collect();
+        assert_eq!(free.len(), self.writer.free.len());
+        assert_eq!(free.len() + self.len(), table.capacity());
+        assert!(free.iter().all(|slot| self.record(*slot).is_none()));
+        assert_eq!(self.writer.free.capacity(), table.capacity());
+        assert!(
+            table
+                .slots
+                .iter()
+                .all(|s| s.seq.load(Ordering::Relaxed) % 2 == 0)
         );
+        assert_eq!(table.shifting.load(Ordering::Relaxed) % 2, 0);
     }
 }
 
 #[test]
 fn both_directions_find_one_entry() {
     let t0 = Instant::now();
-    let mut ct = table(16);
+    let t = table(16, t0);
+    let mut ct = t.lock();
     let f = flow(Protocol::Tcp, 5, 40_000);
     let e = ct.insert(t0, f, to(9), SYN).unwrap();
     assert_eq!(
         e.reply(),
         Tuple::new(Protocol::Tcp, addr(9, 80), addr(5, 40_000))
     );
-    assert_eq!(ct.get(&f), Some((Direction::Original, &e)));
-    assert_eq!(ct.get(&e.reply()), Some((Direction::Reply, &e)));
+    assert_eq!(ct.get(&f), Some((Direction::Original, e)));
+    assert_eq!(ct.get(&e.reply()), Some((Direction::Reply, e)));
     // The NATed packet itself (client -> backend) is not a key: only the two tuples are.
     assert_eq!(
         ct.get(&Tuple::new(Protocol::Tcp, addr(5, 40_000), addr(9, 80))),
@@ -115,7 +117,8 @@ fn both_directions_find_one_entry() {
 #[test]
 fn hairpin_reply_comes_back_to_the_rewritten_source() {
     let t0 = Instant::now();
-    let mut ct = table(16);
+    let t = table(16, t0);
+    let mut ct = t.lock();
     // Task 9 connects to its own service's VIP and lands on itself.
     let f = flow(Protocol::Udp, 9, 5353);
     let rewritten = SocketAddrV4::new(Ipv4Addr::new(198, 19, 255, 1), 61_000);
@@ -135,12 +138,12 @@ fn hairpin_reply_comes_back_to_the_rewritten_source() {
 #[test]
 fn refusals_leave_the_table_unchanged() {
     let t0 = Instant::now();
-    let mut ct = table(16);
+    let t = table(16, t0);
+    let mut ct = t.lock();
     let a = ct
         .insert(t0, flow(Protocol::Tcp, 5, 40_000), to(9), SYN)
         .unwrap();
-    let before = ct.entries().copied().collect::<Vec<_>>();
-    let index_capacity = ct.index.capacity();
+    let before = ct.entries();
     assert_eq!(
         ct.insert(t0, a.original(), to(8), SYN),
         Err(Error::Exists(Direction::Original))
@@ -157,31 +160,30 @@ fn refusals_leave_the_table_unchanged() {
         SocketAddrV4::new(Ipv4Addr::new(198, 19, 255, 2), 80),
     );
     assert_eq!(ct.insert(t0, other_vip, to(9), SYN), Err(Error::ReplyClash));
-    assert_eq!(ct.entries().copied().collect::<Vec<_>>(), before);
-    ct.check_invariants(index_capacity);
+    assert_eq!(ct.entries(), before);
+    ct.check_invariants();
+    assert_eq!(Capacity::new(0), Err(Error::Capacity(0)));
     assert_eq!(
-        Table::new(0, Timeouts::default()).err(),
-        Some(Error::Capacity(0))
-    );
-    assert_eq!(
-        Table::new(MAX_CAPACITY + 1, Timeouts::default()).err(),
-        Some(Error::Capacity(MAX_CAPACITY + 1))
+        Capacity::new(MAX_CAPACITY + 1),
+        Err(Error::Capacity(MAX_CAPACITY + 1))
     );
 }
 
 /// A table with one TCP flow that has sent its SYN at the returned time.
 fn one_syn() -> (Instant, Table, Entry) {
     let t0 = Instant::now();
-    let mut ct = table(4);
-    let e = ct
+    let t = table(4, t0);
+    let e = t
+        .lock()
         .insert(t0, flow(Protocol::Tcp, 5, 40_000), to(9), SYN)
         .unwrap();
-    (t0, ct, e)
+    (t0, t, e)
 }
 
 #[test]
 fn tcp_lifecycle_expires_at_each_states_deadline() {
-    let (t0, mut ct, e) = one_syn();
+    let (t0, t, e) = one_syn();
+    let mut ct = t.lock();
     let (f, to_s) = (e.original(), Timeouts::default());
     assert_eq!(e.state(), State::TcpSynSent);
     assert_eq!(ct.poll_timeout(), Some(t0 + to_s.tcp_syn_sent));
@@ -211,7 +213,8 @@ fn tcp_lifecycle_expires_at_each_states_deadline() {
 
 #[test]
 fn rst_closes_quickly_and_a_new_syn_reopens() {
-    let (t0, mut ct, e) = one_syn();
+    let (t0, t, e) = one_syn();
+    let mut ct = t.lock();
     let (f, to_s) = (e.original(), Timeouts::default());
     ct.track(t0, &e.reply(), SYN | ACK);
     let (_, e) = ct.track(t0 + SEC, &e.reply(), RST).unwrap();
@@ -225,7 +228,8 @@ fn rst_closes_quickly_and_a_new_syn_reopens() {
 fn udp_unreplied_and_replied_timeouts() {
     let t0 = Instant::now();
     let to_s = Timeouts::default();
-    let mut ct = table(4);
+    let t = table(4, t0);
+    let mut ct = t.lock();
     let lonely = ct
         .insert(t0, flow(Protocol::Udp, 5, 1000), to(9), 0)
         .unwrap();
@@ -245,8 +249,8 @@ fn udp_unreplied_and_replied_timeouts() {
 #[test]
 fn full_table_evicts_embryonic_first_then_oldest() {
     let t0 = Instant::now();
-    let mut ct = table(3);
-    let index_capacity = ct.index.capacity();
+    let t = table(3, t0);
+    let mut ct = t.lock();
     let old = ct
         .insert(t0, flow(Protocol::Tcp, 1, 1), to(9), SYN)
         .unwrap();
@@ -276,12 +280,13 @@ fn full_table_evicts_embryonic_first_then_oldest() {
     assert_eq!(ct.len(), 3);
     let stats = ct.stats();
     assert_eq!((stats.evicted_embryonic, stats.evicted_oldest), (2, 1));
-    ct.check_invariants(index_capacity);
+    ct.check_invariants();
 }
 
 #[test]
 fn removed_backend_flows_are_gone_then_expire() {
-    let (t0, mut ct, a) = one_syn();
+    let (t0, t, a) = one_syn();
+    let mut ct = t.lock();
     let to_s = Timeouts::default();
     ct.track(t0, &a.reply(), SYN | ACK);
     let b = ct.insert(t0, flow(Protocol::Udp, 2, 1), to(9), 0).unwrap();
@@ -304,13 +309,13 @@ fn removed_backend_flows_are_gone_then_expire() {
 }
 
 #[test]
-fn churn_never_reallocates_the_index() {
+fn churn_keeps_the_index_whole() {
     let t0 = Instant::now();
-    let mut ct = table(1024);
-    let index_capacity = ct.index.capacity();
-    // Far more distinct flows than slots: every insert past the first 1024 evicts, leaving
-    // deleted buckets behind in the index.
-    for i in 0..100_000u32 {
+    let t = table(1024, t0);
+    let mut ct = t.lock();
+    // Far more distinct flows than slots: every insert past the first 1024 evicts, and every
+    // eviction moves index words back.
+    for i in 0..20_000u32 {
         let f = Tuple::new(
             Protocol::Udp,
             SocketAddrV4::new(Ipv4Addr::from(0xc613_0000 | (i >> 12)), (i & 0xfff) as u16),
@@ -318,25 +323,37 @@ fn churn_never_reallocates_the_index() {
         );
         ct.insert(t0, f, to(9), 0).unwrap();
     }
-    assert_eq!(ct.stats().evicted_embryonic, 100_000 - 1024);
-    ct.check_invariants(index_capacity);
+    assert_eq!(ct.stats().evicted_embryonic, 20_000 - 1024);
+    ct.check_invariants();
 }
 
 #[test]
-fn time_going_back_does_not_unsort_the_timers() {
-    let t0 = Instant::now() + 100 * SEC;
-    let mut ct = table(4);
-    let index_capacity = ct.index.capacity();
-    let a = ct.insert(t0, flow(Protocol::Udp, 1, 1), to(9), 0).unwrap();
-    let b = ct
-        .insert(t0 - 50 * SEC, flow(Protocol::Udp, 2, 1), to(9), 0)
+fn a_packet_with_an_earlier_time_does_not_shorten_a_flow() {
+    // Workers read the clock each on its own: their times reach a flow out of order.
+    let t0 = Instant::now();
+    let t = table(4, t0);
+    let later = t0 + 100 * SEC;
+    let a = t
+        .lock()
+        .insert(later, flow(Protocol::Udp, 1, 1), to(9), 0)
         .unwrap();
-    assert_eq!(
-        b.deadline(),
-        a.deadline(),
-        "clamped to the latest time seen"
-    );
-    ct.check_invariants(index_capacity);
+    let Lookup::Found(found) = t.find(&a.original()) else {
+        panic!("not found")
+    };
+    let refreshed = t.refresh(&found, later - 50 * SEC, 0).unwrap();
+    assert_eq!(refreshed.deadline(), a.deadline());
+    let (_, tracked) = t.lock().track(later - 60 * SEC, &a.reply(), 0).unwrap();
+    assert_eq!(tracked.state(), State::UdpReplied);
+    assert_eq!(tracked.deadline(), later + Timeouts::default().udp_replied);
+    // A time before the table's epoch counts as the epoch.
+    if let Some(before) = t0.checked_sub(SEC) {
+        let b = t
+            .lock()
+            .insert(before, flow(Protocol::Udp, 2, 1), to(9), 0)
+            .unwrap();
+        assert_eq!(b.deadline(), t0 + Timeouts::default().udp_unreplied);
+    }
+    t.lock().check_invariants();
 }
 
 /// One step of a random workload over a small address space, so that flows collide, the
@@ -382,9 +399,11 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// Random packets, clock steps and backend removals, checked after every step against
-    /// the table's invariants (both tuples reach the one entry, capacity, lists, index never
-    /// reallocated) and against a model of when each flow must expire: a flow is present
-    /// exactly while the clock is before its last packet plus its state's timeout.
+    /// the table's invariants (both tuples reach the one entry, capacity, index, free list)
+    /// and against a model of when each flow must expire: a flow is present exactly while the
+    /// clock is before its last packet plus its state's timeout. A full table evicts an entry
+    /// of the least rank (embryonic first, then idle longest). Packets go through the path
+    /// without the lock when it takes them, as the balancer sends them.
     #[test]
     fn random_workload_keeps_invariants(ops in prop::collection::vec(op(), 1..120), cap in 1u32..8) {
         let timeouts = Timeouts {
@@ -397,9 +416,9 @@ proptest! {
             udp_replied: 11 * SEC,
             backend_gone: 4 * SEC,
         };
-        let mut ct = Table::new(cap, timeouts).unwrap();
-        let index_capacity = ct.index.capacity();
         let mut now = Instant::now();
+        let t = Table::new(Capacity::new(cap).unwrap(), timeouts, now);
+        let mut ct = t.lock();
         // The model: each tracked flow's deadline, by original tuple.
         let mut model: HashMap<Tuple, Instant> = HashMap::new();
         for op in ops {
@@ -412,14 +431,17 @@ proptest! {
                         source: hairpin.then(|| vip(50_000 + sport)),
                         via: Via::Overlay,
                     };
-                    let full = ct.len() == ct.capacity();
+                    let full = ct.len() == t.capacity();
+                    let rank = |e: &Entry| (!e.state().is_embryonic(), e.last_seen);
+                    let before = ct.entries();
                     match ct.insert(now, original, nat, flags) {
                         Ok(e) => {
                             if full {
-                                let evicted: Vec<_> = model.keys()
-                                    .filter(|k| ct.get(k).is_none()).copied().collect();
+                                let evicted: Vec<_> = before.iter()
+                                    .filter(|e| ct.get(&e.original()).is_none()).collect();
                                 prop_assert_eq!(evicted.len(), 1, "one eviction when full");
-                                model.remove(&evicted[0]);
+                                prop_assert_eq!(Some(rank(evicted[0])), before.iter().map(rank).min());
+                                model.remove(&evicted[0].original());
                             }
                             prop_assert_eq!(e.deadline(), now + timeouts.of(e.state()));
                             model.insert(original, e.deadline());
@@ -430,14 +452,20 @@ proptest! {
                     }
                 }
                 Op::Packet { pick, reply, flags } => {
-                    let mut tracked: Vec<Entry> = ct.entries().copied().collect();
+                    let mut tracked = ct.entries();
                     if tracked.is_empty() {
                         continue;
                     }
                     tracked.sort_by_key(|e| e.original());
                     let before = *pick.get(&tracked);
                     let tuple = if reply { before.reply() } else { before.original() };
-                    let (dir, e) = ct.track(now, &tuple, flags).unwrap();
+                    let Lookup::Found(found) = t.find(&tuple) else {
+                        panic!("{tuple:?} not found without the lock")
+                    };
+                    let (dir, e) = match t.refresh(&found, now, flags) {
+                        Some(e) => (found.direction, e),
+                        None => ct.track(now, &tuple, flags).unwrap(),
+                    };
                     prop_assert_eq!(dir, if reply { Direction::Reply } else { Direction::Original });
                     prop_assert_eq!(e.original(), before.original());
                     if before.is_backend_gone() {
@@ -461,6 +489,7 @@ proptest! {
                 Op::RemoveBackend(b) => {
                     let backend = *addr(10 + b, 0).ip();
                     let to_mark: Vec<Tuple> = ct.entries()
+                        .into_iter()
                         .filter(|e| *e.nat().backend.ip() == backend && !e.is_backend_gone())
                         .map(|e| e.original())
                         .collect();
@@ -473,8 +502,8 @@ proptest! {
                     prop_assert_eq!(marked, expected);
                 }
             }
-            ct.check_invariants(index_capacity);
-            let present: HashSet<Tuple> = ct.entries().map(|e| e.original()).collect();
+            ct.check_invariants();
+            let present: HashSet<Tuple> = ct.entries().iter().map(|e| e.original()).collect();
             let modelled: HashSet<Tuple> = model.keys().copied().collect();
             prop_assert_eq!(&present, &modelled);
             for e in ct.entries() {
@@ -487,7 +516,8 @@ proptest! {
 #[test]
 fn a_forgotten_flow_is_gone_in_both_directions() {
     let t0 = Instant::now();
-    let mut ct = table(4);
+    let t = table(4, t0);
+    let mut ct = t.lock();
     let f = flow(Protocol::Udp, 1, 5353);
     let e = ct.insert(t0, f, to(7), 0).unwrap();
     assert!(ct.forget(&e.reply()));
@@ -498,4 +528,200 @@ fn a_forgotten_flow_is_gone_in_both_directions() {
         ct.insert(t0, f, to(8), 0).is_ok(),
         "its tuples are free again"
     );
+}
+
+/// An established TCP flow from client `client` (198.19.0.x), port `sport`, to backend 9.
+fn established(ct: &mut Locked<'_>, now: Instant, client: u8, sport: u16) -> Entry {
+    let e = ct
+        .insert(now, flow(Protocol::Tcp, client, sport), to(9), SYN)
+        .unwrap();
+    let (_, e) = ct.track(now, &e.reply(), SYN | ACK).unwrap();
+    assert_eq!(e.state(), State::TcpEstablished);
+    e
+}
+
+/// The path of a packet that leaves its flow in its state takes no lock: with the writer's
+/// lock held here, other threads still find every flow in both directions and restart its
+/// timeout. A reader that took the lock would wait for ever; the test gives it 10 s.
+#[test]
+fn a_flows_packets_take_no_lock() {
+    let t0 = Instant::now();
+    let t = std::sync::Arc::new(table(64, t0));
+    let flows: Vec<Entry> = {
+        let mut ct = t.lock();
+        (0..32)
+            .map(|i| established(&mut ct, t0, 5, 40_000 + i))
+            .collect()
+    };
+    let held = t.lock();
+    let (done, finished) = std::sync::mpsc::channel();
+    for reader in 0..2u32 {
+        let (t, flows, done) = (t.clone(), flows.clone(), done.clone());
+        std::thread::spawn(move || {
+            let now = t0 + (reader + 1) * SEC;
+            for e in &flows {
+                for (tuple, direction) in [
+                    (e.original(), Direction::Original),
+                    (e.reply(), Direction::Reply),
+                ] {
+                    let Lookup::Found(found) = t.find(&tuple) else {
+                        panic!("{tuple:?} not found")
+                    };
+                    assert_eq!(
+                        (found.direction, found.entry.original()),
+                        (direction, e.original())
+                    );
+                    let refreshed = t.refresh(&found, now, ACK).expect("no change of state");
+                    assert!(refreshed.deadline() >= now + Timeouts::default().tcp_established);
+                }
+            }
+            done.send(()).unwrap();
+        });
+    }
+    for _ in 0..2 {
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a reader waited for the writer's lock");
+    }
+    drop(held);
+    let ct = t.lock();
+    ct.check_invariants();
+    assert!(ct.entries().iter().all(|e| e.last_seen == t0 + 2 * SEC));
+}
+
+/// Readers hammer the table without the lock while a writer churns it: inserts (evicting
+/// when full, so slots are reused and index words move back), state changes, backends
+/// removed, expiry sweeps, forgotten flows. A reader must always find the flows that stay
+/// (or be told to ask under the lock, which then finds them), and whatever it finds must be
+/// a whole flow, never a mix of two: each churned flow's backend port is its client port.
+#[test]
+fn readers_without_the_lock_see_whole_flows_while_the_writer_churns() {
+    use std::sync::atomic::AtomicBool;
+    const STAYING: u16 = 48;
+    const CHURNED: u32 = 1 << 12;
+    let t0 = Instant::now();
+    let timeouts = Timeouts {
+        udp_unreplied: Duration::from_micros(200),
+        udp_replied: Duration::from_micros(300),
+        backend_gone: Duration::from_micros(100),
+        ..Timeouts::default()
+    };
+    let t = Table::new(Capacity::new(128).unwrap(), timeouts, t0);
+    // Seen last a day ahead: a full table never finds them idle longest, so they stay.
+    let staying: Vec<Entry> = {
+        let mut ct = t.lock();
+        let ahead = t0 + Duration::from_secs(24 * 3600);
+        (0..STAYING)
+            .map(|i| established(&mut ct, ahead, 5, 40_000 + i))
+            .collect()
+    };
+    let churned_backend = Ipv4Addr::new(198, 19, 1, 1);
+    let churned = |i: u32| {
+        let sport = 1 + (i % CHURNED) as u16;
+        let original = Tuple::new(Protocol::Udp, addr(6, sport), vip(53));
+        let nat = Nat {
+            backend: SocketAddrV4::new(churned_backend, sport),
+            source: None,
+            via: Via::Host {
+                client_mac: [2, 0, 0, 0, (sport >> 8) as u8, sport as u8],
+                node_mac: [2, 0, 0, 0, 0, 1],
+            },
+        };
+        (original, nat)
+    };
+    let writing = AtomicBool::new(true);
+    // The writer's clock, a microsecond a change, so that flows fill the table and expire
+    // alike however fast the run: microseconds since `t0`.
+    let clock = AtomicU64::new(0);
+    let now = |clock: &AtomicU64| t0 + Duration::from_micros(clock.load(Ordering::Relaxed));
+    let (found, busy) = (AtomicU64::new(0), AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for reader in 0..3u32 {
+            let (t, staying, writing, found, busy, clock) =
+                (&t, &staying, &writing, &found, &busy, &clock);
+            s.spawn(move || {
+                let mut i = reader;
+                // Bounded in count too, should the writer never end.
+                for _ in 0..20_000_000u32 {
+                    if !writing.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    i = i.wrapping_add(7);
+                    let e = staying[i as usize % staying.len()];
+                    let (tuple, direction) = if i % 2 == 0 {
+                        (e.original(), Direction::Original)
+                    } else {
+                        (e.reply(), Direction::Reply)
+                    };
+                    match t.find(&tuple) {
+                        Lookup::Found(f) => {
+                            assert_eq!((f.direction, f.entry.record), (direction, e.record));
+                            assert!(t.refresh(&f, now(clock), ACK).is_some());
+                            found.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Lookup::Busy => {
+                            assert!(t.lock().get(&tuple).is_some());
+                            busy.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Lookup::Absent => panic!("a staying flow went missing"),
+                    }
+                    let (original, nat) = churned(i);
+                    let tuple = if i % 3 == 0 {
+                        reply_of(&original, &nat)
+                    } else {
+                        original
+                    };
+                    if let Lookup::Found(f) = t.find(&tuple) {
+                        let (original, nat) = churned(u32::from(f.entry.original().src.port()) - 1);
+                        assert_eq!((f.entry.original(), f.entry.nat()), (original, nat));
+                        assert!(tuple == original || tuple == reply_of(&original, &nat));
+                        t.refresh(&f, now(clock), 0);
+                    }
+                }
+            });
+        }
+        let mut ct = t.lock();
+        // 40k changes, or 3 s of them on a slow (debug, loaded) run.
+        let start = std::time::Instant::now();
+        for i in 0..40_000u32 {
+            if start.elapsed() > Duration::from_secs(3) {
+                break;
+            }
+            let (original, nat) = churned(i.wrapping_mul(2_654_435_761));
+            clock.store(u64::from(i), Ordering::Relaxed);
+            let now = now(&clock);
+            let _ = ct.insert(now, original, nat, 0);
+            match i % 16 {
+                0 => {
+                    ct.forget(&churned(i / 3).0);
+                }
+                1 => {
+                    ct.track(now, &reply_of(&original, &nat), 0);
+                }
+                2 => ct.handle_timeout(now),
+                3 if i % 1024 == 3 => {
+                    ct.remove_backend(now, churned_backend);
+                }
+                _ => {}
+            }
+            // Let the readers in between changes, as the lock's other users would.
+            if i % 64 == 0 {
+                drop(ct);
+                std::thread::yield_now();
+                ct = t.lock();
+            }
+        }
+        // First, so that a failure below does not leave the readers running.
+        writing.store(false, Ordering::Relaxed);
+        ct.check_invariants();
+        let stats = ct.stats();
+        assert!(
+            stats.evicted_embryonic > 0 && stats.expired > 0 && stats.backend_gone > 0,
+            "{stats:?}"
+        );
+    });
+    let (found, busy) = (found.into_inner(), busy.into_inner());
+    eprintln!("staying flows found without the lock {found} times, busy {busy} times");
+    assert!(found > 0);
+    t.lock().check_invariants();
 }
