@@ -298,15 +298,18 @@ fn a_removed_node_leaves_every_node_and_cannot_come_back() {
 }
 
 /// Asks `argv[1]` over HTTP, a new connection each time, until the file `argv[2]` exists;
-/// prints each failure, then the answers by name and the failures.
+/// prints each failure (with its client port and who answered that port last), then the
+/// answers by name and the failures.
 const LOAD: &str = r#"
-import os, socket, sys, collections
+import os, socket, sys, collections, time
 vip, stop = sys.argv[1], sys.argv[2]
-seen, failed = collections.Counter(), 0
+seen, failed, ports = collections.Counter(), 0, {}
 while not os.path.exists(stop):
+    s = socket.socket()
+    s.settimeout(3)
     try:
-        s = socket.create_connection((vip, 80), timeout=3)
-        s.settimeout(3)
+        s.connect((vip, 80))
+        port = s.getsockname()[1]
         s.sendall(b"GET / HTTP/1.0\r\n\r\n")
         data = b""
         while True:
@@ -314,11 +317,15 @@ while not os.path.exists(stop):
             if not chunk:
                 break
             data += chunk
-        s.close()
-        seen[data.split(b"\r\n\r\n", 1)[-1].decode().strip()] += 1
+        name = data.split(b"\r\n\r\n", 1)[-1].decode().strip()
+        seen[name] += 1
+        ports[port] = name
     except OSError as e:
         failed += 1
-        print("failed:", repr(e), flush=True)
+        port = s.getsockname()[1]
+        print("failed:", repr(e), "port", port, "before", ports.get(port), "at", time.time(), flush=True)
+    finally:
+        s.close()
 print("answers", dict(seen), flush=True)
 print("failed", failed, flush=True)
 "#;
