@@ -5,7 +5,8 @@
 //!   containers' addresses go dark, and `run` on its old state dir is refused while the others
 //!   still list it as removed; bad `node rm`s (unknown id, this node, a ready node) are refused;
 //! - `node leave` of a node with a task of a 3-task service: repeated requests through the VIP
-//!   from another node see no failure, and the task is gone from every node afterwards.
+//!   from another node see no failure, and the task is gone from every node afterwards; nor
+//!   do they when another task's node is stopped with SIGTERM.
 //!
 //! Needs root (CI runs as root).
 
@@ -334,28 +335,14 @@ print("failed", failed, flush=True)
 fn a_leaving_nodes_task_leaves_every_balancer_before_it_goes() {
     let (c, vip, client, _tasks) = web_cluster("leave", "198.19.9.0/24");
     let id3 = id_of(&c, 1, 3);
-    let stop = c.dir.join("stop-load");
-    let mut load = c.spawn(
-        &client,
-        &["python3", "-c", LOAD, &vip, &stop.to_string_lossy()],
-    );
-    std::thread::sleep(Duration::from_secs(2));
-
-    let left = c.node(3).cli(&["node", "leave"]);
-    assert!(left.status.success(), "node leave: {}", show(&left));
-    assert!(
-        wait_until(Duration::from_secs(10), || !c.node(3).daemon_alive()),
-        "the leaving daemon stops"
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    fs::write(&stop, "").expect("stop file");
-    assert!(
-        wait_until(Duration::from_secs(10), || !load.alive()),
-        "the load ends"
-    );
-    let log = fs::read_to_string(&load.log).unwrap_or_default();
-    eprintln!("requests through the VIP during node leave:\n{log}");
-    assert!(log.contains("failed 0\n"), "requests failed: {log}");
+    let log = under_load(&c, &client, &vip, "leave", || {
+        let left = c.node(3).cli(&["node", "leave"]);
+        assert!(left.status.success(), "node leave: {}", show(&left));
+        assert!(
+            wait_until(Duration::from_secs(10), || !c.node(3).daemon_alive()),
+            "the leaving daemon stops"
+        );
+    });
     assert!(log.contains("'t3'"), "t3 answered before it left: {log}");
 
     gone_from_nodes_1_and_2(&c, &id3, "left");
@@ -370,4 +357,38 @@ fn a_leaving_nodes_task_leaves_every_balancer_before_it_goes() {
         log.contains("every member gives this node's tasks no new flows"),
         "{log}"
     );
+
+    // SIGTERM drains too: node 2 stops under the same load, and no request fails.
+    under_load(&c, &client, &vip, "sigterm", || {
+        let status = c.node(2).stop_daemon(CLI_TIMEOUT);
+        assert!(status.success(), "node 2 exited with {status}");
+    });
+    let log = c.node(2).log_text();
+    assert!(
+        log.contains("every member gives this node's tasks no new flows"),
+        "{log}"
+    );
+}
+
+/// Runs [`LOAD`] from `client` to `vip`, does `what` after 2 s, lets the load go on for 2 s
+/// more, and asserts that no request failed; returns the load's output.
+fn under_load(c: &Cluster, client: &str, vip: &str, name: &str, what: impl FnOnce()) -> String {
+    let stop = c.dir.join(format!("stop-load-{name}"));
+    let stop_arg = stop.to_string_lossy().into_owned();
+    let mut load = c.spawn(client, &["python3", "-c", LOAD, vip, &stop_arg]);
+    std::thread::sleep(Duration::from_secs(2));
+    what();
+    std::thread::sleep(Duration::from_secs(2));
+    fs::write(&stop, "").expect("stop file");
+    assert!(
+        wait_until(Duration::from_secs(10), || !load.alive()),
+        "the load ends"
+    );
+    let log = fs::read_to_string(&load.log).unwrap_or_default();
+    eprintln!("requests through the VIP during {name}:\n{log}");
+    assert!(
+        log.contains("failed 0\n"),
+        "requests failed during {name}: {log}"
+    );
+    log
 }
