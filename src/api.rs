@@ -17,7 +17,17 @@ use crate::wire;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Request {
     NodeLs,
-    JoinToken,
+    /// Takes node `id` out of the cluster for good; refused while it is ready unless `force`.
+    NodeRm {
+        id: String,
+        force: bool,
+    },
+    /// This node leaves the cluster: its tasks leave the balancers first, then it goes.
+    NodeLeave,
+    /// The join token; a new one first if `rotate`.
+    JoinToken {
+        rotate: bool,
+    },
     NetworkCreate {
         name: String,
         subnet: Ipv4Network,
@@ -175,6 +185,8 @@ pub enum TaskState {
     Healthy,
     /// Its check fails: no new flows.
     Unhealthy,
+    /// Its node is leaving: no new flows, flows on it finish.
+    Draining,
     /// Its node is down, or its container is not seen in gossip.
     Down,
 }
@@ -185,9 +197,16 @@ impl std::fmt::Display for TaskState {
             TaskState::Starting => "starting",
             TaskState::Healthy => "healthy",
             TaskState::Unhealthy => "unhealthy",
+            TaskState::Draining => "draining",
             TaskState::Down => "down",
         })
     }
+}
+
+/// What `join-token` answers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinToken {
+    pub token: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -52,7 +52,13 @@ pub enum Command {
         data_path: DataPathArgs,
     },
     /// Print the token other nodes join with.
-    JoinToken,
+    JoinToken {
+        /// Make a new token first: the old one no longer joins; members carry on.
+        #[arg(long)]
+        rotate: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Cluster members.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -128,11 +134,24 @@ pub struct DataPathArgs {
 
 #[derive(Subcommand)]
 pub enum NodeCommand {
-    /// List members with their address and state (ready / down).
+    /// List members with their address and state (ready / down / leaving), and the nodes that
+    /// left or were removed.
     Ls {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a dead or lost node for good: its containers' addresses, tasks and keys leave
+    /// every node, and it cannot come back under its id.
+    Rm {
+        /// The node's id, as `node ls` shows it.
+        id: String,
+        /// Remove it even while it is ready (its containers lose the network).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Leave the cluster: this node's tasks get no new flows on any node first, then it
+    /// leaves and its daemon stops.
+    Leave,
 }
 
 #[derive(Subcommand)]
@@ -277,8 +296,14 @@ impl Command {
         use api::Request as R;
         Some(match self {
             Command::Init(_) | Command::Join { .. } | Command::Run { .. } => return None,
-            Command::JoinToken => (R::JoinToken, Render::Token),
+            Command::JoinToken { rotate, json } => {
+                (R::JoinToken { rotate }, Render::Token.or_json(json))
+            }
             Command::Node(NodeCommand::Ls { json }) => (R::NodeLs, Render::Nodes.or_json(json)),
+            Command::Node(NodeCommand::Rm { id, force }) => {
+                (R::NodeRm { id, force }, Render::Plain)
+            }
+            Command::Node(NodeCommand::Leave) => (R::NodeLeave, Render::Plain),
             Command::Network(NetworkCommand::Create {
                 name,
                 subnet,
@@ -399,10 +424,11 @@ impl Render {
     pub fn show(self, value: serde_json::Value) -> anyhow::Result<String> {
         Ok(match self {
             Render::Json => serde_json::to_string_pretty(&value)?,
-            Render::Plain | Render::Token => value
+            Render::Plain => value
                 .as_str()
                 .map(String::from)
                 .unwrap_or_else(|| value.to_string()),
+            Render::Token => serde_json::from_value::<api::JoinToken>(value)?.token,
             Render::Nodes => {
                 let nodes: Vec<Node> = serde_json::from_value(value)?;
                 table(

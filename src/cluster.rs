@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use crate::api::TaskState;
 use crate::model::{Endpoint, Network, Node, NodeState, Service, key};
-use crate::registry::Registry;
+use crate::registry::{Departed, Registry};
 
 /// One member's gossip state, as chitchat holds it.
 pub struct MemberState<'a> {
@@ -33,6 +33,8 @@ pub struct Member {
     pub gossip: SocketAddr,
     /// Ids of the networks whose bridge and TAP this member has made.
     pub realised: BTreeSet<String>,
+    /// Leaving members whose tasks this member's balancer gives no new flows any more.
+    pub drained: BTreeSet<String>,
 }
 
 /// An endpoint and the member that hosts it.
@@ -65,6 +67,9 @@ pub struct View {
     pub health: BTreeMap<(String, Ipv4Addr), bool>,
     /// Gossip entries refused, as "member key: why".
     pub refused: Vec<String>,
+    /// Nodes out of the cluster for good (the registry's record): never members, whatever
+    /// they gossip.
+    pub departed: BTreeMap<String, Departed>,
 }
 
 impl View {
@@ -75,6 +80,7 @@ impl View {
         let mut view = View {
             networks: registry.networks().clone(),
             services: registry.services().clone(),
+            departed: registry.departed().clone(),
             tasks: registry
                 .services()
                 .values()
@@ -102,12 +108,13 @@ impl View {
             let g = newest.entry(state.id).or_default();
             *g = (*g).max(state.generation);
         }
-        for state in states
-            .iter()
-            .filter(|s| newest.get(s.id) == Some(&s.generation))
-        {
+        for state in states.iter().filter(|s| {
+            newest.get(s.id) == Some(&s.generation) && !registry.departed().contains_key(s.id)
+        }) {
             let mut vtep: Option<SocketAddrV4> = None;
             let mut realised = BTreeSet::new();
+            let mut drained = BTreeSet::new();
+            let mut leaving = false;
             for &(k, v) in &state.keys {
                 let checked = if k == key::VTEP {
                     v.parse()
@@ -115,6 +122,12 @@ impl View {
                         .map_err(|_| "not an IPv4 address:port".to_string())
                 } else if let Some(id) = k.strip_prefix(key::REALISED_PREFIX) {
                     realised.insert(id.to_string());
+                    Ok(())
+                } else if let Some(id) = k.strip_prefix(key::DRAINED_PREFIX) {
+                    drained.insert(id.to_string());
+                    Ok(())
+                } else if k == key::LEAVING {
+                    leaving = true;
                     Ok(())
                 } else if let Some(at) = k.strip_prefix(key::HEALTH_PREFIX) {
                     health(state.id, at, v, registry).map(|(at, passing)| {
@@ -144,16 +157,17 @@ impl View {
                     id: state.id.to_string(),
                     address,
                     vtep,
-                    state: if state.live {
-                        NodeState::Ready
-                    } else {
-                        NodeState::Down
+                    state: match (state.live, leaving) {
+                        (true, false) => NodeState::Ready,
+                        (true, true) => NodeState::Leaving,
+                        (false, _) => NodeState::Down,
                     },
                     is_self: state.is_self,
                     raft: None,
                 },
                 gossip: state.gossip,
                 realised,
+                drained,
             });
         }
         view.members.sort_by(|a, b| a.node.id.cmp(&b.node.id));
@@ -162,12 +176,11 @@ impl View {
 
     /// Where `task` stands, from its node's liveness, its endpoint in gossip and its health.
     pub fn task_state(&self, task: &TaskRef) -> TaskState {
-        let node_ready = self
-            .members
-            .iter()
-            .any(|m| m.node.id == task.node && m.node.state == NodeState::Ready);
-        if !node_ready {
-            return TaskState::Down;
+        let node = self.members.iter().find(|m| m.node.id == task.node);
+        match node.map(|m| m.node.state) {
+            Some(NodeState::Ready) => {}
+            Some(NodeState::Leaving) => return TaskState::Draining,
+            _ => return TaskState::Down,
         }
         let announced = self.endpoints.iter().any(|p| {
             p.node == task.node
@@ -438,6 +451,54 @@ mod tests {
         assert_eq!(view.refused.len(), 7, "{:#?}", view.refused);
         assert_eq!(view.members[2].node.state, NodeState::Down);
         assert_eq!(view.members[2].node.vtep, None, "a bad VTEP is not used");
+    }
+
+    #[test]
+    fn a_departed_node_is_no_member_and_a_leaving_ones_tasks_drain() {
+        let mut registry = registry(&[("a", 2), ("b", 3), ("c", 4)]);
+        registry
+            .apply(Command::RemoveNode {
+                node: "c".into(),
+                address: None,
+                left: false,
+            })
+            .unwrap();
+        let members: Gossip = vec![
+            ("a", true, vec![("vtep", "198.18.0.1:4789".into())]),
+            (
+                "b",
+                true,
+                vec![
+                    ("vtep", "198.18.0.2:4789".into()),
+                    ("leaving", String::new()),
+                    ("ep/w/198.19.0.3", endpoint("w", 3)),
+                ],
+            ),
+            (
+                "c",
+                true,
+                vec![
+                    ("vtep", "198.18.0.3:4789".into()),
+                    ("ep/w/198.19.0.4", endpoint("w", 4)),
+                    ("drained/b", String::new()),
+                ],
+            ),
+        ];
+        let view = view(&members, &registry);
+        let ids: Vec<&str> = view.members.iter().map(|m| m.node.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"], "c is out, whatever it gossips");
+        assert!(view.refused.is_empty(), "{:?}", view.refused);
+        assert!(view.departed.contains_key("c"));
+        assert_eq!(view.members[1].node.state, NodeState::Leaving);
+        let task = TaskRef {
+            service: "s".into(),
+            network_id: "w".into(),
+            ip: Ipv4Addr::new(198, 19, 0, 3),
+            node: "b".into(),
+        };
+        assert_eq!(view.task_state(&task), TaskState::Draining);
+        let peers = &view.tables("a", 4789).networks[0].peers;
+        assert_eq!(peers.len(), 1, "c's VTEP is no peer: {peers:?}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ mod store;
 
 use std::collections::BTreeSet;
 use std::io::Cursor;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,6 +77,13 @@ pub enum Change {
         node: String,
         addr: SocketAddr,
     },
+    /// A member out for good: [`Command::RemoveNode`], then out of the Raft group (a learner
+    /// takes a removed voter's place).
+    Remove {
+        node: String,
+        address: Option<Ipv4Addr>,
+        left: bool,
+    },
 }
 
 impl Change {
@@ -111,6 +118,10 @@ pub struct Consensus {
 impl Consensus {
     /// Starts this node's Raft from the state in `dir` (empty for a new node).
     pub async fn start(node: &str, dir: PathBuf, secret: &Secret) -> anyhow::Result<Consensus> {
+        let credential = peer::Credential::Member {
+            secret: secret.clone(),
+            node: node.to_string(),
+        };
         let config = openraft::Config {
             cluster_name: secret.cluster_id(),
             heartbeat_interval: 250,
@@ -130,9 +141,7 @@ impl Consensus {
         let store = Store::open(dir)?;
         let registry = store.registry();
         let (log, machine) = Adaptor::new(store.clone());
-        let network = Peers {
-            secret: secret.clone(),
-        };
+        let network = Peers { credential };
         let raft = Raft::new(raft_id(node)?, Arc::new(config), network, log, machine)
             .await
             .context("starting Raft")?;
@@ -195,6 +204,11 @@ impl Consensus {
                     self.raft.client_write(proposal).await.map(|r| r.data)
                 }
                 Change::Join { node, addr } => self.add_member(&node, addr).await,
+                Change::Remove {
+                    node,
+                    address,
+                    left,
+                } => self.remove_member(node, address, left).await,
             }
         })
         .await;
@@ -240,6 +254,50 @@ impl Consensus {
         Ok(Ok(serde_json::Value::Null))
     }
 
+    async fn remove_member(
+        &self,
+        node: String,
+        address: Option<Ipv4Addr>,
+        left: bool,
+    ) -> Result<Reply, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
+        let Ok(id) = raft_id(&node) else {
+            return Ok(Err(Failure::usage(format!("node id {node:?} is not hex"))));
+        };
+        let command = Command::RemoveNode {
+            node: node.clone(),
+            address,
+            left,
+        };
+        let reply = self.raft.client_write(Proposal::new(command)).await?.data;
+        if reply.is_err() {
+            return Ok(reply);
+        }
+        let _turn = self.joining.lock().await;
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: Vec<NodeId> = membership.learner_ids().collect();
+        let out = if voters.contains(&id) {
+            ChangeMembers::RemoveVoters([id].into())
+        } else if learners.contains(&id) {
+            ChangeMembers::RemoveNodes([id].into())
+        } else {
+            return Ok(reply);
+        };
+        self.raft.change_membership(out, false).await?;
+        info!(%node, left, "member removed from Raft");
+        // Keep as many voters as the cluster can have: a learner takes the place.
+        if voters.contains(&id)
+            && let Some(next) = learners.iter().find(|l| **l != id)
+        {
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds([*next].into()), false)
+                .await?;
+            info!(raft_id = next, "learner promoted to voter");
+        }
+        Ok(reply)
+    }
+
     /// Serves a Raft RPC from a peer; the answer is the serialised result.
     pub async fn serve(&self, rpc: Rpc) -> serde_json::Value {
         match rpc {
@@ -260,7 +318,7 @@ fn to_json<T: Serialize>(value: &T) -> serde_json::Value {
 
 /// Raft's view of the other members: each RPC is one authenticated peer exchange.
 struct Peers {
-    secret: Secret,
+    credential: peer::Credential,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Peers {
@@ -270,7 +328,7 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
         PeerClient {
             target,
             addr: node.addr.parse().ok(),
-            secret: self.secret.clone(),
+            credential: self.credential.clone(),
         }
     }
 }
@@ -278,7 +336,7 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
 struct PeerClient {
     target: NodeId,
     addr: Option<SocketAddr>,
-    secret: Secret,
+    credential: peer::Credential,
 }
 
 type RpcError<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
@@ -294,7 +352,7 @@ impl PeerClient {
         let addr = self
             .addr
             .ok_or_else(|| unreachable(format!("node {} has no usable address", self.target)))?;
-        let reply = peer::call(addr, &self.secret, &peer::Request::Raft(rpc))
+        let reply = peer::call(addr, &self.credential, &peer::Request::Raft(rpc))
             .await
             .map_err(|e| unreachable(format!("{e:#}")))?
             .map_err(|failure| RPCError::Network(NetworkError::new(&failure)))?;

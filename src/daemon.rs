@@ -44,7 +44,7 @@ use crate::model::{Endpoint, Network, Node, NodeState, key};
 use crate::peer;
 use crate::registry::Command;
 use crate::state_dir::{self, Identity};
-use crate::token::Secret;
+use crate::token::{JoinSecret, Purpose, Secret};
 use crate::{egress, host, services, wire};
 
 /// How long a node waits to see its own change come back through gossip.
@@ -64,6 +64,12 @@ const PROPOSE_RETRY: Duration = Duration::from_millis(100);
 const RESTART_PAUSE: Duration = Duration::from_secs(1);
 /// Pause after a failed `accept` (such as EMFILE), so the server does not spin on it.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// How long a leaving node waits for every other member to give its tasks no new flows.
+const DRAIN_WITHIN: Duration = Duration::from_secs(5);
+/// How long a leaving node keeps serving after that, so requests already on its tasks finish.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+/// How long `run` waits for each member it asks whether this node is still one.
+const STILL_MEMBER_WITHIN: Duration = Duration::from_secs(3);
 /// Underlay bytes VXLAN adds over IPv4: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
 
@@ -84,7 +90,7 @@ pub enum Start {
     Init,
     Join {
         peer: SocketAddr,
-        secret: Secret,
+        join: JoinSecret,
     },
     /// Restart the node whose identity is in the state dir.
     Resume(Identity),
@@ -93,6 +99,12 @@ pub enum Start {
 pub struct Daemon {
     id: String,
     secret: Secret,
+    /// What this node proves itself with to other members.
+    credential: peer::Credential,
+    /// The join token this node started with, until its registry names a rotated one.
+    first_join: JoinSecret,
+    /// Told once this node has left the cluster (`node leave`): the process then stops.
+    left: tokio::sync::Notify,
     config: Config,
     vtep: SocketAddrV4,
     /// The interface holding the advertise address, and its MTU.
@@ -133,32 +145,34 @@ impl Daemon {
             _ => None,
         };
         let initialising = matches!(start, Start::Init);
-        let (id, secret, seeds, restored, identity_to_create) = match start {
+        let (id, secret, first_join, seeds, restored, identity_to_create) = match start {
             Start::Init => {
                 state_dir::ensure_unused(&config.state_dir)?;
-                (new_id(), Secret::generate(), vec![], vec![], true)
+                let secret = Secret::generate();
+                let first_join = secret.first_join();
+                (new_id(), secret, first_join, vec![], vec![], true)
             }
-            Start::Join { peer, secret } => {
+            Start::Join { peer, join } => {
                 state_dir::ensure_unused(&config.state_dir)?;
-                match peer::call(peer, &secret, &peer::Request::Hello).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(failure)) => return Err(failure),
-                    Err(err) => {
-                        return Err(Failure::usage(format!("joining through {peer}: {err:#}")));
-                    }
-                }
-                (new_id(), secret, vec![peer.to_string()], vec![], true)
+                let secret = cluster_secret(peer, &join).await?;
+                (new_id(), secret, join, vec![peer.to_string()], vec![], true)
             }
             Start::Resume(identity) => {
                 let secret = Secret::from_token(&identity.token).map_err(Failure::usage)?;
                 let own = SocketAddr::from((config.advertise, config.gossip_port));
-                let seeds = state_dir::load_peers(&config.state_dir)
+                let peers: Vec<SocketAddr> = state_dir::load_peers(&config.state_dir)
                     .into_iter()
                     .filter(|p| *p != own)
-                    .map(|p| p.to_string())
                     .collect();
+                let credential = peer::Credential::Member {
+                    secret: secret.clone(),
+                    node: identity.node_id.clone(),
+                };
+                still_member(&peers, &credential).await?;
                 let restored = endpoints::surviving_endpoints(&config.state_dir)?;
-                (identity.node_id, secret, seeds, restored, false)
+                let first_join = secret.first_join();
+                let seeds = peers.iter().map(SocketAddr::to_string).collect();
+                (identity.node_id, secret, first_join, seeds, restored, false)
             }
         };
         let api_listener = bind_api(&config.api).await?;
@@ -210,7 +224,7 @@ impl Daemon {
                     gossip_port: config.gossip_port,
                     vxlan_port: config.vxlan_port,
                 };
-                state_dir::create(&config.state_dir, &identity)?;
+                state_dir::create(&config.state_dir, &identity, &first_join.token())?;
             }
             let consensus = Consensus::start(&id, config.state_dir.clone(), &secret).await?;
             if initialising {
@@ -232,9 +246,16 @@ impl Daemon {
         let proxy = mesh_proxy::Proxy::new(balancer.clone(), config.advertise);
         let mesh = mesh_hooks::MeshHooks::start(&underlay, proxy).await;
         info!(node = %id, %vtep, %underlay, underlay_mtu, restored = restored.len(), "node started");
+        let credential = peer::Credential::Member {
+            secret: secret.clone(),
+            node: id.clone(),
+        };
         let daemon = Arc::new(Daemon {
             id,
             secret,
+            credential,
+            first_join,
+            left: tokio::sync::Notify::new(),
             config,
             vtep,
             underlay,
@@ -280,7 +301,7 @@ impl Daemon {
                 change: join,
                 forward: true,
             };
-            let joined = match peer::call(seed, &daemon.secret, &request).await {
+            let joined = match peer::call(seed, &daemon.credential, &request).await {
                 Ok(reply) => reply.map(drop),
                 Err(err) => Err(Failure::runtime(format!("{err:#}"))),
             };
@@ -295,8 +316,59 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// The join secret tokens must hold now.
+    fn join_secret(&self) -> JoinSecret {
+        self.consensus
+            .registry()
+            .join()
+            .cloned()
+            .unwrap_or_else(|| self.first_join.clone())
+    }
+
+    /// The current join token.
     pub fn token(&self) -> String {
-        self.secret.token()
+        self.join_secret().token()
+    }
+
+    /// Resolves once this node has left the cluster (`node leave`).
+    pub async fn departed(&self) {
+        self.left.notified().await;
+    }
+
+    /// Before this node goes: announces it, and waits until every other ready member's
+    /// balancer gives its tasks no new flows (at most [`DRAIN_WITHIN`]), then lets flows in
+    /// flight finish. A node without tasks goes at once.
+    pub async fn drain(&self) {
+        let view = self.view().await;
+        if !view.tasks.iter().any(|t| t.node == self.id) {
+            return;
+        }
+        let leaving = [(key::LEAVING.to_string(), String::new())];
+        self.gossip.update(&leaving, &[]).await;
+        let deadline = Instant::now() + DRAIN_WITHIN;
+        loop {
+            let view = self.view().await;
+            let waiting: Vec<String> = view
+                .members
+                .iter()
+                .filter(|m| !m.node.is_self && m.node.state == NodeState::Ready)
+                .filter(|m| !m.drained.contains(&self.id))
+                .map(|m| m.node.id.clone())
+                .collect();
+            if waiting.is_empty() {
+                info!("every member gives this node's tasks no new flows");
+                break;
+            }
+            if Instant::now() > deadline {
+                warn!(
+                    ?waiting,
+                    "members did not confirm within {DRAIN_WITHIN:?} that they give this node's tasks no new flows; going anyway"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(DRAIN_GRACE).await;
     }
 
     /// Stops the data plane and removes what this node made on the host.
@@ -363,8 +435,12 @@ impl Daemon {
                     wire::read::<api::Request, _>(&mut BufReader::new(read), api::REQUEST_LIMIT),
                 )
                 .await;
+                let mut leaving = false;
                 let reply = match request {
-                    Ok(Ok(request)) => daemon.handle_api(request).await,
+                    Ok(Ok(request)) => {
+                        leaving = matches!(request, api::Request::NodeLeave);
+                        daemon.handle_api(request).await
+                    }
                     Ok(Err(err)) => Err(Failure::usage(format!("bad API request: {err:#}"))),
                     Err(_) => {
                         debug!("API client sent no request within {API_REQUEST_WITHIN:?}");
@@ -374,6 +450,10 @@ impl Daemon {
                 if let Err(err) = wire::write(&mut write, &reply).await {
                     debug!(%err, "API client went away before the reply");
                 }
+                // Told the client first: the process stops next.
+                if leaving && reply.is_ok() {
+                    daemon.left.notify_one();
+                }
             });
         }
     }
@@ -381,19 +461,39 @@ impl Daemon {
     async fn handle_api(&self, request: api::Request) -> api::Reply {
         use api::Request::*;
         match request {
-            NodeLs => Ok(json(
-                &self
-                    .view()
-                    .await
-                    .members
-                    .into_iter()
-                    .map(|m| Node {
-                        raft: self.consensus.role(&m.node.id),
-                        ..m.node
-                    })
-                    .collect::<Vec<_>>(),
-            )),
-            JoinToken => Ok(json(&self.secret.token())),
+            NodeLs => {
+                let view = self.view().await;
+                let departed = view.departed.iter().map(|(id, d)| Node {
+                    id: id.clone(),
+                    address: d.address.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                    vtep: None,
+                    state: if d.left {
+                        NodeState::Left
+                    } else {
+                        NodeState::Removed
+                    },
+                    is_self: *id == self.id,
+                    raft: None,
+                });
+                let members = view.members.iter().map(|m| Node {
+                    raft: self.consensus.role(&m.node.id),
+                    ..m.node.clone()
+                });
+                Ok(json(&members.chain(departed).collect::<Vec<_>>()))
+            }
+            JoinToken { rotate: false } => Ok(json(&api::JoinToken {
+                token: self.token(),
+            })),
+            JoinToken { rotate: true } => {
+                let join = JoinSecret::generate();
+                let token = join.token();
+                self.propose(Change::registry(Command::RotateJoinToken { join }))
+                    .await?;
+                info!("join token rotated; the old one no longer joins");
+                Ok(json(&api::JoinToken { token }))
+            }
+            NodeRm { id, force } => self.node_rm(id, force).await,
+            NodeLeave => self.node_leave().await,
             NetworkLs => {
                 let view = self.view().await;
                 Ok(json(
@@ -527,6 +627,70 @@ impl Daemon {
         }
     }
 
+    /// `node rm`: takes a dead or lost node out of the cluster for good.
+    async fn node_rm(&self, id: String, force: bool) -> api::Reply {
+        if id == self.id {
+            return Err(Failure::usage(format!(
+                "node {id} is this node: to take it out, run `overlayd node leave` here, or `overlayd node rm {id}` on another member"
+            )));
+        }
+        let view = self.view().await;
+        if let Some(d) = view.departed.get(&id) {
+            let how = if d.left { "left" } else { "was removed from" };
+            return Err(Failure::usage(format!(
+                "node {id} {how} the cluster already"
+            )));
+        }
+        let member = view.members.iter().find(|m| m.node.id == id);
+        if member.is_none() && self.consensus.role(&id).is_none() {
+            return Err(Failure::usage(format!(
+                "node {id} not found: `overlayd node ls` lists the members and their ids"
+            )));
+        }
+        if let Some(m) = member
+            && m.node.state != NodeState::Down
+            && !force
+        {
+            return Err(Failure::usage(format!(
+                "node {id} is {}: run `overlayd node leave` on it so its tasks move first, or pass --force to remove it anyway (its containers lose the network)",
+                m.node.state
+            )));
+        }
+        let address = member.map(|m| m.node.address);
+        let change = Change::Remove {
+            node: id.clone(),
+            address,
+            left: false,
+        };
+        self.propose(change).await?;
+        warn!(node = %id, ?address, "node removed from the cluster");
+        self.converge(&format!("removing node {id}"), |v| {
+            v.departed.contains_key(&id) && !v.tasks.iter().any(|t| t.node == id)
+        })
+        .await?;
+        Ok(json(&id))
+    }
+
+    /// `node leave`: this node's tasks get no new flows anywhere, then it leaves the registry
+    /// and Raft; the process stops once the client has the answer.
+    async fn node_leave(&self) -> api::Reply {
+        let view = self.view().await;
+        if view.members.iter().all(|m| m.node.is_self) {
+            return Err(Failure::usage(
+                "this is the cluster's only node: there is nothing to leave; stop it instead",
+            ));
+        }
+        self.drain().await;
+        let change = Change::Remove {
+            node: self.id.clone(),
+            address: Some(self.config.advertise),
+            left: true,
+        };
+        self.propose(change).await?;
+        info!("left the cluster");
+        Ok(json(&self.id))
+    }
+
     async fn network_create(
         &self,
         name: String,
@@ -595,7 +759,7 @@ impl Daemon {
                         forward: false,
                     };
                     let left = deadline.saturating_duration_since(Instant::now());
-                    match tokio::time::timeout(left, peer::call(leader, &self.secret, &request))
+                    match tokio::time::timeout(left, peer::call(leader, &self.credential, &request))
                         .await
                     {
                         // Our Raft named a leader that no longer leads: leadership is moving.
@@ -637,10 +801,14 @@ impl Daemon {
                 continue;
             };
             let daemon = self.clone();
+            let keys = peer::Keys {
+                member: self.secret.key(Purpose::Peer),
+                join: self.join_secret().key(),
+            };
             tokio::spawn(async move {
-                match peer::accept(stream, &daemon.secret, slot).await {
-                    Ok(Some((request, responder))) => {
-                        let reply = daemon.handle_peer(from, request).await;
+                match peer::accept(stream, &keys, slot).await {
+                    Ok(Some((caller, request, responder))) => {
+                        let reply = daemon.handle_peer(from, caller, request).await;
                         if let Err(err) = responder.reply(&reply).await {
                             debug!(%from, %err, "peer went away before the reply");
                         }
@@ -653,16 +821,39 @@ impl Daemon {
         }
     }
 
-    /// Peer requests from `from`. Proposals are committed only while this node leads; the
-    /// asker retries elsewhere otherwise, so a proposal is never forwarded twice.
-    async fn handle_peer(&self, from: SocketAddr, request: peer::Request) -> peer::Reply {
+    /// Peer requests from `from`. A joiner may only say `Hello`; a member that left or was
+    /// removed may say nothing. Proposals are committed only while this node leads; the asker
+    /// retries elsewhere otherwise, so a proposal is never forwarded twice.
+    async fn handle_peer(
+        &self,
+        from: SocketAddr,
+        caller: peer::Caller,
+        request: peer::Request,
+    ) -> peer::Reply {
+        let joiner = match &caller {
+            peer::Caller::Joiner => true,
+            peer::Caller::Member(node) => {
+                let member = self.consensus.registry().check_member(node);
+                if member.is_err() {
+                    self.peer_gate.refuse(peer::Refusal::Departed, from.ip());
+                }
+                member?;
+                false
+            }
+        };
         match request {
             peer::Request::Hello => {
                 // A joiner proved the token and gossips next: take its gossip before it is a
                 // member.
                 self.gossip.admit_joiner(from.ip());
-                Ok(json(&self.secret.cluster_id()))
+                Ok(json(&peer::Welcome {
+                    cluster_id: self.secret.cluster_id(),
+                    sealed: joiner.then(|| self.join_secret().seal(&self.secret)),
+                }))
             }
+            _ if joiner => Err(Failure::usage(
+                "a join token only lets a node join: prove it with a `Hello` first",
+            )),
             peer::Request::Propose {
                 change,
                 forward: true,
@@ -683,6 +874,42 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Proves `join` to the member at `peer` and opens the cluster secret it answers with.
+async fn cluster_secret(peer: SocketAddr, join: &JoinSecret) -> Result<Secret, Failure> {
+    let joining = |why: String| Failure::usage(format!("joining through {peer}: {why}"));
+    let joiner = peer::Credential::Joiner(join.clone());
+    let reply = peer::call(peer, &joiner, &peer::Request::Hello)
+        .await
+        .map_err(|e| joining(format!("{e:#}")))??;
+    let welcome: peer::Welcome = serde_json::from_value(reply)
+        .map_err(|e| joining(format!("its answer is not a welcome: {e}")))?;
+    welcome
+        .sealed
+        .and_then(|sealed| join.open(&sealed, &welcome.cluster_id))
+        .ok_or_else(|| joining("its answer holds no cluster secret sealed for this token".into()))
+}
+
+/// Refuses to restart a node that left the cluster or was removed from it: the first member
+/// it knew that answers decides. When none answers (all down, or cut off), it starts.
+async fn still_member(peers: &[SocketAddr], credential: &peer::Credential) -> Result<(), Failure> {
+    for peer in peers {
+        let hello = peer::call(*peer, credential, &peer::Request::Hello);
+        match tokio::time::timeout(STILL_MEMBER_WITHIN, hello).await {
+            Ok(Ok(Ok(_))) => return Ok(()),
+            Ok(Ok(Err(refusal))) => {
+                error!(%peer, refusal = %refusal.message, "the cluster refuses this node");
+                return Err(refusal);
+            }
+            Ok(Err(err)) => debug!(%peer, err = %format!("{err:#}"), "member did not answer"),
+            Err(_) => debug!(%peer, "member did not answer in time"),
+        }
+    }
+    if !peers.is_empty() {
+        warn!("no member this node knew answered; starting, and rejoining when they are back");
+    }
+    Ok(())
 }
 
 /// Runs the task `make` returns, and makes a new one if it panics, so one bad input cannot

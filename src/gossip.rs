@@ -57,6 +57,11 @@ impl Gossip {
         self.drops.snapshot()
     }
 
+    /// Nodes out of the cluster for good: their gossip is no longer taken (see [`Senders`]).
+    pub fn set_departed(&self, nodes: HashSet<String>) {
+        lock(&self.senders).departed = nodes;
+    }
+
     /// `ip` proved the token with a peer `Hello`: its gossip is taken for [`JOINER_WITHIN`], by
     /// which time it is a member.
     pub fn admit_joiner(&self, ip: IpAddr) {
@@ -198,8 +203,8 @@ pub async fn start(
 }
 
 /// Keeps [`Senders::known`] equal to the gossip addresses of every node chitchat knows (down
-/// ones too: a restarted node comes back from the same address) and of the seeds, until gossip
-/// stops.
+/// ones too: a restarted node comes back from the same address) and of the seeds, less those
+/// only departed nodes use, until gossip stops.
 async fn follow_members(
     chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
     senders: Arc<Mutex<Senders>>,
@@ -212,12 +217,23 @@ async fn follow_members(
             _ = &mut stopped => return,
             _ = every.tick() => {}
         }
+        let departed = lock(&senders).departed.clone();
         let known: HashSet<SocketAddr> = {
             let c = chitchat.lock().await;
-            c.node_states()
+            let (gone, members): (Vec<&ChitchatId>, Vec<&ChitchatId>) = c
+                .node_states()
                 .keys()
+                .partition(|id| departed.contains(&*id.node_id));
+            let gone: HashSet<SocketAddr> =
+                gone.iter().map(|id| id.gossip_advertise_addr).collect();
+            members
+                .iter()
                 .map(|id| id.gossip_advertise_addr)
-                .chain(c.seed_nodes())
+                .chain(
+                    c.seed_nodes()
+                        .into_iter()
+                        .filter(|seed| !gone.contains(seed)),
+                )
                 .collect()
         };
         lock(&senders).known = known;
@@ -229,6 +245,9 @@ async fn follow_members(
 struct Senders {
     /// Members' gossip addresses and the seeds.
     known: HashSet<SocketAddr>,
+    /// Ids of nodes out of the cluster for good, from the registry: their addresses are not
+    /// in `known` (unless a member uses one too).
+    departed: HashSet<String>,
     /// Hosts that proved the token with a peer `Hello`, by address (the `Hello` came over TCP,
     /// from another port), and when.
     joiners: HashMap<IpAddr, Instant>,
@@ -691,7 +710,11 @@ mod tests {
         let same_length = wanted[..peer::NONCE_LEN].to_vec();
         for nonce in [wanted, same_length] {
             let (addr, sent) = fake_peer(nonce.clone()).await;
-            let answer = peer::call(addr, &secret, &peer::Request::Hello).await;
+            let member = peer::Credential::Member {
+                secret: secret.clone(),
+                node: "0a0b0c0d0e0f".into(),
+            };
+            let answer = peer::call(addr, &member, &peer::Request::Hello).await;
             let sent = sent.await.unwrap();
             assert!(answer.is_err(), "the fake cannot answer");
             // Every tag the client sent, behind the nonce alone or the nonce and what it signed.

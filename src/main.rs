@@ -91,9 +91,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             token,
             daemon: args,
         } => {
-            let secret = token::Secret::from_token(&token).map_err(Failure::usage)?;
+            let join = token::JoinSecret::from_token(&token).map_err(Failure::usage)?;
             let peer = cli::peer_addr(&peer, args.gossip_port).map_err(Failure::usage)?;
-            serve(config(api, args), Start::Join { peer, secret }).await
+            serve(config(api, args), Start::Join { peer, join }).await
         }
         Command::Run {
             state_dir,
@@ -132,8 +132,13 @@ async fn serve(config: daemon::Config, start: Start) -> Result<(), Failure> {
         "    overlayd join {advertise} --token {} --advertise-addr ADDR",
         daemon.token()
     );
-    shutdown_signal().await;
-    info!("shutting down");
+    tokio::select! {
+        () = shutdown_signal() => {
+            info!("shutting down");
+            daemon.drain().await;
+        }
+        () = daemon.departed() => {}
+    }
     daemon.stop().await;
     Ok(())
 }

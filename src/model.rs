@@ -291,6 +291,11 @@ pub mod key {
     pub const HEALTH_PREFIX: &str = "hc/";
     pub const HEALTHY: &str = "healthy";
     pub const UNHEALTHY: &str = "unhealthy";
+    /// `leaving` -> "": this node is about to go; its tasks get no new flows.
+    pub const LEAVING: &str = "leaving";
+    /// `drained/<node id>` -> "": this node's balancer gives the leaving node's tasks no new
+    /// flows any more (what the leaving node waits for).
+    pub const DRAINED_PREFIX: &str = "drained/";
 
     pub fn realised(network_id: &str) -> String {
         format!("{REALISED_PREFIX}{network_id}")
@@ -300,6 +305,9 @@ pub mod key {
     }
     pub fn health(network_id: &str, ip: Ipv4Addr) -> String {
         format!("{HEALTH_PREFIX}{network_id}/{ip}")
+    }
+    pub fn drained(node: &str) -> String {
+        format!("{DRAINED_PREFIX}{node}")
     }
 }
 
@@ -340,6 +348,12 @@ impl std::fmt::Display for RaftRole {
 pub enum NodeState {
     Ready,
     Down,
+    /// Going (`node leave`, or SIGTERM): its tasks get no new flows.
+    Leaving,
+    /// Out for good: another member removed it (`node rm`).
+    Removed,
+    /// Out for good: it left (`node leave`).
+    Left,
 }
 
 impl std::fmt::Display for NodeState {
@@ -347,6 +361,9 @@ impl std::fmt::Display for NodeState {
         f.write_str(match self {
             NodeState::Ready => "ready",
             NodeState::Down => "down",
+            NodeState::Leaving => "leaving",
+            NodeState::Removed => "removed",
+            NodeState::Left => "left",
         })
     }
 }

@@ -3,10 +3,12 @@
 //! RPCs.
 //!
 //! # Exchange
-//! Challenge-response under the peer key ([`Purpose::Peer`], never the gossip key):
+//! Challenge-response under one of two keys: a member's under the peer key ([`Purpose::Peer`],
+//! never the gossip key), naming its node id; a joiner's under the key of the current join
+//! secret ([`JoinSecret::key`]), which only lets it ask for the cluster secret (a `Hello`).
 //! 1. server: a fresh nonce of exactly [`NONCE_LEN`] bytes;
-//! 2. client: `Auth`, HMAC(k, "auth" ‖ nonce), and right behind it `Signed`, the request with
-//!    HMAC(k, "request" ‖ nonce ‖ request);
+//! 2. client: `Auth`, its claim (member `id`, or joiner) and HMAC(k, "auth" ‖ nonce ‖ id), and
+//!    right behind it `Signed`, the request with HMAC(k, "request" ‖ nonce ‖ request);
 //! 3. server: `Signed`, the reply with HMAC(k, "reply" ‖ nonce ‖ reply), or `Refused`.
 //!
 //! Neither side sends the secret; a tag answers one nonce and one step only (the labels differ in
@@ -34,7 +36,7 @@ use tracing::warn;
 use crate::api::Failure;
 use crate::consensus::{Change, Rpc};
 use crate::model::PublishProtocol;
-use crate::token::{Key, Purpose, Secret};
+use crate::token::{JoinSecret, Key, Purpose, Secret};
 use crate::wire;
 
 /// How long a client waits for a whole exchange (the leader may be busy deciding).
@@ -68,7 +70,8 @@ const REPLY: &[u8] = b"reply";
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
-    /// Proves the token before a node joins; answered with the cluster id.
+    /// Answered with a [`Welcome`]: a joiner proves the join token with it and gets the
+    /// cluster secret; a restarted member learns whether it is still one.
     Hello,
     /// A change to commit through Raft. The Raft leader commits it; another member refuses it,
     /// unless `forward` asks it to pass it on to the leader (a joining node does not know the
@@ -92,6 +95,64 @@ pub struct Bind {
 
 pub type Reply = Result<serde_json::Value, Failure>;
 
+/// The answer to a `Hello`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Welcome {
+    pub cluster_id: String,
+    /// For a joiner: the cluster secret sealed under the join secret ([`JoinSecret::seal`]).
+    pub sealed: Option<String>,
+}
+
+/// Who a client says it is; the key it proves this with depends on it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Caller {
+    /// A member, by node id, holding the cluster secret.
+    Member(String),
+    /// A node joining with the join token.
+    Joiner,
+}
+
+/// What a client proves itself with.
+#[derive(Clone)]
+pub enum Credential {
+    Member { secret: Secret, node: String },
+    Joiner(JoinSecret),
+}
+
+impl Credential {
+    fn key(&self) -> Key {
+        match self {
+            Credential::Member { secret, .. } => secret.key(Purpose::Peer),
+            Credential::Joiner(join) => join.key(),
+        }
+    }
+
+    fn caller(&self) -> Caller {
+        match self {
+            Credential::Member { node, .. } => Caller::Member(node.clone()),
+            Credential::Joiner(_) => Caller::Joiner,
+        }
+    }
+}
+
+impl Caller {
+    /// The bytes the proof binds the claim with.
+    fn id(&self) -> &[u8] {
+        match self {
+            Caller::Member(node) => node.as_bytes(),
+            Caller::Joiner => b"",
+        }
+    }
+}
+
+/// The keys a server checks proofs with.
+pub struct Keys {
+    /// The peer key of the cluster secret.
+    pub member: Key,
+    /// The key of the current join secret.
+    pub join: Key,
+}
+
 #[derive(Serialize, Deserialize)]
 struct Challenge {
     nonce: String,
@@ -99,6 +160,7 @@ struct Challenge {
 
 #[derive(Serialize, Deserialize)]
 struct Auth {
+    caller: Caller,
     tag: String,
 }
 
@@ -116,13 +178,22 @@ enum Answer {
 }
 
 /// Sends `request` to the member at `addr` and returns its verified reply.
-pub async fn call(addr: SocketAddr, secret: &Secret, request: &Request) -> anyhow::Result<Reply> {
-    tokio::time::timeout(TIMEOUT, exchange(addr, &secret.key(Purpose::Peer), request))
+pub async fn call(
+    addr: SocketAddr,
+    credential: &Credential,
+    request: &Request,
+) -> anyhow::Result<Reply> {
+    tokio::time::timeout(TIMEOUT, exchange(addr, credential, request))
         .await
         .with_context(|| format!("no answer from {addr} within {TIMEOUT:?}"))?
 }
 
-async fn exchange(addr: SocketAddr, key: &Key, request: &Request) -> anyhow::Result<Reply> {
+async fn exchange(
+    addr: SocketAddr,
+    credential: &Credential,
+    request: &Request,
+) -> anyhow::Result<Reply> {
+    let (key, caller) = (&credential.key(), credential.caller());
     let stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr} (is overlayd running there?)"))?;
@@ -136,7 +207,8 @@ async fn exchange(addr: SocketAddr, key: &Key, request: &Request) -> anyhow::Res
     })?;
     let body = serde_json::to_string(request)?;
     let auth = Auth {
-        tag: hex::encode(key.mac(&[AUTH, &nonce])),
+        tag: hex::encode(key.mac(&[AUTH, &nonce, caller.id()])),
+        caller,
     };
     let signed = Signed {
         tag: hex::encode(key.mac(&[REQUEST, &nonce, body.as_bytes()])),
@@ -150,7 +222,7 @@ async fn exchange(addr: SocketAddr, key: &Key, request: &Request) -> anyhow::Res
         .with_context(|| format!("reading the reply from {addr}"))?
     {
         Answer::Refused => anyhow::bail!(
-            "{addr} refused the token: it does not belong to this cluster (print the right one with `overlayd join-token` on a member)"
+            "{addr} refused the token: it is not this cluster's current join token (it was rotated, or belongs to another cluster); print the current one with `overlayd join-token` on a member"
         ),
         Answer::Signed(reply) => {
             let tag = hex::decode(&reply.tag).context("malformed reply tag")?;
@@ -172,15 +244,14 @@ fn nonce_of(challenge: &Challenge) -> anyhow::Result<[u8; NONCE_LEN]> {
     })
 }
 
-/// Server side of one exchange, for a connection the [`Gate`] admitted: returns the verified
-/// request and a way to answer it, or `None` when the client was refused (counted, and told when
-/// its token was wrong). An error means an authenticated member's exchange failed.
+/// Server side of one exchange, for a connection the [`Gate`] admitted: returns who called,
+/// its verified request and a way to answer it, or `None` when the client was refused (counted,
+/// and told when its token was wrong). An error means an authenticated client's exchange failed.
 pub async fn accept(
     stream: TcpStream,
-    secret: &Secret,
+    keys: &Keys,
     slot: Slot,
-) -> anyhow::Result<Option<(Request, Responder)>> {
-    let key = secret.key(Purpose::Peer);
+) -> anyhow::Result<Option<(Caller, Request, Responder)>> {
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     let nonce: [u8; NONCE_LEN] = rand::random();
@@ -198,7 +269,11 @@ pub async fn accept(
         Err(_) => return Ok(slot.refuse(Refusal::Slow)),
     };
     let tag = hex::decode(&auth.tag).unwrap_or_default();
-    if !key.verify(&[AUTH, &nonce], &tag) {
+    let key = match auth.caller {
+        Caller::Member(_) => keys.member.clone(),
+        Caller::Joiner => keys.join.clone(),
+    };
+    if !key.verify(&[AUTH, &nonce, auth.caller.id()], &tag) {
         wire::write(&mut write, &Answer::Refused).await?;
         return Ok(slot.refuse(Refusal::WrongToken));
     }
@@ -213,7 +288,11 @@ pub async fn accept(
         "the request's tag does not verify"
     );
     let request = serde_json::from_str(&signed.body).context("malformed peer request")?;
-    Ok(Some((request, Responder { write, nonce, key })))
+    Ok(Some((
+        auth.caller,
+        request,
+        Responder { write, nonce, key },
+    )))
 }
 
 pub struct Responder {
@@ -241,6 +320,8 @@ pub enum Refusal {
     Malformed,
     /// A proof under another token.
     WrongToken,
+    /// A member that left or was removed, proving the cluster secret under its old id.
+    Departed,
 }
 
 impl Refusal {
@@ -250,6 +331,7 @@ impl Refusal {
             Refusal::Slow => "slow",
             Refusal::Malformed => "malformed",
             Refusal::WrongToken => "wrong_token",
+            Refusal::Departed => "departed",
         }
     }
 }
@@ -330,7 +412,8 @@ impl Gate {
             .collect()
     }
 
-    fn refuse(&self, why: Refusal, from: IpAddr) {
+    /// Counts (and logs, at most once per period) a refusal made after the handshake.
+    pub fn refuse(&self, why: Refusal, from: IpAddr) {
         let due = self.lock().refuse(why, Instant::now());
         if let Some(refused) = due {
             warn!(
@@ -371,36 +454,63 @@ impl Drop for Slot {
 mod tests {
     use super::*;
 
-    async fn serve_once(secret: Secret) -> SocketAddr {
+    /// Serves one exchange under `secret` and join secret `join`, answering with the caller
+    /// and the request.
+    async fn serve_once(secret: &Secret, join: &JoinSecret) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let gate = Arc::new(Gate::default());
+        let keys = Keys {
+            member: secret.key(Purpose::Peer),
+            join: join.key(),
+        };
         tokio::spawn(async move {
             let (stream, from) = listener.accept().await.unwrap();
             let slot = gate.admit(from).unwrap();
-            if let Some((request, responder)) = accept(stream, &secret, slot).await.unwrap() {
-                let reply: Reply = Ok(serde_json::json!(format!("{request:?}")));
+            if let Some((caller, request, responder)) = accept(stream, &keys, slot).await.unwrap() {
+                let reply: Reply = Ok(serde_json::json!(format!("{caller:?} {request:?}")));
                 responder.reply(&reply).await.unwrap();
             }
         });
         addr
     }
 
+    fn member(secret: &Secret) -> Credential {
+        Credential::Member {
+            secret: secret.clone(),
+            node: "0a0b0c0d0e0f".into(),
+        }
+    }
+
     #[tokio::test]
-    async fn members_get_verified_replies() {
-        let secret = Secret::generate();
-        let addr = serve_once(secret.clone()).await;
-        let reply = call(addr, &secret, &Request::Hello).await.unwrap();
-        assert_eq!(reply, Ok(serde_json::json!("Hello")));
+    async fn members_and_joiners_get_verified_replies_naming_who_they_are() {
+        let (secret, join) = (Secret::generate(), JoinSecret::generate());
+        let addr = serve_once(&secret, &join).await;
+        let reply = call(addr, &member(&secret), &Request::Hello).await.unwrap();
+        assert_eq!(
+            reply,
+            Ok(serde_json::json!("Member(\"0a0b0c0d0e0f\") Hello"))
+        );
+        let addr = serve_once(&secret, &join).await;
+        let reply = call(addr, &Credential::Joiner(join), &Request::Hello)
+            .await
+            .unwrap();
+        assert_eq!(reply, Ok(serde_json::json!("Joiner Hello")));
     }
 
     #[tokio::test]
     async fn a_wrong_token_is_refused_by_name() {
-        let addr = serve_once(Secret::generate()).await;
-        let err = call(addr, &Secret::generate(), &Request::Hello)
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("refused the token"), "{err}");
+        let (secret, join) = (Secret::generate(), JoinSecret::generate());
+        for wrong in [
+            member(&Secret::generate()),
+            Credential::Joiner(JoinSecret::generate()),
+            // The join secret is no member's key, nor the cluster secret a joiner's.
+            Credential::Joiner(secret.first_join()),
+        ] {
+            let addr = serve_once(&secret, &join).await;
+            let err = call(addr, &wrong, &Request::Hello).await.unwrap_err();
+            assert!(err.to_string().contains("refused the token"), "{err}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::api::{Failure, Reply};
 use crate::ipam;
 use crate::model::{Health, Mode, Network, Publish, Service, check_name};
 use crate::publish::{self, Unpublish};
+use crate::token::JoinSecret;
 
 /// A change to the registry. Everything random (a new network's id) is chosen before the
 /// command is proposed, so applying it is deterministic.
@@ -73,6 +74,28 @@ pub enum Command {
         name: String,
         force: bool,
     },
+    /// Replaces the join secret: tokens holding the old one no longer join
+    /// (`join-token --rotate`).
+    RotateJoinToken {
+        join: JoinSecret,
+    },
+    /// Takes `node` out of the cluster for good: every address its containers hold is taken
+    /// back (its tasks leave every balancer) and its id is never a member again. `left` when
+    /// the node asked for it (`node leave`), not when another member removed it (`node rm`).
+    RemoveNode {
+        node: String,
+        address: Option<Ipv4Addr>,
+        left: bool,
+    },
+}
+
+/// A node that is out of the cluster for good, as `node ls` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Departed {
+    /// Its underlay address when it went, if known.
+    pub address: Option<Ipv4Addr>,
+    /// It left (`node leave`), rather than being removed (`node rm`).
+    pub left: bool,
 }
 
 /// Who holds an address.
@@ -122,6 +145,12 @@ pub struct Registry {
     /// The last [`REMEMBERED`] proposals' ids, oldest first, and their outcomes.
     #[serde(default)]
     answered: std::collections::VecDeque<(u64, Reply)>,
+    /// The join secret since the last rotation; before any, the one the cluster secret derives.
+    #[serde(default)]
+    join: Option<JoinSecret>,
+    /// Nodes out of the cluster for good, by id.
+    #[serde(default)]
+    departed: BTreeMap<String, Departed>,
 }
 
 impl Registry {
@@ -131,6 +160,28 @@ impl Registry {
 
     pub fn services(&self) -> &BTreeMap<String, Service> {
         &self.services
+    }
+
+    /// The join secret tokens must hold, if it was ever rotated.
+    pub fn join(&self) -> Option<&JoinSecret> {
+        self.join.as_ref()
+    }
+
+    pub fn departed(&self) -> &BTreeMap<String, Departed> {
+        &self.departed
+    }
+
+    /// Refuses `node` if it is out of the cluster, saying what to do instead.
+    pub fn check_member(&self, node: &str) -> Result<(), Failure> {
+        match self.departed.get(node) {
+            None => Ok(()),
+            Some(d) => Err(Failure::usage(format!(
+                "node {node} {} the cluster and cannot come back with its old identity: \
+                 remove its state dir and join it again as a new node with a current token \
+                 (`overlayd join-token` on a member)",
+                if d.left { "left" } else { "was removed from" }
+            ))),
+        }
     }
 
     /// Who holds `ip` on the network with `network_id`, if anyone.
@@ -230,6 +281,7 @@ impl Registry {
                 ip,
                 service,
             } => {
+                self.check_member(&node)?;
                 let net = known(&self.networks, &network)?;
                 if let Some(name) = &service {
                     let svc = known_service(&self.services, name)?;
@@ -348,6 +400,32 @@ impl Registry {
                 }
                 self.services.remove(&name);
                 Ok(json(&tasks.len()))
+            }
+            Command::RotateJoinToken { join } => {
+                let reply = json(&join.token());
+                self.join = Some(join);
+                Ok(reply)
+            }
+            Command::RemoveNode {
+                node,
+                address,
+                left,
+            } => {
+                let mut released = 0;
+                self.addresses.retain(|_, held| {
+                    held.retain(|_, holder| {
+                        let mine =
+                            matches!(holder, Holder::Container { node: n, .. } if *n == node);
+                        released += usize::from(mine);
+                        !mine
+                    });
+                    !held.is_empty()
+                });
+                // A retry, or `node rm` racing `node leave`: the first record stands.
+                self.departed
+                    .entry(node)
+                    .or_insert(Departed { address, left });
+                Ok(json(&released))
             }
         }
     }
@@ -535,6 +613,75 @@ mod tests {
             service: None,
         });
         assert_eq!(r.apply_once(other), Ok("198.19.0.3".into()));
+    }
+
+    #[test]
+    fn a_removed_node_loses_its_addresses_and_gets_no_new_ones() {
+        let mut r = Registry::default();
+        create(&mut r, "web", "198.19.0.0/24").unwrap();
+        create_service(&mut r, "search", &[]).unwrap();
+        for node in ["a", "b", "b"] {
+            r.apply(Command::Allocate {
+                network: "web".into(),
+                node: node.into(),
+                ip: None,
+                service: Some("search".into()),
+            })
+            .unwrap();
+        }
+        let remove = Command::RemoveNode {
+            node: "b".into(),
+            address: Some("198.18.0.2".parse().unwrap()),
+            left: false,
+        };
+        assert_eq!(r.apply(remove.clone()), Ok(2.into()));
+        let service = r.services()["search"].clone();
+        let nodes: Vec<&str> = r.tasks(&service).map(|(_, node)| node).collect();
+        assert_eq!(nodes, ["a"], "b's tasks are gone, a's and the VIP stay");
+        assert!(
+            service
+                .vip
+                .is_some_and(|vip| r.holder(&service.network_id, vip).is_some())
+        );
+        let refused = r
+            .apply(Command::Allocate {
+                network: "web".into(),
+                node: "b".into(),
+                ip: None,
+                service: None,
+            })
+            .unwrap_err();
+        assert!(
+            refused.usage && refused.message.contains("was removed"),
+            "{refused}"
+        );
+        // A retry, or a later leave, keeps the first record.
+        let left = Command::RemoveNode {
+            node: "b".into(),
+            address: None,
+            left: true,
+        };
+        assert_eq!(r.apply(left), Ok(0.into()));
+        assert_eq!(
+            r.departed()["b"],
+            Departed {
+                address: Some("198.18.0.2".parse().unwrap()),
+                left: false
+            }
+        );
+        assert!(r.check_member("a").is_ok());
+    }
+
+    #[test]
+    fn a_rotated_join_secret_replaces_the_first_and_survives_a_snapshot() {
+        let mut r = Registry::default();
+        assert!(r.join().is_none());
+        let join = JoinSecret::generate();
+        r.apply(Command::RotateJoinToken { join: join.clone() })
+            .unwrap();
+        let copy: Registry = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(copy.join(), Some(&join));
+        assert!(!format!("{:?}", Command::RotateJoinToken { join }).contains("OVL2"));
     }
 
     #[test]

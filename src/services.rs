@@ -84,7 +84,8 @@ pub fn specs(view: &View) -> Vec<Spec> {
                     health: match view.task_state(t) {
                         TaskState::Starting => Health::Starting,
                         TaskState::Healthy => Health::Healthy,
-                        TaskState::Unhealthy => Health::Unhealthy,
+                        // Flows on it finish; new ones go elsewhere.
+                        TaskState::Unhealthy | TaskState::Draining => Health::Unhealthy,
                         TaskState::Down => Health::Down,
                     },
                 })

@@ -17,6 +17,7 @@ use crate::model::Endpoint;
 #[serde(deny_unknown_fields)]
 pub struct Identity {
     pub node_id: String,
+    /// The cluster secret (`OVL1-` and hex), never a join token.
     pub token: String,
     pub advertise: Ipv4Addr,
     pub gossip_port: u16,
@@ -24,6 +25,7 @@ pub struct Identity {
 }
 
 const IDENTITY: &str = "node.json";
+const JOIN_TOKEN: &str = "join-token";
 const PEERS: &str = "peers.json";
 const ENDPOINTS: &str = "endpoints.json";
 /// The Raft vote, log and registry ([`crate::consensus`]).
@@ -56,7 +58,7 @@ pub fn load_identity(dir: &Path) -> Result<Identity, Failure> {
 }
 
 /// Writes the identity of a new node, and the join token beside it for scripts.
-pub fn create(dir: &Path, identity: &Identity) -> anyhow::Result<()> {
+pub fn create(dir: &Path, identity: &Identity, join_token: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -64,16 +66,20 @@ pub fn create(dir: &Path, identity: &Identity) -> anyhow::Result<()> {
         .create(dir)
         .with_context(|| format!("creating state dir {}", dir.display()))?;
     write(&dir.join(IDENTITY), identity)?;
-    let token = dir.join("join-token");
-    std::fs::write(&token, format!("{}\n", identity.token))
-        .with_context(|| format!("writing {}", token.display()))
+    save_join_token(dir, join_token)
+}
+
+/// Writes the current join token for scripts (`join-token` in the state dir), replaced when
+/// it is rotated.
+pub fn save_join_token(dir: &Path, token: &str) -> anyhow::Result<()> {
+    replace(&dir.join(JOIN_TOKEN), format!("{token}\n").as_bytes())
 }
 
 /// Removes what [`create`] and the node wrote into `dir`, and `dir` itself if that leaves it
 /// empty: a new node whose start failed leaves nothing behind, and nothing of the user's is
 /// touched.
 pub fn remove_new_node(dir: &Path) {
-    for file in [IDENTITY, "join-token", PEERS, ENDPOINTS, RAFT] {
+    for file in [IDENTITY, JOIN_TOKEN, PEERS, ENDPOINTS, RAFT] {
         let path = dir.join(file);
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_file(path.with_extension("tmp"));
@@ -173,7 +179,7 @@ mod tests {
             gossip_port: 7946,
             vxlan_port: 4789,
         };
-        create(&dir, &identity).unwrap();
+        create(&dir, &identity, "OVL2-x").unwrap();
         let refusal = ensure_unused(&dir).unwrap_err();
         assert!(
             refusal.usage && refusal.message.contains("node n1"),

@@ -18,16 +18,9 @@ use netns::{Attachment, Bg, Cluster, PING_WAIT, wait_until};
 /// Requests per client: with 3 tasks, missing one in 30 independent picks has odds of 3e-5.
 const REQUESTS: usize = 30;
 
-/// A task on `node` serving its own name on port 80.
+/// A task of `web` on `node` serving its own name on port 80.
 fn task(c: &Cluster, node: usize, name: &str) -> (String, Attachment, Bg) {
-    let ns = c.container(node, name);
-    let attachment = c.attach(node, &ns, "app", &["--service", "web"]);
-    let root = c.dir.join(format!("www-{name}"));
-    fs::create_dir_all(&root).expect("web root");
-    fs::write(root.join("index.html"), name).expect("index.html");
-    let root = root.to_string_lossy().into_owned();
-    let server = c.spawn(&ns, &["busybox", "httpd", "-f", "-p", "80", "-h", &root]);
-    (ns, attachment, server)
+    c.httpd_task(node, name, "app", "web")
 }
 
 /// The names answering `REQUESTS` requests from `client` to `http://vip/`; every one must

@@ -539,7 +539,9 @@ impl Balancer {
 /// another node (a UDP client's new socket, most often), and the answers must go back there.
 ///
 /// A UDP flow whose task went away is balanced afresh at its client's next datagram (UDP has
-/// no connection for the client to reset).
+/// no connection for the client to reset). A SYN on the tuple of any flow whose task went away,
+/// a VIP's included, is balanced afresh too: a client reusing the port of a finished connection
+/// to a task of a node that left would otherwise be reset.
 fn rebalances(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
     if direction != Direction::Original {
         return false;
@@ -553,11 +555,11 @@ fn rebalances(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
         return true;
     }
     is_syn(packet)
-        && matches!(
-            entry.state(),
-            State::TcpSynSent | State::TcpTimeWait | State::TcpClose | State::BackendGone
-        )
-        && matches!(entry.nat().via, Via::Host { .. } | Via::Node(_))
+        && (entry.state() == State::BackendGone
+            || matches!(
+                entry.state(),
+                State::TcpSynSent | State::TcpTimeWait | State::TcpClose
+            ) && matches!(entry.nat().via, Via::Host { .. } | Via::Node(_)))
 }
 
 /// Whether a flow's first `packet` replaces `old`, a flow of the same client port with the
@@ -1140,6 +1142,11 @@ mod tests {
             Verdict::Reply(54)
         ));
         assert_eq!(b.stats.rejected.load(Ordering::Relaxed), 1);
+        // A new connection from the same port (a SYN) is no packet of the dead flow.
+        b.publish(table(&[8]), Instant::now());
+        let mut reused = tcp((5, 40001), (VIP, 80), true);
+        assert_eq!(run(&b, &mut reused), Verdict::Rewritten);
+        assert_eq!(seen(&reused).3.ip(), &ip(8));
     }
 
     #[test]

@@ -106,10 +106,10 @@ impl Daemon {
             } else if node.state == NodeState::Down {
                 info!(node = %node.id, address = %node.address, "node down: publishing without asking it whether the ports are free");
             } else {
-                let (to, secret) = (member.gossip, self.secret.clone());
+                let (to, credential) = (member.gossip, self.credential.clone());
                 answers.spawn(async move {
                     let request = peer::Request::Bindable { ports };
-                    let asked = peer::call(to, &secret, &request);
+                    let asked = peer::call(to, &credential, &request);
                     (i, tokio::time::timeout(ASK_WITHIN, asked).await)
                 });
             }

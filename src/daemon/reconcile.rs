@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{Daemon, vni};
 use crate::cluster::View;
@@ -43,6 +43,12 @@ struct Seen {
     services: Vec<ingress::service::Spec>,
     /// The members' ports last kept from containers (see [`egress::member_ports`]).
     member_ports: BTreeSet<egress::MemberPort>,
+    /// Leaving members whose tasks this node's balancer was last confirmed to drain.
+    drained: BTreeSet<String>,
+    /// Nodes out of the cluster, as last given to gossip.
+    departed: BTreeSet<String>,
+    /// The join token last written to the state dir.
+    join_token: String,
 }
 
 impl Daemon {
@@ -73,7 +79,10 @@ impl Daemon {
         self.dns.refresh(&view);
         self.restore().await;
         self.unplug_released().await;
-        self.balance(&view, &mut seen.services);
+        if self.balance(&view, &mut seen.services) {
+            self.confirm_drained(&view, &mut seen.drained).await;
+        }
+        self.shun_departed(&view, &mut seen.departed);
         let tables = view.tables(&self.id, self.config.vxlan_port);
         if tables != seen.published {
             debug!(networks = tables.networks.len(), "publishing tables");
@@ -91,26 +100,79 @@ impl Daemon {
             state_dir::save_peers(&self.config.state_dir, &peers)?;
             seen.peers = peers;
         }
+        let token = self.token();
+        if token != seen.join_token {
+            state_dir::save_join_token(&self.config.state_dir, &token)?;
+            seen.join_token = token;
+        }
         Ok(())
     }
 
     /// Gives the balancer the view's services and tasks when they changed, and expires its
-    /// idle flows.
-    fn balance(&self, view: &View, seen: &mut Vec<ingress::service::Spec>) {
+    /// idle flows. Returns whether the balancer now has the view's.
+    fn balance(&self, view: &View, seen: &mut Vec<ingress::service::Spec>) -> bool {
         let now = Instant::now();
         let specs = services::specs(view);
-        if specs != *seen {
-            let size = ingress::maglev::DEFAULT_SIZE;
-            match ingress::service::Table::build(size, specs.iter().cloned()) {
+        let current = specs == *seen
+            || match ingress::service::Table::build(
+                ingress::maglev::DEFAULT_SIZE,
+                specs.iter().cloned(),
+            ) {
                 Ok(table) => {
                     debug!(services = specs.len(), "publishing services");
                     self.balancer.publish(table, now);
                     *seen = specs;
+                    true
                 }
-                Err(err) => warn!(%err, "services not given to the balancer; retrying"),
-            }
-        }
+                Err(err) => {
+                    warn!(%err, "services not given to the balancer; retrying");
+                    false
+                }
+            };
         self.balancer.handle_timeout(now);
+        current
+    }
+
+    /// Tells leaving members, through gossip, that this node's balancer (just given `view`)
+    /// gives their tasks no new flows: what they wait for before they go.
+    async fn confirm_drained(&self, view: &View, seen: &mut BTreeSet<String>) {
+        let leaving: BTreeSet<String> = view
+            .members
+            .iter()
+            .filter(|m| m.node.state == NodeState::Leaving && !m.node.is_self)
+            .map(|m| m.node.id.clone())
+            .collect();
+        if leaving == *seen {
+            return;
+        }
+        let set: Vec<(String, String)> = leaving
+            .difference(seen)
+            .map(|id| (key::drained(id), String::new()))
+            .collect();
+        let gone: Vec<String> = seen
+            .difference(&leaving)
+            .map(|id| key::drained(id))
+            .collect();
+        self.gossip.update(&set, &gone).await;
+        *seen = leaving;
+    }
+
+    /// Stops taking gossip from nodes that are out of the cluster, and says so once if this
+    /// node is one of them (removed with `--force` while it ran).
+    fn shun_departed(&self, view: &View, seen: &mut BTreeSet<String>) {
+        let departed: BTreeSet<String> = view.departed.keys().cloned().collect();
+        if departed == *seen {
+            return;
+        }
+        let removed = view.departed.get(&self.id).is_some_and(|d| !d.left);
+        if removed && !seen.contains(&self.id) {
+            error!(
+                node = %self.id,
+                "this node was removed from the cluster: members refuse its gossip, peer requests and VXLAN; stop it, remove its state dir and join again with a current token"
+            );
+        }
+        self.gossip.set_departed(departed.iter().cloned().collect());
+        *seen = departed;
     }
 
     /// Makes the routing mesh's hooks and port reservations match the view's published ports.

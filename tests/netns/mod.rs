@@ -405,7 +405,7 @@ impl Node {
 
     /// `verb_args` followed by this node's own state dir and API socket: every daemon verb
     /// (`init`, `join`, `run`) needs both, so daemons side by side never share them.
-    fn daemon_args(&self, verb_args: &[&str]) -> Vec<String> {
+    pub fn daemon_args(&self, verb_args: &[&str]) -> Vec<String> {
         let own = [
             "--state-dir",
             &self.state_dir.to_string_lossy(),
@@ -593,7 +593,7 @@ impl Cluster {
     }
 
     /// `join <node 1> --token TOKEN ...` for `node`, with its own state dir and API socket.
-    fn join_args(&self, node: &Node, token: &str) -> Vec<String> {
+    pub fn join_args(&self, node: &Node, token: &str) -> Vec<String> {
         node.daemon_args(&[
             "join",
             &self.nodes[0].addr,
@@ -606,8 +606,14 @@ impl Cluster {
 
     /// Waits until every node's `node ls` shows every node, all `ready`.
     pub fn wait_all_ready(&self, timeout: Duration) {
-        let want: Vec<String> = self.nodes.iter().map(|n| n.addr.clone()).collect();
-        for node in &self.nodes {
+        let all: Vec<usize> = (1..=self.nodes.len()).collect();
+        self.wait_ready(&all, timeout);
+    }
+
+    /// Waits until each of the nodes `of` (1-based) lists all of them as `ready`.
+    pub fn wait_ready(&self, of: &[usize], timeout: Duration) {
+        let want: Vec<String> = of.iter().map(|&i| self.node(i).addr.clone()).collect();
+        for node in of.iter().map(|&i| self.node(i)) {
             wait_for(
                 timeout,
                 &format!("node {} to list all {} nodes ready", node.index, want.len()),
@@ -776,6 +782,25 @@ impl Cluster {
             Command::new("ip").args(["netns", "exec", netns]).args(args),
             CLI_TIMEOUT,
         )
+    }
+
+    /// A container on `node` attached to `network` as a task of `service`, running busybox
+    /// httpd on port 80 that answers `name`: its netns, attachment and server.
+    pub fn httpd_task(
+        &self,
+        node: usize,
+        name: &str,
+        network: &str,
+        service: &str,
+    ) -> (String, Attachment, Bg) {
+        let ns = self.container(node, name);
+        let attachment = self.attach(node, &ns, network, &["--service", service]);
+        let root = self.dir.join(format!("www-{name}"));
+        fs::create_dir_all(&root).expect("web root");
+        fs::write(root.join("index.html"), name).expect("index.html");
+        let root = root.to_string_lossy().into_owned();
+        let server = self.spawn(&ns, &["busybox", "httpd", "-f", "-p", "80", "-h", &root]);
+        (ns, attachment, server)
     }
 
     /// Runs `args` inside `netns` and panics unless it succeeds; returns stdout.
