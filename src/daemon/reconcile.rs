@@ -68,7 +68,7 @@ impl Daemon {
         self.restore().await;
         self.unplug_released().await;
         self.balance(&view, &mut seen.services);
-        let tables = view.tables(&self.id, self.config.vxlan_port);
+        let tables = view.tables(&self.id, self.config.vxlan_port, &self.secret);
         if tables != seen.published {
             debug!(networks = tables.networks.len(), "publishing tables");
             self.dataplane.publish(tables.clone());
