@@ -54,6 +54,21 @@ fn udp_payloads(pcap: &[u8]) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// Bits per second received by an iperf3 server in `server` from a 3 s client in `client`.
+fn iperf(c: &Cluster, client: &str, server: &str, to: &str) -> f64 {
+    let _server = c.spawn(server, &["iperf3", "-s", "-1", "-p", "5201"]);
+    let listening = netns::wait_until(Duration::from_secs(10), || {
+        let out = c.exec(server, &["ss", "-Hltn", "sport = :5201"]);
+        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+    });
+    assert!(listening, "iperf3 server in {server} not listening");
+    let out = c.exec_ok(client, &["iperf3", "-c", to, "-p", "5201", "-t", "3", "-J"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 -J output");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("sum_received.bits_per_second")
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -115,6 +130,27 @@ fn encrypted_network_seals_everything_refuses_the_rest_and_rotates_without_loss(
         });
     }
     c.assert_tcp(&s1, &as2.ip, TCP_PORT, 4 * TCP_BYTES);
+
+    // Throughput, plain against encrypted (printed; the ratio is for the report, not asserted).
+    let plain_bps = iperf(&c, &p1, &p2, &ap2.ip);
+    let sealed_bps = iperf(&c, &s1, &s2, &as2.ip);
+    eprintln!(
+        "iperf3 3 s, one stream: plain {:.2} Gbit/s, encrypted {:.2} Gbit/s ({:.2}x)",
+        plain_bps / 1e9,
+        sealed_bps / 1e9,
+        sealed_bps / plain_bps
+    );
+    assert!(sealed_bps > 0.0);
+    // Legitimate traffic lost nothing to the checks.
+    for i in [1, 2] {
+        for reason in ["cleartext", "forged", "no-key", "replay"] {
+            assert_eq!(
+                c.node(i).drops(reason),
+                0,
+                "node {i}: {reason} drops of legitimate traffic"
+            );
+        }
+    }
 
     // A capture on node 2's underlay: markers pinged on both networks.
     let pcap = c.dir.join("underlay.pcap");
