@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the fuzz targets in overlay/fuzz (vxlan, switch, offload) and ingress/fuzz (dns, nat, balancer) with
+# Runs the fuzz targets in overlay/fuzz (vxlan, switch, offload, seal) and ingress/fuzz (dns, nat, balancer) with
 # libFuzzer for a bounded time each; exits non-zero if any target crashes (a panic, an
 # assertion, an out-of-bounds).
 # scripts/test.sh runs it as its last pass, so CI fuzzes every change.
@@ -19,9 +19,9 @@ source "$(dirname "$0")/lib.sh"
 ov_need_cargo
 SECS=${FUZZ_SECS:-20}
 # Each target and the fuzz crate (its own workspace) that holds it.
-declare -A CRATE=([vxlan]=overlay/fuzz [switch]=overlay/fuzz [offload]=overlay/fuzz [dns]=ingress/fuzz [nat]=ingress/fuzz [balancer]=ingress/fuzz)
+declare -A CRATE=([vxlan]=overlay/fuzz [seal]=overlay/fuzz [switch]=overlay/fuzz [offload]=overlay/fuzz [dns]=ingress/fuzz [nat]=ingress/fuzz [balancer]=ingress/fuzz)
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(vxlan switch offload dns nat balancer)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(vxlan switch offload seal dns nat balancer)
 for t in "${TARGETS[@]}"; do
   [ -n "${CRATE[$t]:-}" ] || ov_die "unknown fuzz target $t (known: ${!CRATE[*]})"
 done

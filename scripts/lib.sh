@@ -25,7 +25,7 @@ ov_need_root() {
 # (tests/docker.rs builds its container image from the static busybox).
 ov_install_deps() {
   local missing=() cmd
-  for cmd in ip bridge iperf3 ping curl python3 ps ethtool sockperf c++ nft; do
+  for cmd in ip bridge iperf3 ping curl python3 ps ethtool sockperf c++ nft tcpdump; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
   done
   ov_have_static_busybox || missing+=("busybox-static")
@@ -35,7 +35,7 @@ ov_install_deps() {
   export DEBIAN_FRONTEND=noninteractive
   timeout 300 apt-get update -qq || ov_die "apt-get update failed (or took over 300 s)"
   timeout 600 apt-get install -y -qq iproute2 iperf3 iputils-ping curl python3 procps ethtool sockperf g++ \
-    nftables busybox-static >/dev/null || ov_die "apt-get install failed (or took over 600 s)"
+    nftables busybox-static tcpdump >/dev/null || ov_die "apt-get install failed (or took over 600 s)"
   for cmd in "${missing[@]}"; do
     if [ "$cmd" = busybox-static ]; then
       ov_have_static_busybox || ov_die "no static busybox after apt-get install busybox-static"

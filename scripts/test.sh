@@ -6,7 +6,7 @@
 # The netns integration tests (tests/*.rs) run twice: pass 1 with the data plane's offloads on
 # (with everything else), pass 2 with them forced off (OVERLAYD_NO_OFFLOADS=true; the harness starts
 # every daemon with --no-offloads), the fallback path for kernels that refuse them. Both passes
-# always run. Pass 3 fuzzes (scripts/fuzz.sh: vxlan, switch, offload, dns, nat, balancer; 20 s
+# always run. Pass 3 fuzzes (scripts/fuzz.sh: vxlan, switch, offload, seal, dns, nat, balancer; 20 s
 # each, FUZZ_SECS to change). The exit status is non-zero if any pass failed.
 #
 #   sudo scripts/test.sh              # debug build (fastest build; the tests are not benchmarks)

@@ -37,6 +37,12 @@ pub enum Request {
         /// No egress (`--internal`).
         #[serde(default)]
         internal: bool,
+        /// Sealed between nodes (`--encrypted`).
+        #[serde(default)]
+        encrypted: bool,
+    },
+    NetworkRotateKey {
+        name: String,
     },
     NetworkLs,
     NetworkRm {
@@ -143,6 +149,12 @@ pub struct NetworkInfo {
     /// No egress: containers reach nothing outside the network but their node.
     #[serde(default)]
     pub internal: bool,
+    /// Sealed between nodes.
+    #[serde(default)]
+    pub encrypted: bool,
+    /// The key epoch of an encrypted network (0 until the first `network rotate-key`).
+    #[serde(default)]
+    pub key_epoch: u32,
     /// Endpoints on this network, cluster-wide.
     pub endpoints: usize,
 }

@@ -15,6 +15,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use crate::api::TaskState;
 use crate::model::{Endpoint, Network, Node, NodeState, Service, key};
 use crate::registry::{Departed, Registry};
+use crate::token::Secret;
 
 /// One member's gossip state, as chitchat holds it.
 pub struct MemberState<'a> {
@@ -217,7 +218,11 @@ impl View {
     /// Down members stay in: a member the failure detector wrongly calls down (a busy machine)
     /// keeps its traffic, and a really dead one loses nothing more by it. Members leave the
     /// tables when gossip forgets them.
-    pub fn tables(&self, self_id: &str, vxlan_port: u16) -> overlay::Tables {
+    ///
+    /// An encrypted network gets the keys with every other member in its key epoch, derived
+    /// from `secret` ([`Secret::vxlan_key`]), and those of the next epoch to receive with (see
+    /// `overlay::keyring`).
+    pub fn tables(&self, self_id: &str, vxlan_port: u16, secret: &Secret) -> overlay::Tables {
         let vteps: BTreeMap<&str, SocketAddrV4> = self
             .members
             .iter()
@@ -253,11 +258,25 @@ impl View {
                             }),
                     )
                     .collect();
-                let peers = vteps
-                    .iter()
-                    .filter(|(id, _)| **id != self_id)
-                    .map(|(_, vtep)| *vtep)
-                    .collect();
+                let others = || vteps.iter().filter(|(id, _)| **id != self_id);
+                let peers = others().map(|(_, vtep)| *vtep).collect();
+                let sealing = net.encrypted.then(|| {
+                    let (vni, epoch) = (net.vni, net.key_epoch);
+                    let key = |from: &str, to: &str, epoch| {
+                        overlay::seal::Key(secret.vxlan_key(from, to, vni, epoch))
+                    };
+                    overlay::Sealing {
+                        epoch,
+                        peers: others()
+                            .map(|(id, vtep)| overlay::PeerKeys {
+                                vtep: *vtep.ip(),
+                                send: key(self_id, id, epoch),
+                                receive: key(id, self_id, epoch),
+                                receive_next: key(id, self_id, epoch.wrapping_add(1)),
+                            })
+                            .collect(),
+                    }
+                });
                 let external = net
                     .vteps
                     .iter()
@@ -270,6 +289,7 @@ impl View {
                     endpoints,
                     peers,
                     external,
+                    sealing,
                 })
             })
             .collect();
@@ -344,6 +364,7 @@ mod tests {
             mtu: 1450,
             vteps: vec!["198.18.0.9".parse().unwrap()],
             internal: false,
+            encrypted: false,
         })
         .unwrap();
         for (node, last) in held {
@@ -497,7 +518,7 @@ mod tests {
             node: "b".into(),
         };
         assert_eq!(view.task_state(&task), TaskState::Draining);
-        let peers = &view.tables("a", 4789).networks[0].peers;
+        let peers = &view.tables("a", 4789, &Secret::generate()).networks[0].peers;
         assert_eq!(peers.len(), 1, "c's VTEP is no peer: {peers:?}");
     }
 
@@ -558,7 +579,7 @@ mod tests {
                 ],
             ),
         ];
-        let tables = view(&members, &registry).tables("a", 4789);
+        let tables = view(&members, &registry).tables("a", 4789, &Secret::generate());
         let net = &tables.networks[0];
         assert_eq!(net.gateway, "198.19.0.1".parse::<Ipv4Addr>().unwrap());
         let peers: Vec<String> = net.peers.iter().map(|p| p.to_string()).collect();
@@ -594,6 +615,62 @@ mod tests {
                     overlay::Location::Remote("198.18.0.3:4789".parse().unwrap())
                 ),
             ]
+        );
+    }
+
+    /// Two members of an encrypted network derive matching keys: what one sends with, the
+    /// other receives with, in this epoch and the next; a plain network gets none.
+    #[test]
+    fn an_encrypted_network_gets_matching_keys_per_member_pair() {
+        let mut registry = registry(&[]);
+        registry
+            .apply(Command::CreateNetwork {
+                id: "s".into(),
+                name: "secret".into(),
+                subnet: "198.19.8.0/24".parse().unwrap(),
+                vni: Some(5000),
+                mtu: 1426,
+                vteps: vec![],
+                internal: false,
+                encrypted: true,
+            })
+            .unwrap();
+        registry
+            .apply(Command::RotateKey {
+                name: "secret".into(),
+            })
+            .unwrap();
+        let refused = registry.apply(Command::RotateKey { name: "web".into() });
+        assert!(refused.is_err(), "a plain network has no key to rotate");
+        let members: Gossip = ["a", "b"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                (
+                    *id,
+                    true,
+                    vec![("vtep", format!("198.18.0.{}:4789", i + 1))],
+                )
+            })
+            .collect();
+        let secret = Secret::generate();
+        let view = view(&members, &registry);
+        let sealing = |me: &str| {
+            let tables = view.tables(me, 4789, &secret);
+            assert!(tables.networks[1].sealing.is_none(), "web is plain");
+            tables.networks[0].sealing.clone().unwrap()
+        };
+        let (a, b) = (sealing("a"), sealing("b"));
+        assert_eq!((a.epoch, a.peers.len()), (1, 1));
+        let (a, b) = (&a.peers[0], &b.peers[0]);
+        assert_eq!(a.vtep, "198.18.0.2".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(a.send, b.receive);
+        assert_eq!(b.send, a.receive);
+        assert_ne!(a.send, a.receive, "one key per direction");
+        assert_eq!(
+            a.receive_next.0,
+            secret.vxlan_key("b", "a", 5000, 2),
+            "the next epoch's"
         );
     }
 }

@@ -72,6 +72,14 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 const STILL_MEMBER_WITHIN: Duration = Duration::from_secs(3);
 /// Underlay bytes VXLAN adds over IPv4: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// What an encrypted network's datagrams add on top: the counter and the tag.
+const SEAL_OVERHEAD: u32 = overlay::seal::OVERHEAD as u32;
+
+/// The yes-or-no choices of `network create`.
+struct NetworkFlags {
+    internal: bool,
+    encrypted: bool,
+}
 
 pub struct Config {
     pub advertise: Ipv4Addr,
@@ -511,9 +519,29 @@ impl Daemon {
                 mtu,
                 vteps,
                 internal,
+                encrypted,
             } => {
-                self.network_create(name, subnet, vni, mtu, vteps, internal)
+                let flags = NetworkFlags {
+                    internal,
+                    encrypted,
+                };
+                self.network_create(name, subnet, vni, mtu, vteps, flags)
                     .await
+            }
+            NetworkRotateKey { name } => {
+                let reply = self
+                    .propose(Change::registry(Command::RotateKey { name: name.clone() }))
+                    .await?;
+                let rotated: Network = serde_json::from_value(reply)
+                    .map_err(|e| Failure::runtime(format!("leader's reply: {e}")))?;
+                // Done when this node uses the new keys; the others take them from the log, and
+                // take either epoch meanwhile.
+                let view = self
+                    .converge(&format!("rotating the key of network {name}"), |v| {
+                        v.networks.get(&name) == Some(&rotated)
+                    })
+                    .await?;
+                Ok(json(&network_info(&rotated, &view)))
             }
             NetworkRm { name } => {
                 self.propose(Change::registry(Command::RemoveNetwork {
@@ -698,15 +726,24 @@ impl Daemon {
         vni: Option<u32>,
         mtu: Option<u32>,
         vteps: Vec<Ipv4Addr>,
-        internal: bool,
+        NetworkFlags {
+            internal,
+            encrypted,
+        }: NetworkFlags,
     ) -> api::Reply {
         crate::model::check_name(&name)?;
-        let max_mtu = self.underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
+        let overhead = if encrypted {
+            VXLAN_OVERHEAD + SEAL_OVERHEAD
+        } else {
+            VXLAN_OVERHEAD
+        };
+        let max_mtu = self.underlay_mtu.saturating_sub(overhead);
         let mtu = match mtu {
             None => max_mtu,
             Some(m) if m > max_mtu => {
+                let what = if encrypted { "sealed VXLAN" } else { "VXLAN" };
                 return Err(Failure::usage(format!(
-                    "--mtu {m} does not fit: the underlay MTU is {} and VXLAN needs {VXLAN_OVERHEAD} bytes, so use at most {max_mtu}",
+                    "--mtu {m} does not fit: the underlay MTU is {} and {what} needs {overhead} bytes, so use at most {max_mtu}",
                     self.underlay_mtu
                 )));
             }
@@ -726,6 +763,7 @@ impl Daemon {
                 mtu,
                 vteps,
                 internal,
+                encrypted,
             }))
             .await?;
         let created: Network = serde_json::from_value(reply)
@@ -1018,6 +1056,8 @@ fn network_info(net: &Network, view: &View) -> NetworkInfo {
         mtu: net.mtu,
         vteps: net.vteps.clone(),
         internal: net.internal,
+        encrypted: net.encrypted,
+        key_epoch: net.key_epoch,
         endpoints: view.endpoints_on(net).count(),
     }
 }

@@ -334,6 +334,8 @@ mod tests {
             mtu: 1450,
             vteps: vec![],
             internal,
+            encrypted: false,
+            key_epoch: 0,
         }
     }
 

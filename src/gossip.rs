@@ -507,6 +507,7 @@ mod tests {
                 mtu: 1450,
                 vteps: vec![],
                 internal: false,
+                encrypted: false,
             })
             .unwrap();
         let allocate = |node: &str| Command::Allocate {
@@ -553,7 +554,7 @@ mod tests {
             .collect();
         assert_eq!(placed, [("a", "198.19.0.2".to_string())]);
         assert_eq!(view.networks.keys().collect::<Vec<_>>(), ["web"]);
-        let tables = view.tables("a", 4789);
+        let tables = view.tables("a", 4789, &crate::token::Secret::generate());
         assert_eq!(tables.networks.len(), 1);
         assert!(
             tables.networks[0].peers.is_empty(),

@@ -46,6 +46,14 @@ pub enum Refusal {
     AddressTaken(Ipv4Addr, String),
     #[error("network {0} has no free address left")]
     Exhausted(String),
+    #[error(
+        "an encrypted network cannot have --vtep: a kernel VXLAN device cannot seal or open its frames"
+    )]
+    EncryptedVteps,
+    #[error(
+        "network {0} is not encrypted: only an encrypted network has keys (`network create --encrypted`)"
+    )]
+    NotEncrypted(String),
 }
 
 /// A subnet a network can have: no host bits, room for a gateway and containers.
@@ -132,6 +140,8 @@ mod tests {
             mtu: 1450,
             vteps: vec![],
             internal: false,
+            encrypted: false,
+            key_epoch: 0,
         }
     }
 

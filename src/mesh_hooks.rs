@@ -341,6 +341,8 @@ pub(crate) mod tests {
             mtu: 1450,
             vteps: vec![],
             internal: false,
+            encrypted: false,
+            key_epoch: 0,
         }
     }
 

@@ -32,6 +32,14 @@ pub struct Network {
     /// (`network create --internal`, see [`crate::egress`]).
     #[serde(default)]
     pub internal: bool,
+    /// Every frame between nodes is sealed (`network create --encrypted`, see
+    /// `overlay::seal`).
+    #[serde(default)]
+    pub encrypted: bool,
+    /// The key epoch of an encrypted network: `network rotate-key` advances it, and every
+    /// node derives the keys of the new epoch from the cluster secret.
+    #[serde(default)]
+    pub key_epoch: u32,
 }
 
 /// A network as it arrives, before [`Network::check`].
@@ -46,6 +54,10 @@ struct NetworkRecord {
     vteps: Vec<Ipv4Addr>,
     #[serde(default)]
     internal: bool,
+    #[serde(default)]
+    encrypted: bool,
+    #[serde(default)]
+    key_epoch: u32,
 }
 
 impl TryFrom<NetworkRecord> for Network {
@@ -60,6 +72,8 @@ impl TryFrom<NetworkRecord> for Network {
             mtu: r.mtu,
             vteps: r.vteps,
             internal: r.internal,
+            encrypted: r.encrypted,
+            key_epoch: r.key_epoch,
         };
         net.check()?;
         Ok(net)
@@ -88,6 +102,9 @@ impl Network {
         ipam::check_vni(self.vni)?;
         if !MTU_RANGE.contains(&self.mtu) {
             return Err(Refusal::Mtu(self.mtu));
+        }
+        if self.encrypted && !self.vteps.is_empty() {
+            return Err(Refusal::EncryptedVteps);
         }
         Ok(())
     }

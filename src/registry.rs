@@ -34,8 +34,15 @@ pub enum Command {
         /// Without egress (absent in commands logged before the flag existed).
         #[serde(default)]
         internal: bool,
+        /// Sealed between nodes (absent in commands logged before the flag existed).
+        #[serde(default)]
+        encrypted: bool,
     },
     RemoveNetwork {
+        name: String,
+    },
+    /// Advances the key epoch of encrypted network `name` by one.
+    RotateKey {
         name: String,
     },
     /// Reserve an address on `network` for an endpoint that `node` is about to create, as a
@@ -238,6 +245,7 @@ impl Registry {
                 mtu,
                 vteps,
                 internal,
+                encrypted,
             } => {
                 let existing: Vec<Network> = self.networks.values().cloned().collect();
                 let vni = ipam::admit_network(&name, subnet, vni, &existing)?;
@@ -252,11 +260,21 @@ impl Registry {
                     mtu,
                     vteps,
                     internal,
+                    encrypted,
+                    key_epoch: 0,
                 };
                 net.check()?;
                 let reply = json(&net);
                 self.networks.insert(net.name.clone(), net);
                 Ok(reply)
+            }
+            Command::RotateKey { name } => {
+                known(&self.networks, &name)?;
+                let Some(net) = self.networks.get_mut(&name).filter(|n| n.encrypted) else {
+                    return Err(ipam::Refusal::NotEncrypted(name).into());
+                };
+                net.key_epoch = net.key_epoch.wrapping_add(1);
+                Ok(json(net))
             }
             Command::RemoveNetwork { name } => {
                 let net = known(&self.networks, &name)?;
@@ -481,6 +499,7 @@ mod tests {
             mtu: 1450,
             vteps: vec![],
             internal: false,
+            encrypted: false,
         })?;
         Ok(serde_json::from_value(reply).unwrap())
     }

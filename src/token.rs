@@ -198,6 +198,31 @@ impl std::fmt::Debug for JoinSecret {
     }
 }
 
+/// The HKDF `info` prefix of the keys that seal encrypted networks' frames.
+const VXLAN_LABEL: &[u8] = b"overlayd vxlan v1";
+
+impl Secret {
+    /// The key that seals frames from node `sender` to node `receiver` on the network with
+    /// `vni` in key epoch `epoch` (`overlay::seal`). One key per direction, so each sender's
+    /// counters are its own and no two senders ever use one nonce under one key; ids are
+    /// length-prefixed so no two tuples give the same `info`.
+    pub fn vxlan_key(&self, sender: &str, receiver: &str, vni: u32, epoch: u32) -> [u8; 32] {
+        let mut info = Vec::with_capacity(VXLAN_LABEL.len() + sender.len() + receiver.len() + 12);
+        info.extend_from_slice(VXLAN_LABEL);
+        for id in [sender, receiver] {
+            info.extend_from_slice(&(id.len() as u16).to_be_bytes());
+            info.extend_from_slice(id.as_bytes());
+        }
+        info.extend_from_slice(&vni.to_be_bytes());
+        info.extend_from_slice(&epoch.to_be_bytes());
+        let mut key = [0; 32];
+        Hkdf::<Sha256>::new(None, &self.0)
+            .expand(&info, &mut key)
+            .expect("32 bytes is far below HKDF-SHA256's output limit");
+        key
+    }
+}
+
 impl Key {
     /// HMAC over the concatenation of `parts`.
     pub fn mac(&self, parts: &[&[u8]]) -> [u8; TAG_LEN] {
@@ -291,6 +316,28 @@ mod tests {
             "a truncated tag proves nothing"
         );
         assert_ne!(a.cluster_id(), b.cluster_id());
+    }
+
+    #[test]
+    fn vxlan_keys_differ_by_direction_network_and_epoch() {
+        let secret = Secret::generate();
+        let k = |s: &str, r: &str, vni, epoch| secret.vxlan_key(s, r, vni, epoch);
+        let base = k("a", "b", 4096, 0);
+        assert_eq!(
+            base,
+            k("a", "b", 4096, 0),
+            "every node derives the same key"
+        );
+        for other in [
+            k("b", "a", 4096, 0),
+            k("a", "b", 4097, 0),
+            k("a", "b", 4096, 1),
+            k("ab", "", 4096, 0),
+            Secret::generate().vxlan_key("a", "b", 4096, 0),
+        ] {
+            assert_ne!(base, other);
+        }
+        assert!(base != secret.0 && secret.key(Purpose::Gossip).0 != base);
     }
 
     #[test]

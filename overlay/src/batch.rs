@@ -4,7 +4,7 @@
 
 use std::net::SocketAddrV4;
 
-use crate::{offload, udp};
+use crate::{offload, seal, udp};
 
 /// Datagrams to one VTEP through one send socket, laid out back to back at one stride (the
 /// last may be shorter), gathered across TAP reads: runs of equal-size frames, and the
@@ -26,8 +26,10 @@ pub(crate) struct Batch {
 
 /// Room for less than one full group plus the segments of the largest super-frame
 /// ([`offload::MAX_SEGMENTS`] segments, each repeating up to 142 bytes of VXLAN, Ethernet,
-/// IPv4 and TCP headers with options, around 64 KiB of payload).
-const BATCH_LEN: usize = udp::GSO_MAX_BYTES + offload::MAX_SEGMENTS * 142 + 65_536;
+/// IPv4 and TCP headers with options, plus a sealed header's and tag's extra bytes on an
+/// encrypted network, around 64 KiB of payload).
+const BATCH_LEN: usize =
+    udp::GSO_MAX_BYTES + offload::MAX_SEGMENTS * (142 + seal::OVERHEAD) + 65_536;
 
 impl Batch {
     pub(crate) fn new(offloads: bool) -> Batch {

@@ -18,6 +18,8 @@ use mio::{Poll, Waker};
 use crate::ethernet::Mac;
 use crate::fdb::Index;
 use crate::governor::{self, Governor, Layout};
+use crate::keyring::{Keyring, Sealing};
+use crate::seal;
 use crate::stage::{Passthrough, Stage};
 use crate::switch::DropReason;
 use crate::udp::{self, SendPool};
@@ -80,6 +82,9 @@ pub struct NetworkTable {
     /// them are learned from their traffic. Members and external VTEPs together are the flood
     /// list and the only senders whose VXLAN is accepted for this VNI (checked by IP only).
     pub external: Vec<SocketAddrV4>,
+    /// Set on an encrypted network: every datagram to and from a peer is sealed under the
+    /// keys given here, and nothing else is sent or accepted ([`crate::seal`]).
+    pub sealing: Option<Sealing>,
 }
 
 /// A container endpoint.
@@ -264,6 +269,8 @@ pub struct DataPlane {
     tables: Arc<ArcSwap<Index>>,
     /// Control path only (add/remove network), never touched per packet.
     networks: Mutex<HashMap<Vni, String>>,
+    /// The sessions of encrypted networks, kept across publishes (control path only).
+    keyring: Mutex<Keyring>,
     local_vtep: SocketAddrV4,
     offloads: bool,
 }
@@ -398,6 +405,7 @@ impl DataPlane {
             governor,
             tables,
             networks: Mutex::new(HashMap::new()),
+            keyring: Mutex::new(Keyring::default()),
             local_vtep: addr,
             offloads: config.offloads,
         })
@@ -485,7 +493,10 @@ impl DataPlane {
     /// Builds the lookup indexes for `tables` and swaps them in; workers see them on their
     /// next batch.
     pub fn publish(&self, tables: Tables) {
-        self.tables.store(Arc::new(Index::build(&tables)));
+        let mut keyring = self.keyring.lock().unwrap_or_else(|e| e.into_inner());
+        let sessions = keyring.update(&tables, Instant::now(), seal::clock_counter());
+        self.tables
+            .store(Arc::new(Index::build_sealed(&tables, &sessions)));
     }
 
     /// Counters summed over all workers, and the current layout.
@@ -794,6 +805,7 @@ mod tests {
                         ],
                         peers: vec![other_vtep],
                         external: vec![],
+                        sealing: None,
                     }],
                 }
             };
@@ -862,6 +874,7 @@ mod tests {
                 endpoints: vec![],
                 peers: vec![],
                 external: vec![other],
+                sealing: None,
             }],
         };
         a.publish(peers_only(b.local_vtep()));
@@ -888,6 +901,7 @@ mod tests {
                 endpoints: vec![],
                 peers: vec![SocketAddrV4::new(Ipv4Addr::new(198, 18, 9, 9), 4789)],
                 external: vec![],
+                sealing: None,
             }],
         });
         assert!(!ping(&ca, "198.19.0.2"));

@@ -7,12 +7,14 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
 
 use crate::dataplane::{Endpoint, Location, NetworkTable, Tables};
 use crate::ethernet::Mac;
+use crate::keyring::{Peer, Sessions};
 use crate::vxlan::Vni;
 
 /// Lookup indexes for every network of one published [`Tables`].
@@ -24,11 +26,16 @@ pub struct Index {
 impl Index {
     /// Builds the indexes. If a VNI appears twice, the first table wins.
     pub fn build(tables: &Tables) -> Index {
+        Index::build_sealed(tables, &Sessions::new())
+    }
+
+    /// Builds the indexes with the sessions of encrypted networks' peers ([`crate::keyring`]).
+    pub fn build_sealed(tables: &Tables, sessions: &Sessions) -> Index {
         let mut networks = HashMap::with_capacity(tables.networks.len());
         for table in &tables.networks {
             networks
                 .entry(table.vni)
-                .or_insert_with(|| Network::build(table));
+                .or_insert_with(|| Network::build(table, sessions));
         }
         Index { networks }
     }
@@ -61,13 +68,17 @@ pub struct Network {
     /// Peer VTEPs by IP: senders are checked by address only, because the kernel's VXLAN
     /// device sends from a hashed source port.
     peer_by_ip: HashMap<Ipv4Addr, (SocketAddrV4, PeerKind)>,
+    /// An encrypted network: nothing leaves or is taken unsealed.
+    sealed: bool,
+    /// An encrypted network's sessions with its peers, by VTEP IP.
+    keys: HashMap<Ipv4Addr, Arc<Peer>>,
 }
 
 impl Network {
     /// Builds the indexes of one network. For duplicate MACs or IPs the first endpoint wins;
     /// duplicate peers are sent to once, and a VTEP listed both as a member and as external
     /// counts as a member.
-    pub fn build(table: &NetworkTable) -> Network {
+    pub fn build(table: &NetworkTable, sessions: &Sessions) -> Network {
         let mut by_mac = HashMap::with_capacity(table.endpoints.len());
         let mut by_ip = HashMap::with_capacity(table.endpoints.len());
         for ep in &table.endpoints {
@@ -85,6 +96,14 @@ impl Network {
             }
             peer_by_ip.entry(*peer.ip()).or_insert((peer, kind));
         }
+        let keys = match &table.sealing {
+            Some(sealing) => sealing
+                .peers
+                .iter()
+                .filter_map(|p| Some((p.vtep, sessions.get(&(table.vni, p.vtep))?.clone())))
+                .collect(),
+            None => HashMap::new(),
+        };
         Network {
             vni: table.vni,
             gateway: table.gateway,
@@ -93,6 +112,8 @@ impl Network {
             by_ip,
             peers,
             peer_by_ip,
+            sealed: table.sealing.is_some(),
+            keys,
         }
     }
 
@@ -126,6 +147,16 @@ impl Network {
     /// Every other VTEP carrying this network: the flood list.
     pub fn peers(&self) -> &[SocketAddrV4] {
         &self.peers
+    }
+
+    /// Whether the network is encrypted: only sealed datagrams leave and are taken.
+    pub fn sealed(&self) -> bool {
+        self.sealed
+    }
+
+    /// The sessions with the peer at this IP on an encrypted network, if it has keys.
+    pub fn keys(&self, ip: Ipv4Addr) -> Option<&Peer> {
+        self.keys.get(&ip).map(|p| &**p)
     }
 
     /// The peer VTEP (address to send to) with this IP, and what it is, if it is one.
@@ -246,6 +277,7 @@ pub(crate) mod tests {
             ],
             peers: vec![vtep(2)],
             external: vec![vtep(3), vtep(3), vtep(2)],
+            sealing: None,
         }
     }
 

@@ -25,6 +25,9 @@
 //!   unicast frames to service addresses and to local endpoints, inside the switch decision.
 //! - [`port_filter`]: the classic BPF program the daemon attaches to each container's bridge
 //!   port, so a container sends only from its own MAC and addresses.
+//! - [`seal`]: the sealed datagrams of encrypted networks (ChaCha20-Poly1305 in place, the
+//!   replay window); [`keyring`]: the sessions per network and peer built from the keys the
+//!   daemon publishes, kept across publishes and key rotations.
 //! - [`flowhash`]: the inner-flow hash that picks the send socket, so the outer UDP source port.
 //! - [`offload`] (with `packet::checksum`): splitting super-frames into wire-sized segments with valid
 //!   checksums, and coalescing received TCP segments (or UDP datagrams) back into one
@@ -57,9 +60,11 @@ pub mod ethernet;
 pub mod fdb;
 pub mod flowhash;
 mod governor;
+pub mod keyring;
 pub mod nd;
 pub mod offload;
 pub mod port_filter;
+pub mod seal;
 pub mod stage;
 mod steer;
 pub mod switch;
@@ -72,5 +77,6 @@ mod worker;
 
 pub use dataplane::{Config, DataPlane, Endpoint, Error, Location, NetworkTable, Stats, Tables};
 pub use ethernet::Mac;
+pub use keyring::{PeerKeys, Sealing};
 pub use stage::{Origin, Stage, Verdict};
 pub use vxlan::Vni;

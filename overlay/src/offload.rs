@@ -259,6 +259,20 @@ pub fn segment(
     headroom: usize,
     out: &mut [u8],
 ) -> Result<Segments, Unsupported> {
+    segment_with(frame, vh, (headroom, 0), out, |_| {})
+}
+
+/// [`segment`] with `(headroom, tailroom)` bytes around each frame, and `finish` called on
+/// each one (headroom, frame and tailroom) right after it is built, while it is in cache: the
+/// worker writes the VXLAN header there, or seals the frame in place ([`crate::seal`]).
+/// [`Segments::frame`] of the result includes the tailroom.
+pub fn segment_with(
+    frame: &[u8],
+    vh: &vnet::Header,
+    (headroom, tailroom): (usize, usize),
+    out: &mut [u8],
+    mut finish: impl FnMut(&mut [u8]),
+) -> Result<Segments, Unsupported> {
     let lay = layout(frame)?;
     let want = match vh.gso_type & !vnet::gso::ECN {
         vnet::gso::TCPV4 => (true, TCP),
@@ -281,12 +295,12 @@ pub fn segment(
     if count > MAX_SEGMENTS || lay.hdr_len - counted_from + mss.min(payload.len()) > MAX_IP_LEN {
         return Err(Unsupported::BadGsoSize);
     }
-    let stride = headroom + lay.hdr_len + mss;
+    let stride = headroom + lay.hdr_len + mss + tailroom;
     let last_payload = payload.len() - (count - 1) * mss;
     let segs = Segments {
         count,
         stride,
-        last: headroom + lay.hdr_len + last_payload,
+        last: headroom + lay.hdr_len + last_payload + tailroom,
     };
     if out.len() < segs.len() {
         return Err(Unsupported::NoRoom);
@@ -319,6 +333,8 @@ pub fn segment(
             put16(seg, lay.l4 + 4, (8 + chunk.len()) as u16);
         }
         l4_checksum(seg, &lay);
+        let datagram = i * stride;
+        finish(&mut out[datagram..start + lay.hdr_len + chunk.len() + tailroom]);
     }
     Ok(segs)
 }

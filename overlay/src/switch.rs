@@ -14,6 +14,7 @@
 //! the I/O itself (the worker).
 
 use std::net::SocketAddrV4;
+use std::ops::Range;
 use std::time::Instant;
 
 use crate::dataplane::Location;
@@ -21,7 +22,7 @@ use crate::ethernet::{self, Frame, Mac};
 use crate::fdb::{Index, Learned, Network, PeerKind};
 use crate::stage::{Checksum, Origin, Stage, Verdict};
 use crate::vxlan::{self, Vni};
-use crate::{arp, nd};
+use crate::{arp, nd, seal};
 
 /// The reply buffer [`from_tap`] needs: the longest answer it writes.
 pub const REPLY_LEN: usize = if arp::REPLY_FRAME_LEN > nd::REPLY_FRAME_LEN {
@@ -116,6 +117,16 @@ drop_reasons! {
     /// Sending out of the node's own interfaces failed (the reply of a connection to a
     /// published port), or the node has no socket for it.
     WireSend => "wire-send",
+    /// Plain VXLAN for an encrypted network: never taken.
+    Cleartext => "cleartext",
+    /// A sealed datagram whose sender has no key here under its key id (an epoch not in
+    /// force, a network that is not encrypted, an external VTEP), or a frame for a peer this
+    /// node has no key with on an encrypted network (never sent in the clear).
+    NoKey => "no-key",
+    /// A sealed datagram whose tag does not verify: forged, damaged, or under another key.
+    Forged => "forged",
+    /// A sealed datagram whose counter was seen already or is older than the replay window.
+    Replay => "replay",
 }
 
 /// Decides what to do with `frame`, read from the TAP of `net`; `checksum` says whether its
@@ -423,7 +434,10 @@ pub enum Delivery {
 /// The stage gets `reply` (at least [`REPLY_LEN`] bytes) as scratch: nothing is answered
 /// towards the underlay.
 ///
-/// The inner frame is `datagram[vxlan::HEADER_LEN..]`.
+/// On an encrypted network only sealed datagrams are taken ([`crate::seal`]); they are opened
+/// in place first, and everything after sees the plain frame.
+///
+/// Returns where the datagram goes and where the inner frame is in it.
 pub fn from_vtep(
     datagram: &mut [u8],
     sender: SocketAddrV4,
@@ -432,15 +446,10 @@ pub fn from_vtep(
     now: Instant,
     stage: &dyn Stage,
     reply: &mut [u8],
-) -> Result<Delivery, DropReason> {
-    let header = vxlan::Header::new_checked(&*datagram).map_err(|e| match e {
-        vxlan::Malformed::Short => DropReason::Short,
-        vxlan::Malformed::NoIFlag => DropReason::NoIFlag,
-    })?;
-    let vni = header.vni();
-    let net = index.network(vni).ok_or(DropReason::UnknownVni)?;
-    let (_, kind) = net.peer(*sender.ip()).ok_or(DropReason::NotMember)?;
-    let inner = Frame::new_checked(header.inner()).map_err(|_| DropReason::Short)?;
+) -> Result<(Delivery, Range<usize>), DropReason> {
+    let (net, kind, at) = decapsulate(datagram, sender, index, now)?;
+    let vni = net.vni();
+    let inner = Frame::new_checked(&datagram[at.clone()]).map_err(|_| DropReason::Short)?;
     let (src, dst) = (inner.src(), inner.dst());
     if src.is_multicast() {
         return Err(DropReason::MalformedFrame);
@@ -465,7 +474,7 @@ pub fn from_vtep(
             }
         }
         ethernet::ethertype::IPV6
-            if nd::parse(header.inner()).is_some_and(|m| nd_contradicts(&m, net)) =>
+            if nd::parse(&datagram[at.clone()]).is_some_and(|m| nd_contradicts(&m, net)) =>
         {
             return Err(DropReason::NdSpoof);
         }
@@ -474,10 +483,10 @@ pub fn from_vtep(
     if kind == PeerKind::External {
         learned.learn(vni, src, *sender.ip(), now);
     }
-    let inner = &mut datagram[vxlan::HEADER_LEN..];
+    let inner = &mut datagram[at.clone()];
     if dst == mesh_mac(net) && kind == PeerKind::Member {
         return match stage.rewrite(inner, Checksum::Full, Origin::Overlay, now, reply) {
-            Verdict::Wire => Ok(Delivery::Wire),
+            Verdict::Wire => Ok((Delivery::Wire, at)),
             _ => Err(DropReason::Service),
         };
     }
@@ -494,7 +503,44 @@ pub fn from_vtep(
     } else if mesh {
         return Err(DropReason::ForeignSource);
     }
-    Ok(Delivery::Tap(vni))
+    Ok((Delivery::Tap(vni), at))
+}
+
+/// Checks a datagram's header and sender, and opens it if it is sealed: the network, what the
+/// sender is to it, and where the inner frame is. A sealed datagram is taken only on an
+/// encrypted network, from a peer it has a key with, under a key id in force, with a tag that
+/// verifies and a counter not seen before; a plain one only on a network that is not encrypted.
+fn decapsulate<'a>(
+    datagram: &mut [u8],
+    sender: SocketAddrV4,
+    index: &'a Index,
+    now: Instant,
+) -> Result<(&'a Network, PeerKind, Range<usize>), DropReason> {
+    if seal::is_sealed(datagram) {
+        let header = seal::Header::parse(datagram).map_err(|_| DropReason::Short)?;
+        let net = index.network(header.vni).ok_or(DropReason::UnknownVni)?;
+        let (_, kind) = net.peer(*sender.ip()).ok_or(DropReason::NotMember)?;
+        let opener = net
+            .keys(*sender.ip())
+            .and_then(|peer| peer.opener(header.key_id, now))
+            .ok_or(DropReason::NoKey)?;
+        let at = opener.open(&header, datagram).map_err(|e| match e {
+            seal::Refused::Malformed => DropReason::Short,
+            seal::Refused::Replay => DropReason::Replay,
+            seal::Refused::Forged => DropReason::Forged,
+        })?;
+        return Ok((net, kind, at));
+    }
+    let header = vxlan::Header::new_checked(&*datagram).map_err(|e| match e {
+        vxlan::Malformed::Short => DropReason::Short,
+        vxlan::Malformed::NoIFlag => DropReason::NoIFlag,
+    })?;
+    let net = index.network(header.vni()).ok_or(DropReason::UnknownVni)?;
+    let (_, kind) = net.peer(*sender.ip()).ok_or(DropReason::NotMember)?;
+    if net.sealed() {
+        return Err(DropReason::Cleartext);
+    }
+    Ok((net, kind, vxlan::HEADER_LEN..datagram.len()))
 }
 
 #[cfg(test)]
@@ -549,7 +595,7 @@ mod tests {
             &Passthrough,
             &mut [0u8; REPLY_LEN],
         )
-        .map(|delivery| match delivery {
+        .map(|(delivery, _)| match delivery {
             Delivery::Tap(vni) => vni,
             Delivery::Wire => panic!("a passthrough stage sends nothing out of the node"),
         })
@@ -846,6 +892,95 @@ mod tests {
         vxlan::Repr { vni: vni(vni_) }.emit(&mut d);
         d.extend_from_slice(inner);
         d
+    }
+
+    /// `table()` encrypted, with keys for member .2 only: it seals to this node under
+    /// `Key([2; 32])` in epoch 0.
+    fn sealed_index() -> Index {
+        use crate::keyring::{Keyring, PeerKeys, Sealing};
+        use crate::seal::Key;
+        let mut t = crate::fdb::tests::table();
+        t.sealing = Some(Sealing {
+            epoch: 0,
+            peers: vec![PeerKeys {
+                vtep: *vtep(2).ip(),
+                send: Key([1; 32]),
+                receive: Key([2; 32]),
+                receive_next: Key([3; 32]),
+            }],
+        });
+        let tables = Tables { networks: vec![t] };
+        let sessions = Keyring::default().update(&tables, Instant::now(), 1);
+        Index::build_sealed(&tables, &sessions)
+    }
+
+    fn seal_as(key: u8, key_id: u8, counter: u64, inner: &[u8]) -> Vec<u8> {
+        let mut d = vec![0u8; seal::HEADER_LEN + inner.len() + seal::TAG_LEN];
+        d[seal::HEADER_LEN..seal::HEADER_LEN + inner.len()].copy_from_slice(inner);
+        seal::Sealer::new(&seal::Key([key; 32]), key_id, counter).seal(vni(4096), &mut d);
+        d
+    }
+
+    #[test]
+    fn an_encrypted_network_takes_only_what_a_member_sealed_and_only_once() {
+        let sealed_net = sealed_index();
+        let mut learned = Learned::default();
+        let now = Instant::now();
+        // From the remote endpoint .9 (behind member .2) to the local one .5.
+        let inner = frame(mac(5), mac(9), ethertype::IPV4);
+        let mut got = |d: &[u8], from| from_vtep(d, from, &sealed_net, &mut learned, now);
+        assert_eq!(
+            got(&encapsulate(4096, &inner), vtep(2)),
+            Err(DropReason::Cleartext),
+            "cleartext on an encrypted VNI"
+        );
+        let sealed = seal_as(2, 0, 7, &inner);
+        let mut opened = sealed.clone();
+        let (delivery, at) = super::from_vtep(
+            &mut opened,
+            vtep(2),
+            &sealed_net,
+            &mut Learned::default(),
+            now,
+            &Passthrough,
+            &mut [0u8; REPLY_LEN],
+        )
+        .unwrap();
+        assert_eq!(delivery, Delivery::Tap(vni(4096)));
+        assert_eq!(&opened[at], &inner[..], "opened in place");
+        assert_eq!(got(&sealed, vtep(2)), Err(DropReason::Replay));
+        let mut forged = seal_as(2, 0, 8, &inner);
+        forged[seal::HEADER_LEN + 3] ^= 0x80;
+        assert_eq!(got(&forged, vtep(2)), Err(DropReason::Forged));
+        assert_eq!(got(&seal_as(2, 0, 8, &inner), vtep(2)), Ok(vni(4096)));
+        // Under another node's key (this node's own send key), an epoch not in force, from
+        // the external VTEP (no key), from a stranger.
+        assert_eq!(
+            got(&seal_as(1, 0, 9, &inner), vtep(2)),
+            Err(DropReason::Forged)
+        );
+        assert_eq!(
+            got(&seal_as(2, 5, 9, &inner), vtep(2)),
+            Err(DropReason::NoKey)
+        );
+        assert_eq!(
+            got(&seal_as(2, 0, 9, &inner), peer3()),
+            Err(DropReason::NoKey)
+        );
+        let stranger = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 77), 4789);
+        assert_eq!(
+            got(&seal_as(2, 0, 9, &inner), stranger),
+            Err(DropReason::NotMember)
+        );
+        // The next epoch is taken already (a peer that rotated first).
+        assert_eq!(got(&seal_as(3, 1, 1, &inner), vtep(2)), Ok(vni(4096)));
+        // A sealed datagram for a network that is not encrypted.
+        let plain = index();
+        let d = seal_as(2, 0, 10, &inner);
+        assert_eq!(
+            from_vtep(&d, vtep(2), &plain, &mut learned, now),
+            Err(DropReason::NoKey)
+        );
     }
 
     #[test]
@@ -1185,6 +1320,7 @@ mod tests {
             stage,
             &mut [0u8; REPLY_LEN],
         )
+        .map(|(delivery, _)| delivery)
     }
 
     #[test]

@@ -44,6 +44,11 @@ impl Vni {
     pub fn get(self) -> u32 {
         self.0
     }
+
+    /// The VNI in three bytes of a header.
+    pub fn from_bytes(b: [u8; 3]) -> Vni {
+        Vni(u32::from_be_bytes([0, b[0], b[1], b[2]]))
+    }
 }
 
 impl fmt::Display for Vni {
@@ -103,7 +108,7 @@ impl<T: AsRef<[u8]>> Header<T> {
 
     pub fn vni(&self) -> Vni {
         let b = &self.buffer.as_ref()[field::VNI];
-        Vni(u32::from_be_bytes([0, b[0], b[1], b[2]]))
+        Vni::from_bytes([b[0], b[1], b[2]])
     }
 
     /// The encapsulated Ethernet frame.

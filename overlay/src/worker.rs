@@ -27,7 +27,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::batch::Batch;
-use crate::fdb::{Index, Learned};
+use crate::fdb::{Index, Learned, Network};
 use crate::governor::Layout;
 use crate::offload::{self, Coalescer, Push};
 use crate::stage::{Checksum, Stage};
@@ -35,7 +35,7 @@ use crate::switch::{self, Delivery, DropReason, Forward};
 use crate::udp::{self, RecvBatch, SendPool};
 use crate::vxlan::{self, Vni};
 use crate::wire::Wire;
-use crate::{flowhash, steer, tap, vnet};
+use crate::{flowhash, keyring, seal, steer, tap, vnet};
 
 /// Messages from the control side; each is followed by a wake-up.
 pub(crate) enum Control {
@@ -68,7 +68,7 @@ pub(crate) struct Counters {
     pub drops: [AtomicU64; DROP_REASONS],
 }
 
-pub(crate) const DROP_REASONS: usize = 18;
+pub(crate) const DROP_REASONS: usize = 22;
 const _: () = assert!(switch::DropReason::ALL.len() == DROP_REASONS);
 
 impl Counters {
@@ -141,6 +141,8 @@ struct State {
     learned: Learned,
     /// TAP frames are read into this.
     buf: Box<[u8]>,
+    /// A frame of an encrypted network is sealed into this, once per peer.
+    sealed: Box<[u8]>,
     /// VXLAN datagrams (or `UDP_GRO` batches) are received into this, several per call.
     rx: RecvBatch,
     reply: Box<[u8]>,
@@ -180,6 +182,7 @@ impl Worker {
             by_vni: HashMap::new(),
             learned: Learned::default(),
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
+            sealed: vec![0u8; BUF_LEN + seal::HEADER_LEN + seal::TAG_LEN].into_boxed_slice(),
             rx: RecvBatch::new(RECV_BATCH, BUF_LEN),
             reply: vec![0u8; switch::REPLY_LEN].into_boxed_slice(),
             coalescer: Coalescer::new(),
@@ -383,6 +386,7 @@ impl Io<'_> {
             taps,
             learned,
             buf,
+            sealed,
             reply,
             gso,
             batch,
@@ -478,28 +482,25 @@ impl Io<'_> {
                         continue;
                     }
                 };
-                self.send_super(slot.vni, frame, &vh, targets, batch, gso);
+                self.send_super(net, frame, &vh, targets, batch, gso);
                 continue;
             }
             let frame = &buf[TAP_HEADROOM..n];
             match forward {
+                // Each peer has its own key: the frame is sealed into a copy per peer.
+                Forward::Remote(vtep) if net.sealed() => {
+                    self.send_sealed(net, frame, &[vtep], sealed, batch, gso);
+                }
+                Forward::Flood if net.sealed() => {
+                    self.counters.add(&self.counters.flooded, 1);
+                    self.send_sealed(net, frame, net.peers(), sealed, batch, gso);
+                }
                 Forward::Remote(vtep) => {
                     let hash = flowhash::hash(frame);
                     vxlan::Repr { vni: slot.vni }
                         .emit(&mut buf[TAP_HEADROOM - vxlan::HEADER_LEN..]);
                     let datagram = &buf[TAP_HEADROOM - vxlan::HEADER_LEN..n];
-                    if datagram.len() <= batch.buf.len() {
-                        let socket = self.pool.index(hash);
-                        if !batch.accepts(socket, vtep, datagram.len()) {
-                            self.send_batch(batch, gso, true);
-                        }
-                        batch.push(socket, hash, vtep, datagram);
-                        self.send_batch(batch, gso, false);
-                    } else {
-                        // Offloads off (no batch buffer), or a frame too big to batch.
-                        self.send_batch(batch, gso, true);
-                        self.send(hash, datagram, vtep);
-                    }
+                    self.push(hash, datagram, vtep, batch, gso);
                 }
                 Forward::Flood => {
                     let hash = flowhash::hash(frame);
@@ -526,6 +527,53 @@ impl Io<'_> {
         true
     }
 
+    /// Adds one datagram to the batch (sending what it holds first if it cannot join), or sends
+    /// it alone if it cannot be batched.
+    fn push(
+        &self,
+        hash: u32,
+        datagram: &[u8],
+        to: SocketAddrV4,
+        batch: &mut Batch,
+        gso: &mut bool,
+    ) {
+        if datagram.len() <= batch.buf.len() {
+            let socket = self.pool.index(hash);
+            if !batch.accepts(socket, to, datagram.len()) {
+                self.send_batch(batch, gso, true);
+            }
+            batch.push(socket, hash, to, datagram);
+            self.send_batch(batch, gso, false);
+        } else {
+            // Offloads off (no batch buffer), or a frame too big to batch.
+            self.send_batch(batch, gso, true);
+            self.send(hash, datagram, to);
+        }
+    }
+
+    /// Seals a copy of `frame` for each of `targets` in `scratch` and sends it; a target
+    /// without a key gets nothing (never the frame in the clear).
+    fn send_sealed(
+        &self,
+        net: &Network,
+        frame: &[u8],
+        targets: &[SocketAddrV4],
+        scratch: &mut [u8],
+        batch: &mut Batch,
+        gso: &mut bool,
+    ) {
+        let hash = flowhash::hash(frame);
+        for &to in targets {
+            let sealed = net
+                .keys(*to.ip())
+                .and_then(|peer| keyring::seal_copy(peer, net.vni(), frame, scratch));
+            match sealed {
+                Some(len) => self.push(hash, &scratch[..len], to, batch, gso),
+                None => self.counters.drop(DropReason::NoKey),
+            }
+        }
+    }
+
     /// Sends a frame out of the node's own interfaces (see [`crate::wire`]).
     fn to_wire(&self, header: &[u8; vnet::HEADER_LEN], frame: &mut [u8]) {
         let sent = self
@@ -538,15 +586,35 @@ impl Io<'_> {
 
     /// Segments a TSO/USO super-frame into the batch (joining what it holds if that goes the
     /// same way) and sends the full `UDP_SEGMENT` groups; a flood goes to every target at once.
+    ///
+    /// On an encrypted network each segment is sealed for its target right after it is built,
+    /// in place, and a flood is segmented once per target (each has its own key).
     fn send_super(
         &self,
-        vni: Vni,
+        net: &Network,
         frame: &[u8],
         vh: &vnet::Header,
         targets: &[SocketAddrV4],
         batch: &mut Batch,
         gso: &mut bool,
     ) {
+        let vni = net.vni();
+        let peer = match targets {
+            [to] if net.sealed() => match net.keys(*to.ip()) {
+                Some(peer) => Some(peer),
+                None => {
+                    self.counters.drop(DropReason::NoKey);
+                    return;
+                }
+            },
+            _ if net.sealed() => {
+                for to in targets {
+                    self.send_super(net, frame, vh, std::slice::from_ref(to), batch, gso);
+                }
+                return;
+            }
+            _ => None,
+        };
         let hash = flowhash::hash(frame);
         let socket = self.pool.index(hash);
         let to = match targets {
@@ -557,7 +625,20 @@ impl Io<'_> {
             self.send_batch(batch, gso, true);
         }
         let at = batch.len;
-        let segs = match offload::segment(frame, vh, vxlan::HEADER_LEN, &mut batch.buf[at..]) {
+        let out = &mut batch.buf[at..];
+        let segmented = match peer {
+            Some(peer) => offload::segment_with(
+                frame,
+                vh,
+                (seal::HEADER_LEN, seal::TAG_LEN),
+                out,
+                |datagram| peer.send.seal(vni, datagram),
+            ),
+            None => offload::segment_with(frame, vh, (vxlan::HEADER_LEN, 0), out, |datagram| {
+                vxlan::Repr { vni }.emit(datagram)
+            }),
+        };
+        let segs = match segmented {
             Ok(s) => s,
             Err(e) => {
                 tracing::trace!(error = %e, "cannot segment super-frame");
@@ -566,10 +647,6 @@ impl Io<'_> {
             }
         };
         self.counters.add(&self.counters.gso_frames, 1);
-        let repr = vxlan::Repr { vni };
-        for i in 0..segs.count {
-            repr.emit(&mut batch.buf[at + i * segs.stride..]);
-        }
         if batch.count > 0 && segs.stride != batch.stride {
             // Another MSS through the same socket (rare): send what was there first (all of
             // it: the batch ends at `at`), then move the new segments to the front.
@@ -704,23 +781,24 @@ impl Io<'_> {
                     continue;
                 };
                 for datagram in data.chunks_mut(seg) {
-                    let sink = match switch::from_vtep(
+                    // A sealed datagram is opened here, in place, before it is coalesced.
+                    let (sink, at) = match switch::from_vtep(
                         datagram, from, &tables, learned, now, self.stage, reply,
                     ) {
-                        Ok(Delivery::Tap(vni)) => match by_vni.get(&vni) {
-                            Some(&idx) => Sink::Tap(idx),
+                        Ok((Delivery::Tap(vni), at)) => match by_vni.get(&vni) {
+                            Some(&idx) => (Sink::Tap(idx), at),
                             None => {
                                 self.counters.drop(DropReason::NoTap);
                                 continue;
                             }
                         },
-                        Ok(Delivery::Wire) => Sink::Wire,
+                        Ok((Delivery::Wire, at)) => (Sink::Wire, at),
                         Err(reason) => {
                             self.counters.drop(reason);
                             continue;
                         }
                     };
-                    let inner = &mut datagram[vxlan::HEADER_LEN..];
+                    let inner = &mut datagram[at];
                     self.deliver(taps, sink, inner, coalescer, &mut current);
                 }
             }

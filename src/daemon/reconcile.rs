@@ -83,7 +83,7 @@ impl Daemon {
             self.confirm_drained(&view, &mut seen.drained).await;
         }
         self.shun_departed(&view, &mut seen.departed);
-        let tables = view.tables(&self.id, self.config.vxlan_port);
+        let tables = view.tables(&self.id, self.config.vxlan_port, &self.secret);
         if tables != seen.published {
             debug!(networks = tables.networks.len(), "publishing tables");
             self.dataplane.publish(tables.clone());

@@ -28,6 +28,7 @@ fn index() -> &'static Index {
                 ],
                 peers: vec![vtep],
                 external: vec![SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 3), 4789)],
+                sealing: None,
             }],
         })
     })

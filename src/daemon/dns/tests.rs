@@ -16,6 +16,8 @@ fn network(id: &str, vni: u32) -> Network {
         mtu: 1450,
         vteps: vec![],
         internal: false,
+        encrypted: false,
+        key_epoch: 0,
     }
 }
 
