@@ -132,9 +132,9 @@ async fn serve(config: daemon::Config, start: Start) -> Result<(), Failure> {
         "    overlayd join {advertise} --token {} --advertise-addr ADDR",
         daemon.token()
     );
-    shutdown_signal().await;
-    info!("shutting down");
-    daemon.stop().await;
+    let how = shutdown_signal().await;
+    info!(?how, "shutting down");
+    daemon.stop(how).await;
     Ok(())
 }
 
@@ -176,11 +176,13 @@ fn config(api: PathBuf, args: DaemonArgs) -> daemon::Config {
     }
 }
 
-async fn shutdown_signal() {
+/// Waits for SIGTERM (a supervisor stopping or restarting the node: it will run again) or
+/// SIGINT (Ctrl-C: stopped for good).
+async fn shutdown_signal() -> daemon::Stop {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => daemon::Stop::Restartable,
+        _ = tokio::signal::ctrl_c() => daemon::Stop::Teardown,
     }
 }

@@ -277,6 +277,20 @@ impl Table {
         })
     }
 
+    /// The services `task` is a task of, each with its VIP.
+    pub fn services_of(&self, task: Ipv4Addr) -> impl Iterator<Item = (Ipv4Addr, &Service)> {
+        self.by_vip
+            .iter()
+            .filter(move |(_, s)| s.backend(task).is_some())
+            .map(|(vip, s)| (*vip, s))
+    }
+
+    /// Whether `task` is a task of some service whose node is down.
+    pub fn is_down(&self, task: Ipv4Addr) -> bool {
+        self.services_of(task)
+            .any(|(_, s)| s.backend(task).is_some_and(|b| b.health == Health::Down))
+    }
+
     /// Whether `addr` is a task of some service.
     pub fn is_backend(&self, addr: Ipv4Addr) -> bool {
         self.tasks.contains(&addr)
