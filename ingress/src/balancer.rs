@@ -37,8 +37,9 @@
 //! again to the same task (Maglev, the same on every node), and a task's packet to a client
 //! that comes first is matched to its flow by [`rederive`]. A published port's flow is picked
 //! up by the client's next packet (at the entry node, whose MACs it carries, and at the task's
-//! node, which learns the entry node from it); until then the task's packets are dropped, not
-//! passed on, so nothing resets it.
+//! node, which learns the entry node from it); until then the entry node drops the task's
+//! packets, and the client's TCP sends its own again. A TCP packet mid-stream that finds no
+//! healthy task (the node does not know them yet) is dropped, not reset.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -347,7 +348,7 @@ impl Balancer {
             return self.count_drop();
         }
         let Some(task) = task else {
-            return self.reject(frame, tuple.proto, reply);
+            return self.no_task(frame, packet, reply);
         };
         self.admit(frame, mode, packet, vip_nat(task.addr, tuple), reply)
     }
@@ -433,7 +434,7 @@ impl Balancer {
             .published(tuple.proto, tuple.dst)
             .ok_or(Verdict::Pass)?;
         let Some(task) = port.pick(service, tuple, self.node) else {
-            return Err(self.reject(frame, tuple.proto, reply));
+            return Err(self.no_task(frame, packet, reply));
         };
         let (client_mac, node_mac) = nat::macs(frame);
         Ok(Nat {
@@ -614,6 +615,16 @@ impl Balancer {
             (Ok(()), _) => Verdict::Rewritten,
             (Err(_), _) => self.count_drop(),
         }
+    }
+
+    /// A flow that is not tracked and has no task to go to. A new one (a SYN, or UDP) is
+    /// refused. A TCP packet mid-stream is dropped instead: a node that has just restarted may
+    /// not know the healthy tasks yet, and the client's TCP sends it again.
+    fn no_task(&self, frame: &[u8], packet: &Packet, reply: &mut [u8]) -> Verdict {
+        if packet.tuple.proto == Protocol::Tcp && !is_syn(packet) {
+            return self.count_drop();
+        }
+        self.reject(frame, packet.tuple.proto, reply)
     }
 
     fn reject(&self, frame: &[u8], proto: Protocol, reply: &mut [u8]) -> Verdict {
