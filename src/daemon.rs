@@ -93,6 +93,16 @@ pub struct Config {
     pub tcp_idle: Option<Duration>,
 }
 
+/// How the daemon stops: SIGTERM (a supervisor's stop or restart) or SIGINT (the user's
+/// Ctrl-C).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// To be run again: the host keeps the node's data path, and the connections through it.
+    Restartable,
+    /// For good: what the node made on the host goes.
+    Teardown,
+}
+
 /// How this node enters a cluster.
 pub enum Start {
     Init,
@@ -314,7 +324,7 @@ impl Daemon {
                 Err(err) => Err(Failure::runtime(format!("{err:#}"))),
             };
             if let Err(failure) = joined {
-                daemon.stop().await;
+                daemon.stop(Stop::Teardown).await;
                 state_dir::remove_new_node(&daemon.config.state_dir);
                 return Err(Failure::runtime(format!(
                     "joining through {seed}: the cluster did not add this node: {failure}"
@@ -379,26 +389,35 @@ impl Daemon {
         tokio::time::sleep(DRAIN_GRACE).await;
     }
 
-    /// Stops the data plane and removes what this node made on the host.
-    /// The data-path threads end with the process.
-    pub async fn stop(&self) {
-        // First: a hook that outlives its TAP drops what it steers.
-        self.mesh.stop().await;
+    /// Stops the node. [`Stop::Restartable`] leaves the host as it is: the bridges, the
+    /// containers' links and addresses, the mesh's hooks (which drop what they steer while
+    /// no TAP is there) and the egress rules, so that `overlayd run` picks the node up with
+    /// every connection through it still open. [`Stop::Teardown`] removes what this node made
+    /// on the host. The data-path threads end with the process, and their TAPs with them.
+    pub async fn stop(&self, how: Stop) {
+        if how == Stop::Teardown {
+            // First: a hook that outlives its TAP drops what it steers.
+            self.mesh.stop().await;
+        }
         let mut realised = self.realised.lock().await;
         // Under the lock, so a reconcile round cannot make the bridges again behind us.
         self.stopping.store(true, Ordering::Relaxed);
-        for net in std::mem::take(&mut *realised).values() {
-            self.dataplane.remove_network(vni(net));
-            self.dns.stop(&net.id);
-            host::remove_link(&net.bridge_name()).await;
+        if how == Stop::Teardown {
+            for net in std::mem::take(&mut *realised).values() {
+                self.dataplane.remove_network(vni(net));
+                self.dns.stop(&net.id);
+                host::remove_link(&net.bridge_name()).await;
+            }
+            egress::clear().await;
         }
-        egress::clear().await;
+        drop(realised);
         let _ = std::fs::remove_file(&self.config.api);
         self.consensus.shutdown().await;
         if let Err(err) = self.gossip.handle.initiate_shutdown() {
             warn!(%err, "gossip did not shut down cleanly");
         }
         info!(
+            ?how,
             "node stopped; containers on this node are cut off from their networks until it runs again"
         );
     }

@@ -132,14 +132,17 @@ async fn serve(config: daemon::Config, start: Start) -> Result<(), Failure> {
         "    overlayd join {advertise} --token {} --advertise-addr ADDR",
         daemon.token()
     );
-    tokio::select! {
-        () = shutdown_signal() => {
-            info!("shutting down");
+    // A stop, restartable or not, first drains this node's tasks from every balancer; a node
+    // that left the cluster (`node leave`) goes for good.
+    let how = tokio::select! {
+        how = shutdown_signal() => {
+            info!(?how, "shutting down");
             daemon.drain().await;
+            how
         }
-        () = daemon.departed() => {}
-    }
-    daemon.stop().await;
+        () = daemon.departed() => daemon::Stop::Teardown,
+    };
+    daemon.stop(how).await;
     Ok(())
 }
 
@@ -181,11 +184,13 @@ fn config(api: PathBuf, args: DaemonArgs) -> daemon::Config {
     }
 }
 
-async fn shutdown_signal() {
+/// Waits for SIGTERM (a supervisor stopping or restarting the node: it will run again) or
+/// SIGINT (Ctrl-C: stopped for good).
+async fn shutdown_signal() -> daemon::Stop {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => daemon::Stop::Restartable,
+        _ = tokio::signal::ctrl_c() => daemon::Stop::Teardown,
     }
 }

@@ -286,8 +286,8 @@ fn containers_reach_the_outside_through_their_node_and_internal_networks_do_not(
     );
     c.assert_ping(&public[2].1, OUTSIDE, PING_WAIT);
 
-    // Stopped, a daemon leaves no table behind; the others keep theirs.
-    let status = c.node(2).stop_daemon(Duration::from_secs(20));
+    // Stopped for good, a daemon leaves no table behind; the others keep theirs.
+    let status = c.node(2).interrupt_daemon(Duration::from_secs(20));
     assert!(status.success(), "node 2's daemon exited with {status}");
     let left = overlayd_table(&c, &c.node(2).netns);
     assert!(

@@ -346,7 +346,7 @@ fn publish_add_and_rm_take_effect_everywhere_and_leave_no_tc_filter() {
     wait_port(&c, &client, 9200, false);
     wait_filters(&c, "no filter after service rm", |_, f| f.is_empty());
 
-    // A clean stop (SIGTERM) removes them too.
+    // A stop for good (SIGINT) removes them too; SIGTERM keeps them for `run` (tests/restart_flows.rs).
     c.node(1).cli_ok(&[
         "service",
         "create",
@@ -359,10 +359,10 @@ fn publish_add_and_rm_take_effect_everywhere_and_leave_no_tc_filter() {
     wait_filters(&c, "filters of a new service", |_, f| !f.is_empty());
     let vni = vni(&c);
     for n in 1..=3 {
-        let status = c.node(n).stop_daemon(CLI_TIMEOUT);
+        let status = c.node(n).interrupt_daemon(CLI_TIMEOUT);
         assert!(
             status.success(),
-            "node {n}: overlayd exited with {status} on SIGTERM"
+            "node {n}: overlayd exited with {status} on SIGINT"
         );
         let left = filters(&c, n, vni);
         assert!(left.is_empty(), "node {n} after a clean stop: {left:#?}");

@@ -3,18 +3,17 @@
 //!   `mode=host` and `service rm` on every node, and leave nothing behind;
 //! - a published port is held (a second bind fails); one another process holds is reported in
 //!   `status` with the port and the node, gets no hooks, and is taken once it is free;
-//! - a daemon stopped with SIGTERM removes its hooks; one killed leaves them, and its restart
-//!   removes exactly those (tc `pref`s in overlayd's range), keeping everyone else's filters.
+//! - a daemon stopped for good (SIGINT) removes its hooks; one killed (or stopped with SIGTERM,
+//!   to be run again) leaves them, and its restart removes exactly those (tc `pref`s in overlayd's range), keeping everyone else's filters.
 //!
 //! Needs root (CI runs as root).
 
 mod netns;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
-use netns::{Cluster, Node, run, wait_for};
+use netns::{Cluster, Node, wait_for};
 
 const SWEEP_WAIT: Duration = Duration::from_secs(20);
 /// Gossip, Raft and one reconcile round on every node.
@@ -238,7 +237,7 @@ fn hooks_follow_the_published_ports_on_every_node_and_leave_nothing_behind() {
 }
 
 #[test]
-fn a_port_another_process_holds_is_reported_and_taken_once_free_and_sigterm_removes_the_hooks() {
+fn a_port_another_process_holds_is_reported_and_taken_once_free_and_sigint_removes_the_hooks() {
     let c = Cluster::new("meshheld", 1);
     let node = c.node(1);
     publish_web(&c);
@@ -288,16 +287,12 @@ fn a_port_another_process_holds_is_reported_and_taken_once_free_and_sigterm_remo
     drop(holder);
     wait_hooks(&c, node, &steered, &[], "9200 held and steered once free");
 
-    let pid = node.daemon_pid().expect("the daemon runs").to_string();
-    run(Command::new("kill").args(["-TERM", &pid]), SWEEP_WAIT);
-    assert!(
-        netns::wait_until(SWEEP_WAIT, || !node.daemon_alive()),
-        "the daemon did not stop on SIGTERM"
-    );
+    let status = node.interrupt_daemon(SWEEP_WAIT);
+    assert!(status.success(), "overlayd after SIGINT: {status:?}");
     assert_eq!(
         hooks(&c, node),
         Ok(BTreeMap::new()),
-        "SIGTERM removes every hook"
+        "SIGINT removes every hook"
     );
     assert!(bindable(&c, node, 9200, "tcp"), "and frees the port");
 }

@@ -38,22 +38,41 @@
 //! Nothing allocates per packet: a shard's table is allocated whole (at its full capacity) by
 //! the first flow that lands in it, so a node that balances nothing holds no table at all, and
 //! the snapshot is swapped whole.
+//!
+//! # After a restart
+//! The table starts empty, and a restarted node's flows go on: a client's packet is balanced
+//! again to the same task (Maglev, the same on every node), and a task's packet to a client
+//! that comes first is matched to its flow by [`rederive`]. A published port's flow is picked
+//! up by the client's next packet (at the entry node, whose MACs it carries, and at the task's
+//! node, which learns the entry node from it); until then the entry node drops the task's
+//! packets, and the client's TCP sends its own again. A TCP packet mid-stream that finds no
+//! healthy task (the node does not know them yet) is dropped, not reset.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use packet::checksum::Mode;
 
 use crate::conntrack::{self, Direction, Entry, Lookup, Nat, State, Via};
 use crate::flow::Tuple;
+use crate::rederive::{self, Unbalanced};
 use crate::service::Table;
 use crate::{Protocol, nat, reject};
 
 /// Shards of the connection table.
 pub const SHARDS: usize = 64;
+
+/// How long the flows of a task whose node is down are kept before they are reset. It takes
+/// no new flows at once; a node that was restarted (`overlayd run`) is back well within this,
+/// and its tasks' connections go on.
+pub const DOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Tuples each shard remembers as no balanced flow's ([`Unbalanced`]).
+const UNBALANCED_PER_SHARD: usize = 1024;
 
 /// What to do with a frame; the data path maps it to its own verdicts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,7 +135,12 @@ pub struct Balancer {
     services: ArcSwap<Table>,
     /// Each shard's table, made by its first flow.
     shards: Box<[OnceLock<conntrack::Table>]>,
+    /// Per shard too (by client port): tasks' connections that are no balanced flow's.
+    unbalanced: Box<[Mutex<Unbalanced>]>,
     per_shard: conntrack::Capacity,
+    /// Tasks whose node is down, and when their flows are reset unless it is back
+    /// ([`DOWN_GRACE`]). Control plane only.
+    down: Mutex<HashMap<Ipv4Addr, Instant>>,
     timeouts: conntrack::Timeouts,
     /// The MAC of an overlay address (the cluster's convention), for the rewritten frames.
     mac_of: fn(Ipv4Addr) -> [u8; 6],
@@ -139,7 +163,11 @@ impl Balancer {
         Ok(Balancer {
             services: ArcSwap::from_pointee(Table::default()),
             shards: (0..SHARDS).map(|_| OnceLock::new()).collect(),
+            unbalanced: (0..SHARDS)
+                .map(|_| Mutex::new(Unbalanced::new(UNBALANCED_PER_SHARD)))
+                .collect(),
             per_shard,
+            down: Mutex::new(HashMap::new()),
             timeouts,
             mac_of,
             node,
@@ -147,20 +175,52 @@ impl Balancer {
         })
     }
 
-    /// Swaps in a new snapshot. Flows to tasks that left it (or went down) are marked, so
-    /// their next packet is answered with a reset instead of vanishing.
+    /// Swaps in a new snapshot. Flows to tasks that left it are marked, so their next packet
+    /// is answered with a reset instead of vanishing; so are the flows of tasks that went
+    /// down, once they have been down for [`DOWN_GRACE`] ([`Balancer::handle_timeout`]).
     pub fn publish(&self, next: Table, now: Instant) {
         let gone = self.services.load().removed_backends(&next);
+        let mut reset = Vec::new();
+        {
+            let mut down = lock(&self.down);
+            down.retain(|&task, _| {
+                let still_down = next.is_down(task);
+                if !still_down && !next.is_backend(task) {
+                    reset.push(task);
+                }
+                still_down
+            });
+            for task in gone {
+                if next.is_down(task) {
+                    down.entry(task).or_insert(now + DOWN_GRACE);
+                } else {
+                    reset.push(task);
+                }
+            }
+        }
         self.services.store(Arc::new(next));
-        for task in gone {
+        self.reset(now, &reset);
+    }
+
+    /// Marks the flows of `tasks` so that their next packet is answered with a reset.
+    fn reset(&self, now: Instant, tasks: &[Ipv4Addr]) {
+        for &task in tasks {
             for table in self.tables() {
                 table.lock().remove_backend(now, task);
             }
         }
     }
 
-    /// Expires flows whose time is up.
+    /// Expires flows whose time is up, and resets those of tasks down for [`DOWN_GRACE`].
     pub fn handle_timeout(&self, now: Instant) {
+        let mut due = Vec::new();
+        lock(&self.down).retain(|&task, &mut at| {
+            if at <= now {
+                due.push(task);
+            }
+            at > now
+        });
+        self.reset(now, &due);
         for table in self.tables() {
             table.lock().handle_timeout(now);
         }
@@ -270,20 +330,63 @@ impl Balancer {
             return self.follow(frame, mode, direction, &entry, reply);
         }
         let Some(service) = to_vip else {
+            return self.untracked_reply(services, frame, mode, packet);
+        };
+        let task = service.pick(tuple.stable_hash());
+        if is_rst(packet) {
+            // A reset for no tracked flow has nothing to reset. It may be a client's stack
+            // refusing a packet `untracked_reply` took for its flow's: that tuple is no
+            // balanced flow's.
+            if let (Some(task), Some(shard)) = (task, self.shard(tuple.src.port())) {
+                let nat = vip_nat(task.addr, tuple);
+                lock(&self.unbalanced[shard]).insert(Tuple::new(
+                    tuple.proto,
+                    nat.backend,
+                    nat.source.unwrap_or(tuple.src),
+                ));
+            }
+            return self.count_drop();
+        }
+        let Some(task) = task else {
+            return self.no_task(frame, packet, reply);
+        };
+        self.admit(frame, mode, packet, vip_nat(task.addr, tuple), reply)
+    }
+
+    /// A task's packet on the overlay that no tracked flow expects. To a client on the
+    /// overlay (by its MAC: not the routing mesh's replies, which go to the gateway or the
+    /// mesh's MAC), it may be the reply of a VIP flow this node tracked before it restarted:
+    /// then it is un-NATed as that flow's ([`rederive`]), and the client's next packet tracks
+    /// the flow again. A SYN or a SYN-ACK starts a connection of the task's own, or one to its
+    /// own address, which is remembered so that its packets pass.
+    fn untracked_reply(
+        &self,
+        services: &Table,
+        frame: &mut [u8],
+        mode: Mode,
+        packet: &Packet,
+    ) -> Verdict {
+        let tuple = &packet.tuple;
+        if tuple.proto != Protocol::Tcp || nat::macs(frame).1 != (self.mac_of)(*tuple.dst.ip()) {
+            return Verdict::Pass;
+        }
+        let Some(shard) = self.shard(tuple.dst.port()) else {
             return Verdict::Pass;
         };
-        let Some(task) = service.pick(tuple.stable_hash()) else {
-            return self.reject(frame, tuple.proto, reply);
-        };
-        let client = tuple.src;
-        let nat = Nat {
-            backend: SocketAddrV4::new(task.addr, tuple.dst.port()),
-            // A task reaching its own service: give it a source that is not its own.
-            source: (task.addr == *client.ip())
-                .then(|| SocketAddrV4::new(*tuple.dst.ip(), client.port())),
-            via: Via::Overlay,
-        };
-        self.admit(frame, mode, packet, nat, reply)
+        {
+            let mut unbalanced = lock(&self.unbalanced[shard]);
+            if packet.flags & conntrack::tcp_flags::SYN != 0 {
+                unbalanced.insert(*tuple);
+                return Verdict::Pass;
+            }
+            if unbalanced.contains(tuple) {
+                return Verdict::Pass;
+            }
+        }
+        match rederive::answered(services, tuple) {
+            Some((original, nat)) => self.rewrite(frame, mode, Direction::Reply, original, nat),
+            None => Verdict::Pass,
+        }
     }
 
     /// The NAT of a new flow from the host or another node, or what to do instead:
@@ -331,7 +434,7 @@ impl Balancer {
             .published(tuple.proto, tuple.dst)
             .ok_or(Verdict::Pass)?;
         let Some(task) = port.pick(service, tuple, self.node) else {
-            return Err(self.reject(frame, tuple.proto, reply));
+            return Err(self.no_task(frame, packet, reply));
         };
         let (client_mac, node_mac) = nat::macs(frame);
         Ok(Nat {
@@ -439,15 +542,25 @@ impl Balancer {
         entry: &Entry,
         reply: &mut [u8],
     ) -> Verdict {
-        let original = entry.original();
-        let nat = entry.nat();
         if entry.is_backend_gone() {
-            return match (direction, nat.via) {
+            return match (direction, entry.nat().via) {
                 // The node the flow entered at resets it.
                 (Direction::Original, Via::Node(_)) | (Direction::Reply, _) => self.count_drop(),
-                (Direction::Original, _) => self.reject(frame, original.proto, reply),
+                (Direction::Original, _) => self.reject(frame, entry.original().proto, reply),
             };
         }
+        self.rewrite(frame, mode, direction, entry.original(), entry.nat())
+    }
+
+    /// Applies the NAT of the flow whose first packet was `original` to one of its packets.
+    fn rewrite(
+        &self,
+        frame: &mut [u8],
+        mode: Mode,
+        direction: Direction,
+        original: Tuple,
+        nat: Nat,
+    ) -> Verdict {
         let rewritten = match (direction, nat.via) {
             // Passing through to a task here: the entering node did the NAT.
             (Direction::Original, Via::Node(_)) => return Verdict::Pass,
@@ -497,6 +610,16 @@ impl Balancer {
             (Ok(()), _) => Verdict::Rewritten,
             (Err(_), _) => self.count_drop(),
         }
+    }
+
+    /// A flow that is not tracked and has no task to go to. A new one (a SYN, or UDP) is
+    /// refused. A TCP packet mid-stream is dropped instead: a node that has just restarted may
+    /// not know the healthy tasks yet, and the client's TCP sends it again.
+    fn no_task(&self, frame: &[u8], packet: &Packet, reply: &mut [u8]) -> Verdict {
+        if packet.tuple.proto == Protocol::Tcp && !is_syn(packet) {
+            return self.count_drop();
+        }
+        self.reject(frame, packet.tuple.proto, reply)
     }
 
     fn reject(&self, frame: &[u8], proto: Protocol, reply: &mut [u8]) -> Verdict {
@@ -582,6 +705,31 @@ fn superseded(old: &Entry, packet: &Packet) -> bool {
 fn is_syn(packet: &Packet) -> bool {
     use conntrack::tcp_flags::{ACK, SYN};
     packet.tuple.proto == Protocol::Tcp && packet.flags & (SYN | ACK) == SYN
+}
+
+/// Whether `packet` resets a TCP connection.
+fn is_rst(packet: &Packet) -> bool {
+    packet.tuple.proto == Protocol::Tcp && packet.flags & conntrack::tcp_flags::RST != 0
+}
+
+/// The NAT of a flow to a VIP (`flow`, client -> VIP:port) sent to `task`: the VIP becomes the
+/// task, the port is kept.
+pub(crate) fn vip_nat(task: Ipv4Addr, flow: &Tuple) -> Nat {
+    let client = flow.src;
+    Nat {
+        backend: SocketAddrV4::new(task, flow.dst.port()),
+        // A task reaching its own service: give it a source that is not its own.
+        source: (task == *client.ip()).then(|| SocketAddrV4::new(*flow.dst.ip(), client.port())),
+        via: Via::Overlay,
+    }
+}
+
+/// A shard's table (or set). A worker that panicked while holding it left it consistent
+/// (every change is made in one call that does not unwind halfway), so it is used as it is.
+fn lock<T>(shard: &Mutex<T>) -> MutexGuard<'_, T> {
+    shard
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -1083,6 +1231,114 @@ mod tests {
         assert_eq!(b.flows(), (1, 0));
     }
 
+    /// A TCP segment with `flags` (of [`conntrack::tcp_flags`]) between overlay addresses.
+    fn segment(from: (u8, u16), to: (u8, u16), flags: u8) -> Vec<u8> {
+        use conntrack::tcp_flags::{ACK, RST, SYN};
+        let b = PacketBuilder::ethernet2(mac_of(ip(from.0)), mac_of(ip(to.0)))
+            .ipv4(ip(from.0).octets(), ip(to.0).octets(), 64)
+            .tcp(from.1, to.1, 1, 512);
+        let b = if flags & SYN != 0 { b.syn() } else { b };
+        let b = if flags & ACK != 0 { b.ack(1) } else { b };
+        let b = if flags & RST != 0 { b.rst() } else { b };
+        let mut f = Vec::new();
+        b.write(&mut f, b"x").unwrap();
+        f
+    }
+
+    /// The task a SYN from `client` to the VIP lands on through `b`.
+    fn connect(b: &Balancer, client: (u8, u16)) -> u8 {
+        let mut syn = tcp(client, (VIP, 80), true);
+        assert_eq!(run(b, &mut syn), Verdict::Rewritten);
+        seen(&syn).3.ip().octets()[3]
+    }
+
+    #[test]
+    fn a_restarted_nodes_vip_flow_goes_on_whichever_end_speaks_first() {
+        let task = connect(&balancer(&[7, 8, 9]), (5, 40000));
+        // The node restarted: an empty table, the same services.
+        let b = balancer(&[7, 8, 9]);
+        let mut back = tcp((task, 80), (5, 40000), false);
+        assert_eq!(run(&b, &mut back), Verdict::Rewritten);
+        let (src_mac, _, src, dst) = seen(&back);
+        assert_eq!((src, dst), (at(ip(VIP), 80), at(ip(5), 40000)));
+        assert_eq!(src_mac, mac_of(ip(VIP)));
+        let mut on = tcp((5, 40000), (VIP, 80), false);
+        assert_eq!(run(&b, &mut on), Verdict::Rewritten);
+        assert_eq!(seen(&on).3, at(ip(task), 80), "the same task as before");
+        assert_eq!(b.flows(), (1, 0), "tracked again from the client's packet");
+
+        // A task calling its own VIP, the same way.
+        connect(&balancer(&[7]), (7, 41000));
+        let b = balancer(&[7]);
+        let mut back = tcp((7, 80), (VIP, 41000), false);
+        assert_eq!(run(&b, &mut back), Verdict::Rewritten);
+        assert_eq!(
+            seen(&back).2..=seen(&back).3,
+            at(ip(VIP), 80)..=at(ip(7), 41000)
+        );
+    }
+
+    #[test]
+    fn a_connection_to_a_tasks_own_address_passes_untouched() {
+        use conntrack::tcp_flags::{ACK, RST, SYN};
+        let b = balancer(&[7]);
+        // Seen from its start: the SYN-ACK marks it.
+        for flags in [SYN | ACK, ACK, ACK] {
+            let mut f = segment((7, 80), (5, 40000), flags);
+            assert_eq!(run(&b, &mut f), Verdict::Pass);
+        }
+        // Seen mid-stream (made before a restart): taken for the VIP's, then refuted by the
+        // client's reset to the VIP, which goes nowhere; the task's TCP sends again.
+        let mut f = segment((7, 80), (5, 40001), ACK);
+        assert_eq!(run(&b, &mut f), Verdict::Rewritten);
+        let mut refusal = segment((5, 40001), (VIP, 80), RST);
+        assert_eq!(run(&b, &mut refusal), Verdict::Drop);
+        let mut again = segment((7, 80), (5, 40001), ACK);
+        assert_eq!(run(&b, &mut again), Verdict::Pass);
+        assert_eq!(seen(&again).2, at(ip(7), 80));
+        // Not to a client's MAC (the routing mesh's replies): not derived.
+        let mut mesh = segment((7, 80), (5, 40002), ACK);
+        mesh[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        assert_eq!(run(&b, &mut mesh), Verdict::Pass);
+    }
+
+    #[test]
+    fn a_down_tasks_flows_are_kept_for_the_grace_and_reset_after() {
+        let with = |health| {
+            let spec = Spec {
+                name: "web".into(),
+                vip: Vip(ip(VIP).into()),
+                backends: vec![Backend {
+                    addr: ip(7),
+                    node: NODE,
+                    health,
+                }],
+                ports: Vec::new(),
+            };
+            Table::build(maglev::Size::new(251).unwrap(), [spec]).unwrap()
+        };
+        let b = balancer(&[7]);
+        let t0 = Instant::now();
+        connect(&b, (5, 40000));
+        let send = |b: &Balancer, now| {
+            let mut f = tcp((5, 40000), (VIP, 80), false);
+            b.process(&mut f, Mode::Full, Origin::Overlay, now, &mut [0u8; 128])
+        };
+        // Down and back (a restart) within the grace: the flow goes on.
+        b.publish(with(Health::Down), t0);
+        assert_eq!(send(&b, t0), Verdict::Rewritten);
+        b.publish(with(Health::Healthy), t0 + DOWN_GRACE / 2);
+        b.handle_timeout(t0 + DOWN_GRACE * 2);
+        assert_eq!(send(&b, t0 + DOWN_GRACE * 2), Verdict::Rewritten);
+        // Down for good: reset once the grace is over.
+        let t1 = t0 + DOWN_GRACE * 2;
+        b.publish(with(Health::Down), t1);
+        b.handle_timeout(t1 + DOWN_GRACE / 2);
+        assert_eq!(send(&b, t1 + DOWN_GRACE / 2), Verdict::Rewritten);
+        b.handle_timeout(t1 + DOWN_GRACE);
+        assert!(matches!(send(&b, t1 + DOWN_GRACE), Verdict::Reply(_)));
+    }
+
     #[test]
     fn a_task_reaching_its_own_vip_lands_on_itself_from_the_vip_and_gets_its_answer() {
         let b = balancer(&[7]);
@@ -1157,8 +1413,10 @@ mod tests {
         assert_eq!(run(&b, &mut plain), Verdict::Pass);
         assert_eq!(plain, before);
         // From a task, but no tracked flow: its own connection elsewhere.
-        let mut own = tcp((7, 80), (6, 5555), false);
-        assert_eq!(run(&b, &mut own), Verdict::Pass);
+        for syn in [true, false] {
+            let mut own = tcp((7, 80), (6, 5555), syn);
+            assert_eq!(run(&b, &mut own), Verdict::Pass);
+        }
         assert_eq!(b.flows(), (0, 0));
     }
 

@@ -27,6 +27,9 @@
 //! [`service::Table::removed_backends`] says which tasks those are when a snapshot replaces
 //! another.
 //!
+//! A node whose table a restart emptied picks its flows up mid-stream: [`rederive`] matches a
+//! task's packet to the VIP flow it answers by the same hashing.
+//!
 //! [`nat`] rewrites a flow's addresses and ports in an Ethernet + IPv4 + TCP/UDP frame with
 //! incremental checksums (full, or the partial sum of an offloaded frame), and reads its
 //! 5-tuple.
@@ -47,6 +50,7 @@ mod hash;
 pub mod maglev;
 pub mod nat;
 pub mod proxy_protocol;
+pub mod rederive;
 pub mod reject;
 pub mod service;
 

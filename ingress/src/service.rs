@@ -27,7 +27,8 @@ pub enum Health {
     Healthy,
     /// Its health check fails: no new flows; flows already on it stay.
     Unhealthy,
-    /// Its node is gone: no new flows, and flows on it are answered with a reset.
+    /// Its node is gone: no new flows; the balancer resets the flows on it once the node has
+    /// stayed gone for `balancer::DOWN_GRACE` (a restarted node is back before).
     Down,
 }
 
@@ -277,6 +278,20 @@ impl Table {
         })
     }
 
+    /// The services `task` is a task of, each with its VIP.
+    pub fn services_of(&self, task: Ipv4Addr) -> impl Iterator<Item = (Ipv4Addr, &Service)> {
+        self.by_vip
+            .iter()
+            .filter(move |(_, s)| s.backend(task).is_some())
+            .map(|(vip, s)| (*vip, s))
+    }
+
+    /// Whether `task` is a task of some service whose node is down.
+    pub fn is_down(&self, task: Ipv4Addr) -> bool {
+        self.services_of(task)
+            .any(|(_, s)| s.backend(task).is_some_and(|b| b.health == Health::Down))
+    }
+
     /// Whether `addr` is a task of some service.
     pub fn is_backend(&self, addr: Ipv4Addr) -> bool {
         self.tasks.contains(&addr)
@@ -321,8 +336,9 @@ impl Table {
     }
 
     /// Task addresses whose flows must be reset when `next` replaces this snapshot: tasks
-    /// that are in no service of `next`, or are [`Health::Down`] there. (Unhealthy tasks keep
-    /// their flows.) Hand each to [`crate::conntrack::Table::remove_backend`].
+    /// that are in no service of `next`, or are [`Health::Down`] there (the balancer resets the
+    /// latter after a grace). Unhealthy tasks keep their flows. Hand each to
+    /// [`crate::conntrack::Table::remove_backend`].
     pub fn removed_backends(&self, next: &Table) -> Vec<Ipv4Addr> {
         let alive: HashSet<Ipv4Addr> = next
             .by_vip

@@ -2,9 +2,15 @@
 //! [`crate::mesh_hooks`], with `tc`, from the reconcile loop.
 //!
 //! Every filter overlayd adds has a `pref` in [`OURS`], one `pref` per filter, so exactly ours
-//! are removed: on changes, at start (leftovers of a run that was killed), and when the daemon
-//! stops. A port's hooks go in only once its socket is bound, and come out before it is closed,
-//! so the port is never steered while another process could hold it.
+//! are removed: on changes, after start (leftovers of a run that was killed or stopped with
+//! SIGTERM), and when the daemon stops for good. A port's hooks go in only once its socket is
+//! bound, and come out before it is closed, so the port is never steered while another process
+//! could hold it.
+//!
+//! A leftover steers to the TAP of the run before, which is gone, so it drops what it steers.
+//! It stays until this run's hooks are all in: in between, a connection to a published port
+//! loses packets (TCP sends them again) but never reaches the node's stack, which would reset
+//! it.
 //!
 //! The `clsact` qdisc a hook needs is added if missing, and removed again only if this run added
 //! it and no filter (ours or anyone's) is left on it. After a crash the sweep at start removes
@@ -49,6 +55,9 @@ struct State {
     qdiscs: BTreeSet<String>,
     /// Hooks that failed to go in or out, with the last error logged.
     failing: BTreeMap<Hook, String>,
+    /// Our filters an earlier run left, by device, direction and `pref`: removed once this
+    /// run's hooks are in (see the module's docs).
+    leftovers: BTreeSet<(String, Direction, u16)>,
 }
 
 struct Installed {
@@ -89,17 +98,16 @@ impl MeshHooks {
             Ok(links) => devs.extend(links.into_iter().filter(|l| l.starts_with("ovbr-"))),
             Err(err) => warn!(err = %format!("{err:#}"), "could not list bridges to sweep"),
         }
-        for dev in &devs {
+        let mut leftovers = BTreeSet::new();
+        for dev in devs {
             for direction in [Direction::Ingress, Direction::Egress] {
-                match prefs(dev, direction).await {
-                    Ok(prefs) => {
-                        for pref in prefs.into_iter().filter(|p| OURS.contains(p)) {
-                            info!(%dev, direction = direction.as_str(), pref, "removing a mesh hook left by an earlier run");
-                            if let Err(err) = delete(dev, direction, pref).await {
-                                warn!(err = %format!("{err:#}"), "could not remove a leftover mesh hook");
-                            }
-                        }
-                    }
+                match prefs(&dev, direction).await {
+                    Ok(prefs) => leftovers.extend(
+                        prefs
+                            .into_iter()
+                            .filter(|p| OURS.contains(p))
+                            .map(|pref| (dev.clone(), direction, pref)),
+                    ),
                     Err(err) => {
                         warn!(%dev, err = %format!("{err:#}"), "could not look for leftover mesh hooks")
                     }
@@ -107,7 +115,10 @@ impl MeshHooks {
             }
         }
         MeshHooks {
-            state: Mutex::default(),
+            state: Mutex::new(State {
+                leftovers,
+                ..State::default()
+            }),
             proxy,
         }
     }
@@ -146,11 +157,14 @@ impl MeshHooks {
         for hook in stale {
             state.remove(&hook).await;
         }
-        for hook in desired {
+        for &hook in &desired {
             if !state.installed.contains_key(hook) {
                 let installed = state.install(hook).await;
                 state.note(hook, installed, "mesh hook not installed; retrying");
             }
+        }
+        if desired.iter().all(|h| state.installed.contains_key(*h)) {
+            state.remove_leftovers().await;
         }
         let State {
             held, installed, ..
@@ -170,6 +184,7 @@ impl MeshHooks {
         for hook in hooks {
             state.remove(&hook).await;
         }
+        state.remove_leftovers().await;
         state.held.clear();
         state.refused.clear();
         state.remove_unused_qdiscs().await;
@@ -267,11 +282,17 @@ impl State {
             Action::Pass => PASS,
             Action::Steer { .. } => STEER,
         };
+        let leftover = self
+            .leftovers
+            .iter()
+            .filter(|(dev, d, _)| *dev == hook.dev && *d == dir)
+            .map(|(_, _, pref)| *pref);
         let used: BTreeSet<u16> = self
             .installed
             .iter()
             .filter(|(h, _)| h.dev == hook.dev && h.direction == dir)
             .map(|(_, i)| i.pref)
+            .chain(leftover)
             .collect();
         let pref = range
             .clone()
@@ -294,6 +315,18 @@ impl State {
         info!(%hook, pref, "mesh hook installed");
         self.installed.insert(hook.clone(), Installed { pref, tap });
         Ok(())
+    }
+
+    /// Removes the filters an earlier run left; one whose device is gone went with it.
+    async fn remove_leftovers(&mut self) {
+        for (dev, direction, pref) in std::mem::take(&mut self.leftovers) {
+            info!(%dev, direction = direction.as_str(), pref, "removing a mesh hook left by an earlier run");
+            if let Err(err) = delete(&dev, direction, pref).await
+                && ifindex(&dev).is_some()
+            {
+                warn!(err = %format!("{err:#}"), "could not remove a leftover mesh hook");
+            }
+        }
     }
 
     /// Removes `hook`; one whose device is gone went with it.
@@ -585,6 +618,16 @@ mod tests {
         let node_addr = "198.18.60.1".parse().unwrap();
         let balancer = std::sync::Arc::new(crate::services::balancer(node_addr, None).unwrap());
         let hooks = MeshHooks::start("eth0", Proxy::new(balancer, node_addr)).await;
+        assert_eq!(
+            filters("lo", "egress"),
+            [(49999, None)],
+            "a leftover stays until this run's hooks are in"
+        );
+        let me = Node {
+            id: "me",
+            address: node_addr,
+        };
+        hooks.apply(&Plan::default(), &me).await;
         assert_eq!(filters("lo", "egress"), [], "the leftover is swept");
         assert_eq!(filters("ovbr-4242", "ingress"), [], "on bridges too");
         assert_eq!(filters("eth0", "ingress"), [(100, None)], "not ours: kept");

@@ -346,14 +346,25 @@ impl Node {
         }
     }
 
-    /// Stops the daemon as its supervisor would (SIGTERM), waits at most `timeout` for it to
-    /// exit, and returns how it exited; panics (after a SIGKILL) if it has not by then.
+    /// Stops the daemon as its supervisor would (SIGTERM: it keeps the node's data path for
+    /// `run`), waits at most `timeout` for it to exit, and returns how it exited; panics (after
+    /// a SIGKILL) if it has not by then.
     pub fn stop_daemon(&self, timeout: Duration) -> std::process::ExitStatus {
+        self.signal_daemon("-TERM", timeout)
+    }
+
+    /// Stops the daemon for good as Ctrl-C would (SIGINT: it removes what it made on the
+    /// host); as [`Node::stop_daemon`] otherwise.
+    pub fn interrupt_daemon(&self, timeout: Duration) -> std::process::ExitStatus {
+        self.signal_daemon("-INT", timeout)
+    }
+
+    fn signal_daemon(&self, signal: &str, timeout: Duration) -> std::process::ExitStatus {
         let mut child = lock(&self.daemon)
             .take()
             .unwrap_or_else(|| panic!("node {}: no daemon to stop", self.index));
         let pid = child.id().to_string();
-        let _ = run(Command::new("kill").args(["-TERM", &pid]), CLI_TIMEOUT);
+        let _ = run(Command::new("kill").args([signal, &pid]), CLI_TIMEOUT);
         let deadline = Instant::now() + timeout;
         loop {
             match child.try_wait() {
@@ -363,7 +374,7 @@ impl Node {
                     let _ = child.kill();
                     let _ = child.wait();
                     panic!(
-                        "node {}: overlayd did not exit within {timeout:?} of SIGTERM",
+                        "node {}: overlayd did not exit within {timeout:?} of {signal}",
                         self.index
                     );
                 }
@@ -420,6 +431,12 @@ impl Node {
     /// state dir and API socket: the same member, not a new node.
     pub fn restart_daemon(&self) {
         self.kill_daemon();
+        self.run_daemon();
+    }
+
+    /// Starts the stopped daemon again with `overlayd run` on the same state dir and API
+    /// socket.
+    pub fn run_daemon(&self) {
         self.start_daemon(self.daemon_args(&["run"]));
     }
 
