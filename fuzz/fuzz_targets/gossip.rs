@@ -22,8 +22,8 @@ const NOW_MS: u64 = 1_800_000_000_000;
 
 static KEY: LazyLock<Key> = LazyLock::new(|| Secret::generate().key(Purpose::Gossip));
 
-/// Network `web` (198.19.0.0/24, id `w`) with 198.19.0.2 held by member `a` as a task of
-/// service `api`, and 198.19.0.3 by member `b`.
+/// Network `web` (198.19.0.0/24, id `w`) whose service `api` has a VIP, with 198.19.0.10 held
+/// by member `a` as a task of `api`, and 198.19.0.11 by member `b`.
 static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
     let mut r = Registry::default();
     let ok = |r: &mut Registry, c| r.apply(c).expect("the fixture applies");
@@ -43,7 +43,7 @@ static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
         health: None,
         publish: vec![],
     });
-    for (node, last, service) in [("a", 2, Some("api")), ("b", 3, None)] {
+    for (node, last, service) in [("a", 10, Some("api")), ("b", 11, None)] {
         ok(&mut r, Command::Allocate {
             network: "web".into(),
             node: node.into(),
