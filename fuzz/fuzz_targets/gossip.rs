@@ -25,37 +25,38 @@ static KEY: LazyLock<Key> = LazyLock::new(|| Secret::generate().key(Purpose::Gos
 /// Network `web` (198.19.0.0/24, id `w`) whose service `api` has a VIP, with 198.19.0.10 held
 /// by member `a` as a task of `api`, and 198.19.0.11 by member `b`.
 static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
-    let mut r = Registry::default();
+    let mut r = overlayd_fuzz::registry_with_web();
     let ok = |r: &mut Registry, c| r.apply(c).expect("the fixture applies");
-    ok(&mut r, Command::CreateNetwork {
-        id: "w".into(),
-        name: "web".into(),
-        subnet: "198.19.0.0/24".parse().unwrap(),
-        vni: None,
-        mtu: 1450,
-        vteps: vec![],
-        internal: false,
-    });
-    ok(&mut r, Command::CreateService {
-        name: "api".into(),
-        network: "web".into(),
-        mode: overlayd::model::Mode::Vip,
-        health: None,
-        publish: vec![],
-    });
-    for (node, last, service) in [("a", 10, Some("api")), ("b", 11, None)] {
-        ok(&mut r, Command::Allocate {
+    ok(
+        &mut r,
+        Command::CreateService {
+            name: "api".into(),
             network: "web".into(),
-            node: node.into(),
-            ip: Some(Ipv4Addr::new(198, 19, 0, last)),
-            service: service.map(str::to_string),
-        });
+            mode: overlayd::model::Mode::Vip,
+            health: None,
+            publish: vec![],
+        },
+    );
+    for (node, last, service) in [("a", 10, Some("api")), ("b", 11, None)] {
+        ok(
+            &mut r,
+            Command::Allocate {
+                network: "web".into(),
+                node: node.into(),
+                ip: Some(Ipv4Addr::new(198, 19, 0, last)),
+                service: service.map(str::to_string),
+            },
+        );
     }
     r
 });
 
 fn datagram(data: &[u8]) {
-    assert_eq!(open(&KEY, data, NOW_MS).err(), Some(Dropped::BadTag), "unsigned bytes verify");
+    assert_eq!(
+        open(&KEY, data, NOW_MS).err(),
+        Some(Dropped::BadTag),
+        "unsigned bytes verify"
+    );
     let mut signed = NOW_MS.to_be_bytes().to_vec();
     signed.extend_from_slice(data);
     let tag = KEY.mac(&[&signed]);

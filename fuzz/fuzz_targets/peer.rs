@@ -1,6 +1,7 @@
 //! What a member reads from the peer port: never panics, whatever the other side sends.
 //!
-//! - The challenge: a nonce of any length other than 16 bytes is refused.
+//! - The challenge: decoded as the client does (a nonce of any other length than 16 bytes is
+//!   refused, by its type).
 //! - A signed request or reply as it comes off the wire: refused unless its tag verifies, which
 //!   random bytes never do.
 //! - A body signed with the cluster key, so that the request decoder behind the tag is reached:
@@ -20,19 +21,9 @@ use overlayd::token::{Key, Purpose, Secret};
 static KEY: LazyLock<Key> = LazyLock::new(|| Secret::generate().key(Purpose::Peer));
 const NONCE: [u8; NONCE_LEN] = [7; NONCE_LEN];
 
-/// Network `web` (198.19.0.0/24) and its container 198.19.0.2 on member `a`.
+/// Network `web` (198.19.0.0/24) and a container of member `a` on it.
 static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
-    let mut r = Registry::default();
-    r.apply(Command::CreateNetwork {
-        id: "w".into(),
-        name: "web".into(),
-        subnet: "198.19.0.0/24".parse().unwrap(),
-        vni: None,
-        mtu: 1450,
-        vteps: vec![],
-        internal: false,
-    })
-    .unwrap();
+    let mut r = overlayd_fuzz::registry_with_web();
     r.apply(Command::Allocate {
         network: "web".into(),
         node: "a".into(),
@@ -73,9 +64,7 @@ fuzz_target!(|data: &[u8]| {
     match which % 3 {
         0 => {
             if let Ok(challenge) = serde_json::from_str::<Challenge>(text) {
-                if let Ok(nonce) = nonce_of(&challenge) {
-                    assert_eq!(nonce.len(), NONCE_LEN);
-                }
+                let _ = nonce_of(&challenge);
             }
         }
         1 => {
