@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Runs the fuzz targets in overlay/fuzz (vxlan, switch, offload, seal) and ingress/fuzz (dns, nat, balancer) with
-# libFuzzer for a bounded time each; exits non-zero if any target crashes (a panic, an
-# assertion, an out-of-bounds).
+# Runs the fuzz targets in overlay/fuzz (vxlan, switch, offload, seal), ingress/fuzz (dns, nat,
+# balancer) and fuzz/ (the daemon's own parsers: gossip, peer, api, spec) with libFuzzer for a
+# bounded time each; exits non-zero if any target crashes (a panic, an assertion, an
+# out-of-bounds). A target with seeds (CRATE/seeds/TARGET: well-formed inputs, so that JSON and
+# signed envelopes are reached at once) starts from them.
 # scripts/test.sh runs it as its last pass, so CI fuzzes every change.
 #
 # No nightly toolchain and no cargo-fuzz: libfuzzer-sys builds libFuzzer with the C++
@@ -9,7 +11,7 @@
 # codegen flags (sancov). Without AddressSanitizer, which needs nightly, memory errors are
 # caught only where Rust checks them; the crate's unsafe is not on these paths.
 #
-#   scripts/fuzz.sh                 # 20 s per target
+#   scripts/fuzz.sh                 # 12 s per target (10 targets: about 2 minutes)
 #   FUZZ_SECS=300 scripts/fuzz.sh   # longer
 #   scripts/fuzz.sh switch          # one target
 set -euo pipefail
@@ -17,11 +19,12 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 ov_need_cargo
-SECS=${FUZZ_SECS:-20}
+SECS=${FUZZ_SECS:-12}
 # Each target and the fuzz crate (its own workspace) that holds it.
-declare -A CRATE=([vxlan]=overlay/fuzz [seal]=overlay/fuzz [switch]=overlay/fuzz [offload]=overlay/fuzz [dns]=ingress/fuzz [nat]=ingress/fuzz [balancer]=ingress/fuzz)
+declare -A CRATE=([vxlan]=overlay/fuzz [switch]=overlay/fuzz [offload]=overlay/fuzz [seal]=overlay/fuzz
+  [dns]=ingress/fuzz [nat]=ingress/fuzz [balancer]=ingress/fuzz [gossip]=fuzz [peer]=fuzz [api]=fuzz [spec]=fuzz)
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(vxlan switch offload seal dns nat balancer)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(vxlan switch offload seal dns nat balancer gossip peer api spec)
 for t in "${TARGETS[@]}"; do
   [ -n "${CRATE[$t]:-}" ] || ov_die "unknown fuzz target $t (known: ${!CRATE[*]})"
 done
@@ -46,9 +49,12 @@ failed=()
 for t in "${TARGETS[@]}"; do
   corpus="$WORK/$t"
   mkdir -p "$corpus"
+  # libFuzzer writes new inputs to the first directory only: the seeds stay as they are.
+  seeds=()
+  [ -d "$OV_REPO/${CRATE[$t]}/seeds/$t" ] && seeds=("$OV_REPO/${CRATE[$t]}/seeds/$t")
   echo "== fuzzing $t for ${SECS}s"
   # -timeout: one input taking over 10 s is a hang; -rss_limit_mb bounds memory.
-  if ! "$OV_REPO/${CRATE[$t]}/target/$TRIPLE/release/$t" "$corpus" -max_total_time="$SECS" -timeout=10 \
+  if ! "$OV_REPO/${CRATE[$t]}/target/$TRIPLE/release/$t" "$corpus" "${seeds[@]}" -max_total_time="$SECS" -timeout=10 \
     -rss_limit_mb=2048 -artifact_prefix="$WORK/$t-" -print_final_stats=1 2>"$WORK/$t.log"; then
     tail -n 40 "$WORK/$t.log" >&2
     for a in "$WORK/$t"-*; do

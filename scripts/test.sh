@@ -6,8 +6,9 @@
 # The netns integration tests (tests/*.rs) run twice: pass 1 with the data plane's offloads on
 # (with everything else), pass 2 with them forced off (OVERLAYD_NO_OFFLOADS=true; the harness starts
 # every daemon with --no-offloads), the fallback path for kernels that refuse them. Both passes
-# always run. Pass 3 fuzzes (scripts/fuzz.sh: vxlan, switch, offload, seal, dns, nat, balancer; 20 s
-# each, FUZZ_SECS to change). The exit status is non-zero if any pass failed.
+# always run. Pass 3 fuzzes (scripts/fuzz.sh: vxlan, switch, offload, seal, dns, nat, balancer,
+# and the daemon's gossip, peer, api and spec parsers; 12 s each, FUZZ_SECS to change).
+# The exit status is non-zero if any pass failed.
 #
 #   sudo scripts/test.sh              # debug build (fastest build; the tests are not benchmarks)
 #   OVT_RELEASE=1 scripts/test.sh     # release build
@@ -41,7 +42,7 @@ echo "== [pass 2/3] offloads FORCED OFF: OVERLAYD_NO_OFFLOADS=true cargo test --
 pass2=ok
 OVERLAYD_NO_OFFLOADS=true cargo test --no-fail-fast --test '*' "${PROFILE[@]}" "$@" || pass2=FAILED
 
-echo "== [pass 3/3] fuzzing: scripts/fuzz.sh (FUZZ_SECS=${FUZZ_SECS:-20} per target)"
+echo "== [pass 3/3] fuzzing: scripts/fuzz.sh (FUZZ_SECS=${FUZZ_SECS:-12} per target)"
 pass3=ok
 bash "$OV_REPO/scripts/fuzz.sh" || pass3=FAILED
 

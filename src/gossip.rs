@@ -35,12 +35,12 @@ const GOSSIP_INTERVAL: Duration = Duration::from_millis(200);
 /// chitchat's datagram budget; the time and the tag are added around it.
 const MAX_DATAGRAM: usize = 65_507;
 /// Bytes of the send time that leads every signed payload: ms since the Unix epoch, big-endian.
-const STAMP_LEN: usize = 8;
+pub const STAMP_LEN: usize = 8;
 /// How far a datagram's send time may be from the receiver's clock. A datagram takes
 /// milliseconds, so this is the clock skew members may have (NTP keeps them far closer), and the
 /// longest a captured datagram can be replayed. Replays inside it only reach members (see
 /// [`Senders`]), and chitchat's versions keep them from rolling state back.
-const FRESH_WITHIN: Duration = Duration::from_secs(30);
+pub const FRESH_WITHIN: Duration = Duration::from_secs(30);
 /// How long a host that proved the token with a peer `Hello` may gossip before it is a member.
 /// A joiner starts gossiping right after its `Hello` and is a member within a few rounds.
 const JOINER_WITHIN: Duration = Duration::from_secs(60);
@@ -275,7 +275,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Why a datagram was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dropped {
+pub enum Dropped {
     /// From an address that is not a member's, a seed's or a fresh joiner's.
     NotMember,
     /// Its tag is missing, short, or does not verify under the gossip key.
@@ -378,7 +378,7 @@ fn seal(key: &Key, sent_ms: u64, message: &ChitchatMessage, buf: &mut Vec<u8>) {
 
 /// The message of a datagram that is signed under `key`, fresh at `now_ms`, and exactly one
 /// chitchat message.
-fn open(key: &Key, datagram: &[u8], now_ms: u64) -> Result<ChitchatMessage, Dropped> {
+pub fn open(key: &Key, datagram: &[u8], now_ms: u64) -> Result<ChitchatMessage, Dropped> {
     let split = datagram.len().checked_sub(TAG_LEN).ok_or(Dropped::BadTag)?;
     let (signed, tag) = datagram.split_at(split);
     if !key.verify(&[signed], tag) {

@@ -1,38 +1,4 @@
-//! `overlayd`: the daemon (`init`, `join`, `run`) and the CLI that talks to it (every other verb).
-//!
-//! # Layout
-//! - [`cli`]: the verbs and how their replies are printed.
-//! - [`api`]: requests and replies on the local unix socket; [`wire`] frames them.
-//! - [`daemon`]: a node's start and stop, its servers, the reconcile loop that makes host and
-//!   data plane match the cluster, and containers attached on this node.
-//! - [`cluster`]: the cluster as derived from gossip (pure); [`model`]: its values and keys.
-//! - [`gossip`]: chitchat on a transport signed with the cluster secret ([`token`]).
-//! - [`peer`]: authenticated requests between members (join check, proposals, Raft RPCs).
-//! - [`registry`]: what must be unique cluster-wide, as a state machine (pure), and
-//!   [`consensus`]: Raft that replicates it; [`ipam`]: subnet, VNI and address choices (pure);
-//!   [`publish`]: published ports as users write them, and the rules they obey (pure).
-//! - [`services`]: the balancer as the data plane's stage, and its snapshot of the view.
-//! - [`host`]: bridges and veth pairs via iproute2; [`egress`]: the nftables rules that let
-//!   containers out through their node; [`state_dir`]: the node's identity on disk.
-
-mod api;
-mod cli;
-mod cluster;
-mod consensus;
-mod daemon;
-mod egress;
-mod gossip;
-mod host;
-mod ipam;
-mod mesh_hooks;
-mod model;
-mod peer;
-mod publish;
-mod registry;
-mod services;
-mod state_dir;
-mod token;
-mod wire;
+//! The `overlayd` binary: see the library ([`overlayd`]) for the layout.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,9 +6,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing::{info, warn};
 
-use crate::api::Failure;
-use crate::cli::{Cli, Command, DaemonArgs, DataPathArgs};
-use crate::daemon::{Daemon, Start};
+use overlayd::api::{self, Failure};
+use overlayd::cli::{self, Cli, Command, DaemonArgs, DataPathArgs};
+use overlayd::daemon::{self, Daemon, Start};
+use overlayd::{state_dir, token};
 
 /// sysexits.h EX_USAGE: the command was wrong, nothing was changed.
 const EX_USAGE: u8 = 64;

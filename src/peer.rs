@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
@@ -65,8 +66,6 @@ const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
 const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(10);
 
 const AUTH: &[u8] = b"auth";
-const REQUEST: &[u8] = b"request";
-const REPLY: &[u8] = b"reply";
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
@@ -154,8 +153,8 @@ pub struct Keys {
 }
 
 #[derive(Serialize, Deserialize)]
-struct Challenge {
-    nonce: String,
+pub struct Challenge {
+    pub nonce: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -164,10 +163,52 @@ struct Auth {
     tag: String,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Signed {
-    tag: String,
-    body: String,
+/// A request or a reply with its tag: HMAC(k, step ‖ nonce ‖ body).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Signed {
+    pub tag: String,
+    pub body: String,
+}
+
+/// Which step of the exchange a [`Signed`] message is: its label in the tag, so that neither
+/// side's tag is valid as the other's.
+#[derive(Clone, Copy, Debug)]
+pub enum Step {
+    Request,
+    Reply,
+}
+
+impl Step {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Step::Request => b"request",
+            Step::Reply => b"reply",
+        }
+    }
+}
+
+impl Signed {
+    /// Signs `body` as `step` of the exchange that `nonce` opened.
+    pub fn seal(key: &Key, step: Step, nonce: &[u8; NONCE_LEN], body: String) -> Signed {
+        let tag = hex::encode(key.mac(&[step.label(), nonce, body.as_bytes()]));
+        Signed { tag, body }
+    }
+
+    /// The body as `step` of the exchange that `nonce` opened, if its tag verifies and it parses:
+    /// how both sides read what came off the wire.
+    pub fn open<T: DeserializeOwned>(
+        &self,
+        key: &Key,
+        step: Step,
+        nonce: &[u8; NONCE_LEN],
+    ) -> anyhow::Result<T> {
+        let tag = hex::decode(&self.tag).context("malformed tag")?;
+        anyhow::ensure!(
+            key.verify(&[step.label(), nonce, self.body.as_bytes()], &tag),
+            "the tag does not verify"
+        );
+        serde_json::from_str(&self.body).context("malformed body")
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -205,15 +246,11 @@ async fn exchange(
     let nonce = nonce_of(&challenge).with_context(|| {
         format!("{addr} is not an overlayd member (a wrong address?): not answering its challenge")
     })?;
-    let body = serde_json::to_string(request)?;
     let auth = Auth {
         tag: hex::encode(key.mac(&[AUTH, &nonce, caller.id()])),
         caller,
     };
-    let signed = Signed {
-        tag: hex::encode(key.mac(&[REQUEST, &nonce, body.as_bytes()])),
-        body,
-    };
+    let signed = Signed::seal(key, Step::Request, &nonce, serde_json::to_string(request)?);
     // Both at once: the server checks the small proof before it reads the request.
     wire::write(&mut write, &auth).await?;
     wire::write(&mut write, &signed).await?;
@@ -224,19 +261,14 @@ async fn exchange(
         Answer::Refused => anyhow::bail!(
             "{addr} refused the token: it is not this cluster's current join token (it was rotated, or belongs to another cluster); print the current one with `overlayd join-token` on a member"
         ),
-        Answer::Signed(reply) => {
-            let tag = hex::decode(&reply.tag).context("malformed reply tag")?;
-            anyhow::ensure!(
-                key.verify(&[REPLY, &nonce, reply.body.as_bytes()], &tag),
-                "{addr} answered without proving it holds the cluster token; not trusting it"
-            );
-            Ok(serde_json::from_str(&reply.body)?)
-        }
+        Answer::Signed(reply) => reply.open(key, Step::Reply, &nonce).with_context(|| {
+            format!("{addr} answered without proving it holds the cluster token; not trusting it")
+        }),
     }
 }
 
 /// The challenge's nonce, refused unless it is exactly [`NONCE_LEN`] bytes.
-fn nonce_of(challenge: &Challenge) -> anyhow::Result<[u8; NONCE_LEN]> {
+pub fn nonce_of(challenge: &Challenge) -> anyhow::Result<[u8; NONCE_LEN]> {
     let bytes = hex::decode(&challenge.nonce).context("its challenge is not hex")?;
     let len = bytes.len();
     bytes.try_into().map_err(|_| {
@@ -282,12 +314,9 @@ pub async fn accept(
     let signed: Signed = tokio::time::timeout(REQUEST_WITHIN, wire::read(&mut read, REQUEST_LIMIT))
         .await
         .with_context(|| format!("no request within {REQUEST_WITHIN:?} of the proof"))??;
-    let tag = hex::decode(&signed.tag).context("malformed request tag")?;
-    anyhow::ensure!(
-        key.verify(&[REQUEST, &nonce, signed.body.as_bytes()], &tag),
-        "the request's tag does not verify"
-    );
-    let request = serde_json::from_str(&signed.body).context("malformed peer request")?;
+    let request = signed
+        .open(&key, Step::Request, &nonce)
+        .context("the member's request")?;
     Ok(Some((
         auth.caller,
         request,
@@ -304,8 +333,8 @@ pub struct Responder {
 impl Responder {
     pub async fn reply(mut self, reply: &Reply) -> anyhow::Result<()> {
         let body = serde_json::to_string(reply)?;
-        let tag = hex::encode(self.key.mac(&[REPLY, &self.nonce, body.as_bytes()]));
-        wire::write(&mut self.write, &Answer::Signed(Signed { tag, body })).await
+        let signed = Signed::seal(&self.key, Step::Reply, &self.nonce, body);
+        wire::write(&mut self.write, &Answer::Signed(signed)).await
     }
 }
 

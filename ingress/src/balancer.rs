@@ -647,15 +647,19 @@ impl Balancer {
     }
 }
 
-/// Whether `packet` is a client's SYN on the tuple of a published port's flow that has no
-/// connection to keep: one that never got an answer (its task may have died since: a client
-/// reusing the port of a connection that timed out would keep knocking on the dead task), one
-/// whose task went away, or one that ended. Such a SYN is balanced afresh, with the task, node
-/// and MACs of the new connection: a client reusing its port towards two nodes that chose the
-/// same task gives that task the same tuple twice, and the old entry would send the task's
-/// answers back to the old node. (conntrack reopens a finished entry with its old NAT, which
-/// is right for a VIP's flows, whose NAT does not depend on the way in.) A retransmitted SYN of
-/// a live flow is balanced to the same task again.
+/// Whether `packet` is a client's SYN on the tuple of a flow that has no connection to keep:
+/// - of any flow whose task went away: the client reuses the port of a connection that ended
+///   (a busy client does within seconds), and the new connection has a live task to go to;
+///   resetting it would fail a request that never went near the removed task;
+/// - of a published port's flow that never got an answer (its task may have died since: a
+///   client reusing the port of a connection that timed out would keep knocking on the dead
+///   task), or that ended. Such a SYN is balanced afresh, with the task, node and MACs of the
+///   new connection: a client reusing its port towards two nodes that chose the same task gives
+///   that task the same tuple twice, and the old entry would send the task's answers back to
+///   the old node. (conntrack reopens a finished entry with its old NAT, which is right for a
+///   VIP's flows, whose NAT does not depend on the way in.)
+///
+/// A retransmitted SYN of a live flow is balanced to the same task again.
 ///
 /// On a task's node, a packet that another node sent on the tuple of a flow that came through
 /// a different node is balanced afresh too, TCP or UDP: the client reused its port towards
@@ -678,11 +682,13 @@ fn rebalances(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
         return true;
     }
     is_syn(packet)
-        && (entry.state() == State::BackendGone
-            || matches!(
-                entry.state(),
-                State::TcpSynSent | State::TcpTimeWait | State::TcpClose
-            ) && matches!(entry.nat().via, Via::Host { .. } | Via::Node(_)))
+        && match entry.state() {
+            State::BackendGone => true,
+            State::TcpSynSent | State::TcpTimeWait | State::TcpClose => {
+                matches!(entry.nat().via, Via::Host { .. } | Via::Node(_))
+            }
+            _ => false,
+        }
 }
 
 /// Whether a flow's first `packet` replaces `old`, a flow of the same client port with the
@@ -1403,6 +1409,25 @@ mod tests {
         let mut reused = tcp((5, 40001), (VIP, 80), true);
         assert_eq!(run(&b, &mut reused), Verdict::Rewritten);
         assert_eq!(seen(&reused).3.ip(), &ip(8));
+    }
+
+    /// The soak test's failure: a client calling a VIP many times a second reuses a port of a
+    /// connection that went to a task removed since; its new connection was reset.
+    #[test]
+    fn a_syn_to_the_vip_on_a_port_whose_old_flow_lost_its_task_goes_to_a_live_task() {
+        let b = balancer(&[7, 8]);
+        let mut first = tcp((5, 40002), (VIP, 80), true);
+        assert_eq!(run(&b, &mut first), Verdict::Rewritten);
+        let other = if *seen(&first).3.ip() == ip(7) { 8 } else { 7 };
+        b.publish(table(&[other]), Instant::now());
+        let mut again = tcp((5, 40002), (VIP, 80), true);
+        assert_eq!(run(&b, &mut again), Verdict::Rewritten);
+        assert_eq!(seen(&again).3, at(ip(other), 80));
+        assert_eq!(b.stats.rejected.load(Ordering::Relaxed), 0);
+        // Not a SYN: the old connection's next packet is still reset.
+        b.publish(table(&[]), Instant::now());
+        let mut next = tcp((5, 40002), (VIP, 80), false);
+        assert!(matches!(run(&b, &mut next), Verdict::Reply(_)));
     }
 
     #[test]

@@ -181,3 +181,58 @@ pub fn all_tasks_saw(answers: &BTreeSet<(String, String)>, peer: &str) {
         "every task saw {peer}: {answers:?}"
     );
 }
+
+/// Raw Ethernet frames from `eth0` to DST_MAC (argv[1]) and DST_IP (argv[2]), port argv[3]:
+/// KIND (argv[4]) COUNT (argv[5]) times. KINDs: `garbage` (truncated and malformed IPv4/TCP/UDP
+/// headers, lying lengths, fragments, random payloads), `syn` (SYNs from spoofed addresses in
+/// 198.18.128.0/17, source ports in one shard of the balancer's table: port % 64 == 7), in
+/// bursts of 100 every 20 ms.
+pub const RAW_SENDER: &str = r#"
+import os, random, socket, struct, sys, time
+dst_mac = bytes.fromhex(sys.argv[1].replace(":", ""))
+dst_ip = socket.inet_aton(sys.argv[2])
+port, kind, count = int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+src_mac = s.getsockname()[4]
+eth = dst_mac + src_mac + b"\x08\x00"
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while t >> 16: t = (t & 0xffff) + (t >> 16)
+    return ~t & 0xffff
+def ip(src, proto, payload, ihl=5, total=None, frag=0):
+    h = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total if total is not None else 20 + len(payload),
+                    random.getrandbits(16), frag, 64, proto, 0, src, dst_ip)
+    h = h[:10] + struct.pack("!H", csum(h)) + h[12:]
+    return h + b"\0" * (4 * ihl - 20 if ihl > 5 else 0) + payload
+def tcp(src, sport, flags, payload=b""):
+    t = struct.pack("!HHIIBBHHH", sport, port, random.getrandbits(32), 0, 5 << 4, flags, 65535, 0, 0) + payload
+    pseudo = src + dst_ip + struct.pack("!BBH", 0, 6, len(t))
+    return t[:16] + struct.pack("!H", csum(pseudo + t)) + t[18:]
+me = socket.inet_aton("198.18.0.66")
+def garbage():
+    sport = random.randrange(1024, 65536)
+    ports = struct.pack("!HH", sport, port)
+    pick = random.randrange(9)
+    if pick == 0: return ip(me, 6, ports)                      # TCP cut after the ports
+    if pick == 1: return ip(me, 6, tcp(me, sport, 0x02)[:13])  # TCP cut before its flags
+    if pick == 2: return ip(me, 6, tcp(me, sport, 0x02), total=1400)  # IP length lies (long)
+    if pick == 3: return ip(me, 6, tcp(me, sport, 0x18, os.urandom(40)), total=24)  # (short)
+    if pick == 4: return ip(me, 17, struct.pack("!HHHH", sport, port, 900, 0) + os.urandom(8))  # UDP length lies
+    if pick == 5: return ip(me, 6, tcp(me, sport, random.getrandbits(8), os.urandom(random.randrange(200))))  # any flags
+    if pick == 6: return ip(me, 6, ports + os.urandom(30), frag=0x2000)  # first fragment
+    if pick == 7: return ip(me, 6, ports + os.urandom(30), frag=5)  # later fragment
+    return ip(me, 6, ports + os.urandom(16), ihl=random.choice([6, 15]))  # IP options
+def syn():
+    src = socket.inet_aton("198.18.%d.%d" % (random.randrange(128, 256), random.randrange(1, 255)))
+    sport = random.randrange(1024 // 64, 65536 // 64) * 64 + 7
+    return ip(src, 6, tcp(src, sport, 0x02))
+make = {"garbage": garbage, "syn": syn}[kind]
+start = time.time()
+for i in range(count):
+    s.send(eth + make())
+    if i % 100 == 99:
+        time.sleep(0.02)  # spread over a few seconds, so that legitimate clients meet it
+print("sent", count, kind, "in %.1f s" % (time.time() - start), flush=True)
+"#;

@@ -1,0 +1,39 @@
+//! `overlayd`: the daemon (`init`, `join`, `run`) and the CLI that talks to it (every other verb).
+//!
+//! The binary (`src/main.rs`) only parses the command line and starts the daemon or sends one
+//! request; everything else is this library, so that the fuzz targets in `fuzz/` reach the
+//! parsers of gossip, peer and API input the way the daemon runs them.
+//!
+//! # Layout
+//! - [`cli`]: the verbs and how their replies are printed.
+//! - [`api`]: requests and replies on the local unix socket; [`wire`] frames them.
+//! - [`daemon`]: a node's start and stop, its servers, the reconcile loop that makes host and
+//!   data plane match the cluster, and containers attached on this node.
+//! - [`cluster`]: the cluster as derived from gossip (pure); [`model`]: its values and keys.
+//! - [`gossip`]: chitchat on a transport signed with the cluster secret ([`token`]).
+//! - [`peer`]: authenticated requests between members (join check, proposals, Raft RPCs).
+//! - [`registry`]: what must be unique cluster-wide, as a state machine (pure), and
+//!   [`consensus`]: Raft that replicates it; [`ipam`]: subnet, VNI and address choices (pure);
+//!   [`publish`]: published ports as users write them, and the rules they obey (pure).
+//! - [`services`]: the balancer as the data plane's stage, and its snapshot of the view.
+//! - [`host`]: bridges and veth pairs via iproute2; [`egress`]: the nftables rules that let
+//!   containers out through their node; [`state_dir`]: the node's identity on disk.
+
+pub mod api;
+pub mod cli;
+pub mod cluster;
+pub mod consensus;
+pub mod daemon;
+mod egress;
+pub mod gossip;
+mod host;
+mod ipam;
+mod mesh_hooks;
+pub mod model;
+pub mod peer;
+pub mod publish;
+pub mod registry;
+mod services;
+pub mod state_dir;
+pub mod token;
+mod wire;
