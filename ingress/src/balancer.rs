@@ -651,15 +651,16 @@ impl Balancer {
 /// - of any flow whose task went away: the client reuses the port of a connection that ended
 ///   (a busy client does within seconds), and the new connection has a live task to go to;
 ///   resetting it would fail a request that never went near the removed task;
-/// - of a published port's flow that never got an answer (its task may have died since: a
-///   client reusing the port of a connection that timed out would keep knocking on the dead
-///   task), or that ended. Such a SYN is balanced afresh, with the task, node and MACs of the
-///   new connection: a client reusing its port towards two nodes that chose the same task gives
-///   that task the same tuple twice, and the old entry would send the task's answers back to
-///   the old node. (conntrack reopens a finished entry with its old NAT, which is right for a
-///   VIP's flows, whose NAT does not depend on the way in.)
+/// - of a flow that never got an answer (its task may have died since: a client reusing the
+///   port of a connection that timed out would keep knocking on the dead task), or that ended.
+///   Such a SYN is balanced afresh, with the task, node and MACs of the new connection: the
+///   old task may be draining or down since (a VIP's flow too: a busy client reused the port
+///   of a connection to a leaving node's task, and timed out on it), and a client reusing its
+///   port towards two nodes that chose the same task gives that task the same tuple twice,
+///   where the old entry would send the task's answers back to the old node.
 ///
-/// A retransmitted SYN of a live flow is balanced to the same task again.
+/// A retransmitted SYN of a live flow is balanced to the same task again (Maglev over the same
+/// tuple and tasks).
 ///
 /// On a task's node, a packet that another node sent on the tuple of a flow that came through
 /// a different node is balanced afresh too, TCP or UDP: the client reused its port towards
@@ -682,13 +683,10 @@ fn rebalances(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
         return true;
     }
     is_syn(packet)
-        && match entry.state() {
-            State::BackendGone => true,
-            State::TcpSynSent | State::TcpTimeWait | State::TcpClose => {
-                matches!(entry.nat().via, Via::Host { .. } | Via::Node(_))
-            }
-            _ => false,
-        }
+        && matches!(
+            entry.state(),
+            State::BackendGone | State::TcpSynSent | State::TcpTimeWait | State::TcpClose
+        )
 }
 
 /// Whether a flow's first `packet` replaces `old`, a flow of the same client port with the
@@ -1409,6 +1407,43 @@ mod tests {
         let mut reused = tcp((5, 40001), (VIP, 80), true);
         assert_eq!(run(&b, &mut reused), Verdict::Rewritten);
         assert_eq!(seen(&reused).3.ip(), &ip(8));
+    }
+
+    /// The eviction test's failure: a busy client reused the port of an unanswered connection
+    /// to a task that is unhealthy (draining, down) since; its new connection hung on that
+    /// task instead of going to a live one.
+    #[test]
+    fn a_syn_to_the_vip_on_a_port_whose_old_task_takes_no_new_flows_goes_to_a_live_task() {
+        let b = balancer(&[7, 8]);
+        let mut first = tcp((5, 40003), (VIP, 80), true);
+        assert_eq!(run(&b, &mut first), Verdict::Rewritten);
+        let old = *seen(&first).3.ip();
+        let unhealthy = |t: u8| Backend {
+            addr: ip(t),
+            node: Ipv4Addr::new(198, 18, 0, t % 2 + 1),
+            health: if ip(t) == old {
+                Health::Unhealthy
+            } else {
+                Health::Healthy
+            },
+        };
+        let spec = Spec {
+            name: "web".into(),
+            vip: Vip(ip(VIP).into()),
+            backends: [7, 8].map(unhealthy).to_vec(),
+            ports: vec![Port { ..PUBLISHED }],
+        };
+        b.publish(
+            Table::build(maglev::Size::new(251).unwrap(), [spec]).unwrap(),
+            Instant::now(),
+        );
+        let mut again = tcp((5, 40003), (VIP, 80), true);
+        assert_eq!(run(&b, &mut again), Verdict::Rewritten);
+        assert_ne!(
+            seen(&again).3.ip(),
+            &old,
+            "the SYN went to the task taking no new flows"
+        );
     }
 
     /// The soak test's failure: a client calling a VIP many times a second reuses a port of a
