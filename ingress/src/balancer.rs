@@ -71,8 +71,8 @@ pub const SHARDS: usize = 64;
 /// and its tasks' connections go on.
 pub const DOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Tuples each shard remembers as no balanced flow's ([`Unbalanced`]).
-const UNBALANCED_PER_SHARD: usize = 1024;
+/// Tuples the balancer remembers as no balanced flow's ([`Unbalanced`]): 512 KiB once used.
+const UNBALANCED: usize = 64 * 1024;
 
 /// What to do with a frame; the data path maps it to its own verdicts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,8 +135,8 @@ pub struct Balancer {
     services: ArcSwap<Table>,
     /// Each shard's table, made by its first flow.
     shards: Box<[OnceLock<conntrack::Table>]>,
-    /// Per shard too (by client port): tasks' connections that are no balanced flow's.
-    unbalanced: Box<[Mutex<Unbalanced>]>,
+    /// Tasks' connections that are no balanced flow's.
+    unbalanced: Unbalanced,
     per_shard: conntrack::Capacity,
     /// Tasks whose node is down, and when their flows are reset unless it is back
     /// ([`DOWN_GRACE`]). Control plane only.
@@ -163,9 +163,7 @@ impl Balancer {
         Ok(Balancer {
             services: ArcSwap::from_pointee(Table::default()),
             shards: (0..SHARDS).map(|_| OnceLock::new()).collect(),
-            unbalanced: (0..SHARDS)
-                .map(|_| Mutex::new(Unbalanced::new(UNBALANCED_PER_SHARD)))
-                .collect(),
+            unbalanced: Unbalanced::new(UNBALANCED),
             per_shard,
             down: Mutex::new(HashMap::new()),
             timeouts,
@@ -337,9 +335,9 @@ impl Balancer {
             // A reset for no tracked flow has nothing to reset. It may be a client's stack
             // refusing a packet `untracked_reply` took for its flow's: that tuple is no
             // balanced flow's.
-            if let (Some(task), Some(shard)) = (task, self.shard(tuple.src.port())) {
+            if let Some(task) = task {
                 let nat = vip_nat(task.addr, tuple);
-                lock(&self.unbalanced[shard]).insert(Tuple::new(
+                self.unbalanced.insert(Tuple::new(
                     tuple.proto,
                     nat.backend,
                     nat.source.unwrap_or(tuple.src),
@@ -370,18 +368,12 @@ impl Balancer {
         if tuple.proto != Protocol::Tcp || nat::macs(frame).1 != (self.mac_of)(*tuple.dst.ip()) {
             return Verdict::Pass;
         }
-        let Some(shard) = self.shard(tuple.dst.port()) else {
+        if packet.flags & conntrack::tcp_flags::SYN != 0 {
+            self.unbalanced.insert(*tuple);
             return Verdict::Pass;
-        };
-        {
-            let mut unbalanced = lock(&self.unbalanced[shard]);
-            if packet.flags & conntrack::tcp_flags::SYN != 0 {
-                unbalanced.insert(*tuple);
-                return Verdict::Pass;
-            }
-            if unbalanced.contains(tuple) {
-                return Verdict::Pass;
-            }
+        }
+        if self.unbalanced.contains(tuple) {
+            return Verdict::Pass;
         }
         match rederive::answered(services, tuple) {
             Some((original, nat)) => self.rewrite(frame, mode, Direction::Reply, original, nat),
@@ -728,10 +720,10 @@ pub(crate) fn vip_nat(task: Ipv4Addr, flow: &Tuple) -> Nat {
     }
 }
 
-/// A shard's table (or set). A worker that panicked while holding it left it consistent
+/// The control plane's state. A thread that panicked while holding it left it consistent
 /// (every change is made in one call that does not unwind halfway), so it is used as it is.
-fn lock<T>(shard: &Mutex<T>) -> MutexGuard<'_, T> {
-    shard
+fn lock<T>(state: &Mutex<T>) -> MutexGuard<'_, T> {
+    state
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -1480,9 +1472,9 @@ mod tests {
         assert_eq!(b.flows(), (0, 0));
     }
 
-    /// An established flow's packets, both ways, take no lock: with every shard's lock held
-    /// here, another thread still forwards them. A worker that took a lock would wait for
-    /// ever; the test gives it 10 s.
+    /// An established flow's packets, both ways, and those of a task's own connection take no
+    /// lock: with every shard's lock held here, another thread still forwards them. A worker
+    /// that took a lock would wait for ever; the test gives it 10 s.
     #[test]
     fn an_established_flows_packets_take_no_lock() {
         let b = Arc::new(balancer(&[7, 8, 9]));
@@ -1494,6 +1486,11 @@ mod tests {
                 // The task's first answer establishes the flow (a state change: locked).
                 let mut answer = tcp((task.ip().octets()[3], 80), (5, 30000 + i), false);
                 assert_eq!(run(&b, &mut answer), Verdict::Rewritten);
+                // A connection to task 7's own address, seen from its SYN-ACK.
+                assert_eq!(
+                    run(&b, &mut tcp((7, 80), (5, 40000 + i), true)),
+                    Verdict::Pass
+                );
                 (30000 + i, task)
             })
             .collect();
@@ -1510,6 +1507,8 @@ mod tests {
                     let mut back = tcp((task.ip().octets()[3], 80), (5, port), false);
                     assert_eq!(run(&b, &mut back), Verdict::Rewritten);
                     assert_eq!(seen(&back).2, SocketAddrV4::new(ip(VIP), 80));
+                    let mut own = tcp((7, 80), (5, port + 10000), false);
+                    assert_eq!(run(&b, &mut own), Verdict::Pass);
                 }
                 done.send(()).unwrap();
             })

@@ -20,8 +20,9 @@
 //! UDP is not derived: a lost datagram is the application's to resend, and an un-NATed one is
 //! dropped by the client's socket without a reset.
 
-use std::collections::HashSet;
 use std::net::SocketAddrV4;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::Protocol;
 use crate::balancer::vip_nat;
@@ -55,36 +56,71 @@ pub fn answered(services: &Table, reply: &Tuple) -> Option<(Tuple, Nat)> {
 }
 
 /// Tasks' tuples (task:port -> client) known to be no balanced flow's, so that their packets
-/// pass untouched: a connection to a task's own address. Bounded: when full it starts over,
-/// which costs a connection it forgot one refuted packet.
+/// pass untouched: a connection to a task's own address. Every packet of such a connection asks,
+/// so the set takes no lock: a 2-way set-associative table of the tuples' 64-bit hashes, each
+/// slot an atomic. Bounded: a full bucket forgets one of its two tuples, which costs that
+/// connection one refuted packet; two tuples with the same 64-bit hash are taken for one.
 #[derive(Debug)]
 pub struct Unbalanced {
-    seen: HashSet<Tuple>,
-    capacity: usize,
+    /// Allocated by the first insert: most nodes never see such a connection.
+    slots: OnceLock<Box<[AtomicU64]>>,
+    buckets: usize,
 }
 
 impl Unbalanced {
-    /// An empty set of at most `capacity` tuples, allocated by its first insert.
+    /// An empty set of about `capacity` tuples (rounded up to a whole bucket).
     pub fn new(capacity: usize) -> Unbalanced {
         Unbalanced {
-            seen: HashSet::new(),
-            capacity: capacity.max(1),
+            slots: OnceLock::new(),
+            buckets: capacity.div_ceil(WAYS).max(1),
         }
     }
 
-    pub fn insert(&mut self, reply: Tuple) {
-        if self.seen.len() >= self.capacity {
-            self.seen.clear();
+    pub fn insert(&self, reply: Tuple) {
+        let key = key(&reply);
+        let slots = self.slots.get_or_init(|| {
+            (0..self.buckets * WAYS)
+                .map(|_| AtomicU64::new(EMPTY))
+                .collect()
+        });
+        let bucket = &slots[self.bucket(key)];
+        if bucket
+            .iter()
+            .any(|slot| slot.load(Ordering::Relaxed) == key)
+        {
+            return;
         }
-        if self.seen.capacity() == 0 {
-            self.seen.reserve(self.capacity);
+        let free = bucket.iter().find(|slot| {
+            slot.compare_exchange(EMPTY, key, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        });
+        if free.is_none() {
+            // Full: the key's own top bit picks which of the two to forget.
+            bucket[(key >> 63) as usize].store(key, Ordering::Relaxed);
         }
-        self.seen.insert(reply);
     }
 
     pub fn contains(&self, reply: &Tuple) -> bool {
-        self.seen.contains(reply)
+        let key = key(reply);
+        self.slots.get().is_some_and(|slots| {
+            slots[self.bucket(key)]
+                .iter()
+                .any(|slot| slot.load(Ordering::Relaxed) == key)
+        })
     }
+
+    fn bucket(&self, key: u64) -> std::ops::Range<usize> {
+        let first = (key % self.buckets as u64) as usize * WAYS;
+        first..first + WAYS
+    }
+}
+
+const WAYS: usize = 2;
+const EMPTY: u64 = 0;
+
+/// A tuple's slot value: its stable hash, never [`EMPTY`].
+fn key(tuple: &Tuple) -> u64 {
+    tuple.stable_hash().max(1)
 }
 
 #[cfg(test)]
@@ -195,7 +231,7 @@ mod tests {
     }
 
     #[test]
-    fn the_unbalanced_set_is_bounded_and_starts_over_when_full() {
+    fn the_unbalanced_set_is_bounded_and_forgets_one_tuple_of_a_full_bucket() {
         let t = |port| {
             Tuple::new(
                 Protocol::Tcp,
@@ -203,11 +239,34 @@ mod tests {
                 SocketAddrV4::new(ip(70), port),
             )
         };
-        let mut set = Unbalanced::new(2);
+        // One bucket of two: the third tuple takes the place of one of the first two.
+        let set = Unbalanced::new(2);
+        assert!(!set.contains(&t(1)));
         set.insert(t(1));
+        set.insert(t(2));
         set.insert(t(2));
         assert!(set.contains(&t(1)) && set.contains(&t(2)));
         set.insert(t(3));
-        assert!(set.contains(&t(3)) && !set.contains(&t(1)));
+        assert!(set.contains(&t(3)));
+        assert_eq!([t(1), t(2)].iter().filter(|t| set.contains(t)).count(), 1);
+        assert!(!set.contains(&t(4)));
+    }
+
+    proptest! {
+        /// Within its capacity the set keeps nearly every tuple: only a bucket that more than two
+        /// of them hash to forgets some.
+        #[test]
+        fn the_unbalanced_set_keeps_what_fits(ports in prop::collection::hash_set(1u16.., 1..200)) {
+            let set = Unbalanced::new(4096);
+            let tuples: Vec<_> = ports
+                .iter()
+                .map(|&p| Tuple::new(Protocol::Tcp, SocketAddrV4::new(ip(7), 80), SocketAddrV4::new(ip(70), p)))
+                .collect();
+            for t in &tuples {
+                set.insert(*t);
+            }
+            let kept = tuples.iter().filter(|t| set.contains(t)).count();
+            prop_assert!(kept + 2 >= tuples.len(), "{kept} of {}", tuples.len());
+        }
     }
 }
