@@ -49,6 +49,11 @@ use crate::{egress, host, services, wire};
 
 /// How long a node waits to see its own change come back through gossip.
 const CONVERGE_WITHIN: Duration = Duration::from_secs(10);
+/// How long a request naming a network this node does not know waits for its copy of the
+/// registry to catch up before it is refused: `network create` returns once the network is
+/// committed and made on its own node, and the others apply the commit with the leader's next
+/// message (heartbeats every 250 ms).
+const CATCH_UP_WITHIN: Duration = Duration::from_secs(2);
 /// How long the API server waits for a client to send its request.
 const API_REQUEST_WITHIN: Duration = Duration::from_secs(10);
 /// The reply of a member asked to commit a change while it is not the Raft leader; the asker
@@ -439,6 +444,21 @@ impl Daemon {
         }
     }
 
+    /// The view, once it holds network `name` (see [`CATCH_UP_WITHIN`]); refused after that.
+    async fn view_knowing(&self, name: &str) -> Result<View, Failure> {
+        let deadline = Instant::now() + CATCH_UP_WITHIN;
+        loop {
+            let view = self.view().await;
+            if view.networks.contains_key(name) {
+                return Ok(view);
+            }
+            if Instant::now() > deadline {
+                crate::registry::known(&view.networks, name)?;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The cluster as gossip and this node's copy of the registry show it now.
     async fn view(&self) -> View {
         self.gossip.view(&self.consensus.registry()).await
@@ -590,7 +610,7 @@ impl Daemon {
                 let view = self.view().await;
                 // An existing name is the registry's refusal to make, ports or not.
                 if !view.services.contains_key(&name) {
-                    crate::registry::known(&view.networks, &network)?;
+                    let view = self.view_knowing(&network).await?;
                     self.check_publish(&view, &name, &[], &publish, &[]).await?;
                 }
                 let command = Command::CreateService {
@@ -787,15 +807,14 @@ impl Daemon {
             .await?;
         let created: Network = serde_json::from_value(reply)
             .map_err(|e| Failure::runtime(format!("leader's reply: {e}")))?;
-        // Done when every ready member has made the bridge and TAP, so the network can be used
-        // on any node the moment this returns.
+        // Done when committed (a majority has it) and made here. Not waiting for every node to
+        // make it keeps this under a second at any size; a node that has not applied the commit
+        // yet makes a request naming the network wait for it (`view_knowing`), and an attach
+        // makes the bridge itself if its reconcile round has not.
+        self.realise_network(&created).await?;
         let view = self
-            .converge(&format!("creating network {name} on every node"), |v| {
+            .converge(&format!("creating network {name}"), |v| {
                 v.networks.get(&name) == Some(&created)
-                    && v.members
-                        .iter()
-                        .filter(|m| m.node.state == NodeState::Ready)
-                        .all(|m| m.realised.contains(&created.id))
             })
             .await?;
         Ok(json(&network_info(&created, &view)))

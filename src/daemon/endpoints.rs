@@ -56,7 +56,7 @@ impl Daemon {
                 "network namespace {netns} not found: create it with `ip netns add {netns}` (see `ip netns list`)"
             )));
         }
-        let view = self.view().await;
+        let view = self.view_knowing(&network).await?;
         let net = known(&view.networks, &network)?.clone();
         // The reconcile loop may not have made the bridge yet for a network created just now.
         self.realise_network(&net).await?;
