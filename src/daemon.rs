@@ -579,7 +579,11 @@ impl Daemon {
                 ip,
                 service,
                 aliases,
-            } => self.attach(netns, network, ip, service, aliases).await,
+                ifname,
+            } => {
+                self.attach(netns, network, ip, service, aliases, ifname)
+                    .await
+            }
             ServiceCreate {
                 name,
                 network,
@@ -627,7 +631,11 @@ impl Daemon {
                 .await?;
                 Ok(json(&name))
             }
-            Detach { netns, network } => self.detach(netns, network).await,
+            Detach {
+                netns,
+                network,
+                missing_ok,
+            } => self.detach(netns, network, missing_ok).await,
             Status => {
                 let view = self.view().await;
                 let node = view
