@@ -263,8 +263,8 @@ pub struct Plug<'a> {
     pub host_if: &'a str,
     pub ip: Ipv4Addr,
     pub mac: &'a str,
-    /// The container's interface name (checked: [`crate::model::check_ifname`]); `None`: its
-    /// first free `ethN`.
+    /// The container's interface name (checked: [`crate::model::check_ifname`], and not used in
+    /// the namespace); `None`: its first free `ethN`.
     pub ifname: Option<&'a str>,
 }
 
@@ -345,28 +345,30 @@ pub async fn plug(p: &Plug<'_>) -> anyhow::Result<Plugged> {
     }
 }
 
-/// The name the container's new interface gets: `wanted`, unless the namespace has a link of
-/// that name already, or else its first free `ethN`.
-async fn container_ifname(netns: &str, wanted: Option<&str>) -> anyhow::Result<String> {
+/// The names of the links in namespace `netns`.
+pub async fn netns_links(netns: &str) -> anyhow::Result<Vec<String>> {
     let json = ip(&["-n", netns, "-j", "link", "show"]).await?;
     let links: serde_json::Value =
         serde_json::from_str(&json).context("parsing `ip -j link show`")?;
-    let used: Vec<&str> = links
+    Ok(links
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|l| l["ifname"].as_str())
-        .collect();
-    match wanted {
-        Some(name) if used.contains(&name) => {
-            bail!("{netns} already has an interface named {name}")
-        }
-        Some(name) => Ok(name.to_string()),
-        None => (0..64)
-            .map(|i| format!("eth{i}"))
-            .find(|name| !used.contains(&name.as_str()))
-            .context("the namespace has no free ethN name"),
+        .filter_map(|l| Some(l["ifname"].as_str()?.to_string()))
+        .collect())
+}
+
+/// The name the container's new interface gets: `wanted` (which the caller found free), or
+/// else its first free `ethN`.
+async fn container_ifname(netns: &str, wanted: Option<&str>) -> anyhow::Result<String> {
+    if let Some(name) = wanted {
+        return Ok(name.to_string());
     }
+    let used = netns_links(netns).await?;
+    (0..64)
+        .map(|i| format!("eth{i}"))
+        .find(|name| !used.contains(name))
+        .context("the namespace has no free ethN name")
 }
 
 /// The first line of every resolv.conf overlayd writes: it replaces or removes only its own.

@@ -60,6 +60,13 @@ impl Daemon {
                 "network namespace {netns} not found: create it with `ip netns add {netns}` (see `ip netns list`)"
             )));
         }
+        if let Some(name) = &ifname
+            && host::netns_links(&netns).await?.contains(name)
+        {
+            return Err(Failure::usage(format!(
+                "{netns} already has an interface named {name}: choose another --ifname"
+            )));
+        }
         let view = self.view().await;
         let net = known(&view.networks, &network)?.clone();
         // The reconcile loop may not have made the bridge yet for a network created just now.
