@@ -21,11 +21,12 @@ ov_need_root() {
 
 # Installs the Debian packages the scripts and tests use, if any of their commands is missing:
 # iproute2, iperf3, ping, curl, python3, ps, ethtool, sockperf (bench: TCP request/response),
-# nftables (the daemon's egress rules; tests read them with `nft`) and busybox-static
-# (tests/docker.rs builds its container image from the static busybox).
+# nftables (the daemon's egress rules; tests read them with `nft`), busybox-static
+# (tests/docker.rs and tests/podman.rs build their container image from the static busybox), and
+# podman with runc (tests/podman.rs runs it with its CNI backend and overlayd-cni).
 ov_install_deps() {
   local missing=() cmd
-  for cmd in ip bridge iperf3 ping curl python3 ps ethtool sockperf c++ nft tcpdump; do
+  for cmd in ip bridge iperf3 ping curl python3 ps ethtool sockperf c++ nft tcpdump podman runc; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
   done
   ov_have_static_busybox || missing+=("busybox-static")
@@ -35,7 +36,7 @@ ov_install_deps() {
   export DEBIAN_FRONTEND=noninteractive
   timeout 300 apt-get update -qq || ov_die "apt-get update failed (or took over 300 s)"
   timeout 600 apt-get install -y -qq iproute2 iperf3 iputils-ping curl python3 procps ethtool sockperf g++ \
-    nftables busybox-static tcpdump >/dev/null || ov_die "apt-get install failed (or took over 600 s)"
+    nftables busybox-static tcpdump podman runc >/dev/null || ov_die "apt-get install failed (or took over 600 s)"
   for cmd in "${missing[@]}"; do
     if [ "$cmd" = busybox-static ]; then
       ov_have_static_busybox || ov_die "no static busybox after apt-get install busybox-static"
@@ -87,7 +88,8 @@ ov_wait() {
 # Deletes namespaces left by killed runs: names carry the pid of their maker, and those whose
 # maker is gone are removed (with their processes). Patterns: ovt-<test>-<pid>-* (cargo tests),
 # ovd<pid>-* (demo), ovb<pid>[knorim]* (bench); also their /etc/netns entries, the tests' temp
-# dirs $TMPDIR/ovt-<test>-<pid> and the tests' Docker containers and images.
+# dirs $TMPDIR/ovt-<test>-<pid> (after the podman containers kept there), the tests' Docker
+# containers and images, and the namespace names overlayd-cni made (ovc-*) that no process uses.
 ov_reap_stale() {
   local ns pid
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}'); do
@@ -97,6 +99,7 @@ ov_reap_stale() {
       ov_ns_kill_del "$ns"
     fi
   done
+  ov_reap_stale_podman
   local d
   for d in /etc/netns/ovt-* /etc/netns/ovd* /etc/netns/ovb*; do
     [[ -d $d && ${d##*/} =~ ^ovt-[a-z0-9]+-([0-9]+)-|^ovd([0-9]+)-|^ovb([0-9]+)[knorim] ]] || continue
@@ -108,6 +111,23 @@ ov_reap_stale() {
     kill -0 "${BASH_REMATCH[1]}" 2>/dev/null || rm -rf "$d"
   done
   ov_reap_stale_docker
+}
+
+# Podman containers of killed test runs: each run keeps podman's config and storage in
+# $TMPDIR/ovt-<test>-<pid>/podman (tests/podman.rs). Then the names overlayd-cni gave runtimes'
+# namespaces (/run/netns/ovc-*) that no process is in: their DEL never came, or failed.
+ov_reap_stale_podman() {
+  local d ns
+  for d in "${TMPDIR:-/tmp}"/ovt-*-[0-9]*/podman; do
+    [[ -f $d/containers.conf && $d =~ -([0-9]+)/podman$ ]] || continue
+    kill -0 "${BASH_REMATCH[1]}" 2>/dev/null && continue
+    CONTAINERS_CONF=$d/containers.conf timeout 60 podman --root "$d/root" --runroot "$d/runroot" \
+      --tmpdir "$d/tmp" --storage-driver vfs rm -af -t 0 >/dev/null 2>&1 || true
+  done
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}'); do
+    [[ $ns == ovc-* && -z $(ip netns pids "$ns" 2>/dev/null) ]] && ip netns del "$ns" 2>/dev/null
+  done
+  return 0
 }
 
 # Docker containers (ovt-<test>-<pid>-*) and images (ovt-<test>-<pid>:*) of killed test runs.

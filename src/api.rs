@@ -57,10 +57,18 @@ pub enum Request {
         /// Further DNS names of the container on this network.
         #[serde(default)]
         aliases: Vec<String>,
+        /// The container's interface name; by default its first free `ethN`. A runtime that
+        /// names it (CNI's `CNI_IFNAME`) passes it here.
+        #[serde(default)]
+        ifname: Option<String>,
     },
     Detach {
         netns: String,
         network: String,
+        /// Succeed (with `null`) when `netns` is not attached there, or the network is gone: a
+        /// runtime's teardown may come twice, or after `network rm` (CNI's `DEL`).
+        #[serde(default)]
+        missing_ok: bool,
     },
     Status,
     ServiceCreate {
@@ -131,6 +139,9 @@ impl From<anyhow::Error> for Failure {
 }
 
 pub type Reply = Result<serde_json::Value, Failure>;
+
+/// Where the daemon listens and its clients (the CLI, `overlayd-cni`) call, unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/overlayd.sock";
 
 /// Longest request the daemon reads from an API client: the largest, `network create` with its
 /// `--vtep` list, is well under this.
@@ -228,6 +239,14 @@ pub struct Attachment {
     pub ip: Ipv4Addr,
     pub mac: String,
     pub node: String,
+    /// The container's interface on the network.
+    pub ifname: String,
+    pub subnet: Ipv4Network,
+    /// The network's gateway: this node's bridge, which also answers DNS.
+    pub gateway: Ipv4Addr,
+    /// Whether the attach gave the container its default route, via the gateway (only when it
+    /// had none yet).
+    pub default_route: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

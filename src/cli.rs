@@ -22,7 +22,7 @@ pub struct Cli {
         long,
         global = true,
         env = "OVERLAYD_API",
-        default_value = "/run/overlayd.sock"
+        default_value = api::DEFAULT_SOCKET
     )]
     pub api: PathBuf,
     #[command(subcommand)]
@@ -84,6 +84,9 @@ pub enum Command {
         /// (repeatable), like a Docker network alias.
         #[arg(long = "alias", value_name = "NAME")]
         aliases: Vec<String>,
+        /// The container's interface name (default: its first free ethN).
+        #[arg(long, value_name = "NAME")]
+        ifname: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -350,6 +353,7 @@ impl Command {
                 ip,
                 service,
                 aliases,
+                ifname,
                 json,
             } => (
                 R::Attach {
@@ -358,6 +362,7 @@ impl Command {
                     ip,
                     service,
                     aliases,
+                    ifname,
                 },
                 Render::Attachment.or_json(json),
             ),
@@ -413,7 +418,14 @@ impl Command {
             Command::Service(ServiceCommand::Rm { name, force }) => {
                 (R::ServiceRm { name, force }, Render::Plain)
             }
-            Command::Detach { netns, network } => (R::Detach { netns, network }, Render::Plain),
+            Command::Detach { netns, network } => (
+                R::Detach {
+                    netns,
+                    network,
+                    missing_ok: false,
+                },
+                Render::Plain,
+            ),
             Command::Status { json } => (R::Status, Render::Json.or_json(json)),
         })
     }
@@ -552,8 +564,8 @@ impl Render {
             Render::Attachment => {
                 let a: Attachment = serde_json::from_value(value)?;
                 format!(
-                    "{} attached to {}: {} ({})",
-                    a.netns, a.network, a.ip, a.mac
+                    "{} attached to {} as {}: {} ({})",
+                    a.netns, a.network, a.ifname, a.ip, a.mac
                 )
             }
         })

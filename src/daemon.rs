@@ -599,7 +599,11 @@ impl Daemon {
                 ip,
                 service,
                 aliases,
-            } => self.attach(netns, network, ip, service, aliases).await,
+                ifname,
+            } => {
+                self.attach(netns, network, ip, service, aliases, ifname)
+                    .await
+            }
             ServiceCreate {
                 name,
                 network,
@@ -647,7 +651,11 @@ impl Daemon {
                 .await?;
                 Ok(json(&name))
             }
-            Detach { netns, network } => self.detach(netns, network).await,
+            Detach {
+                netns,
+                network,
+                missing_ok,
+            } => self.detach(netns, network, missing_ok).await,
             Status => {
                 let view = self.view().await;
                 let node = view

@@ -263,13 +263,24 @@ pub struct Plug<'a> {
     pub host_if: &'a str,
     pub ip: Ipv4Addr,
     pub mac: &'a str,
+    /// The container's interface name (checked: [`crate::model::check_ifname`], and not used in
+    /// the namespace); `None`: its first free `ethN`.
+    pub ifname: Option<&'a str>,
 }
 
-/// Creates a veth pair, moves one end into the container as the first free `ethN` with the
-/// address, MTU and (if it has none yet) a default route via the gateway, and puts the other end
-/// on the bridge, held to those addresses ([`enslave_container`]). On any failure the pair is deleted again: nothing is left half-made.
-pub async fn plug(p: &Plug<'_>) -> anyhow::Result<String> {
-    let ifname = free_ifname(p.netns).await?;
+/// What `plug` made in the container.
+pub struct Plugged {
+    pub ifname: String,
+    /// Whether it added the default route via the gateway (the container had none).
+    pub default_route: bool,
+}
+
+/// Creates a veth pair, moves one end into the container as `ifname` (or the first free `ethN`)
+/// with the address, MTU and (if it has none yet) a default route via the gateway, and puts the
+/// other end on the bridge, held to those addresses ([`enslave_container`]). On any failure the
+/// pair is deleted again: nothing is left half-made.
+pub async fn plug(p: &Plug<'_>) -> anyhow::Result<Plugged> {
+    let ifname = container_ifname(p.netns, p.ifname).await?;
     let peer = format!("{}c", p.host_if);
     ip(&[
         "link", "add", p.host_if, "type", "veth", "peer", "name", &peer,
@@ -301,7 +312,8 @@ pub async fn plug(p: &Plug<'_>) -> anyhow::Result<String> {
         ip(&["-n", p.netns, "link", "set", &ifname, "up"]).await?;
         ip(&["-n", p.netns, "link", "set", "lo", "up"]).await?;
         let routes = ip(&["-n", p.netns, "route", "show", "default"]).await?;
-        if routes.trim().is_empty() {
+        let default_route = routes.trim().is_empty();
+        if default_route {
             let gw = p.net.gateway().to_string();
             ip(&[
                 "-n", p.netns, "route", "add", "default", "via", &gw, "dev", &ifname,
@@ -317,29 +329,45 @@ pub async fn plug(p: &Plug<'_>) -> anyhow::Result<String> {
             mac,
             ip: p.ip,
         };
-        enslave_container(&port, p.net).await
+        enslave_container(&port, p.net).await?;
+        anyhow::Ok(default_route)
     }
     .await;
-    if let Err(err) = result {
-        remove_link(p.host_if).await;
-        return Err(err.context(format!("plugging {} into network {}", p.netns, p.net.name)));
+    match result {
+        Ok(default_route) => Ok(Plugged {
+            ifname,
+            default_route,
+        }),
+        Err(err) => {
+            remove_link(p.host_if).await;
+            Err(err.context(format!("plugging {} into network {}", p.netns, p.net.name)))
+        }
     }
-    Ok(ifname)
 }
 
-async fn free_ifname(netns: &str) -> anyhow::Result<String> {
+/// The names of the links in namespace `netns`.
+pub async fn netns_links(netns: &str) -> anyhow::Result<Vec<String>> {
     let json = ip(&["-n", netns, "-j", "link", "show"]).await?;
     let links: serde_json::Value =
         serde_json::from_str(&json).context("parsing `ip -j link show`")?;
-    let used: Vec<&str> = links
+    Ok(links
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|l| l["ifname"].as_str())
-        .collect();
+        .filter_map(|l| Some(l["ifname"].as_str()?.to_string()))
+        .collect())
+}
+
+/// The name the container's new interface gets: `wanted` (which the caller found free), or
+/// else its first free `ethN`.
+async fn container_ifname(netns: &str, wanted: Option<&str>) -> anyhow::Result<String> {
+    if let Some(name) = wanted {
+        return Ok(name.to_string());
+    }
+    let used = netns_links(netns).await?;
     (0..64)
         .map(|i| format!("eth{i}"))
-        .find(|name| !used.contains(&name.as_str()))
+        .find(|name| !used.contains(name))
         .context("the namespace has no free ethN name")
 }
 

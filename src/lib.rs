@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! - [`cli`]: the verbs and how their replies are printed.
+//! - [`cni`]: the CNI plugin's protocol (pure); `src/bin/overlayd-cni.rs` is the plugin.
 //! - [`api`]: requests and replies on the local unix socket; [`wire`] frames them.
 //! - [`daemon`]: a node's start and stop, its servers, the reconcile loop that makes host and
 //!   data plane match the cluster, and containers attached on this node.
@@ -22,6 +23,7 @@
 pub mod api;
 pub mod cli;
 pub mod cluster;
+pub mod cni;
 pub mod consensus;
 pub mod daemon;
 mod egress;

@@ -146,6 +146,23 @@ pub fn check_name(name: &str) -> Result<(), Refusal> {
     }
 }
 
+/// Whether `name` can name a network interface: 1 to 15 bytes (IFNAMSIZ less the NUL), none
+/// of them `/`, `:` or whitespace, and not `.` or `..`.
+pub fn check_ifname(name: &str) -> Result<(), String> {
+    let ok = (1..=15).contains(&name.len())
+        && !matches!(name, "." | "..")
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} cannot name an interface: 1 to 15 characters, no '/', ':' or whitespace"
+        ))
+    }
+}
+
 /// A service: a name on one network, balanced over its tasks (the containers attached with
 /// `--service`), Swarm's `docker service` with the tasks started by someone else.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -382,5 +399,29 @@ impl std::fmt::Display for NodeState {
             NodeState::Removed => "removed",
             NodeState::Left => "left",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_fit_the_kernel() {
+        for good in ["eth0", "net1", "a", "veth-0123456789"] {
+            assert_eq!(check_ifname(good), Ok(()), "{good:?}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "eth/0",
+            "eth:0",
+            "eth 0",
+            "a\n",
+            "sixteen-chars-xx",
+        ] {
+            assert!(check_ifname(bad).is_err(), "{bad:?} taken");
+        }
     }
 }

@@ -152,6 +152,16 @@ fn bad_input_is_refused_with_a_clear_message_and_creates_nothing() {
         unchanged(&mut f, &case);
     }
 
+    for (bad, why) in [("eth/0", "cannot name an interface"), ("lo", "already has")] {
+        let case = format!("attach with --ifname {bad}");
+        let out = run_bounded(
+            &mut n1.cli_command(&["attach", &c2, "--network", "good", "--ifname", bad]),
+            t,
+        );
+        f.refused(&case, out, &[bad, why]);
+        unchanged(&mut f, &case);
+    }
+
     let case = "attach with --ip outside the subnet";
     let out = run_bounded(
         &mut n1.cli_command(&["attach", &c2, "--network", "good", "--ip", "198.19.2.5"]),

@@ -11,8 +11,7 @@
 mod netns;
 
 use std::fs;
-use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -88,44 +87,9 @@ impl Drop for DockerThings {
 }
 
 impl DockerThings {
-    /// A busybox-only root filesystem (the binary plus one symlink per applet), imported as
-    /// `self.image`.
+    /// The harness's busybox image ([`netns::busybox_image_tar`]), imported as `self.image`.
     fn build_image(&self) {
-        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-            .into_iter()
-            .map(Path::new)
-            .find(|p| p.is_file())
-            .expect("needs busybox (apt-get install busybox-static; scripts/test.sh installs it)");
-        let list = run(Command::new(busybox).arg("--list"), CLI_TIMEOUT);
-        assert!(list.status.success(), "busybox --list\n{}", show(&list));
-        let root = &self.rootfs;
-        let _ = fs::remove_dir_all(root);
-        for d in ["bin", "tmp", "etc", "proc", "sys", "dev"] {
-            fs::create_dir_all(root.join(d)).expect("making the image's directories");
-        }
-        fs::copy(busybox, root.join("bin/busybox")).expect("copying busybox into the image");
-        for applet in String::from_utf8_lossy(&list.stdout).split_whitespace() {
-            if applet != "busybox" {
-                symlink("busybox", root.join("bin").join(applet)).expect("linking an applet");
-            }
-        }
-        fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").expect("etc/passwd");
-        let tarball = root.with_extension("tar");
-        let tar = run(
-            Command::new("tar").args([
-                "-C",
-                &root.to_string_lossy(),
-                "-cf",
-                &tarball.to_string_lossy(),
-                ".",
-            ]),
-            CLI_TIMEOUT,
-        );
-        assert!(
-            tar.status.success(),
-            "tar of the image rootfs\n{}",
-            show(&tar)
-        );
+        let tarball = netns::busybox_image_tar(&self.rootfs);
         let import = docker(&["import", &tarball.to_string_lossy(), &self.image]);
         assert!(import.status.success(), "docker import\n{}", show(&import));
     }

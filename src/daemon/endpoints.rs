@@ -17,7 +17,7 @@ use super::{Daemon, json};
 use crate::api::{self, Attachment, Failure};
 use crate::consensus::Change;
 use crate::host;
-use crate::model::{Endpoint, Network, check_name, key};
+use crate::model::{Endpoint, Network, check_ifname, check_name, key};
 use crate::registry::{Command, Holder, Registry, known};
 use crate::state_dir;
 
@@ -36,7 +36,11 @@ impl Daemon {
         ip: Option<Ipv4Addr>,
         service: Option<String>,
         mut aliases: Vec<String>,
+        ifname: Option<String>,
     ) -> api::Reply {
+        if let Some(name) = &ifname {
+            check_ifname(name).map_err(Failure::usage)?;
+        }
         if let Some(bad) = aliases.iter().find(|a| check_name(a).is_err()) {
             return Err(Failure::usage(format!(
                 "--alias {bad:?} is not allowed: an alias is named like a network (1 to 64 letters, digits, '-', '_' or '.', not starting with '-' or '.')"
@@ -54,6 +58,13 @@ impl Daemon {
         if !host::netns_exists(&netns) {
             return Err(Failure::usage(format!(
                 "network namespace {netns} not found: create it with `ip netns add {netns}` (see `ip netns list`)"
+            )));
+        }
+        if let Some(name) = &ifname
+            && host::netns_links(&netns).await?.contains(name)
+        {
+            return Err(Failure::usage(format!(
+                "{netns} already has an interface named {name}: choose another --ifname"
             )));
         }
         let view = self.view_knowing(&network).await?;
@@ -90,10 +101,11 @@ impl Daemon {
             host_if: &host_if,
             ip,
             mac: &mac,
+            ifname: ifname.as_deref(),
         })
         .await;
-        let ifname = match plugged {
-            Ok(ifname) => ifname,
+        let plugged = match plugged {
+            Ok(plugged) => plugged,
             Err(err) => {
                 self.release(&net, ip).await;
                 return Err(err.into());
@@ -120,25 +132,43 @@ impl Daemon {
             .update(&[(key::endpoint(&net.id, ip), endpoint.to_gossip())], &[])
             .await;
         self.persist_endpoints().await;
-        info!(%netns, %ifname, network = %net.name, %ip, %mac, "container attached");
+        info!(%netns, ifname = %plugged.ifname, network = %net.name, %ip, %mac, "container attached");
         Ok(json(&Attachment {
             netns,
             network,
             ip,
             mac,
             node: self.id.clone(),
+            ifname: plugged.ifname,
+            subnet: net.subnet,
+            gateway: net.gateway(),
+            default_route: plugged.default_route,
         }))
     }
 
-    pub(super) async fn detach(&self, netns: String, network: String) -> api::Reply {
+    /// Unplugs `netns` from `network`; with `missing_ok`, a container that is not attached there
+    /// (or a network that is gone) is no error and the reply is `null`.
+    pub(super) async fn detach(
+        &self,
+        netns: String,
+        network: String,
+        missing_ok: bool,
+    ) -> api::Reply {
         let _plumbing = self.plumbing.lock().await;
         let view = self.view().await;
-        let net = known(&view.networks, &network)?;
+        let net = match known(&view.networks, &network) {
+            Ok(net) => net,
+            Err(_) if missing_ok => return Ok(serde_json::Value::Null),
+            Err(failure) => return Err(failure),
+        };
         let same_name: Vec<_> = view
             .endpoints_on(net)
             .filter(|p| p.endpoint.netns == netns)
             .collect();
         let Some(placed) = same_name.iter().find(|p| p.node == self.id) else {
+            if missing_ok {
+                return Ok(serde_json::Value::Null);
+            }
             return Err(Failure::usage(match same_name.first() {
                 Some(p) => format!(
                     "{netns} is attached to network {network} on node {}, not this one: run detach there",

@@ -1073,6 +1073,48 @@ pub fn vm_rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// A container image of busybox alone: the host's static busybox (Debian `busybox-static`,
+/// which `scripts/test.sh` installs) and one symlink per applet, built in directory `rootfs`
+/// and packed as `rootfs.tar` beside it (returned), for `docker import` or `podman import`.
+pub fn busybox_image_tar(rootfs: &Path) -> PathBuf {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+        .expect("needs busybox (apt-get install busybox-static; scripts/test.sh installs it)");
+    let list = run(Command::new(busybox).arg("--list"), CLI_TIMEOUT);
+    assert!(list.status.success(), "busybox --list\n{}", show(&list));
+    let _ = fs::remove_dir_all(rootfs);
+    for d in ["bin", "tmp", "etc", "proc", "sys", "dev"] {
+        fs::create_dir_all(rootfs.join(d)).expect("making the image's directories");
+    }
+    fs::copy(busybox, rootfs.join("bin/busybox")).expect("copying busybox into the image");
+    for applet in String::from_utf8_lossy(&list.stdout).split_whitespace() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
+                .expect("linking an applet");
+        }
+    }
+    fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").expect("etc/passwd");
+    let tarball = rootfs.with_extension("tar");
+    let tar = run(
+        Command::new("tar").args([
+            "-C",
+            &rootfs.to_string_lossy(),
+            "-cf",
+            &tarball.to_string_lossy(),
+            ".",
+        ]),
+        CLI_TIMEOUT,
+    );
+    assert!(
+        tar.status.success(),
+        "tar of the image rootfs\n{}",
+        show(&tar)
+    );
+    tarball
+}
+
 /// Runs `ip ARGS` in the root namespace; panics unless it succeeds.
 pub fn ip(args: &[&str]) {
     let out = run(Command::new("ip").args(args), CLI_TIMEOUT);
