@@ -239,11 +239,28 @@ impl Consensus {
             return Ok(Err(Failure::usage(format!("node id {node:?} is not hex"))));
         };
         let _turn = self.joining.lock().await;
-        self.raft
-            .add_learner(id, BasicNode::new(addr.to_string()), true)
-            .await?;
         let voters = self.voters();
-        if voters.len() < MAX_VOTERS && !voters.contains(&id) {
+        let voter = voters.len() < MAX_VOTERS && !voters.contains(&id);
+        // A future voter is brought up to date before it votes; a learner catches up on its
+        // own, so that a crowd of joiners waits for one commit each, not for each other's
+        // replication (joins are taken one at a time).
+        let added = self
+            .raft
+            .add_learner(id, BasicNode::new(addr.to_string()), voter)
+            .await?;
+        // Not blocking, `add_learner` returns once replication is set up; the next membership
+        // change may start only once this one is committed.
+        if let Err(err) = self
+            .raft
+            .wait(Some(COMMIT_WITHIN))
+            .applied_index_at_least(Some(added.log_id.index), "the new learner committed")
+            .await
+        {
+            return Ok(Err(Failure::runtime(format!(
+                "adding {node} to Raft was not committed: {err}"
+            ))));
+        }
+        if voter {
             self.raft
                 .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
                 .await?;
