@@ -109,6 +109,14 @@ pub fn netns_exists(name: &str) -> bool {
         && Path::new("/run/netns").join(name).exists()
 }
 
+/// Whether process `pid` lives in another network namespace than this process (false if it
+/// cannot be told).
+pub fn other_netns(pid: u32) -> bool {
+    let ours = std::fs::read_link("/proc/self/ns/net");
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net"));
+    matches!((ours, theirs), (Ok(a), Ok(b)) if a != b)
+}
+
 /// Whether this network namespace has a link called `name`.
 pub fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
@@ -259,17 +267,27 @@ pub fn mac_string(mac: [u8; 6]) -> String {
 /// What `plug` needs to give a container its interface on `net`.
 pub struct Plug<'a> {
     pub net: &'a Network,
-    pub netns: &'a str,
     pub host_if: &'a str,
     pub ip: Ipv4Addr,
     pub mac: &'a str,
 }
 
-/// Creates a veth pair, moves one end into the container as the first free `ethN` with the
-/// address, MTU and (if it has none yet) a default route via the gateway, and puts the other end
-/// on the bridge, held to those addresses ([`enslave_container`]). On any failure the pair is deleted again: nothing is left half-made.
-pub async fn plug(p: &Plug<'_>) -> anyhow::Result<String> {
-    let ifname = free_ifname(p.netns).await?;
+/// Where the container end of a veth pair goes.
+pub enum Target<'a> {
+    /// Into namespace `ip netns` calls NETNS, as its first free `ethN`, with the address and
+    /// (if it has none yet) a default route via the gateway.
+    Netns(&'a str),
+    /// To a runtime that moves it into the container and configures it there (Docker). It
+    /// goes to the network namespace of process `pid`, the runtime's, if given; else it stays
+    /// in this one.
+    Runtime { pid: Option<u32> },
+}
+
+/// Creates a veth pair whose container end has the container's MAC and the network's MTU,
+/// hands that end to `target`, and puts the other end on the bridge, held to those addresses
+/// ([`enslave_container`]). Returns the container end's name (in the container, or where the
+/// runtime finds it). On any failure the pair is deleted again: nothing is left half-made.
+pub async fn plug(p: &Plug<'_>, target: &Target<'_>) -> anyhow::Result<String> {
     let peer = format!("{}c", p.host_if);
     ip(&[
         "link", "add", p.host_if, "type", "veth", "peer", "name", &peer,
@@ -279,16 +297,10 @@ pub async fn plug(p: &Plug<'_>) -> anyhow::Result<String> {
         let mtu = p.net.mtu.to_string();
         // Super-frames no larger than one UDP_SEGMENT send: one send and one TAP write each.
         let segs = overlay::udp::segments_per_send(p.net.mtu).to_string();
-        let addr = format!("{}/{}", p.ip, p.net.subnet.prefix());
-        ip(&["link", "set", &peer, "netns", p.netns]).await?;
         ip(&[
-            "-n",
-            p.netns,
             "link",
             "set",
             &peer,
-            "name",
-            &ifname,
             "address",
             p.mac,
             "mtu",
@@ -297,17 +309,14 @@ pub async fn plug(p: &Plug<'_>) -> anyhow::Result<String> {
             &segs,
         ])
         .await?;
-        ip(&["-n", p.netns, "addr", "add", &addr, "dev", &ifname]).await?;
-        ip(&["-n", p.netns, "link", "set", &ifname, "up"]).await?;
-        ip(&["-n", p.netns, "link", "set", "lo", "up"]).await?;
-        let routes = ip(&["-n", p.netns, "route", "show", "default"]).await?;
-        if routes.trim().is_empty() {
-            let gw = p.net.gateway().to_string();
-            ip(&[
-                "-n", p.netns, "route", "add", "default", "via", &gw, "dev", &ifname,
-            ])
-            .await?;
-        }
+        let ifname = match target {
+            Target::Netns(netns) => into_netns(p, &peer, netns).await?,
+            Target::Runtime { pid: Some(pid) } => {
+                ip(&["link", "set", &peer, "netns", &pid.to_string()]).await?;
+                peer.clone()
+            }
+            Target::Runtime { pid: None } => peer.clone(),
+        };
         let mac = p
             .mac
             .parse()
@@ -317,12 +326,35 @@ pub async fn plug(p: &Plug<'_>) -> anyhow::Result<String> {
             mac,
             ip: p.ip,
         };
-        enslave_container(&port, p.net).await
+        enslave_container(&port, p.net).await?;
+        Ok::<_, anyhow::Error>(ifname)
     }
     .await;
-    if let Err(err) = result {
-        remove_link(p.host_if).await;
-        return Err(err.context(format!("plugging {} into network {}", p.netns, p.net.name)));
+    match result {
+        Ok(ifname) => Ok(ifname),
+        Err(err) => {
+            remove_link(p.host_if).await;
+            Err(err.context(format!("plugging {} into network {}", p.ip, p.net.name)))
+        }
+    }
+}
+
+/// Moves `peer` into `netns` as its first free `ethN` and configures it there.
+async fn into_netns(p: &Plug<'_>, peer: &str, netns: &str) -> anyhow::Result<String> {
+    let ifname = free_ifname(netns).await?;
+    let addr = format!("{}/{}", p.ip, p.net.subnet.prefix());
+    ip(&["link", "set", peer, "netns", netns]).await?;
+    ip(&["-n", netns, "link", "set", peer, "name", &ifname]).await?;
+    ip(&["-n", netns, "addr", "add", &addr, "dev", &ifname]).await?;
+    ip(&["-n", netns, "link", "set", &ifname, "up"]).await?;
+    ip(&["-n", netns, "link", "set", "lo", "up"]).await?;
+    let routes = ip(&["-n", netns, "route", "show", "default"]).await?;
+    if routes.trim().is_empty() {
+        let gw = p.net.gateway().to_string();
+        ip(&[
+            "-n", netns, "route", "add", "default", "via", &gw, "dev", &ifname,
+        ])
+        .await?;
     }
     Ok(ifname)
 }
