@@ -5,7 +5,8 @@
 //! `overlayd.service=web`, is a task of service `web` that the other node reaches through the
 //! VIP. `docker rm` and `docker network rm` then leave nothing: no endpoint, no veth, no address
 //! held (the overlayd network the plugin made is removed, which the registry refuses while an
-//! address is held).
+//! address is held). A Docker network whose subnet is an existing overlayd network's adopts it,
+//! and `docker network rm` leaves that one in place.
 //!
 //! Where things live. The plugin socket `/run/docker/plugins/overlayd.sock` is a path, seen
 //! alike from every network namespace, so only one daemon per host can serve Docker: node 1
@@ -34,7 +35,24 @@ use netns::{Cluster, show, wait_for};
 const WAIT: Duration = Duration::from_secs(20);
 const SUBNET: &str = "198.19.61.0/24";
 const GATEWAY: &str = "198.19.61.1";
+/// The subnet of a network overlayd makes first, which Docker then adopts.
+const ADOPTED: &str = "198.19.62.0/24";
 const SOCKET: &str = "/run/docker/plugins/overlayd.sock";
+
+/// `docker network create` of Docker network `name` on overlayd with `subnet`, and `options`.
+fn docker_network(name: &str, subnet: &str, options: &[&str]) {
+    let create = [
+        "network",
+        "create",
+        "--driver",
+        "overlayd",
+        "--ipam-driver",
+        "overlayd",
+        "--subnet",
+        subnet,
+    ];
+    docker_ok(&[&create[..], options, &[name]].concat());
+}
 
 /// Waits until `cmd` succeeds in `container`; returns its stdout.
 fn exec_until(container: &str, cmd: &str) -> String {
@@ -136,19 +154,7 @@ fn docker_containers_on_an_overlayd_network_reach_the_other_node_by_address_name
         "{unknown}"
     );
     let t = Instant::now();
-    docker_ok(&[
-        "network",
-        "create",
-        "--driver",
-        "overlayd",
-        "--ipam-driver",
-        "overlayd",
-        "--subnet",
-        SUBNET,
-        "-o",
-        "overlayd.network=dock",
-        &dnet,
-    ]);
+    docker_network(&dnet, SUBNET, &["-o", "overlayd.network=dock"]);
     println!("docker network create: {:?}", t.elapsed());
     // Made cluster-wide, with overlayd's gateway.
     let net = c.wait_network_everywhere("dock");
@@ -297,6 +303,30 @@ fn docker_containers_on_an_overlayd_network_reach_the_other_node_by_address_name
         !docker(&["network", "inspect", &dnet]).status.success(),
         "Docker still has {dnet}"
     );
+
+    // An overlayd network that exists already is adopted by its subnet, and stays after
+    // `docker network rm`.
+    c.node(2)
+        .cli_ok(&["network", "create", "made", "--subnet", ADOPTED]);
+    c.wait_network_everywhere("made");
+    let made = c.container(2, "m1");
+    let m1 = c.attach(2, &made, "made", &[]);
+    let dmade = format!("{}-made", c.prefix);
+    d.networks.push(dmade.clone());
+    docker_network(&dmade, ADOPTED, &[]);
+    let guest = format!("{}-guest", c.prefix);
+    d.run(&guest, &["--network", &dmade]);
+    exec_until(&guest, &format!("ping -c 1 -W 1 {}", m1.ip));
+    docker_ok(&["rm", "-f", &guest]);
+    docker_ok(&["network", "rm", &dmade]);
+    d.containers.clear();
+    d.networks.clear();
+    wait_for(WAIT, "the guest to leave network made", || {
+        match (endpoints(&c, 1, "made"), endpoints(&c, 2, "made")) {
+            (Some(1), Some(1)) => Ok(()),
+            seen => Err(format!("endpoints {seen:?}")),
+        }
+    });
     assert!(Path::new(SOCKET).exists(), "the plugin socket is served");
     drop(d);
     c.node(1).interrupt_daemon(WAIT);
