@@ -130,8 +130,10 @@ ov_reap_stale_podman() {
   return 0
 }
 
-# Docker containers (ovt-<test>-<pid>-*) and images (ovt-<test>-<pid>:*) of killed test runs.
-# Every docker call is bounded; nothing happens when no Docker daemon answers.
+# Docker containers and networks (ovt-<test>-<pid>-*) and images (ovt-<test>-<pid>:*) of killed
+# test runs. Every docker call is bounded; nothing happens when no Docker daemon answers. (A
+# network of driver overlayd goes only while a daemon serves the plugin; Docker waits for it
+# first, hence the short timeout.)
 ov_reap_stale_docker() {
   command -v docker >/dev/null 2>&1 || return 0
   timeout 10 docker version >/dev/null 2>&1 || return 0
@@ -139,6 +141,10 @@ ov_reap_stale_docker() {
   for name in $(timeout 10 docker ps -a --format '{{.Names}}' 2>/dev/null); do
     [[ $name =~ ^ovt-[a-z0-9]+-([0-9]+)- ]] || continue
     kill -0 "${BASH_REMATCH[1]}" 2>/dev/null || timeout 30 docker rm -f -v "$name" >/dev/null 2>&1 || true
+  done
+  for name in $(timeout 10 docker network ls --format '{{.Name}}' 2>/dev/null); do
+    [[ $name =~ ^ovt-[a-z0-9]+-([0-9]+)- ]] || continue
+    kill -0 "${BASH_REMATCH[1]}" 2>/dev/null || timeout 10 docker network rm "$name" >/dev/null 2>&1 || true
   done
   for name in $(timeout 10 docker images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null); do
     [[ $name =~ ^ovt-[a-z0-9]+-([0-9]+): ]] || continue

@@ -50,6 +50,8 @@ pub enum Command {
         state_dir: PathBuf,
         #[command(flatten)]
         data_path: DataPathArgs,
+        #[command(flatten)]
+        plugins: PluginArgs,
     },
     /// Print the token other nodes join with.
     JoinToken {
@@ -118,6 +120,17 @@ pub struct DaemonArgs {
     pub gossip_port: u16,
     #[command(flatten)]
     pub data_path: DataPathArgs,
+    #[command(flatten)]
+    pub plugins: PluginArgs,
+}
+
+#[derive(Args)]
+pub struct PluginArgs {
+    /// Serve Docker as network and IPAM driver `overlayd` on /run/docker/plugins/overlayd.sock
+    /// (`docker network create --driver overlayd --ipam-driver overlayd --subnet CIDR NAME`).
+    /// One daemon per host.
+    #[arg(long)]
+    pub docker_plugin: bool,
 }
 
 #[derive(Args)]

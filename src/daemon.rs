@@ -12,10 +12,12 @@
 //! - [`dns`]: the DNS server on each network's gateway address.
 //! - [`mesh_hooks`]: the tc filters that steer the routing mesh into overlayd, and the published
 //!   ports held for it.
+//! - [`docker_plugin`]: Docker's network and IPAM driver protocols (`--docker-plugin`).
 //! - [`mesh_proxy`]: the userspace proxy of the `proxy=v2` ports, which send tasks a PROXY
 //!   protocol header.
 
 mod dns;
+mod docker_plugin;
 mod endpoints;
 mod health;
 mod mesh_hooks;
@@ -96,7 +98,11 @@ pub struct Config {
     pub offloads: bool,
     /// How long an established TCP flow may idle in the balancer's table (default: Linux's).
     pub tcp_idle: Option<Duration>,
+    /// Serve Docker's network and IPAM driver protocols on [`DOCKER_SOCKET`].
+    pub docker_plugin: bool,
 }
+
+pub use docker_plugin::SOCKET as DOCKER_SOCKET;
 
 /// How the daemon stops: SIGTERM (a supervisor's stop or restart) or SIGINT (the user's
 /// Ctrl-C).
@@ -154,6 +160,8 @@ pub struct Daemon {
     /// DNS servers of the realised networks.
     dns: dns::Dns,
     mesh: mesh_hooks::MeshHooks,
+    /// The Docker plugin's networks and endpoints (used with `--docker-plugin` only).
+    docker: docker_plugin::Plugin,
 }
 
 impl Daemon {
@@ -198,7 +206,30 @@ impl Daemon {
                 (identity.node_id, secret, first_join, seeds, restored, false)
             }
         };
-        let api_listener = bind_api(&config.api).await?;
+        let api_listener = bind_socket(&config.api, "pass a different --api").await?;
+        let docker = match docker_plugin::Plugin::load(&config.state_dir) {
+            Ok(docker) => docker,
+            Err(failure) => {
+                let _ = std::fs::remove_file(&config.api);
+                return Err(failure);
+            }
+        };
+        let docker_listener = if config.docker_plugin {
+            match bind_socket(
+                Path::new(DOCKER_SOCKET),
+                "one daemon per host serves Docker: leave --docker-plugin out here",
+            )
+            .await
+            {
+                Ok(listener) => Some(listener),
+                Err(failure) => {
+                    let _ = std::fs::remove_file(&config.api);
+                    return Err(failure);
+                }
+            }
+        } else {
+            None
+        };
         // Before anything else is made: a missing `nft` stops the start here, and rules a killed
         // run left are dropped (the networks' own are put back as their bridges are).
         if let Err(err) = egress::reset().await {
@@ -259,6 +290,9 @@ impl Daemon {
             Ok(parts) => parts,
             Err(failure) => {
                 let _ = std::fs::remove_file(&config.api);
+                if docker_listener.is_some() {
+                    let _ = std::fs::remove_file(DOCKER_SOCKET);
+                }
                 egress::clear().await;
                 if identity_to_create {
                     state_dir::remove_new_node(&config.state_dir);
@@ -295,6 +329,7 @@ impl Daemon {
             balancer,
             dns: dns::Dns::new(),
             mesh,
+            docker,
         });
         let api_listener = Arc::new(api_listener);
         let peer_listener = Arc::new(peer_listener);
@@ -306,6 +341,17 @@ impl Daemon {
             let daemon = daemon.clone();
             move || daemon.clone().serve_peers(peer_listener.clone())
         });
+        if let Some(listener) = docker_listener {
+            let listener = Arc::new(listener);
+            info!(
+                socket = DOCKER_SOCKET,
+                "serving Docker as network and IPAM driver `overlayd`"
+            );
+            supervise("Docker plugin", {
+                let daemon = daemon.clone();
+                move || daemon.clone().serve_docker(listener.clone())
+            });
+        }
         supervise("reconcile loop", {
             let daemon = daemon.clone();
             move || daemon.clone().reconcile_forever()
@@ -417,6 +463,9 @@ impl Daemon {
         }
         drop(realised);
         let _ = std::fs::remove_file(&self.config.api);
+        if self.config.docker_plugin {
+            let _ = std::fs::remove_file(DOCKER_SOCKET);
+        }
         self.consensus.shutdown().await;
         if let Err(err) = self.gossip.handle.initiate_shutdown() {
             warn!(%err, "gossip did not shut down cleanly");
@@ -466,14 +515,7 @@ impl Daemon {
 
     async fn serve_api(self: Arc<Daemon>, listener: Arc<UnixListener>) {
         loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    warn!(%err, "API socket accept failed; retrying");
-                    tokio::time::sleep(ACCEPT_RETRY).await;
-                    continue;
-                }
-            };
+            let stream = accept_unix(&listener, "API").await;
             let daemon = self.clone();
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
@@ -1108,13 +1150,28 @@ fn network_info(net: &Network, view: &View) -> NetworkInfo {
     }
 }
 
-/// Binds the API socket, refusing one that a running daemon still answers on. The socket is
+/// The next client of `listener`, the socket of `what`; a failed `accept` (such as EMFILE) is
+/// logged and retried.
+async fn accept_unix(listener: &UnixListener, what: &str) -> tokio::net::UnixStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => return stream,
+            Err(err) => {
+                warn!(%err, "{what} socket accept failed; retrying");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+            }
+        }
+    }
+}
+
+/// Binds a unix socket the daemon serves (the API's, the Docker plugin's), refusing one that a
+/// running daemon still answers on; `advice` says what to do then. The socket is
 /// created owner-only: `bind` makes it under the umask, so there is no moment when another user
 /// could connect (a `chmod` after `bind` leaves one).
-async fn bind_api(path: &Path) -> Result<UnixListener, Failure> {
+async fn bind_socket(path: &Path, advice: &str) -> Result<UnixListener, Failure> {
     if tokio::net::UnixStream::connect(path).await.is_ok() {
         return Err(Failure::usage(format!(
-            "another overlayd already serves the API at {}: pass a different --api",
+            "another overlayd already serves {}: {advice}",
             path.display()
         )));
     }
@@ -1127,7 +1184,7 @@ async fn bind_api(path: &Path) -> Result<UnixListener, Failure> {
     let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let bound = UnixListener::bind(path);
     rustix::process::umask(old);
-    bound.map_err(|e| Failure::runtime(format!("binding the API socket {}: {e}", path.display())))
+    bound.map_err(|e| Failure::runtime(format!("binding {}: {e}", path.display())))
 }
 
 #[cfg(test)]

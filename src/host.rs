@@ -109,6 +109,14 @@ pub fn netns_exists(name: &str) -> bool {
         && Path::new("/run/netns").join(name).exists()
 }
 
+/// Whether process `pid` lives in another network namespace than this process (false if it
+/// cannot be told).
+pub fn other_netns(pid: u32) -> bool {
+    let ours = std::fs::read_link("/proc/self/ns/net");
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net"));
+    matches!((ours, theirs), (Ok(a), Ok(b)) if a != b)
+}
+
 /// Whether this network namespace has a link called `name`.
 pub fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
@@ -259,28 +267,38 @@ pub fn mac_string(mac: [u8; 6]) -> String {
 /// What `plug` needs to give a container its interface on `net`.
 pub struct Plug<'a> {
     pub net: &'a Network,
-    pub netns: &'a str,
     pub host_if: &'a str,
     pub ip: Ipv4Addr,
     pub mac: &'a str,
-    /// The container's interface name (checked: [`crate::model::check_ifname`], and not used in
-    /// the namespace); `None`: its first free `ethN`.
-    pub ifname: Option<&'a str>,
 }
 
-/// What `plug` made in the container.
+/// Where the container end of a veth pair goes.
+pub enum Target<'a> {
+    /// Into namespace `ip netns` calls `netns`, as `ifname` (checked:
+    /// [`crate::model::check_ifname`], and not used in the namespace) or else its first free
+    /// `ethN`, with the address and (if it has none yet) a default route via the gateway.
+    Netns {
+        netns: &'a str,
+        ifname: Option<&'a str>,
+    },
+    /// To a runtime that moves it into the container and configures it there (Docker). It
+    /// goes to the network namespace of process `pid`, the runtime's, if given; else it stays
+    /// in this one.
+    Runtime { pid: Option<u32> },
+}
+
+/// What `plug` made for the container.
 pub struct Plugged {
+    /// The container end's name: in the container, or where the runtime finds it.
     pub ifname: String,
     /// Whether it added the default route via the gateway (the container had none).
     pub default_route: bool,
 }
 
-/// Creates a veth pair, moves one end into the container as `ifname` (or the first free `ethN`)
-/// with the address, MTU and (if it has none yet) a default route via the gateway, and puts the
-/// other end on the bridge, held to those addresses ([`enslave_container`]). On any failure the
-/// pair is deleted again: nothing is left half-made.
-pub async fn plug(p: &Plug<'_>) -> anyhow::Result<Plugged> {
-    let ifname = container_ifname(p.netns, p.ifname).await?;
+/// Creates a veth pair whose container end has the container's MAC and the network's MTU,
+/// hands that end to `target`, and puts the other end on the bridge, held to those addresses
+/// ([`enslave_container`]). On any failure the pair is deleted again: nothing is left half-made.
+pub async fn plug(p: &Plug<'_>, target: &Target<'_>) -> anyhow::Result<Plugged> {
     let peer = format!("{}c", p.host_if);
     ip(&[
         "link", "add", p.host_if, "type", "veth", "peer", "name", &peer,
@@ -290,16 +308,10 @@ pub async fn plug(p: &Plug<'_>) -> anyhow::Result<Plugged> {
         let mtu = p.net.mtu.to_string();
         // Super-frames no larger than one UDP_SEGMENT send: one send and one TAP write each.
         let segs = overlay::udp::segments_per_send(p.net.mtu).to_string();
-        let addr = format!("{}/{}", p.ip, p.net.subnet.prefix());
-        ip(&["link", "set", &peer, "netns", p.netns]).await?;
         ip(&[
-            "-n",
-            p.netns,
             "link",
             "set",
             &peer,
-            "name",
-            &ifname,
             "address",
             p.mac,
             "mtu",
@@ -308,18 +320,18 @@ pub async fn plug(p: &Plug<'_>) -> anyhow::Result<Plugged> {
             &segs,
         ])
         .await?;
-        ip(&["-n", p.netns, "addr", "add", &addr, "dev", &ifname]).await?;
-        ip(&["-n", p.netns, "link", "set", &ifname, "up"]).await?;
-        ip(&["-n", p.netns, "link", "set", "lo", "up"]).await?;
-        let routes = ip(&["-n", p.netns, "route", "show", "default"]).await?;
-        let default_route = routes.trim().is_empty();
-        if default_route {
-            let gw = p.net.gateway().to_string();
-            ip(&[
-                "-n", p.netns, "route", "add", "default", "via", &gw, "dev", &ifname,
-            ])
-            .await?;
-        }
+        let plugged = match *target {
+            Target::Netns { netns, ifname } => into_netns(p, &peer, netns, ifname).await?,
+            Target::Runtime { pid } => {
+                if let Some(pid) = pid {
+                    ip(&["link", "set", &peer, "netns", &pid.to_string()]).await?;
+                }
+                Plugged {
+                    ifname: peer.clone(),
+                    default_route: false,
+                }
+            }
+        };
         let mac = p
             .mac
             .parse()
@@ -330,19 +342,45 @@ pub async fn plug(p: &Plug<'_>) -> anyhow::Result<Plugged> {
             ip: p.ip,
         };
         enslave_container(&port, p.net).await?;
-        anyhow::Ok(default_route)
+        Ok::<_, anyhow::Error>(plugged)
     }
     .await;
-    match result {
-        Ok(default_route) => Ok(Plugged {
-            ifname,
-            default_route,
-        }),
-        Err(err) => {
-            remove_link(p.host_if).await;
-            Err(err.context(format!("plugging {} into network {}", p.netns, p.net.name)))
-        }
+    if result.is_err() {
+        remove_link(p.host_if).await;
     }
+    result.with_context(|| format!("plugging {} into network {}", p.ip, p.net.name))
+}
+
+/// Moves `peer` into `netns` as `ifname` (or its first free `ethN`) and configures it there.
+async fn into_netns(
+    p: &Plug<'_>,
+    peer: &str,
+    netns: &str,
+    ifname: Option<&str>,
+) -> anyhow::Result<Plugged> {
+    let ifname = match ifname {
+        Some(name) => name.to_string(),
+        None => free_ifname(netns).await?,
+    };
+    let addr = format!("{}/{}", p.ip, p.net.subnet.prefix());
+    ip(&["link", "set", peer, "netns", netns]).await?;
+    ip(&["-n", netns, "link", "set", peer, "name", &ifname]).await?;
+    ip(&["-n", netns, "addr", "add", &addr, "dev", &ifname]).await?;
+    ip(&["-n", netns, "link", "set", &ifname, "up"]).await?;
+    ip(&["-n", netns, "link", "set", "lo", "up"]).await?;
+    let routes = ip(&["-n", netns, "route", "show", "default"]).await?;
+    let default_route = routes.trim().is_empty();
+    if default_route {
+        let gw = p.net.gateway().to_string();
+        ip(&[
+            "-n", netns, "route", "add", "default", "via", &gw, "dev", &ifname,
+        ])
+        .await?;
+    }
+    Ok(Plugged {
+        ifname,
+        default_route,
+    })
 }
 
 /// The names of the links in namespace `netns`.
@@ -358,12 +396,8 @@ pub async fn netns_links(netns: &str) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-/// The name the container's new interface gets: `wanted` (which the caller found free), or
-/// else its first free `ethN`.
-async fn container_ifname(netns: &str, wanted: Option<&str>) -> anyhow::Result<String> {
-    if let Some(name) = wanted {
-        return Ok(name.to_string());
-    }
+/// The first `ethN` not used in namespace `netns`.
+async fn free_ifname(netns: &str) -> anyhow::Result<String> {
     let used = netns_links(netns).await?;
     (0..64)
         .map(|i| format!("eth{i}"))

@@ -10,6 +10,8 @@
 //! - [`api`]: requests and replies on the local unix socket; [`wire`] frames them.
 //! - [`daemon`]: a node's start and stop, its servers, the reconcile loop that makes host and
 //!   data plane match the cluster, and containers attached on this node.
+//! - [`docker`]: Docker's network and IPAM driver protocols, parsed and answered (pure); the
+//!   daemon serves them with `--docker-plugin`.
 //! - [`cluster`]: the cluster as derived from gossip (pure); [`model`]: its values and keys.
 //! - [`gossip`]: chitchat on a transport signed with the cluster secret ([`token`]).
 //! - [`peer`]: authenticated requests between members (join check, proposals, Raft RPCs).
@@ -26,6 +28,7 @@ pub mod cluster;
 pub mod cni;
 pub mod consensus;
 pub mod daemon;
+pub mod docker;
 mod egress;
 pub mod gossip;
 mod host;

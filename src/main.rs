@@ -7,7 +7,7 @@ use clap::Parser;
 use tracing::{info, warn};
 
 use overlayd::api::{self, Failure};
-use overlayd::cli::{self, Cli, Command, DaemonArgs, DataPathArgs};
+use overlayd::cli::{self, Cli, Command, DaemonArgs, DataPathArgs, PluginArgs};
 use overlayd::daemon::{self, Daemon, Start};
 use overlayd::{state_dir, token};
 
@@ -65,6 +65,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Run {
             state_dir,
             data_path,
+            plugins,
         } => {
             let identity = state_dir::load_identity(&state_dir)?;
             let args = DaemonArgs {
@@ -73,6 +74,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 vxlan_port: identity.vxlan_port,
                 gossip_port: identity.gossip_port,
                 data_path,
+                plugins,
             };
             serve(config(api, args), Start::Resume(identity)).await
         }
@@ -138,6 +140,7 @@ fn config(api: PathBuf, args: DaemonArgs) -> daemon::Config {
         no_offloads,
         conntrack_tcp_idle,
     } = args.data_path;
+    let PluginArgs { docker_plugin } = args.plugins;
     daemon::Config {
         advertise: args.advertise_addr,
         gossip_port: args.gossip_port,
@@ -148,6 +151,7 @@ fn config(api: PathBuf, args: DaemonArgs) -> daemon::Config {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         offloads: !no_offloads,
         tcp_idle: conntrack_tcp_idle.map(std::time::Duration::from_secs),
+        docker_plugin,
     }
 }
 

@@ -112,7 +112,7 @@ impl Network {
     /// The anycast gateway: the first host address, held by the bridge on every node. A
     /// checked subnet (/29 or larger) always has one.
     pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.subnet.network()).wrapping_add(1))
+        gateway_of(self.subnet)
     }
 
     pub fn bridge_name(&self) -> String {
@@ -128,6 +128,11 @@ impl Network {
         let v = self.vni.to_be_bytes();
         [0x02, 0x4f, 0x56, v[1], v[2], v[3]]
     }
+}
+
+/// The anycast gateway of a network on `subnet`: its first address, on every node.
+pub fn gateway_of(subnet: Ipv4Network) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()).wrapping_add(1))
 }
 
 /// Names of networks (and of anything else users name): what Docker allows, short enough for

@@ -53,6 +53,15 @@ pub enum Command {
         ip: Option<Ipv4Addr>,
         service: Option<String>,
     },
+    /// Makes the container at `ip` on `network`, which `node` holds, a task of `service`: a
+    /// runtime may take an address before it says what the container serves (Docker's IPAM
+    /// asks for it before the endpoint's options are known).
+    Enlist {
+        network: String,
+        node: String,
+        ip: Ipv4Addr,
+        service: String,
+    },
     /// `node` removed its endpoint with `ip`: the address may be handed out again.
     Release {
         network_id: String,
@@ -191,6 +200,23 @@ impl Registry {
         }
     }
 
+    /// Refuses service `name` unless it exists on `net`.
+    fn check_service_on(&self, name: &str, net: &Network) -> Result<(), Failure> {
+        let svc = known_service(&self.services, name)?;
+        if svc.network_id == net.id {
+            return Ok(());
+        }
+        let on = self
+            .networks
+            .values()
+            .find(|n| n.id == svc.network_id)
+            .map_or("another network", |n| n.name.as_str());
+        Err(Failure::usage(format!(
+            "service {name} is on network {on}, not {}: attach with `--network {on}`",
+            net.name
+        )))
+    }
+
     /// Who holds `ip` on the network with `network_id`, if anyone.
     pub fn holder(&self, network_id: &str, ip: Ipv4Addr) -> Option<&Holder> {
         self.addresses.get(network_id)?.get(&ip)
@@ -302,17 +328,7 @@ impl Registry {
                 self.check_member(&node)?;
                 let net = known(&self.networks, &network)?;
                 if let Some(name) = &service {
-                    let svc = known_service(&self.services, name)?;
-                    if svc.network_id != net.id {
-                        let on = self
-                            .networks
-                            .values()
-                            .find(|n| n.id == svc.network_id)
-                            .map_or("another network", |n| n.name.as_str());
-                        return Err(Failure::usage(format!(
-                            "service {name} is on network {on}, not {network}: attach with `--network {on}`"
-                        )));
-                    }
+                    self.check_service_on(name, net)?;
                 }
                 let ip = ipam::allocate(net, ip, &self.taken(&net.id))?;
                 self.addresses
@@ -320,6 +336,28 @@ impl Registry {
                     .or_default()
                     .insert(ip, Holder::Container { node, service });
                 Ok(ip.to_string().into())
+            }
+            Command::Enlist {
+                network,
+                node,
+                ip,
+                service,
+            } => {
+                let net = known(&self.networks, &network)?;
+                self.check_service_on(&service, net)?;
+                let holder = self.addresses.get_mut(&net.id).and_then(|h| h.get_mut(&ip));
+                match holder {
+                    Some(Holder::Container {
+                        node: holder,
+                        service: task_of,
+                    }) if *holder == node => {
+                        *task_of = Some(service);
+                        Ok(ip.to_string().into())
+                    }
+                    _ => Err(Failure::usage(format!(
+                        "{ip} on network {network} is not a container of node {node}"
+                    ))),
+                }
             }
             Command::Release {
                 network_id,
@@ -632,6 +670,45 @@ mod tests {
             service: None,
         });
         assert_eq!(r.apply_once(other), Ok("198.19.0.3".into()));
+    }
+
+    #[test]
+    fn an_address_taken_first_becomes_a_task_only_of_its_holder_and_its_networks_service() {
+        let mut r = Registry::default();
+        create(&mut r, "web", "198.19.0.0/24").unwrap();
+        create(&mut r, "db", "198.19.1.0/24").unwrap();
+        create_service(&mut r, "search", &[]).unwrap();
+        let ip: Ipv4Addr = r
+            .apply(Command::Allocate {
+                network: "web".into(),
+                node: "a".into(),
+                ip: None,
+                service: None,
+            })
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let enlist = |network: &str, node: &str, service: &str| Command::Enlist {
+            network: network.into(),
+            node: node.into(),
+            ip,
+            service: service.into(),
+        };
+        let before = r.clone();
+        for (bad, says) in [
+            (enlist("web", "b", "search"), "not a container of node b"),
+            (enlist("web", "a", "nope"), "not found"),
+            (enlist("db", "a", "search"), "is on network web"),
+        ] {
+            let refusal = r.apply(bad.clone()).unwrap_err();
+            assert!(refusal.message.contains(says), "{bad:?}: {refusal}");
+            assert_eq!(r, before, "{bad:?} changed the registry");
+        }
+        r.apply(enlist("web", "a", "search")).unwrap();
+        let service = r.services()["search"].clone();
+        assert_eq!(r.tasks(&service).collect::<Vec<_>>(), [(ip, "a")]);
     }
 
     #[test]

@@ -30,6 +30,8 @@ const PEERS: &str = "peers.json";
 const ENDPOINTS: &str = "endpoints.json";
 /// The Raft vote, log and registry ([`crate::consensus`]).
 const RAFT: &str = "raft.json";
+/// The Docker networks the plugin serves ([`crate::docker`]).
+const DOCKER: &str = "docker.json";
 
 /// Refuses a state dir that already belongs to a node: a second `init` or `join` must not
 /// silently make a new identity over an old one.
@@ -79,7 +81,7 @@ pub fn save_join_token(dir: &Path, token: &str) -> anyhow::Result<()> {
 /// empty: a new node whose start failed leaves nothing behind, and nothing of the user's is
 /// touched.
 pub fn remove_new_node(dir: &Path) {
-    for file in [IDENTITY, JOIN_TOKEN, PEERS, ENDPOINTS, RAFT] {
+    for file in [IDENTITY, JOIN_TOKEN, PEERS, ENDPOINTS, RAFT, DOCKER] {
         let path = dir.join(file);
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_file(path.with_extension("tmp"));
@@ -107,6 +109,19 @@ pub fn load_endpoints(dir: &Path) -> anyhow::Result<Vec<Endpoint>> {
 
 pub fn save_endpoints(dir: &Path, endpoints: &[Endpoint]) -> anyhow::Result<()> {
     write(&dir.join(ENDPOINTS), &endpoints)
+}
+
+/// The Docker plugin's networks; missing means none.
+pub fn load_docker<T: DeserializeOwned + Default>(dir: &Path) -> anyhow::Result<T> {
+    let path = dir.join(DOCKER);
+    if !path.exists() {
+        return Ok(T::default());
+    }
+    read(&path)
+}
+
+pub fn save_docker<T: Serialize>(dir: &Path, networks: &T) -> anyhow::Result<()> {
+    write(&dir.join(DOCKER), networks)
 }
 
 /// The node's Raft state, or `None` for a node that has none yet.

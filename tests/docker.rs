@@ -10,116 +10,14 @@
 
 mod netns;
 
-use std::fs;
-use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::time::Duration;
 
-use netns::{CLI_TIMEOUT, Cluster, run, run_bounded, show, wait_for};
+use netns::docker::{DockerThings, docker_ok, docker_unreachable, exec};
+use netns::{Cluster, show, wait_for};
 
 const PING_WAIT: Duration = Duration::from_secs(15);
 const TCP_PORT: u16 = 5003;
 const TCP_KIB: usize = 2048;
-
-fn docker(args: &[&str]) -> Output {
-    run(Command::new("docker").args(args), CLI_TIMEOUT)
-}
-
-fn docker_ok(args: &[&str]) -> String {
-    let out = docker(args);
-    assert!(
-        out.status.success(),
-        "`docker {}` failed\n{}",
-        args.join(" "),
-        show(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// Why Docker cannot be used here, or `None` if its daemon answers.
-fn docker_unreachable() -> Option<String> {
-    let on_path = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("docker").is_file()));
-    if !on_path {
-        return Some("no `docker` command on PATH".into());
-    }
-    let out = run_bounded(
-        Command::new("docker").args(["version", "--format", "{{.Server.Version}}"]),
-        Duration::from_secs(15),
-    );
-    match out {
-        None => Some("`docker version` did not answer within 15 s".into()),
-        Some(o) if o.status.success() => None,
-        Some(o) => {
-            let err = String::from_utf8_lossy(&o.stderr);
-            let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-            Some(format!(
-                "`docker version` failed ({}): {}",
-                o.status,
-                first.trim()
-            ))
-        }
-    }
-}
-
-/// What the test made in Docker; removed on drop (success or panic).
-struct DockerThings {
-    image: String,
-    containers: Vec<String>,
-    rootfs: PathBuf,
-}
-
-impl Drop for DockerThings {
-    fn drop(&mut self) {
-        for name in &self.containers {
-            let _ = run_bounded(
-                Command::new("docker").args(["rm", "-f", "-v", name]),
-                CLI_TIMEOUT,
-            );
-        }
-        let _ = run_bounded(
-            Command::new("docker").args(["rmi", "-f", &self.image]),
-            CLI_TIMEOUT,
-        );
-        let _ = fs::remove_dir_all(&self.rootfs);
-        let _ = fs::remove_file(self.rootfs.with_extension("tar"));
-    }
-}
-
-impl DockerThings {
-    /// The harness's busybox image ([`netns::busybox_image_tar`]), imported as `self.image`.
-    fn build_image(&self) {
-        let tarball = netns::busybox_image_tar(&self.rootfs);
-        let import = docker(&["import", &tarball.to_string_lossy(), &self.image]);
-        assert!(import.status.success(), "docker import\n{}", show(&import));
-    }
-
-    /// Starts `name` (`--network none`, just sleeping) and returns its init's pid.
-    fn start(&mut self, name: &str) -> u32 {
-        let _ = docker(&["rm", "-f", name]);
-        self.containers.push(name.to_owned());
-        docker_ok(&[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--network",
-            "none",
-            &self.image,
-            "/bin/sleep",
-            "600",
-        ]);
-        let pid = docker_ok(&["inspect", "-f", "{{.State.Pid}}", name]);
-        pid.parse()
-            .ok()
-            .filter(|&p| p > 0)
-            .unwrap_or_else(|| panic!("container {name} has no running pid ({pid:?})"))
-    }
-}
-
-fn exec(container: &str, cmd: &str) -> Output {
-    docker(&["exec", container, "/bin/sh", "-c", cmd])
-}
 
 #[test]
 fn docker_containers_attached_on_two_nodes_ping_and_transfer_over_tcp() {
@@ -128,12 +26,7 @@ fn docker_containers_attached_on_two_nodes_ping_and_transfer_over_tcp() {
         return;
     }
     let c = Cluster::new("docker", 2);
-    let mut d = DockerThings {
-        image: format!("{}:busybox", c.prefix),
-        containers: Vec::new(),
-        rootfs: c.dir.join("rootfs"),
-    };
-    d.build_image();
+    let mut d = DockerThings::new(&c.prefix, &c.dir);
     let (ca, cb) = (format!("{}-a", c.prefix), format!("{}-b", c.prefix));
     let pa = d.start(&ca);
     let pb = d.start(&cb);

@@ -89,35 +89,17 @@ impl Daemon {
             .await?;
         let ip: Ipv4Addr = serde_json::from_value(reply)
             .map_err(|e| Failure::runtime(format!("leader's reply: {e}")))?;
-        if let Err(failure) = self.held_here(&net, ip).await {
-            self.release(&net, ip).await;
-            return Err(failure);
-        }
-        let mac = Endpoint::mac_for(ip);
-        let host_if = format!("ovh{}", hex::encode(rand::random::<[u8; 4]>()));
-        let plugged = host::plug(&host::Plug {
-            net: &net,
+        let target = host::Target::Netns {
             netns: &netns,
-            host_if: &host_if,
-            ip,
-            mac: &mac,
             ifname: ifname.as_deref(),
-        })
-        .await;
-        let plugged = match plugged {
-            Ok(plugged) => plugged,
-            Err(err) => {
-                self.release(&net, ip).await;
-                return Err(err.into());
-            }
         };
-        let endpoint = Endpoint {
-            network_id: net.id.clone(),
-            ip,
-            mac: mac.clone(),
-            netns: netns.clone(),
-            host_if,
-            aliases,
+        let plugged = self.plug_endpoint(&net, ip, &netns, aliases, &target).await;
+        let (endpoint, plugged) = match plugged {
+            Ok(plugged) => plugged,
+            Err(failure) => {
+                self.release(&net, ip).await;
+                return Err(failure);
+            }
         };
         // The first network a container joins here answers its DNS.
         if !view
@@ -128,10 +110,7 @@ impl Daemon {
         {
             warn!(%netns, err = %format!("{err:#}"), "resolv.conf not written: the container does not use the network's DNS");
         }
-        self.gossip
-            .update(&[(key::endpoint(&net.id, ip), endpoint.to_gossip())], &[])
-            .await;
-        self.persist_endpoints().await;
+        let mac = endpoint.mac;
         info!(%netns, ifname = %plugged.ifname, network = %net.name, %ip, %mac, "container attached");
         Ok(json(&Attachment {
             netns,
@@ -178,16 +157,7 @@ impl Daemon {
             }));
         };
         let endpoint = &placed.endpoint;
-        // Detached before its bridge came back after a restart: nothing is left to restore.
-        self.restoring
-            .lock()
-            .await
-            .retain(|e| e.host_if != endpoint.host_if);
-        host::remove_link(&endpoint.host_if).await;
-        self.gossip
-            .update(&[], &[key::endpoint(&net.id, endpoint.ip)])
-            .await;
-        self.persist_endpoints().await;
+        self.unplug_endpoint(endpoint).await;
         let resolver = view
             .endpoints
             .iter()
@@ -205,6 +175,58 @@ impl Daemon {
         self.release(net, endpoint.ip).await;
         info!(%netns, network = %net.name, ip = %endpoint.ip, "container detached");
         Ok(json(&endpoint.ip))
+    }
+
+    /// Gives container `name` its interface on `net` with address `ip` (which this node was
+    /// given), through `target`, and announces it to the cluster: the one path of `attach` and
+    /// of the Docker plugin's `Join`. Returns the endpoint and what was made for the container. On failure nothing is plugged or announced; the address stays held, for the
+    /// caller to release. The caller holds `plumbing`.
+    pub(super) async fn plug_endpoint(
+        &self,
+        net: &Network,
+        ip: Ipv4Addr,
+        name: &str,
+        aliases: Vec<String>,
+        target: &host::Target<'_>,
+    ) -> Result<(Endpoint, host::Plugged), Failure> {
+        self.held_here(net, ip).await?;
+        let mac = Endpoint::mac_for(ip);
+        let host_if = format!("ovh{}", hex::encode(rand::random::<[u8; 4]>()));
+        let plug = host::Plug {
+            net,
+            host_if: &host_if,
+            ip,
+            mac: &mac,
+        };
+        let plugged = host::plug(&plug, target).await?;
+        let endpoint = Endpoint {
+            network_id: net.id.clone(),
+            ip,
+            mac,
+            netns: name.to_string(),
+            host_if,
+            aliases,
+        };
+        self.gossip
+            .update(&[(key::endpoint(&net.id, ip), endpoint.to_gossip())], &[])
+            .await;
+        self.persist_endpoints().await;
+        Ok((endpoint, plugged))
+    }
+
+    /// Removes this node's `endpoint`: its veth pair goes, and it leaves the cluster. Its
+    /// address stays held (see [`Daemon::release`]). The caller holds `plumbing`.
+    pub(super) async fn unplug_endpoint(&self, endpoint: &Endpoint) {
+        // Removed before its bridge came back after a restart: nothing is left to restore.
+        self.restoring
+            .lock()
+            .await
+            .retain(|e| e.host_if != endpoint.host_if);
+        host::remove_link(&endpoint.host_if).await;
+        self.gossip
+            .update(&[], &[key::endpoint(&endpoint.network_id, endpoint.ip)])
+            .await;
+        self.persist_endpoints().await;
     }
 
     /// Waits until this node's copy of the registry gives `ip` to this node, bounded by
@@ -261,7 +283,7 @@ impl Daemon {
 
     /// Gives an address back to the registry. If no leader commits it, the address stays held
     /// by this node, unused (nothing frees it later yet): better than handing it out twice.
-    async fn release(&self, net: &Network, ip: Ipv4Addr) {
+    pub(super) async fn release(&self, net: &Network, ip: Ipv4Addr) {
         let command = Command::Release {
             network_id: net.id.clone(),
             node: self.id.clone(),

@@ -18,6 +18,7 @@
 //! Every wait is bounded: CLI calls time out after [`CLI_TIMEOUT`], polls take a deadline.
 #![allow(dead_code)]
 
+pub mod docker;
 pub mod mesh;
 
 use std::fmt::Write as _;
@@ -562,9 +563,15 @@ impl Cluster {
     /// Like [`Cluster::new`], with `extra` added to every daemon's command line (also after a
     /// restart): a data-path setting such as `--conntrack-tcp-idle 3`.
     pub fn with_daemon_args(name: &str, n: usize, extra: &[&str]) -> Self {
+        Self::with_node_args(name, n, |_| extra.to_vec())
+    }
+
+    /// Like [`Cluster::with_daemon_args`], with `extra(i)` added to node `i`'s daemon (1-based):
+    /// a flag only one node may have, such as `--docker-plugin`.
+    pub fn with_node_args<'a>(name: &str, n: usize, extra: impl Fn(usize) -> Vec<&'a str>) -> Self {
         let mut c = Self::bare(name, n);
         for node in &mut c.nodes {
-            node.daemon_extra = strings(extra);
+            node.daemon_extra = strings(&extra(node.index));
         }
         let first = &c.nodes[0];
         first.start_daemon(first.daemon_args(&["init", "--advertise-addr", &first.addr]));
