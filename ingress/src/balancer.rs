@@ -71,6 +71,9 @@ pub const SHARDS: usize = 64;
 /// and its tasks' connections go on.
 pub const DOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// A TCP flow with a packet this recent has a connection to keep ([`keeps`]).
+const ACTIVE: Duration = Duration::from_secs(5);
+
 /// Tuples each shard remembers as no balanced flow's ([`Unbalanced`]).
 const UNBALANCED_PER_SHARD: usize = 1024;
 
@@ -296,8 +299,12 @@ impl Balancer {
         }
         // A flow from the host or from another node is its client's: in its source port's shard.
         let shard = self.shard(packet.tuple.src.port());
-        if let Some((direction, entry)) = self.tracked([shard, None], &packet) {
-            return self.follow(frame, mode, direction, &entry, reply);
+        match self.tracked([shard, None], &packet) {
+            Tracked::Flow(direction, entry) => {
+                return self.follow(frame, mode, direction, &entry, reply);
+            }
+            Tracked::Taken => return self.count_drop(),
+            Tracked::New => {}
         }
         match self.mesh_nat(&services, frame, &packet, origin, reply) {
             Ok(nat) => self.admit(frame, mode, &packet, nat, reply),
@@ -326,8 +333,12 @@ impl Balancer {
             to_vip.and_then(|_| self.shard(tuple.src.port())),
             from_task.then(|| self.shard(tuple.dst.port())).flatten(),
         ];
-        if let Some((direction, entry)) = self.tracked(shards, packet) {
-            return self.follow(frame, mode, direction, &entry, reply);
+        match self.tracked(shards, packet) {
+            Tracked::Flow(direction, entry) => {
+                return self.follow(frame, mode, direction, &entry, reply);
+            }
+            Tracked::Taken => return self.count_drop(),
+            Tracked::New => {}
         }
         let Some(service) = to_vip else {
             return self.untracked_reply(services, frame, mode, packet);
@@ -449,11 +460,12 @@ impl Balancer {
         })
     }
 
-    /// The tracked flow of a packet, from the first of `shards` that knows it; `None` if none
-    /// does, or if the packet starts the flow over ([`rebalances`]), which forgets it. A packet
-    /// that leaves its flow in its state (most of them) takes no lock: only a flow event (a
-    /// change of state, starting over) or a look-up the table's writer got in the way of does.
-    fn tracked(&self, shards: [Option<usize>; 2], packet: &Packet) -> Option<(Direction, Entry)> {
+    /// The tracked flow of a packet, from the first of `shards` that knows it; [`Tracked::New`]
+    /// if none does, or if the packet starts the flow over ([`Reuse::Afresh`]), which forgets
+    /// it. A packet that leaves its flow in its state (most of them) takes no lock: only a flow
+    /// event (a change of state, starting over) or a look-up the table's writer got in the way
+    /// of does.
+    fn tracked(&self, shards: [Option<usize>; 2], packet: &Packet) -> Tracked {
         let [first, second] = shards;
         let second = second.filter(|s| Some(*s) != first);
         for shard in [first, second].into_iter().flatten() {
@@ -462,24 +474,34 @@ impl Balancer {
             };
             match table.find(&packet.tuple) {
                 Lookup::Absent => continue,
-                Lookup::Found(found) if !rebalances(found.direction, &found.entry, packet) => {
-                    if let Some(entry) = table.refresh(&found, packet.now, packet.flags) {
-                        return Some((found.direction, entry));
+                Lookup::Found(found) => match reuse(found.direction, &found.entry, packet) {
+                    Reuse::Follow => {
+                        if let Some(entry) = table.refresh(&found, packet.now, packet.flags) {
+                            return Tracked::Flow(found.direction, entry);
+                        }
                     }
-                }
-                Lookup::Found(_) | Lookup::Busy => {}
+                    Reuse::Taken => return Tracked::Taken,
+                    Reuse::Afresh => {}
+                },
+                Lookup::Busy => {}
             }
             let mut table = table.lock();
             let Some((direction, entry)) = table.get(&packet.tuple) else {
                 continue;
             };
-            if rebalances(direction, &entry, packet) {
-                table.forget(&packet.tuple);
-                return None;
-            }
-            return table.track(packet.now, &packet.tuple, packet.flags);
+            return match reuse(direction, &entry, packet) {
+                Reuse::Follow => match table.track(packet.now, &packet.tuple, packet.flags) {
+                    Some((direction, entry)) => Tracked::Flow(direction, entry),
+                    None => Tracked::New,
+                },
+                Reuse::Taken => Tracked::Taken,
+                Reuse::Afresh => {
+                    table.forget(&packet.tuple);
+                    Tracked::New
+                }
+            };
         }
-        None
+        Tracked::New
     }
 
     /// Tracks a new flow in its client port's shard and applies its NAT to its first packet.
@@ -647,7 +669,30 @@ impl Balancer {
     }
 }
 
-/// Whether `packet` is a client's SYN on the tuple of a flow that has no connection to keep:
+/// What a packet's look-up found.
+enum Tracked {
+    /// The flow it belongs to, as the packet left it.
+    Flow(Direction, Entry),
+    /// No flow: a new one, or one it starts over.
+    New,
+    /// Another node's connection holds its tuple ([`Reuse::Taken`]): it is dropped.
+    Taken,
+}
+
+/// What a packet on the tuple of a tracked flow does with it.
+#[derive(Debug, PartialEq, Eq)]
+enum Reuse {
+    /// Follows it: most packets.
+    Follow,
+    /// Forgets it and is balanced as a new flow's first packet.
+    Afresh,
+    /// Leaves it alone and is dropped.
+    Taken,
+}
+
+/// What `packet` does with the tracked flow `entry` of its tuple.
+///
+/// A client's SYN on the tuple of a flow that has no connection to keep starts over:
 /// - of any flow whose task went away: the client reuses the port of a connection that ended
 ///   (a busy client does within seconds), and the new connection has a live task to go to;
 ///   resetting it would fail a request that never went near the removed task;
@@ -655,53 +700,69 @@ impl Balancer {
 ///   port of a connection that timed out would keep knocking on the dead task), or that ended.
 ///   Such a SYN is balanced afresh, with the task, node and MACs of the new connection: the
 ///   old task may be draining or down since (a VIP's flow too: a busy client reused the port
-///   of a connection to a leaving node's task, and timed out on it), and a client reusing its
-///   port towards two nodes that chose the same task gives that task the same tuple twice,
-///   where the old entry would send the task's answers back to the old node.
+///   of a connection to a leaving node's task, and timed out on it).
 ///
 /// A retransmitted SYN of a live flow is balanced to the same task again (Maglev over the same
 /// tuple and tasks).
 ///
 /// On a task's node, a packet that another node sent on the tuple of a flow that came through
-/// a different node is balanced afresh too, TCP or UDP: the client reused its port towards
-/// another node (a UDP client's new socket, most often), and the answers must go back there.
+/// a different node: the client uses one port towards two nodes, which both chose this task,
+/// so the task would see one tuple for two connections, and its TCP can hold only one. The
+/// one in use wins ([`keeps`]): the new one's packets are dropped ([`Reuse::Taken`]), and its
+/// SYN, sent again a second later, gets through once the old one has ended. Replacing it
+/// instead sent the live connection's answers to the other node (the soak's 10 s timeouts
+/// and resets through published ports). A flow with no connection to keep starts over with
+/// the answers going back to the new node; a UDP flow always does (UDP has no connection to
+/// keep, and a client's new socket reuses ports most often).
 ///
 /// A UDP flow whose task went away is balanced afresh at its client's next datagram (UDP has
 /// no connection for the client to reset). A SYN on the tuple of any flow whose task went away,
 /// a VIP's included, is balanced afresh too: a client reusing the port of a finished connection
 /// to a task of a node that left would otherwise be reset.
-fn rebalances(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
+fn reuse(direction: Direction, entry: &Entry, packet: &Packet) -> Reuse {
     if direction != Direction::Original {
-        return false;
+        return Reuse::Follow;
     }
     if entry.is_backend_gone() && packet.tuple.proto == Protocol::Udp {
-        return true;
+        return Reuse::Afresh;
     }
     if let (Via::Node(was), Origin::Node(now)) = (entry.nat().via, packet.origin)
         && was != now
     {
-        return true;
+        return if packet.tuple.proto == Protocol::Tcp && keeps(entry, packet.now) {
+            Reuse::Taken
+        } else {
+            Reuse::Afresh
+        };
     }
-    is_syn(packet)
-        && matches!(
-            entry.state(),
-            State::BackendGone | State::TcpSynSent | State::TcpTimeWait | State::TcpClose
-        )
+    let ended = matches!(
+        entry.state(),
+        State::BackendGone | State::TcpSynSent | State::TcpTimeWait | State::TcpClose
+    );
+    if is_syn(packet) && ended {
+        Reuse::Afresh
+    } else {
+        Reuse::Follow
+    }
+}
+
+/// Whether `entry` is a TCP connection still in use at `now`: opening, open or closing, with a
+/// packet within [`ACTIVE`]. One whose client went silent (its entry node died, say) is not.
+fn keeps(entry: &Entry, now: Instant) -> bool {
+    matches!(
+        entry.state(),
+        State::TcpSynSent | State::TcpEstablished | State::TcpFinWait
+    ) && now.saturating_duration_since(entry.last_seen()) < ACTIVE
 }
 
 /// Whether a flow's first `packet` replaces `old`, a flow of the same client port with the
-/// same answer tuple: a UDP flow always (UDP has no connection to keep), a TCP SYN an entry
-/// with no connection to keep (unanswered, ended, or its task gone).
+/// same answer tuple (the same client port through another node, to the same task): a UDP
+/// flow always (UDP has no connection to keep), a TCP SYN an entry with no connection to keep
+/// ([`keeps`]); else the one in use wins, and the SYN is sent again.
 fn superseded(old: &Entry, packet: &Packet) -> bool {
     match packet.tuple.proto {
         Protocol::Udp => true,
-        Protocol::Tcp => {
-            is_syn(packet)
-                && matches!(
-                    old.state(),
-                    State::TcpSynSent | State::TcpTimeWait | State::TcpClose | State::BackendGone
-                )
-        }
+        Protocol::Tcp => is_syn(packet) && !keeps(old, packet.now),
     }
 }
 
@@ -971,6 +1032,45 @@ mod tests {
             Verdict::Return(second)
         );
         assert_eq!(b.flows(), (1, 0), "the old flow's entry was replaced");
+    }
+
+    /// The soak's failures: a client used one port towards two nodes at once, both chose
+    /// this task, and the second connection's SYN took the first one's entry, whose answers
+    /// then went to the second node.
+    #[test]
+    fn a_client_port_in_use_through_one_node_is_not_taken_by_another_until_it_is_idle() {
+        let b = balancer(&[7]);
+        let (first, second) = (Ipv4Addr::new(198, 18, 0, 3), Ipv4Addr::new(198, 18, 0, 4));
+        let task = at(ip(7), 80);
+        let syn = frame((CLIENT_MAC, mac_of(ip(7))), CLIENT, task, Some(true));
+        let data = frame((CLIENT_MAC, mac_of(ip(7))), CLIENT, task, Some(false));
+        let answer = frame((mac_of(ip(7)), [0; 6]), task, CLIENT, Some(false));
+        let at_time = |origin, f: &[u8], now| {
+            b.process(&mut f.to_vec(), Mode::Full, origin, now, &mut [0u8; 128])
+        };
+        let start = Instant::now();
+        assert_eq!(at_time(Origin::Node(first), &syn, start), Verdict::Pass);
+        assert_eq!(
+            at_time(Origin::Overlay, &answer, start),
+            Verdict::Return(first)
+        );
+        assert_eq!(at_time(Origin::Node(first), &data, start), Verdict::Pass);
+        // The same tuple through the other node, while the first connection is in use.
+        let soon = start + ACTIVE / 2;
+        assert_eq!(at_time(Origin::Node(second), &syn, soon), Verdict::Drop);
+        assert_eq!(at_time(Origin::Node(second), &data, soon), Verdict::Drop);
+        assert_eq!(
+            at_time(Origin::Overlay, &answer, soon),
+            Verdict::Return(first)
+        );
+        // The first connection went silent (its node died, say): the SYN sent again wins.
+        let idle = soon + ACTIVE;
+        assert_eq!(at_time(Origin::Node(second), &syn, idle), Verdict::Pass);
+        assert_eq!(
+            at_time(Origin::Overlay, &answer, idle),
+            Verdict::Return(second)
+        );
+        assert_eq!(b.stats.dropped.load(Ordering::Relaxed), 2);
     }
 
     #[test]
