@@ -150,6 +150,9 @@ pub struct Balancer {
     /// This node's underlay address: the source of its own connections to published ports
     /// and where `mode=host` tasks must run.
     node: Ipv4Addr,
+    /// Until when tasks' UDP datagrams are derived ([`rederive::UDP_AFTER_START`]), from the
+    /// first snapshot.
+    derive_udp_until: OnceLock<Instant>,
     pub stats: Stats,
 }
 
@@ -174,6 +177,7 @@ impl Balancer {
             timeouts,
             mac_of,
             node,
+            derive_udp_until: OnceLock::new(),
             stats: Stats::default(),
         })
     }
@@ -182,6 +186,8 @@ impl Balancer {
     /// is answered with a reset instead of vanishing; so are the flows of tasks that went
     /// down, once they have been down for [`DOWN_GRACE`] ([`Balancer::handle_timeout`]).
     pub fn publish(&self, next: Table, now: Instant) {
+        self.derive_udp_until
+            .get_or_init(|| now + rederive::UDP_AFTER_START);
         let gone = self.services.load().removed_backends(&next);
         let mut reset = Vec::new();
         {
@@ -324,6 +330,15 @@ impl Balancer {
         let tuple = &packet.tuple;
         let to_vip = services.service_for(*tuple.dst.ip());
         let from_task = services.is_backend(*tuple.src.ip());
+        if tuple.proto == Protocol::Udp
+            && to_vip.is_none()
+            && services.is_backend(*tuple.dst.ip())
+            && self.derives_udp(packet.now)
+            && let Some(shard) = self.shard(tuple.src.port())
+        {
+            // A datagram to a task's own address: its answers are no VIP flow's.
+            lock(&self.unbalanced[shard]).insert(Tuple::new(tuple.proto, tuple.dst, tuple.src));
+        }
         if to_vip.is_none() && !from_task {
             return Verdict::Pass;
         }
@@ -368,8 +383,9 @@ impl Balancer {
     /// overlay (by its MAC: not the routing mesh's replies, which go to the gateway or the
     /// mesh's MAC), it may be the reply of a VIP flow this node tracked before it restarted:
     /// then it is un-NATed as that flow's ([`rederive`]), and the client's next packet tracks
-    /// the flow again. A SYN or a SYN-ACK starts a connection of the task's own, or one to its
-    /// own address, which is remembered so that its packets pass.
+    /// the flow again; a UDP flow, only for a while after start, is tracked again at once (its
+    /// client may only listen). A SYN or a SYN-ACK starts a connection of the task's own, or
+    /// one to its own address, which is remembered so that its packets pass.
     fn untracked_reply(
         &self,
         services: &Table,
@@ -378,7 +394,10 @@ impl Balancer {
         packet: &Packet,
     ) -> Verdict {
         let tuple = &packet.tuple;
-        if tuple.proto != Protocol::Tcp || nat::macs(frame).1 != (self.mac_of)(*tuple.dst.ip()) {
+        let udp = tuple.proto == Protocol::Udp;
+        if (udp && !self.derives_udp(packet.now))
+            || nat::macs(frame).1 != (self.mac_of)(*tuple.dst.ip())
+        {
             return Verdict::Pass;
         }
         let Some(shard) = self.shard(tuple.dst.port()) else {
@@ -394,10 +413,32 @@ impl Balancer {
                 return Verdict::Pass;
             }
         }
-        match rederive::answered(services, tuple) {
-            Some((original, nat)) => self.rewrite(frame, mode, Direction::Reply, original, nat),
-            None => Verdict::Pass,
+        let Some((original, nat)) = rederive::answered(services, tuple) else {
+            return Verdict::Pass;
+        };
+        if udp {
+            // Tracked from its client port's shard, as if its client had just sent.
+            if let Some(shard) = self.shard(original.src.port()) {
+                let _ = self
+                    .table(shard, packet.now)
+                    .lock()
+                    .insert(packet.now, original, nat, 0);
+            }
         }
+        self.rewrite(frame, mode, Direction::Reply, original, nat)
+    }
+
+    /// The table of `shard`. The first flow of the shard allocates it whole; the first time
+    /// it was given is the table's time 0.
+    fn table(&self, shard: usize, now: Instant) -> &conntrack::Table {
+        self.shards[shard].get_or_init(|| conntrack::Table::new(self.per_shard, self.timeouts, now))
+    }
+
+    /// Whether a task's untracked UDP datagram may be a lost flow's ([`rederive`]).
+    fn derives_udp(&self, now: Instant) -> bool {
+        self.derive_udp_until
+            .get()
+            .is_some_and(|&until| now < until)
     }
 
     /// The NAT of a new flow from the host or another node, or what to do instead:
@@ -516,15 +557,11 @@ impl Balancer {
         let Some(shard) = self.shard(packet.tuple.src.port()) else {
             return self.count_drop();
         };
-        // The first flow of the shard allocates its table whole; the first time it was given
-        // is the table's time 0.
-        let mut table = self.shards[shard]
-            .get_or_init(|| conntrack::Table::new(self.per_shard, self.timeouts, packet.now))
-            .lock();
+        let mut table = self.table(shard, packet.now).lock();
         let mut inserted = table.insert(packet.now, packet.tuple, nat, packet.flags);
         if inserted == Err(conntrack::Error::ReplyClash) {
-            // The task would see this flow as an older one that the client has given up: the
-            // same client port through another node, to the same task. The new one wins.
+            // The task would see this flow as an older one: the same client port through
+            // another node, to the same task. The new one wins if the old one is not in use.
             let answer = Tuple::new(
                 packet.tuple.proto,
                 nat.backend,
@@ -1306,6 +1343,63 @@ mod tests {
             Instant::now(),
             &mut [0u8; 128],
         )
+    }
+
+    /// A UDP datagram between overlay addresses, with their MACs.
+    fn udp(from: (u8, u16), to: (u8, u16)) -> Vec<u8> {
+        frame(
+            (mac_of(ip(from.0)), mac_of(ip(to.0))),
+            SocketAddrV4::new(ip(from.0), from.1),
+            SocketAddrV4::new(ip(to.0), to.1),
+            None,
+        )
+    }
+
+    #[test]
+    fn a_task_streaming_udp_to_its_client_through_a_vip_is_heard_again_after_a_restart() {
+        let before = balancer(&[7, 8]);
+        let mut first = udp((5, 40000), (VIP, 80));
+        assert_eq!(run(&before, &mut first), Verdict::Rewritten);
+        let task = seen(&first).3.ip().octets()[3];
+        let other = if task == 7 { 8 } else { 7 };
+        // Restarted: nothing tracked, and the client only listens.
+        let after = balancer(&[7, 8]);
+        let mut pushed = udp((task, 80), (5, 40000));
+        assert_eq!(run(&after, &mut pushed), Verdict::Rewritten);
+        assert_eq!(seen(&pushed).2, SocketAddrV4::new(ip(VIP), 80));
+        assert_eq!(after.flows(), (1, 0), "tracked again");
+        // Tracked, it outlives the time after start that datagrams are derived in.
+        let late = Instant::now() + rederive::UDP_AFTER_START + Duration::from_secs(1);
+        let mut again = udp((task, 80), (5, 40000));
+        let verdict = after.process(&mut again, Mode::Full, Origin::Overlay, late, &mut [0; 128]);
+        assert_eq!(verdict, Verdict::Rewritten);
+        // The task the VIP would not pick for that client is not taken for its flow.
+        let mut stranger = udp((other, 80), (5, 40000));
+        assert_eq!(run(&after, &mut stranger), Verdict::Pass);
+        assert_eq!(seen(&stranger).2, SocketAddrV4::new(ip(other), 80));
+    }
+
+    #[test]
+    fn udp_to_a_tasks_own_address_and_udp_long_after_start_is_not_derived() {
+        let b = balancer(&[7]);
+        // A client talking to the task's own address: the answers pass as they are.
+        let mut direct = udp((5, 40001), (7, 80));
+        assert_eq!(run(&b, &mut direct), Verdict::Pass);
+        let mut answer = udp((7, 80), (5, 40001));
+        assert_eq!(run(&b, &mut answer), Verdict::Pass);
+        assert_eq!(seen(&answer).2, SocketAddrV4::new(ip(7), 80));
+        // Long after start, an untracked datagram is no lost flow's.
+        let late = Instant::now() + rederive::UDP_AFTER_START + Duration::from_secs(1);
+        let mut pushed = udp((7, 80), (5, 40002));
+        let verdict = b.process(
+            &mut pushed,
+            Mode::Full,
+            Origin::Overlay,
+            late,
+            &mut [0; 128],
+        );
+        assert_eq!(verdict, Verdict::Pass);
+        assert_eq!(b.flows(), (0, 0));
     }
 
     #[test]

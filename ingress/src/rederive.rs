@@ -17,25 +17,32 @@
 //! task's own, or one to its own address, seen from its start. Their packets then pass
 //! untouched; the refuted one is sent again by the task's TCP.
 //!
-//! UDP is not derived: a lost datagram is the application's to resend, and an un-NATed one is
-//! dropped by the client's socket without a reset.
+//! UDP is derived too, but only for a while after the balancer starts ([`UDP_AFTER_START`]):
+//! a task that streams datagrams to its client (the client sends one and then only listens)
+//! would otherwise never be heard again, its datagrams un-NATed and dropped by the client's
+//! socket. Nothing refutes a wrong UDP guess (a socket takes or drops a datagram from the wrong
+//! source without a word), so the guess is made only while flows may have been lost, and a
+//! client's datagram to a task's own address marks the task's answers [`Unbalanced`] then. A
+//! derived UDP flow is tracked again (see the balancer), so that it outlives that while.
 
 use std::collections::HashSet;
 use std::net::SocketAddrV4;
+use std::time::Duration;
 
-use crate::Protocol;
 use crate::balancer::vip_nat;
 use crate::conntrack::Nat;
 use crate::flow::Tuple;
 use crate::service::Table;
 
-/// The flow that `reply`, a TCP packet from a task that no tracked flow expects, answers: its
-/// original tuple (client -> VIP:port) and NAT, as the balancer made them when the flow
-/// started. `None` when no service would send such a flow to this task.
+/// How long after the balancer starts a task's UDP datagram is taken for a lost flow's: a
+/// restarted node knows its services again within seconds, and a streaming task sends many
+/// datagrams a second.
+pub const UDP_AFTER_START: Duration = Duration::from_secs(60);
+
+/// The flow that `reply`, a TCP or UDP packet from a task that no tracked flow expects,
+/// answers: its original tuple (client -> VIP:port) and NAT, as the balancer made them when the
+/// flow started. `None` when no service would send such a flow to this task.
 pub fn answered(services: &Table, reply: &Tuple) -> Option<(Tuple, Nat)> {
-    if reply.proto != Protocol::Tcp {
-        return None;
-    }
     let task = *reply.src.ip();
     services.services_of(task).find_map(|(vip, service)| {
         // A task that called its own VIP was given the VIP as its source.
@@ -90,6 +97,7 @@ impl Unbalanced {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Protocol;
     use crate::conntrack::Via;
     use crate::service::{Backend, Health, Spec};
     use crate::{Vip, maglev};
@@ -181,11 +189,15 @@ mod tests {
     }
 
     #[test]
-    fn udp_and_packets_from_non_tasks_are_not_derived() {
+    fn packets_from_non_tasks_are_not_derived_and_udp_is_like_tcp() {
         let services = table(&[7]);
         let client = SocketAddrV4::new(ip(70), 40_000);
         let udp = Tuple::new(Protocol::Udp, SocketAddrV4::new(ip(7), 53), client);
-        assert_eq!(answered(&services, &udp), None);
+        let (original, _) = answered(&services, &udp).unwrap();
+        assert_eq!(
+            original,
+            Tuple::new(Protocol::Udp, client, SocketAddrV4::new(VIP, 53))
+        );
         let stranger = Tuple::new(Protocol::Tcp, SocketAddrV4::new(ip(8), 80), client);
         assert_eq!(answered(&services, &stranger), None);
         let tcp = Tuple::new(Protocol::Tcp, SocketAddrV4::new(ip(7), 80), client);
