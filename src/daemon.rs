@@ -40,7 +40,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::api::{self, Failure, NetworkInfo, ServiceInfo, Task, TaskState};
 use crate::cluster::View;
-use crate::consensus::{Change, Consensus, Elsewhere};
+use crate::consensus::{Change, Consensus, Elsewhere, Rpc};
 use crate::gossip::{self, Gossip};
 use crate::model::{Endpoint, Network, Node, NodeState, key};
 use crate::peer;
@@ -370,7 +370,9 @@ impl Daemon {
                 change: join,
                 forward: true,
             };
-            let joined = match peer::call(seed, &daemon.credential, &request).await {
+            // Proved with the join token: the cluster secret alone adds no node.
+            let joiner = peer::Credential::Joiner(daemon.first_join.clone());
+            let joined = match peer::call(seed, &joiner, &request).await {
                 Ok(reply) => reply.map(drop),
                 Err(err) => Err(Failure::runtime(format!("{err:#}"))),
             };
@@ -573,14 +575,9 @@ impl Daemon {
             JoinToken { rotate: false } => Ok(json(&api::JoinToken {
                 token: self.token(),
             })),
-            JoinToken { rotate: true } => {
-                let join = JoinSecret::generate();
-                let token = join.token();
-                self.propose(Change::registry(Command::RotateJoinToken { join }))
-                    .await?;
-                info!("join token rotated; the old one no longer joins");
-                Ok(json(&api::JoinToken { token }))
-            }
+            JoinToken { rotate: true } => Ok(json(&api::JoinToken {
+                token: self.rotate_join_token().await?,
+            })),
             NodeRm { id, force } => self.node_rm(id, force).await,
             NodeLeave => self.node_leave().await,
             NetworkLs => {
@@ -781,11 +778,24 @@ impl Daemon {
         };
         self.propose(change).await?;
         warn!(node = %id, ?address, "node removed from the cluster");
+        // It may still hold the token it joined with; its cluster secret alone adds no node
+        // (see `peer::Request::permitted`).
+        self.rotate_join_token().await?;
         self.converge(&format!("removing node {id}"), |v| {
             v.departed.contains_key(&id) && !v.tasks.iter().any(|t| t.node == id)
         })
         .await?;
         Ok(json(&id))
+    }
+
+    /// Commits a new join secret: the old token no longer joins. Returns the new token.
+    async fn rotate_join_token(&self) -> Result<String, Failure> {
+        let join = JoinSecret::generate();
+        let token = join.token();
+        self.propose(Change::registry(Command::RotateJoinToken { join }))
+            .await?;
+        info!("join token rotated; the old one no longer joins");
+        Ok(token)
     }
 
     /// `node leave`: this node's tasks get no new flows anywhere, then it leaves the registry
@@ -960,13 +970,18 @@ impl Daemon {
             peer::Caller::Joiner => true,
             peer::Caller::Member(node) => {
                 let member = self.consensus.registry().check_member(node);
-                if member.is_err() {
+                // A leader that leaves is departed before it is out of Raft: it still
+                // replicates that last change. Its votes stay refused.
+                let handing_over = matches!(request, peer::Request::Raft(Rpc::Append(_)))
+                    && self.consensus.role(node).is_some();
+                if !handing_over && let Err(departed) = member {
                     self.peer_gate.refuse(peer::Refusal::Departed, from.ip());
+                    return Err(departed);
                 }
-                member?;
                 false
             }
         };
+        request.permitted(&caller, |node| self.consensus.role(node).is_some())?;
         match request {
             peer::Request::Hello => {
                 // A joiner proved the token and gossips next: take its gossip before it is a
@@ -977,9 +992,6 @@ impl Daemon {
                     sealed: joiner.then(|| self.join_secret().seal(&self.secret)),
                 }))
             }
-            _ if joiner => Err(Failure::usage(
-                "a join token only lets a node join: prove it with a `Hello` first",
-            )),
             peer::Request::Propose {
                 change,
                 forward: true,

@@ -111,6 +111,40 @@ pub enum Caller {
     Joiner,
 }
 
+impl Request {
+    /// Whether `caller` may make this request; `member` tells a member of the Raft group. A
+    /// joiner proved only the current join token: it may say `Hello` and ask to join. Every
+    /// node that ever was a member holds the cluster secret, a removed one too, so that secret
+    /// alone adds no node: a member's `Join` is one a member of the group forwards for a joiner
+    /// (`node rm` rotates the join token, so an evicted node cannot be that joiner either).
+    pub fn permitted(&self, caller: &Caller, member: impl Fn(&str) -> bool) -> Result<(), Failure> {
+        match (caller, self) {
+            (
+                Caller::Joiner,
+                Request::Hello
+                | Request::Propose {
+                    change: Change::Join { .. },
+                    forward: true,
+                },
+            ) => Ok(()),
+            (Caller::Joiner, _) => Err(Failure::usage(
+                "a join token only lets a node join: prove it with a `Hello` first",
+            )),
+            (
+                Caller::Member(node),
+                Request::Propose {
+                    change: Change::Join { .. },
+                    ..
+                },
+            ) if !member(node) => Err(Failure::usage(format!(
+                "node {node} is no member: only the current join token adds a node \
+                 (`overlayd join-token` on a member)"
+            ))),
+            (Caller::Member(_), _) => Ok(()),
+        }
+    }
+}
+
 /// What a client proves itself with.
 #[derive(Clone)]
 pub enum Credential {
@@ -482,6 +516,39 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_join_token_or_a_member_forwarding_it_adds_a_node() {
+        let join = |forward| Request::Propose {
+            change: Change::Join {
+                node: "0123456789ab".into(),
+                addr: "198.18.0.9:7946".parse().unwrap(),
+            },
+            forward,
+        };
+        let member = |node: &str| node == "aaaaaaaaaaaa";
+        let (joiner, known) = (Caller::Joiner, Caller::Member("aaaaaaaaaaaa".into()));
+        // A removed node holds the cluster secret and can prove it under a made-up id.
+        let stranger = Caller::Member("bbbbbbbbbbbb".into());
+        assert!(Request::Hello.permitted(&joiner, member).is_ok());
+        assert!(join(true).permitted(&joiner, member).is_ok());
+        assert!(
+            join(false).permitted(&joiner, member).is_err(),
+            "straight to the leader"
+        );
+        assert!(join(false).permitted(&known, member).is_ok(), "forwarded");
+        for forward in [true, false] {
+            let refused = join(forward).permitted(&stranger, member).unwrap_err();
+            assert!(
+                refused.usage && refused.message.contains("join token"),
+                "{refused:?}"
+            );
+        }
+        assert!(Request::Hello.permitted(&stranger, member).is_ok());
+        let bindable = Request::Bindable { ports: vec![] };
+        assert!(bindable.permitted(&joiner, member).is_err());
+        assert!(bindable.permitted(&known, member).is_ok());
+    }
 
     /// Serves one exchange under `secret` and join secret `join`, answering with the caller
     /// and the request.

@@ -4,9 +4,15 @@
 //! - `node rm` of a killed node: its tasks leave `service ps` and every VIP balancer, its
 //!   containers' addresses go dark, and `run` on its old state dir is refused while the others
 //!   still list it as removed; bad `node rm`s (unknown id, this node, a ready node) are refused;
+//!   `node rm` rotates the join token, so the removed node cannot join again as a new node with
+//!   the token it joined with;
 //! - `node leave` of a node with a task of a 3-task service: repeated requests through the VIP
 //!   from another node see no failure, and the task is gone from every node afterwards; nor
-//!   do they when another task's node is stopped with SIGTERM.
+//!   do they when another task's node is stopped with SIGTERM, nor when the node that leaves
+//!   is the Raft leader, after which a new leader hands out an address and a VIP;
+//! - `node rm --force` of a running node: its task leaves every balancer at once, and the node
+//!   runs on cut off: it says it was removed, its containers reach no member's, and members
+//!   refuse its peer requests.
 //!
 //! Needs root (CI runs as root).
 
@@ -14,7 +20,7 @@ mod netns;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use netns::{Bg, CLI_TIMEOUT, Cluster, FORM_TIMEOUT, PING_WAIT, run, show, wait_until};
 use serde_json::Value;
@@ -102,10 +108,10 @@ fn state_of(c: &Cluster, i: usize, id: &str) -> Option<String> {
         .map(|(_, _, state)| state)
 }
 
-/// Waits until node `id`'s task is gone from `service ps` and `service ls` on nodes 1 and 2,
-/// and asserts that both list the node in `state`.
-fn gone_from_nodes_1_and_2(c: &Cluster, id: &str, state: &str) {
-    for i in 1..=2 {
+/// Waits until node `id`'s task is gone from `service ps` and `service ls` on the nodes `on`,
+/// and asserts that they list the node in `state`.
+fn gone_from(c: &Cluster, on: [usize; 2], id: &str, state: &str) {
+    for i in on {
         assert!(
             wait_until(PING_WAIT, || !task_nodes(c, i).iter().any(|n| n == id)
                 && healthy(c, i) == (2, 2)),
@@ -238,6 +244,7 @@ fn a_removed_node_leaves_every_node_and_cannot_come_back() {
     let (c, vip, client, tasks) = web_cluster("evict", "198.19.8.0/24");
     let id3 = id_of(&c, 1, 3);
     let id1 = id_of(&c, 1, 1);
+    let token = c.token();
 
     // Bad requests: refused with what to do instead, nothing changed.
     refused(&c.node(1).cli(&["node", "rm", "0123456789ab"]), "not found");
@@ -252,7 +259,7 @@ fn a_removed_node_leaves_every_node_and_cannot_come_back() {
         "node 1 sees node 3 down"
     );
     c.node(1).cli_ok(&["node", "rm", &id3]);
-    gone_from_nodes_1_and_2(&c, &id3, "removed");
+    gone_from(&c, [1, 2], &id3, "removed");
     std::thread::sleep(Duration::from_millis(600));
     let got = answers(&c, &client, &vip, 30);
     assert_eq!(
@@ -296,6 +303,25 @@ fn a_removed_node_leaves_every_node_and_cannot_come_back() {
         })
         .sum();
     assert_eq!(departed, 1, "the removed node's one Hello, refused");
+
+    // Nor under a new identity with the token it joined with: `node rm` rotated it.
+    let rotated = c.node(2).json(&["join-token"])["token"]
+        .as_str()
+        .expect("a token")
+        .to_string();
+    assert_ne!(rotated, token, "`node rm` rotates the join token");
+    let node3 = c.node(3);
+    fs::remove_dir_all(&node3.state_dir).expect("removing node 3's state dir");
+    let _ = fs::remove_file(&node3.api);
+    let out = run(
+        &mut netns::overlayd_in(&node3.netns, &c.join_args(node3, &token)),
+        CLI_TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(EX_USAGE), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused the token"), "{err}");
+    assert!(!node3.state_dir.join("node.json").exists(), "nothing made");
+    assert_eq!(nodes(&c, 1).len(), 3, "no new member: {:?}", nodes(&c, 1));
 }
 
 /// Asks `argv[1]` over HTTP, a new connection each time, until the file `argv[2]` exists;
@@ -345,7 +371,7 @@ fn a_leaving_nodes_task_leaves_every_balancer_before_it_goes() {
     });
     assert!(log.contains("'t3'"), "t3 answered before it left: {log}");
 
-    gone_from_nodes_1_and_2(&c, &id3, "left");
+    gone_from(&c, [1, 2], &id3, "left");
     let got = answers(&c, &client, &vip, 20);
     assert_eq!(
         got,
@@ -367,6 +393,121 @@ fn a_leaving_nodes_task_leaves_every_balancer_before_it_goes() {
     assert!(
         log.contains("every member gives this node's tasks no new flows"),
         "{log}"
+    );
+}
+
+#[test]
+fn the_leader_leaving_hands_over_and_the_cluster_keeps_allocating() {
+    let (c, vip, _client, _tasks) = web_cluster("lleave", "198.19.10.0/24");
+    let address = wait_until(FORM_TIMEOUT, || c.leader(1).is_some())
+        .then(|| c.leader(1))
+        .flatten()
+        .expect("a leader");
+    let leader = (1..=3)
+        .find(|&i| c.node(i).addr == address)
+        .expect("the leader is a node");
+    let (stay, other) = match leader {
+        1 => (2, 3),
+        2 => (1, 3),
+        _ => (1, 2),
+    };
+    let id = id_of(&c, stay, leader);
+    let client = c.container(stay, "stay");
+    let client_ip = c.attach(stay, &client, "app", &[]).ip;
+    std::thread::sleep(Duration::from_millis(600));
+    let mut left = None;
+    under_load(&c, &client, &vip, "leader-leave", || {
+        let out = c.node(leader).cli(&["node", "leave"]);
+        assert!(out.status.success(), "node leave: {}", show(&out));
+        left = Some(Instant::now());
+        assert!(
+            wait_until(Duration::from_secs(10), || !c.node(leader).daemon_alive()),
+            "the leaving daemon stops"
+        );
+    });
+    let left = left.expect("node leave ran");
+    assert!(
+        wait_until(Duration::from_secs(20), || c
+            .leader(stay)
+            .is_some_and(|l| l != address)),
+        "a new leader among the nodes that stay"
+    );
+    let elected = left.elapsed();
+    gone_from(&c, [stay, other], &id, "left");
+    // Changes still commit: an address for a new container, a VIP for a new service.
+    let late = c.container(other, "late");
+    let late_ip = c.attach(other, &late, "app", &[]).ip;
+    let vip2 = c
+        .node(stay)
+        .json(&["service", "create", "web2", "--network", "app"])["vip"]
+        .as_str()
+        .expect("a VIP")
+        .to_string();
+    println!(
+        "leader {leader} left: a new leader within {elected:.1?}, an address ({late_ip}) and a VIP ({vip2}) within {:.1?}",
+        left.elapsed()
+    );
+    assert_ne!(vip2, vip);
+    c.assert_ping(&late, &client_ip, PING_WAIT);
+}
+
+#[test]
+fn a_running_node_removed_with_force_is_cut_off_and_its_task_leaves_every_balancer() {
+    let (c, vip, client, tasks) = web_cluster("rmforce", "198.19.12.0/24");
+    // A follower, so that the members' Raft is not the one disturbed.
+    let victim = if c.leader(1).as_deref() == Some(c.node(3).addr.as_str()) {
+        2
+    } else {
+        3
+    };
+    let stay = 5 - victim;
+    let id = id_of(&c, 1, victim);
+    let inside = c.container(victim, "inside");
+    c.attach(victim, &inside, "app", &[]);
+    c.assert_ping(&inside, &tasks[0].0, PING_WAIT);
+
+    c.node(1).cli_ok(&["node", "rm", &id, "--force"]);
+    gone_from(&c, [1, stay], &id, "removed");
+    std::thread::sleep(Duration::from_millis(600));
+    let expected: BTreeSet<String> = [1, stay].map(|n| format!("t{n}")).into();
+    assert_eq!(answers(&c, &client, &vip, 30), expected, "VIP answers");
+
+    // The removed node still runs, and is cut off: it learns it was removed, members refuse
+    // its VXLAN and its peer requests.
+    assert!(c.node(victim).daemon_alive(), "the removed daemon runs on");
+    assert!(
+        wait_until(PING_WAIT, || c
+            .node(victim)
+            .log_text()
+            .contains("this node was removed from the cluster")),
+        "the removed node says so"
+    );
+    c.assert_no_ping(&inside, &tasks[0].0);
+    c.assert_no_ping(&client, &tasks[victim - 1].0);
+    let out = c
+        .node(victim)
+        .cli(&["service", "create", "late", "--network", "app"]);
+    assert!(
+        !out.status.success(),
+        "a removed node's change: {}",
+        show(&out)
+    );
+    let departed: u64 = [1, stay]
+        .iter()
+        .map(|&i| {
+            c.node(i).json(&["status"])["peer_refused"]["departed"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .sum();
+    println!("peer requests of the removed node refused: {departed}");
+    assert!(departed >= 1, "members refuse the removed node's requests");
+    assert!(
+        c.node(1)
+            .json(&["service", "ls"])
+            .as_array()
+            .is_some_and(|s| s.len() == 1),
+        "its change was not made"
     );
 }
 

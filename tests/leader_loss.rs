@@ -90,20 +90,11 @@ fn vips(c: &Cluster, i: usize) -> Result<BTreeMap<String, String>, String> {
         .collect())
 }
 
-/// The leader as node `i` sees it: its address, if one leads.
-fn leader(c: &Cluster, i: usize) -> Option<String> {
-    let ls = c.node(i).try_json(&["node", "ls"]).ok()?;
-    ls.as_array()?
-        .iter()
-        .find(|n| n["raft"] == "leader")
-        .and_then(|n| n["address"].as_str().map(String::from))
-}
-
 #[test]
 fn killing_the_leader_mid_burst_hands_out_nothing_twice_and_loses_nothing_acknowledged() {
     let c = Cluster::new("lloss", 3);
     assert_eq!(
-        leader(&c, 2).as_deref(),
+        c.leader(2).as_deref(),
         Some(c.node(1).addr.as_str()),
         "node 1 leads"
     );
@@ -179,7 +170,7 @@ fn killing_the_leader_mid_burst_hands_out_nothing_twice_and_loses_nothing_acknow
         let c = &c;
         let elected = s.spawn(move || {
             wait_until(FAILOVER_WITHIN, || {
-                leader(c, 2).is_some_and(|l| l != c.node(1).addr)
+                c.leader(2).is_some_and(|l| l != c.node(1).addr)
             })
             .then(|| killed.elapsed())
         });
@@ -211,7 +202,7 @@ fn killing_the_leader_mid_burst_hands_out_nothing_twice_and_loses_nothing_acknow
         (outcomes, acknowledged, killed, failover)
     });
     assert!(failover < FAILOVER_WITHIN);
-    let new_leader = leader(&c, 2);
+    let new_leader = c.leader(2);
     println!(
         "new leader {new_leader:?}; burst done {:.1} s after the kill; outcomes: {outcomes:#?}",
         killed.elapsed().as_secs_f64()

@@ -3,7 +3,10 @@
 //! (the routing mesh), each both ways round (the restarted node holds the client, or the task;
 //! the entry node, or the task's node). The daemon is stopped with SIGTERM and run again, then
 //! killed with SIGKILL and run again; every connection keeps echoing with no reset and no
-//! error, and every container keeps its address on the same link. Needs root (CI runs as
+//! error, and every container keeps its address on the same link. UDP flows through the VIP
+//! survive too: a task streams datagrams to a client that said hello once and then only
+//! listens, and after both restarts the stream still reaches it (its flow re-derived by the
+//! same hashing, on the restarted node of the client or of the task). Needs root (CI runs as
 //! root).
 
 mod netns;
@@ -16,6 +19,8 @@ use serde_json::Value;
 
 /// The port every echo server listens on, and the one the service publishes it as.
 const PORT: u16 = 7000;
+/// The UDP port every streaming server listens on.
+const UDP_PORT: u16 = 7001;
 const PUBLISHED: u16 = 9300;
 /// An outside client on the underlay.
 const OUTSIDE: &str = "198.18.0.200";
@@ -64,6 +69,11 @@ def hold(label, ip, port):
         results[label] = "ok %d %s" % (n, task)
     except OSError as e:
         results[label] = "FAIL %s" % e
+"#;
+
+/// The end of [`CLIENT`] and [`LISTEN_UDP`]: runs their `hold` for each `LABEL=IP:PORT`
+/// argument in a thread of its own, prints each result, and exits 1 if any failed.
+const HOLD_EACH: &str = r#"
 threads = []
 for arg in sys.argv[3:]:
     label, addr = arg.split("=")
@@ -76,6 +86,62 @@ for t in threads:
 for label in sorted(results):
     print(label, results[label])
 sys.exit(1 if any(r.startswith("FAIL") for r in results.values()) else 0)
+"#;
+
+/// Streams to every peer that sends it a datagram on `argv[2]`: "NAME N" (NAME is `argv[1]`)
+/// every 200 ms, for `argv[3]` seconds from its start.
+const STREAM_UDP: &str = r#"
+import socket, sys, threading, time
+name, port, bound = sys.argv[1], int(sys.argv[2]), time.time() + float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", port))
+s.settimeout(1)
+def push(peer):
+    n = 0
+    while time.time() < bound:
+        s.sendto(("%s %d" % (name, n)).encode(), peer)
+        n += 1
+        time.sleep(0.2)
+peers = set()
+while time.time() < bound:
+    try:
+        data, peer = s.recvfrom(2048)
+    except socket.timeout:
+        continue
+    if peer not in peers:
+        peers.add(peer)
+        threading.Thread(target=push, args=(peer,), daemon=True).start()
+"#;
+
+/// For each `LABEL=IP:PORT` argument (after the stop file and the bound in seconds): says hello
+/// over UDP until the first datagram comes back, then only listens. Ends when the stop file
+/// appears: prints `LABEL ok N TASK gap S` (N datagrams, the longest silence S) for each stream
+/// that still flowed in its last 3 s, and `LABEL FAIL ...` for each that did not; exits 1 if
+/// any did not.
+const LISTEN_UDP: &str = r#"
+import os, socket, sys, threading, time
+stop, bound = sys.argv[1], time.time() + float(sys.argv[2])
+results = {}
+def hold(label, ip, port):
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.connect((ip, port))
+    c.settimeout(0.5)
+    got, last, gap, task = 0, None, 0.0, "?"
+    while not os.path.exists(stop) and time.time() < bound:
+        if got == 0:
+            c.send(b"hello")
+        try:
+            data = c.recv(2048)
+        except OSError:
+            continue
+        now = time.time()
+        if last is not None:
+            gap = max(gap, now - last)
+        last, got, task = now, got + 1, data.split()[0].decode()
+    if last is not None and time.time() - last < 3:
+        results[label] = "ok %d %s gap %.1f s" % (got, task, gap)
+    else:
+        results[label] = "FAIL silent since %s after %d datagrams" % (last, got)
 "#;
 
 /// The link index and IPv4 addresses of `netns`'s `eth0`: the same link, not one made again.
@@ -119,6 +185,17 @@ fn tcp_connections_through_the_overlay_a_vip_and_a_published_port_survive_restar
         servers.push(c.spawn(
             &task,
             &["python3", "-c", &echo, &PORT.to_string(), &format!("t{n}")],
+        ));
+        servers.push(c.spawn(
+            &task,
+            &[
+                "python3",
+                "-c",
+                STREAM_UDP,
+                &format!("t{n}"),
+                &UDP_PORT.to_string(),
+                &CLIENT_BOUND.as_secs().to_string(),
+            ],
         ));
         containers.push(task);
     }
@@ -167,25 +244,34 @@ fn tcp_connections_through_the_overlay_a_vip_and_a_published_port_survive_restar
             port(&node_addr(3), PUBLISHED),
         ));
     }
+    // (d) UDP streams through the VIP, to a client on node 2 and to one on node 1.
+    let mut streams: Vec<(String, &str, String)> = Vec::new();
+    for i in 0..PER_PATH {
+        streams.push((format!("udp-vip-to2-{i}"), &c2, port(&vip, UDP_PORT)));
+        streams.push((format!("udp-vip-to1-{i}"), &c1, port(&vip, UDP_PORT)));
+    }
     let stop = c.dir.join("rflows-stop");
-    let mut clients = Vec::new();
-    for ns in [&c1, &c2, &outside] {
+    // Runs `script` in `ns` over the paths of `paths` that start there.
+    let client = |script: &str, ns: &str, paths: &[(String, &str, String)]| {
         let mut args = vec![
             "python3".to_string(),
             "-c".into(),
-            CLIENT.into(),
+            format!("{script}{HOLD_EACH}"),
             stop.to_string_lossy().into_owned(),
             CLIENT_BOUND.as_secs().to_string(),
         ];
         args.extend(
             paths
                 .iter()
-                .filter(|(_, from, _)| from == ns)
+                .filter(|(_, from, _)| *from == ns)
                 .map(|(label, _, to)| format!("{label}={to}")),
         );
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        clients.push(c.spawn(ns, &args));
-    }
+        c.spawn(ns, &args)
+    };
+    let listeners = [(&c1, "udp c1"), (&c2, "udp c2")]
+        .map(|(ns, what)| (client(LISTEN_UDP, ns, &streams), what));
+    let clients = [&c1, &c2, &outside].map(|ns| client(CLIENT, ns, &paths));
     std::thread::sleep(Duration::from_secs(3));
 
     let node2 = c.node(2);
@@ -227,7 +313,8 @@ fn tcp_connections_through_the_overlay_a_vip_and_a_published_port_survive_restar
 
     std::fs::write(&stop, b"").expect("writing the stop file");
     let mut failures = Vec::new();
-    for (mut client, what) in clients.into_iter().zip(["c1", "c2", "outside"]) {
+    let tcp = clients.into_iter().zip(["c1", "c2", "outside"]);
+    for (mut client, what) in tcp.chain(listeners) {
         let deadline = Instant::now() + Duration::from_secs(45);
         while client.alive() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));

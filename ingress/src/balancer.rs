@@ -71,6 +71,9 @@ pub const SHARDS: usize = 64;
 /// and its tasks' connections go on.
 pub const DOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// A TCP flow with a packet this recent has a connection to keep ([`keeps`]).
+const ACTIVE: Duration = Duration::from_secs(5);
+
 /// Tuples the balancer remembers as no balanced flow's ([`Unbalanced`]): 512 KiB once used.
 const UNBALANCED: usize = 64 * 1024;
 
@@ -147,6 +150,9 @@ pub struct Balancer {
     /// This node's underlay address: the source of its own connections to published ports
     /// and where `mode=host` tasks must run.
     node: Ipv4Addr,
+    /// Until when tasks' UDP datagrams are derived ([`rederive::UDP_AFTER_START`]), from the
+    /// first snapshot.
+    derive_udp_until: OnceLock<Instant>,
     pub stats: Stats,
 }
 
@@ -169,6 +175,7 @@ impl Balancer {
             timeouts,
             mac_of,
             node,
+            derive_udp_until: OnceLock::new(),
             stats: Stats::default(),
         })
     }
@@ -177,6 +184,8 @@ impl Balancer {
     /// is answered with a reset instead of vanishing; so are the flows of tasks that went
     /// down, once they have been down for [`DOWN_GRACE`] ([`Balancer::handle_timeout`]).
     pub fn publish(&self, next: Table, now: Instant) {
+        self.derive_udp_until
+            .get_or_init(|| now + rederive::UDP_AFTER_START);
         let gone = self.services.load().removed_backends(&next);
         let mut reset = Vec::new();
         {
@@ -294,8 +303,12 @@ impl Balancer {
         }
         // A flow from the host or from another node is its client's: in its source port's shard.
         let shard = self.shard(packet.tuple.src.port());
-        if let Some((direction, entry)) = self.tracked([shard, None], &packet) {
-            return self.follow(frame, mode, direction, &entry, reply);
+        match self.tracked([shard, None], &packet) {
+            Tracked::Flow(direction, entry) => {
+                return self.follow(frame, mode, direction, &entry, reply);
+            }
+            Tracked::Taken => return self.count_drop(),
+            Tracked::New => {}
         }
         match self.mesh_nat(&services, frame, &packet, origin, reply) {
             Ok(nat) => self.admit(frame, mode, &packet, nat, reply),
@@ -315,6 +328,15 @@ impl Balancer {
         let tuple = &packet.tuple;
         let to_vip = services.service_for(*tuple.dst.ip());
         let from_task = services.is_backend(*tuple.src.ip());
+        if tuple.proto == Protocol::Udp
+            && to_vip.is_none()
+            && services.is_backend(*tuple.dst.ip())
+            && self.derives_udp(packet.now)
+        {
+            // A datagram to a task's own address: its answers are no VIP flow's.
+            self.unbalanced
+                .insert(Tuple::new(tuple.proto, tuple.dst, tuple.src));
+        }
         if to_vip.is_none() && !from_task {
             return Verdict::Pass;
         }
@@ -324,8 +346,12 @@ impl Balancer {
             to_vip.and_then(|_| self.shard(tuple.src.port())),
             from_task.then(|| self.shard(tuple.dst.port())).flatten(),
         ];
-        if let Some((direction, entry)) = self.tracked(shards, packet) {
-            return self.follow(frame, mode, direction, &entry, reply);
+        match self.tracked(shards, packet) {
+            Tracked::Flow(direction, entry) => {
+                return self.follow(frame, mode, direction, &entry, reply);
+            }
+            Tracked::Taken => return self.count_drop(),
+            Tracked::New => {}
         }
         let Some(service) = to_vip else {
             return self.untracked_reply(services, frame, mode, packet);
@@ -355,8 +381,9 @@ impl Balancer {
     /// overlay (by its MAC: not the routing mesh's replies, which go to the gateway or the
     /// mesh's MAC), it may be the reply of a VIP flow this node tracked before it restarted:
     /// then it is un-NATed as that flow's ([`rederive`]), and the client's next packet tracks
-    /// the flow again. A SYN or a SYN-ACK starts a connection of the task's own, or one to its
-    /// own address, which is remembered so that its packets pass.
+    /// the flow again; a UDP flow, only for a while after start, is tracked again at once (its
+    /// client may only listen). A SYN or a SYN-ACK starts a connection of the task's own, or
+    /// one to its own address, which is remembered so that its packets pass.
     fn untracked_reply(
         &self,
         services: &Table,
@@ -365,7 +392,10 @@ impl Balancer {
         packet: &Packet,
     ) -> Verdict {
         let tuple = &packet.tuple;
-        if tuple.proto != Protocol::Tcp || nat::macs(frame).1 != (self.mac_of)(*tuple.dst.ip()) {
+        let udp = tuple.proto == Protocol::Udp;
+        if (udp && !self.derives_udp(packet.now))
+            || nat::macs(frame).1 != (self.mac_of)(*tuple.dst.ip())
+        {
             return Verdict::Pass;
         }
         if packet.flags & conntrack::tcp_flags::SYN != 0 {
@@ -375,10 +405,32 @@ impl Balancer {
         if self.unbalanced.contains(tuple) {
             return Verdict::Pass;
         }
-        match rederive::answered(services, tuple) {
-            Some((original, nat)) => self.rewrite(frame, mode, Direction::Reply, original, nat),
-            None => Verdict::Pass,
+        let Some((original, nat)) = rederive::answered(services, tuple) else {
+            return Verdict::Pass;
+        };
+        if udp {
+            // Tracked from its client port's shard, as if its client had just sent.
+            if let Some(shard) = self.shard(original.src.port()) {
+                let _ = self
+                    .table(shard, packet.now)
+                    .lock()
+                    .insert(packet.now, original, nat, 0);
+            }
         }
+        self.rewrite(frame, mode, Direction::Reply, original, nat)
+    }
+
+    /// The table of `shard`. The first flow of the shard allocates it whole; the first time
+    /// it was given is the table's time 0.
+    fn table(&self, shard: usize, now: Instant) -> &conntrack::Table {
+        self.shards[shard].get_or_init(|| conntrack::Table::new(self.per_shard, self.timeouts, now))
+    }
+
+    /// Whether a task's untracked UDP datagram may be a lost flow's ([`rederive`]).
+    fn derives_udp(&self, now: Instant) -> bool {
+        self.derive_udp_until
+            .get()
+            .is_some_and(|&until| now < until)
     }
 
     /// The NAT of a new flow from the host or another node, or what to do instead:
@@ -441,11 +493,12 @@ impl Balancer {
         })
     }
 
-    /// The tracked flow of a packet, from the first of `shards` that knows it; `None` if none
-    /// does, or if the packet starts the flow over ([`rebalances`]), which forgets it. A packet
-    /// that leaves its flow in its state (most of them) takes no lock: only a flow event (a
-    /// change of state, starting over) or a look-up the table's writer got in the way of does.
-    fn tracked(&self, shards: [Option<usize>; 2], packet: &Packet) -> Option<(Direction, Entry)> {
+    /// The tracked flow of a packet, from the first of `shards` that knows it; [`Tracked::New`]
+    /// if none does, or if the packet starts the flow over ([`Reuse::Afresh`]), which forgets
+    /// it. A packet that leaves its flow in its state (most of them) takes no lock: only a flow
+    /// event (a change of state, starting over) or a look-up the table's writer got in the way
+    /// of does.
+    fn tracked(&self, shards: [Option<usize>; 2], packet: &Packet) -> Tracked {
         let [first, second] = shards;
         let second = second.filter(|s| Some(*s) != first);
         for shard in [first, second].into_iter().flatten() {
@@ -454,24 +507,34 @@ impl Balancer {
             };
             match table.find(&packet.tuple) {
                 Lookup::Absent => continue,
-                Lookup::Found(found) if !rebalances(found.direction, &found.entry, packet) => {
-                    if let Some(entry) = table.refresh(&found, packet.now, packet.flags) {
-                        return Some((found.direction, entry));
+                Lookup::Found(found) => match reuse(found.direction, &found.entry, packet) {
+                    Reuse::Follow => {
+                        if let Some(entry) = table.refresh(&found, packet.now, packet.flags) {
+                            return Tracked::Flow(found.direction, entry);
+                        }
                     }
-                }
-                Lookup::Found(_) | Lookup::Busy => {}
+                    Reuse::Taken => return Tracked::Taken,
+                    Reuse::Afresh => {}
+                },
+                Lookup::Busy => {}
             }
             let mut table = table.lock();
             let Some((direction, entry)) = table.get(&packet.tuple) else {
                 continue;
             };
-            if rebalances(direction, &entry, packet) {
-                table.forget(&packet.tuple);
-                return None;
-            }
-            return table.track(packet.now, &packet.tuple, packet.flags);
+            return match reuse(direction, &entry, packet) {
+                Reuse::Follow => match table.track(packet.now, &packet.tuple, packet.flags) {
+                    Some((direction, entry)) => Tracked::Flow(direction, entry),
+                    None => Tracked::New,
+                },
+                Reuse::Taken => Tracked::Taken,
+                Reuse::Afresh => {
+                    table.forget(&packet.tuple);
+                    Tracked::New
+                }
+            };
         }
-        None
+        Tracked::New
     }
 
     /// Tracks a new flow in its client port's shard and applies its NAT to its first packet.
@@ -486,15 +549,11 @@ impl Balancer {
         let Some(shard) = self.shard(packet.tuple.src.port()) else {
             return self.count_drop();
         };
-        // The first flow of the shard allocates its table whole; the first time it was given
-        // is the table's time 0.
-        let mut table = self.shards[shard]
-            .get_or_init(|| conntrack::Table::new(self.per_shard, self.timeouts, packet.now))
-            .lock();
+        let mut table = self.table(shard, packet.now).lock();
         let mut inserted = table.insert(packet.now, packet.tuple, nat, packet.flags);
         if inserted == Err(conntrack::Error::ReplyClash) {
-            // The task would see this flow as an older one that the client has given up: the
-            // same client port through another node, to the same task. The new one wins.
+            // The task would see this flow as an older one: the same client port through
+            // another node, to the same task. The new one wins if the old one is not in use.
             let answer = Tuple::new(
                 packet.tuple.proto,
                 nat.backend,
@@ -639,7 +698,30 @@ impl Balancer {
     }
 }
 
-/// Whether `packet` is a client's SYN on the tuple of a flow that has no connection to keep:
+/// What a packet's look-up found.
+enum Tracked {
+    /// The flow it belongs to, as the packet left it.
+    Flow(Direction, Entry),
+    /// No flow: a new one, or one it starts over.
+    New,
+    /// Another node's connection holds its tuple ([`Reuse::Taken`]): it is dropped.
+    Taken,
+}
+
+/// What a packet on the tuple of a tracked flow does with it.
+#[derive(Debug, PartialEq, Eq)]
+enum Reuse {
+    /// Follows it: most packets.
+    Follow,
+    /// Forgets it and is balanced as a new flow's first packet.
+    Afresh,
+    /// Leaves it alone and is dropped.
+    Taken,
+}
+
+/// What `packet` does with the tracked flow `entry` of its tuple.
+///
+/// A client's SYN on the tuple of a flow that has no connection to keep starts over:
 /// - of any flow whose task went away: the client reuses the port of a connection that ended
 ///   (a busy client does within seconds), and the new connection has a live task to go to;
 ///   resetting it would fail a request that never went near the removed task;
@@ -647,53 +729,69 @@ impl Balancer {
 ///   port of a connection that timed out would keep knocking on the dead task), or that ended.
 ///   Such a SYN is balanced afresh, with the task, node and MACs of the new connection: the
 ///   old task may be draining or down since (a VIP's flow too: a busy client reused the port
-///   of a connection to a leaving node's task, and timed out on it), and a client reusing its
-///   port towards two nodes that chose the same task gives that task the same tuple twice,
-///   where the old entry would send the task's answers back to the old node.
+///   of a connection to a leaving node's task, and timed out on it).
 ///
 /// A retransmitted SYN of a live flow is balanced to the same task again (Maglev over the same
 /// tuple and tasks).
 ///
 /// On a task's node, a packet that another node sent on the tuple of a flow that came through
-/// a different node is balanced afresh too, TCP or UDP: the client reused its port towards
-/// another node (a UDP client's new socket, most often), and the answers must go back there.
+/// a different node: the client uses one port towards two nodes, which both chose this task,
+/// so the task would see one tuple for two connections, and its TCP can hold only one. The
+/// one in use wins ([`keeps`]): the new one's packets are dropped ([`Reuse::Taken`]), and its
+/// SYN, sent again a second later, gets through once the old one has ended. Replacing it
+/// instead sent the live connection's answers to the other node (the soak's 10 s timeouts
+/// and resets through published ports). A flow with no connection to keep starts over with
+/// the answers going back to the new node; a UDP flow always does (UDP has no connection to
+/// keep, and a client's new socket reuses ports most often).
 ///
 /// A UDP flow whose task went away is balanced afresh at its client's next datagram (UDP has
 /// no connection for the client to reset). A SYN on the tuple of any flow whose task went away,
 /// a VIP's included, is balanced afresh too: a client reusing the port of a finished connection
 /// to a task of a node that left would otherwise be reset.
-fn rebalances(direction: Direction, entry: &Entry, packet: &Packet) -> bool {
+fn reuse(direction: Direction, entry: &Entry, packet: &Packet) -> Reuse {
     if direction != Direction::Original {
-        return false;
+        return Reuse::Follow;
     }
     if entry.is_backend_gone() && packet.tuple.proto == Protocol::Udp {
-        return true;
+        return Reuse::Afresh;
     }
     if let (Via::Node(was), Origin::Node(now)) = (entry.nat().via, packet.origin)
         && was != now
     {
-        return true;
+        return if packet.tuple.proto == Protocol::Tcp && keeps(entry, packet.now) {
+            Reuse::Taken
+        } else {
+            Reuse::Afresh
+        };
     }
-    is_syn(packet)
-        && matches!(
-            entry.state(),
-            State::BackendGone | State::TcpSynSent | State::TcpTimeWait | State::TcpClose
-        )
+    let ended = matches!(
+        entry.state(),
+        State::BackendGone | State::TcpSynSent | State::TcpTimeWait | State::TcpClose
+    );
+    if is_syn(packet) && ended {
+        Reuse::Afresh
+    } else {
+        Reuse::Follow
+    }
+}
+
+/// Whether `entry` is a TCP connection still in use at `now`: opening, open or closing, with a
+/// packet within [`ACTIVE`]. One whose client went silent (its entry node died, say) is not.
+fn keeps(entry: &Entry, now: Instant) -> bool {
+    matches!(
+        entry.state(),
+        State::TcpSynSent | State::TcpEstablished | State::TcpFinWait
+    ) && now.saturating_duration_since(entry.last_seen()) < ACTIVE
 }
 
 /// Whether a flow's first `packet` replaces `old`, a flow of the same client port with the
-/// same answer tuple: a UDP flow always (UDP has no connection to keep), a TCP SYN an entry
-/// with no connection to keep (unanswered, ended, or its task gone).
+/// same answer tuple (the same client port through another node, to the same task): a UDP
+/// flow always (UDP has no connection to keep), a TCP SYN an entry with no connection to keep
+/// ([`keeps`]); else the one in use wins, and the SYN is sent again.
 fn superseded(old: &Entry, packet: &Packet) -> bool {
     match packet.tuple.proto {
         Protocol::Udp => true,
-        Protocol::Tcp => {
-            is_syn(packet)
-                && matches!(
-                    old.state(),
-                    State::TcpSynSent | State::TcpTimeWait | State::TcpClose | State::BackendGone
-                )
-        }
+        Protocol::Tcp => is_syn(packet) && !keeps(old, packet.now),
     }
 }
 
@@ -965,6 +1063,45 @@ mod tests {
         assert_eq!(b.flows(), (1, 0), "the old flow's entry was replaced");
     }
 
+    /// The soak's failures: a client used one port towards two nodes at once, both chose
+    /// this task, and the second connection's SYN took the first one's entry, whose answers
+    /// then went to the second node.
+    #[test]
+    fn a_client_port_in_use_through_one_node_is_not_taken_by_another_until_it_is_idle() {
+        let b = balancer(&[7]);
+        let (first, second) = (Ipv4Addr::new(198, 18, 0, 3), Ipv4Addr::new(198, 18, 0, 4));
+        let task = at(ip(7), 80);
+        let syn = frame((CLIENT_MAC, mac_of(ip(7))), CLIENT, task, Some(true));
+        let data = frame((CLIENT_MAC, mac_of(ip(7))), CLIENT, task, Some(false));
+        let answer = frame((mac_of(ip(7)), [0; 6]), task, CLIENT, Some(false));
+        let at_time = |origin, f: &[u8], now| {
+            b.process(&mut f.to_vec(), Mode::Full, origin, now, &mut [0u8; 128])
+        };
+        let start = Instant::now();
+        assert_eq!(at_time(Origin::Node(first), &syn, start), Verdict::Pass);
+        assert_eq!(
+            at_time(Origin::Overlay, &answer, start),
+            Verdict::Return(first)
+        );
+        assert_eq!(at_time(Origin::Node(first), &data, start), Verdict::Pass);
+        // The same tuple through the other node, while the first connection is in use.
+        let soon = start + ACTIVE / 2;
+        assert_eq!(at_time(Origin::Node(second), &syn, soon), Verdict::Drop);
+        assert_eq!(at_time(Origin::Node(second), &data, soon), Verdict::Drop);
+        assert_eq!(
+            at_time(Origin::Overlay, &answer, soon),
+            Verdict::Return(first)
+        );
+        // The first connection went silent (its node died, say): the SYN sent again wins.
+        let idle = soon + ACTIVE;
+        assert_eq!(at_time(Origin::Node(second), &syn, idle), Verdict::Pass);
+        assert_eq!(
+            at_time(Origin::Overlay, &answer, idle),
+            Verdict::Return(second)
+        );
+        assert_eq!(b.stats.dropped.load(Ordering::Relaxed), 2);
+    }
+
     #[test]
     fn a_syn_on_a_flow_whose_task_went_away_goes_to_a_live_task() {
         let b = balancer(&[7, 8]);
@@ -1198,6 +1335,63 @@ mod tests {
             Instant::now(),
             &mut [0u8; 128],
         )
+    }
+
+    /// A UDP datagram between overlay addresses, with their MACs.
+    fn udp(from: (u8, u16), to: (u8, u16)) -> Vec<u8> {
+        frame(
+            (mac_of(ip(from.0)), mac_of(ip(to.0))),
+            SocketAddrV4::new(ip(from.0), from.1),
+            SocketAddrV4::new(ip(to.0), to.1),
+            None,
+        )
+    }
+
+    #[test]
+    fn a_task_streaming_udp_to_its_client_through_a_vip_is_heard_again_after_a_restart() {
+        let before = balancer(&[7, 8]);
+        let mut first = udp((5, 40000), (VIP, 80));
+        assert_eq!(run(&before, &mut first), Verdict::Rewritten);
+        let task = seen(&first).3.ip().octets()[3];
+        let other = if task == 7 { 8 } else { 7 };
+        // Restarted: nothing tracked, and the client only listens.
+        let after = balancer(&[7, 8]);
+        let mut pushed = udp((task, 80), (5, 40000));
+        assert_eq!(run(&after, &mut pushed), Verdict::Rewritten);
+        assert_eq!(seen(&pushed).2, SocketAddrV4::new(ip(VIP), 80));
+        assert_eq!(after.flows(), (1, 0), "tracked again");
+        // Tracked, it outlives the time after start that datagrams are derived in.
+        let late = Instant::now() + rederive::UDP_AFTER_START + Duration::from_secs(1);
+        let mut again = udp((task, 80), (5, 40000));
+        let verdict = after.process(&mut again, Mode::Full, Origin::Overlay, late, &mut [0; 128]);
+        assert_eq!(verdict, Verdict::Rewritten);
+        // The task the VIP would not pick for that client is not taken for its flow.
+        let mut stranger = udp((other, 80), (5, 40000));
+        assert_eq!(run(&after, &mut stranger), Verdict::Pass);
+        assert_eq!(seen(&stranger).2, SocketAddrV4::new(ip(other), 80));
+    }
+
+    #[test]
+    fn udp_to_a_tasks_own_address_and_udp_long_after_start_is_not_derived() {
+        let b = balancer(&[7]);
+        // A client talking to the task's own address: the answers pass as they are.
+        let mut direct = udp((5, 40001), (7, 80));
+        assert_eq!(run(&b, &mut direct), Verdict::Pass);
+        let mut answer = udp((7, 80), (5, 40001));
+        assert_eq!(run(&b, &mut answer), Verdict::Pass);
+        assert_eq!(seen(&answer).2, SocketAddrV4::new(ip(7), 80));
+        // Long after start, an untracked datagram is no lost flow's.
+        let late = Instant::now() + rederive::UDP_AFTER_START + Duration::from_secs(1);
+        let mut pushed = udp((7, 80), (5, 40002));
+        let verdict = b.process(
+            &mut pushed,
+            Mode::Full,
+            Origin::Overlay,
+            late,
+            &mut [0; 128],
+        );
+        assert_eq!(verdict, Verdict::Pass);
+        assert_eq!(b.flows(), (0, 0));
     }
 
     #[test]

@@ -299,6 +299,11 @@ impl Entry {
         self.record.state == State::BackendGone
     }
 
+    /// When its last packet was seen.
+    pub fn last_seen(&self) -> Instant {
+        self.last_seen
+    }
+
     /// When the entry expires unless a packet comes first.
     pub fn deadline(&self) -> Instant {
         self.deadline

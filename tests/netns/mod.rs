@@ -588,6 +588,15 @@ impl Cluster {
         &self.nodes[i - 1]
     }
 
+    /// The Raft leader as node `i` sees it: its underlay address, if one leads.
+    pub fn leader(&self, i: usize) -> Option<String> {
+        let ls = self.node(i).try_json(&["node", "ls"]).ok()?;
+        ls.as_array()?
+            .iter()
+            .find(|n| n["raft"] == "leader")
+            .and_then(|n| n["address"].as_str().map(String::from))
+    }
+
     /// The join token of node 1: `<state-dir>/join-token`, else the `--token TOKEN` line it printed.
     pub fn token(&self) -> String {
         let first = &self.nodes[0];
