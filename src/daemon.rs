@@ -12,6 +12,7 @@
 //! - [`dns`]: the DNS server on each network's gateway address.
 //! - [`mesh_hooks`]: the tc filters that steer the routing mesh into overlayd, and the published
 //!   ports held for it.
+//! - [`observe`]: what a metrics scrape reports, `trace` and `inspect`.
 //! - [`mesh_proxy`]: the userspace proxy of the `proxy=v2` ports, which send tasks a PROXY
 //!   protocol header.
 
@@ -20,6 +21,7 @@ mod endpoints;
 mod health;
 mod mesh_hooks;
 mod mesh_proxy;
+mod observe;
 mod ports;
 mod reconcile;
 
@@ -45,7 +47,7 @@ use crate::peer;
 use crate::registry::Command;
 use crate::state_dir::{self, Identity};
 use crate::token::{JoinSecret, Purpose, Secret};
-use crate::{egress, host, services, wire};
+use crate::{egress, host, metrics, services, wire};
 
 /// How long a node waits to see its own change come back through gossip.
 const CONVERGE_WITHIN: Duration = Duration::from_secs(10);
@@ -91,6 +93,8 @@ pub struct Config {
     pub offloads: bool,
     /// How long an established TCP flow may idle in the balancer's table (default: Linux's).
     pub tcp_idle: Option<Duration>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// How the daemon stops: SIGTERM (a supervisor's stop or restart) or SIGINT (the user's
@@ -149,6 +153,8 @@ pub struct Daemon {
     /// DNS servers of the realised networks.
     dns: dns::Dns,
     mesh: mesh_hooks::MeshHooks,
+    /// How long registry changes take to be applied here (see [`metrics::Propagation`]).
+    propagation: Arc<metrics::Propagation>,
 }
 
 impl Daemon {
@@ -194,6 +200,17 @@ impl Daemon {
             }
         };
         let api_listener = bind_api(&config.api).await?;
+        let metrics_listener = match config.metrics {
+            Some(addr) => match TcpListener::bind(addr).await {
+                Ok(listener) => Some(Arc::new(listener)),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&config.api);
+                    return Err(Failure::usage(format!("binding --metrics {addr}: {e}")));
+                }
+            },
+            None => None,
+        };
+        let propagation = Arc::new(metrics::Propagation::new(gossip::unix_ms()));
         // Before anything else is made: a missing `nft` stops the start here, and rules a killed
         // run left are dropped (the networks' own are put back as their bridges are).
         if let Err(err) = egress::reset().await {
@@ -244,7 +261,9 @@ impl Daemon {
                 };
                 state_dir::create(&config.state_dir, &identity, &first_join.token())?;
             }
-            let consensus = Consensus::start(&id, config.state_dir.clone(), &secret).await?;
+            let consensus =
+                Consensus::start(&id, config.state_dir.clone(), &secret, propagation.clone())
+                    .await?;
             if initialising {
                 consensus.initialise(&id, gossip_addr).await?;
             }
@@ -290,6 +309,7 @@ impl Daemon {
             balancer,
             dns: dns::Dns::new(),
             mesh,
+            propagation,
         });
         let api_listener = Arc::new(api_listener);
         let peer_listener = Arc::new(peer_listener);
@@ -301,6 +321,16 @@ impl Daemon {
             let daemon = daemon.clone();
             move || daemon.clone().serve_peers(peer_listener.clone())
         });
+        if let Some(listener) = metrics_listener {
+            let daemon = daemon.clone();
+            let scrape = move || {
+                let daemon = daemon.clone();
+                async move { metrics::render(daemon.sample().await, &daemon.propagation) }
+            };
+            supervise("metrics server", move || {
+                metrics::serve(listener.clone(), scrape.clone())
+            });
+        }
         supervise("reconcile loop", {
             let daemon = daemon.clone();
             move || daemon.clone().reconcile_forever()
@@ -628,6 +658,13 @@ impl Daemon {
                 Ok(json(&name))
             }
             Detach { netns, network } => self.detach(netns, network).await,
+            Trace {
+                network,
+                proto,
+                src,
+                dst,
+            } => self.trace(network, proto, src, dst).await,
+            Inspect { kind, name } => self.inspect(kind, name).await,
             Status => {
                 let view = self.view().await;
                 let node = view

@@ -7,7 +7,7 @@ use clap::Parser;
 use tracing::{info, warn};
 
 use overlayd::api::{self, Failure};
-use overlayd::cli::{self, Cli, Command, DaemonArgs, DataPathArgs};
+use overlayd::cli::{self, Cli, Command, DaemonArgs, DataPathArgs, LogFormat, ObserveArgs};
 use overlayd::daemon::{self, Daemon, Start};
 use overlayd::{state_dir, token};
 
@@ -26,14 +26,18 @@ fn main() -> ExitCode {
             };
         }
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.command.log_format() {
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -65,6 +69,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Run {
             state_dir,
             data_path,
+            observe,
         } => {
             let identity = state_dir::load_identity(&state_dir)?;
             let args = DaemonArgs {
@@ -73,6 +78,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 vxlan_port: identity.vxlan_port,
                 gossip_port: identity.gossip_port,
                 data_path,
+                observe,
             };
             serve(config(api, args), Start::Resume(identity)).await
         }
@@ -138,6 +144,7 @@ fn config(api: PathBuf, args: DaemonArgs) -> daemon::Config {
         no_offloads,
         conntrack_tcp_idle,
     } = args.data_path;
+    let ObserveArgs { metrics, .. } = args.observe;
     daemon::Config {
         advertise: args.advertise_addr,
         gossip_port: args.gossip_port,
@@ -148,6 +155,7 @@ fn config(api: PathBuf, args: DaemonArgs) -> daemon::Config {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         offloads: !no_offloads,
         tcp_idle: conntrack_tcp_idle.map(std::time::Duration::from_secs),
+        metrics,
     }
 }
 
