@@ -205,7 +205,9 @@ impl Daemon {
                 Ok(listener) => Some(Arc::new(listener)),
                 Err(e) => {
                     let _ = std::fs::remove_file(&config.api);
-                    return Err(Failure::usage(format!("binding --metrics {addr}: {e}")));
+                    return Err(Failure::runtime(format!(
+                        "binding --metrics {addr}: {e} (is another process using it?)"
+                    )));
                 }
             },
             None => None,

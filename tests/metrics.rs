@@ -103,6 +103,17 @@ fn metrics_trace_and_event_logs_on_a_cluster_with_a_service() {
     let (ns3, a3, _t3) = c.httpd_task(3, "t3", "app", "web");
     let client = c.container(1, "client");
     c.attach(1, &client, "app", &[]);
+    // A member's frames from a MAC the receiving node does not know yet are dropped.
+    assert!(
+        wait_until(PING_WAIT, || (1..=3).all(|n| {
+            c.node(n)
+                .network("app")
+                .ok()
+                .flatten()
+                .is_some_and(|v| v["endpoints"].as_u64() == Some(3))
+        })),
+        "the client is not known on every node"
+    );
     assert!(
         wait_until(PING_WAIT, || {
             let m = metrics(&c, 1);
