@@ -94,6 +94,28 @@ pub enum Request {
         name: String,
         force: bool,
     },
+    /// What this node's data plane would do with a packet on `network` (nothing is sent).
+    Trace {
+        network: String,
+        proto: crate::trace::Proto,
+        src: (Ipv4Addr, Option<u16>),
+        dst: (Ipv4Addr, Option<u16>),
+    },
+    /// The whole state of one network, service or node, as this node sees it.
+    Inspect {
+        kind: Inspect,
+        name: String,
+    },
+}
+
+/// What `inspect` looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Inspect {
+    Network,
+    Service,
+    /// A node by id or address.
+    Node,
 }
 
 /// Why a request did not happen. Nothing was changed when a `Failure` comes back.

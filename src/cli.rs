@@ -52,6 +52,8 @@ pub enum Command {
         data_path: DataPathArgs,
         #[command(flatten)]
         plugins: PluginArgs,
+        #[command(flatten)]
+        observe: ObserveArgs,
     },
     /// Print the token other nodes join with.
     JoinToken {
@@ -103,6 +105,63 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What this node's data plane would do with a packet, and why: the MAC table's entry,
+    /// the task a VIP or published port would choose and the hash that chose it, the VTEP it
+    /// goes to, or why it is dropped. Nothing is sent and no flow is tracked.
+    Trace {
+        /// The network the packet is on.
+        network: String,
+        /// The sender, ADDR[:PORT] (port 40000 by default): an address in the network is a
+        /// container on this node, one outside it a client of a port published here.
+        #[arg(value_parser = parse_addr_port)]
+        src: (Ipv4Addr, Option<u16>),
+        /// The destination, ADDR[:PORT]; TCP and UDP need the port.
+        #[arg(value_parser = parse_addr_port)]
+        dst: (Ipv4Addr, Option<u16>),
+        #[arg(long, value_enum, default_value_t = crate::trace::Proto::Tcp)]
+        proto: crate::trace::Proto,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The whole state of a network, a service or a node as this node sees it (JSON).
+    #[command(subcommand)]
+    Inspect(InspectCommand),
+}
+
+#[derive(Subcommand)]
+pub enum InspectCommand {
+    /// A network: its settings, endpoints, the members that made it, its services, and this
+    /// node's traffic counters for it.
+    Network {
+        name: String,
+        /// JSON (the only form inspect prints).
+        #[arg(long)]
+        json: bool,
+    },
+    /// A service: its settings, its tasks and their state, and this node's balancing of them.
+    Service {
+        name: String,
+        /// JSON (the only form inspect prints).
+        #[arg(long)]
+        json: bool,
+    },
+    /// A node (by id or address): its state, networks, endpoints and tasks.
+    Node {
+        name: String,
+        /// JSON (the only form inspect prints).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `ADDR` or `ADDR:PORT`.
+fn parse_addr_port(spec: &str) -> Result<(Ipv4Addr, Option<u16>), String> {
+    if let Ok(ip) = spec.parse() {
+        return Ok((ip, None));
+    }
+    spec.parse::<std::net::SocketAddrV4>()
+        .map(|a| (*a.ip(), Some(a.port())))
+        .map_err(|_| format!("{spec:?} is not an IPv4 address, optionally with :PORT"))
 }
 
 #[derive(Args)]
@@ -122,6 +181,25 @@ pub struct DaemonArgs {
     pub data_path: DataPathArgs,
     #[command(flatten)]
     pub plugins: PluginArgs,
+    #[command(flatten)]
+    pub observe: ObserveArgs,
+}
+
+/// How a running daemon shows itself: metrics and logs.
+#[derive(Args)]
+pub struct ObserveArgs {
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
+    /// Log lines as plain text or as one JSON object each.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -319,6 +397,15 @@ fn parse_duration_ms(spec: &str) -> Result<u64, String> {
 }
 
 impl Command {
+    /// How the daemon verbs log; client verbs log as text.
+    pub fn log_format(&self) -> LogFormat {
+        match self {
+            Command::Init(args) | Command::Join { daemon: args, .. } => args.observe.log_format,
+            Command::Run { observe, .. } => observe.log_format,
+            _ => LogFormat::Text,
+        }
+    }
+
     /// The API request for a client verb, and whether to print JSON.
     pub fn request(self) -> Option<(api::Request, Render)> {
         use api::Request as R;
@@ -440,6 +527,29 @@ impl Command {
                 Render::Plain,
             ),
             Command::Status { json } => (R::Status, Render::Json.or_json(json)),
+            Command::Trace {
+                network,
+                src,
+                dst,
+                proto,
+                json,
+            } => (
+                R::Trace {
+                    network,
+                    proto,
+                    src,
+                    dst,
+                },
+                Render::Trace.or_json(json),
+            ),
+            Command::Inspect(what) => {
+                let (kind, name, json) = match what {
+                    InspectCommand::Network { name, json } => (api::Inspect::Network, name, json),
+                    InspectCommand::Service { name, json } => (api::Inspect::Service, name, json),
+                    InspectCommand::Node { name, json } => (api::Inspect::Node, name, json),
+                };
+                (R::Inspect { kind, name }, Render::Json.or_json(json))
+            }
         })
     }
 }
@@ -456,6 +566,7 @@ pub enum Render {
     Attachment,
     Services,
     Tasks,
+    Trace,
 }
 
 impl Render {
@@ -471,6 +582,34 @@ impl Render {
                 .map(String::from)
                 .unwrap_or_else(|| value.to_string()),
             Render::Token => serde_json::from_value::<api::JoinToken>(value)?.token,
+            Render::Trace => {
+                let t: crate::trace::Trace = serde_json::from_value(value)?;
+                let mut lines = vec![
+                    format!("network:  {}", t.network),
+                    format!("packet:   {}", t.packet),
+                    format!("mac:      {} ({})", t.mac, t.mac_entry),
+                ];
+                if let Some(b) = t.balancer {
+                    let mut line = format!("balancer: {}", b.kind);
+                    if let Some(service) = b.service {
+                        line += &format!(" of service {service}");
+                    }
+                    if let Some(hash) = b.hash {
+                        line += &format!(", hash {hash}");
+                    }
+                    line += &match (b.task, b.task_node) {
+                        (Some(task), Some(node)) => format!(", task {task} on node {node}"),
+                        (Some(task), None) => format!(", task {task}"),
+                        _ => ", no task can take it".to_owned(),
+                    };
+                    if let Some(state) = b.state {
+                        line += &format!(" ({state})");
+                    }
+                    lines.push(line);
+                }
+                lines.push(format!("verdict:  {}", t.verdict));
+                lines.join("\n")
+            }
             Render::Nodes => {
                 let nodes: Vec<Node> = serde_json::from_value(value)?;
                 table(

@@ -39,6 +39,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::api::{Failure, Reply};
+use crate::metrics::Propagation;
 use crate::model::RaftRole;
 use crate::peer;
 use crate::registry::{Command, Proposal, Registry};
@@ -117,7 +118,12 @@ pub struct Consensus {
 
 impl Consensus {
     /// Starts this node's Raft from the state in `dir` (empty for a new node).
-    pub async fn start(node: &str, dir: PathBuf, secret: &Secret) -> anyhow::Result<Consensus> {
+    pub async fn start(
+        node: &str,
+        dir: PathBuf,
+        secret: &Secret,
+        propagation: Arc<Propagation>,
+    ) -> anyhow::Result<Consensus> {
         let credential = peer::Credential::Member {
             secret: secret.clone(),
             node: node.to_string(),
@@ -138,7 +144,7 @@ impl Consensus {
         }
         .validate()
         .context("Raft configuration")?;
-        let store = Store::open(dir)?;
+        let store = Store::open(dir, propagation)?;
         let registry = store.registry();
         let (log, machine) = Adaptor::new(store.clone());
         let network = Peers { credential };

@@ -13,6 +13,7 @@
 //! - [`mesh_hooks`]: the tc filters that steer the routing mesh into overlayd, and the published
 //!   ports held for it.
 //! - [`docker_plugin`]: Docker's network and IPAM driver protocols (`--docker-plugin`).
+//! - [`observe`]: what a metrics scrape reports, `trace` and `inspect`.
 //! - [`mesh_proxy`]: the userspace proxy of the `proxy=v2` ports, which send tasks a PROXY
 //!   protocol header.
 
@@ -22,6 +23,7 @@ mod endpoints;
 mod health;
 mod mesh_hooks;
 mod mesh_proxy;
+mod observe;
 mod ports;
 mod reconcile;
 
@@ -47,7 +49,7 @@ use crate::peer;
 use crate::registry::Command;
 use crate::state_dir::{self, Identity};
 use crate::token::{JoinSecret, Purpose, Secret};
-use crate::{egress, host, services, wire};
+use crate::{egress, host, metrics, services, wire};
 
 /// How long a node waits to see its own change come back through gossip.
 const CONVERGE_WITHIN: Duration = Duration::from_secs(10);
@@ -100,6 +102,8 @@ pub struct Config {
     pub tcp_idle: Option<Duration>,
     /// Serve Docker's network and IPAM driver protocols on [`DOCKER_SOCKET`].
     pub docker_plugin: bool,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 pub use docker_plugin::SOCKET as DOCKER_SOCKET;
@@ -162,6 +166,8 @@ pub struct Daemon {
     mesh: mesh_hooks::MeshHooks,
     /// The Docker plugin's networks and endpoints (used with `--docker-plugin` only).
     docker: docker_plugin::Plugin,
+    /// How long registry changes take to be applied here (see [`metrics::Propagation`]).
+    propagation: Arc<metrics::Propagation>,
 }
 
 impl Daemon {
@@ -230,6 +236,19 @@ impl Daemon {
         } else {
             None
         };
+        let metrics_listener = match config.metrics {
+            Some(addr) => match TcpListener::bind(addr).await {
+                Ok(listener) => Some(Arc::new(listener)),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&config.api);
+                    return Err(Failure::runtime(format!(
+                        "binding --metrics {addr}: {e} (is another process using it?)"
+                    )));
+                }
+            },
+            None => None,
+        };
+        let propagation = Arc::new(metrics::Propagation::new(gossip::unix_ms()));
         // Before anything else is made: a missing `nft` stops the start here, and rules a killed
         // run left are dropped (the networks' own are put back as their bridges are).
         if let Err(err) = egress::reset().await {
@@ -280,7 +299,9 @@ impl Daemon {
                 };
                 state_dir::create(&config.state_dir, &identity, &first_join.token())?;
             }
-            let consensus = Consensus::start(&id, config.state_dir.clone(), &secret).await?;
+            let consensus =
+                Consensus::start(&id, config.state_dir.clone(), &secret, propagation.clone())
+                    .await?;
             if initialising {
                 consensus.initialise(&id, gossip_addr).await?;
             }
@@ -330,6 +351,7 @@ impl Daemon {
             dns: dns::Dns::new(),
             mesh,
             docker,
+            propagation,
         });
         let api_listener = Arc::new(api_listener);
         let peer_listener = Arc::new(peer_listener);
@@ -350,6 +372,16 @@ impl Daemon {
             supervise("Docker plugin", {
                 let daemon = daemon.clone();
                 move || daemon.clone().serve_docker(listener.clone())
+            });
+        }
+        if let Some(listener) = metrics_listener {
+            let daemon = daemon.clone();
+            let scrape = move || {
+                let daemon = daemon.clone();
+                async move { metrics::render(daemon.sample().await, &daemon.propagation) }
+            };
+            supervise("metrics server", move || {
+                metrics::serve(listener.clone(), scrape.clone())
             });
         }
         supervise("reconcile loop", {
@@ -695,6 +727,13 @@ impl Daemon {
                 network,
                 missing_ok,
             } => self.detach(netns, network, missing_ok).await,
+            Trace {
+                network,
+                proto,
+                src,
+                dst,
+            } => self.trace(network, proto, src, dst).await,
+            Inspect { kind, name } => self.inspect(kind, name).await,
             Status => {
                 let view = self.view().await;
                 let node = view

@@ -48,6 +48,8 @@ const JOINER_WITHIN: Duration = Duration::from_secs(60);
 pub struct Gossip {
     pub handle: ChitchatHandle,
     drops: Arc<Drops>,
+    /// Gossip rounds this node opened: a round sends a Syn to each peer it picks.
+    syns: Arc<AtomicU64>,
     senders: Arc<Mutex<Senders>>,
 }
 
@@ -55,6 +57,11 @@ impl Gossip {
     /// Datagrams dropped so far, by reason.
     pub fn dropped(&self) -> BTreeMap<String, u64> {
         self.drops.snapshot()
+    }
+
+    /// Syn messages sent so far: every gossip round sends one to each peer it picks.
+    pub fn syns_sent(&self) -> u64 {
+        self.syns.load(Ordering::Relaxed)
     }
 
     /// Nodes out of the cluster for good: their gossip is no longer taken (see [`Senders`]).
@@ -181,10 +188,12 @@ pub async fn start(
         extra_liveness_predicate: None,
     };
     let drops = Arc::new(Drops::default());
+    let syns = Arc::new(AtomicU64::new(0));
     let senders = Arc::new(Mutex::new(Senders::default()));
     let transport = SignedUdp {
         key: secret.key(Purpose::Gossip),
         drops: drops.clone(),
+        syns: syns.clone(),
         senders: senders.clone(),
     };
     let handle = chitchat::spawn_chitchat(config, initial, &transport)
@@ -198,6 +207,7 @@ pub async fn start(
     Ok(Gossip {
         handle,
         drops,
+        syns,
         senders,
     })
 }
@@ -328,6 +338,7 @@ impl Drops {
 struct SignedUdp {
     key: Key,
     drops: Arc<Drops>,
+    syns: Arc<AtomicU64>,
     senders: Arc<Mutex<Senders>>,
 }
 
@@ -341,6 +352,7 @@ impl Transport for SignedUdp {
             socket,
             key: self.key.clone(),
             drops: self.drops.clone(),
+            syns: self.syns.clone(),
             senders: self.senders.clone(),
             send_buf: Vec::with_capacity(DATAGRAM_LEN),
             recv_buf: vec![0; DATAGRAM_LEN].into_boxed_slice(),
@@ -354,13 +366,14 @@ struct SignedSocket {
     socket: tokio::net::UdpSocket,
     key: Key,
     drops: Arc<Drops>,
+    syns: Arc<AtomicU64>,
     senders: Arc<Mutex<Senders>>,
     send_buf: Vec<u8>,
     recv_buf: Box<[u8]>,
 }
 
-/// The wall clock in ms since the Unix epoch: the time datagrams carry.
-fn unix_ms() -> u64 {
+/// The wall clock in ms since the Unix epoch: the time datagrams carry (and proposals).
+pub fn unix_ms() -> u64 {
     let since = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -402,6 +415,9 @@ pub fn open(key: &Key, datagram: &[u8], now_ms: u64) -> Result<ChitchatMessage, 
 #[async_trait::async_trait]
 impl Socket for SignedSocket {
     async fn send(&mut self, to: SocketAddr, message: ChitchatMessage) -> anyhow::Result<()> {
+        if matches!(message, ChitchatMessage::Syn { .. }) {
+            self.syns.fetch_add(1, Ordering::Relaxed);
+        }
         seal(&self.key, unix_ms(), &message, &mut self.send_buf);
         // A peer that is down makes sends fail transiently; chitchat retries next round.
         if let Err(err) = self.socket.send_to(&self.send_buf, to).await {

@@ -18,6 +18,9 @@
 //! - [`registry`]: what must be unique cluster-wide, as a state machine (pure), and
 //!   [`consensus`]: Raft that replicates it; [`ipam`]: subnet, VNI and address choices (pure);
 //!   [`publish`]: published ports as users write them, and the rules they obey (pure).
+//! - `events`: cluster events (members, networks, tasks), one structured log line each.
+//! - [`metrics`]: Prometheus text at `--metrics`, read from the counters at scrape time.
+//! - [`trace`]: a packet through this node's data path, explained (pure).
 //! - [`services`]: the balancer as the data plane's stage, and its snapshot of the view.
 //! - [`host`]: bridges and veth pairs via iproute2; [`egress`]: the nftables rules that let
 //!   containers out through their node; [`state_dir`]: the node's identity on disk.
@@ -30,10 +33,12 @@ pub mod consensus;
 pub mod daemon;
 pub mod docker;
 mod egress;
+mod events;
 pub mod gossip;
 mod host;
 mod ipam;
 mod mesh_hooks;
+pub mod metrics;
 pub mod model;
 pub mod peer;
 pub mod publish;
@@ -41,4 +46,5 @@ pub mod registry;
 mod services;
 pub mod state_dir;
 pub mod token;
+pub mod trace;
 mod wire;

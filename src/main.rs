@@ -7,7 +7,9 @@ use clap::Parser;
 use tracing::{info, warn};
 
 use overlayd::api::{self, Failure};
-use overlayd::cli::{self, Cli, Command, DaemonArgs, DataPathArgs, PluginArgs};
+use overlayd::cli::{
+    self, Cli, Command, DaemonArgs, DataPathArgs, LogFormat, ObserveArgs, PluginArgs,
+};
 use overlayd::daemon::{self, Daemon, Start};
 use overlayd::{state_dir, token};
 
@@ -26,14 +28,18 @@ fn main() -> ExitCode {
             };
         }
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.command.log_format() {
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -66,6 +72,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             state_dir,
             data_path,
             plugins,
+            observe,
         } => {
             let identity = state_dir::load_identity(&state_dir)?;
             let args = DaemonArgs {
@@ -75,6 +82,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 gossip_port: identity.gossip_port,
                 data_path,
                 plugins,
+                observe,
             };
             serve(config(api, args), Start::Resume(identity)).await
         }
@@ -141,6 +149,7 @@ fn config(api: PathBuf, args: DaemonArgs) -> daemon::Config {
         conntrack_tcp_idle,
     } = args.data_path;
     let PluginArgs { docker_plugin } = args.plugins;
+    let ObserveArgs { metrics, .. } = args.observe;
     daemon::Config {
         advertise: args.advertise_addr,
         gossip_port: args.gossip_port,
@@ -152,6 +161,7 @@ fn config(api: PathBuf, args: DaemonArgs) -> daemon::Config {
         offloads: !no_offloads,
         tcp_idle: conntrack_tcp_idle.map(std::time::Duration::from_secs),
         docker_plugin,
+        metrics,
     }
 }
 

@@ -134,14 +134,20 @@ pub enum Holder {
 pub struct Proposal {
     pub id: u64,
     pub command: Command,
+    /// When it was first proposed, in ms since the Unix epoch by its proposer's clock (0 in
+    /// entries written before it was carried): what each node measures the time to apply it
+    /// from ([`crate::metrics::Propagation`]). It changes nothing in the registry.
+    #[serde(default)]
+    pub proposed_ms: u64,
 }
 
 impl Proposal {
-    /// `command` under a fresh random id.
+    /// `command` under a fresh random id, proposed now.
     pub fn new(command: Command) -> Proposal {
         Proposal {
             id: rand::random(),
             command,
+            proposed_ms: crate::gossip::unix_ms(),
         }
     }
 }

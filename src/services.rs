@@ -31,20 +31,32 @@ impl overlay::Stage for Stage {
         now: Instant,
         reply: &mut [u8],
     ) -> overlay::Verdict {
-        let origin = match origin {
-            overlay::Origin::Overlay => Origin::Overlay,
-            overlay::Origin::Host => Origin::Host,
-            overlay::Origin::Bridge => Origin::Bridge,
-            overlay::Origin::Node(node) => Origin::Node(node),
-        };
-        match self.0.process(frame, checksum, origin, now, reply) {
-            Verdict::Pass => overlay::Verdict::Pass,
-            Verdict::Rewritten => overlay::Verdict::Rewritten,
-            Verdict::Reply(len) => overlay::Verdict::Reply(len),
-            Verdict::Drop => overlay::Verdict::Drop,
-            Verdict::Wire => overlay::Verdict::Wire,
-            Verdict::Return(node) => overlay::Verdict::Return(node),
-        }
+        stage_verdict(
+            self.0
+                .process(frame, checksum, balancer_origin(origin), now, reply),
+        )
+    }
+}
+
+/// The balancer's name for where a frame came from.
+pub fn balancer_origin(origin: overlay::Origin) -> Origin {
+    match origin {
+        overlay::Origin::Overlay => Origin::Overlay,
+        overlay::Origin::Host => Origin::Host,
+        overlay::Origin::Bridge => Origin::Bridge,
+        overlay::Origin::Node(node) => Origin::Node(node),
+    }
+}
+
+/// The data plane's name for what the balancer decided.
+pub fn stage_verdict(verdict: Verdict) -> overlay::Verdict {
+    match verdict {
+        Verdict::Pass => overlay::Verdict::Pass,
+        Verdict::Rewritten => overlay::Verdict::Rewritten,
+        Verdict::Reply(len) => overlay::Verdict::Reply(len),
+        Verdict::Drop => overlay::Verdict::Drop,
+        Verdict::Wire => overlay::Verdict::Wire,
+        Verdict::Return(node) => overlay::Verdict::Return(node),
     }
 }
 

@@ -48,7 +48,7 @@
 //! packets, and the client's TCP sends its own again. A TCP packet mid-stream that finds no
 //! healthy task (the node does not know them yet) is dropped, not reset.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -60,7 +60,7 @@ use packet::checksum::Mode;
 use crate::conntrack::{self, Direction, Entry, Lookup, Nat, State, Via};
 use crate::flow::Tuple;
 use crate::rederive::{self, Unbalanced};
-use crate::service::Table;
+use crate::service::{Choice, Port, Service, Table};
 use crate::{Protocol, nat, reject};
 
 /// Shards of the connection table.
@@ -121,6 +121,33 @@ struct Packet {
     now: Instant,
 }
 
+/// What [`Balancer::explain`] found for a frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// No service's business: the frame goes on as it is.
+    Untouched,
+    /// A flow the table tracks (its task already chosen), to this task address and port.
+    Tracked { task: SocketAddrV4, state: State },
+    /// A new flow to the VIP of `service`.
+    Vip { service: String, choice: Choice },
+    /// A new connection from the node's stack to a port `service` publishes, rewritten to
+    /// `target` on the chosen task.
+    Published {
+        service: String,
+        target: u16,
+        choice: Choice,
+    },
+}
+
+/// A published port's choice for a new connection ([`Balancer::publish_choice`]).
+struct Published<'s> {
+    service: &'s Service,
+    port: Port,
+    choice: Choice,
+    /// `None` when no task takes it.
+    nat: Option<Nat>,
+}
+
 /// Counters since start.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -154,6 +181,9 @@ pub struct Balancer {
     /// first snapshot.
     derive_udp_until: OnceLock<Instant>,
     pub stats: Stats,
+    /// New flows this node sent to each task of the snapshot (its Maglev choices), found
+    /// through a map swapped in with the snapshot: one relaxed add per new flow.
+    chosen: ArcSwap<HashMap<Ipv4Addr, Arc<AtomicU64>>>,
 }
 
 impl Balancer {
@@ -177,6 +207,7 @@ impl Balancer {
             node,
             derive_udp_until: OnceLock::new(),
             stats: Stats::default(),
+            chosen: ArcSwap::default(),
         })
     }
 
@@ -205,6 +236,14 @@ impl Balancer {
                 }
             }
         }
+        let chosen = self.chosen.load();
+        let tasks = next
+            .services()
+            .flat_map(|s| s.backends().iter().map(|b| b.addr));
+        let chosen = tasks
+            .map(|task| (task, chosen.get(&task).cloned().unwrap_or_default()))
+            .collect();
+        self.chosen.store(Arc::new(chosen));
         self.services.store(Arc::new(next));
         self.reset(now, &reset);
     }
@@ -249,6 +288,27 @@ impl Balancer {
                 evicted + stats.evicted_embryonic + stats.evicted_oldest,
             )
         })
+    }
+
+    /// New flows sent to each task of the snapshot by this node since it became one.
+    pub fn chosen(&self) -> BTreeMap<Ipv4Addr, u64> {
+        self.chosen
+            .load()
+            .iter()
+            .map(|(&task, n)| (task, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Flows tracked now by task address, read as the lock-free readers read them: the
+    /// flows' events are never held up by it.
+    pub fn flows_by_task(&self) -> BTreeMap<Ipv4Addr, u64> {
+        let mut by_task = BTreeMap::new();
+        for table in self.tables() {
+            for task in table.backends() {
+                *by_task.entry(task).or_default() += 1;
+            }
+        }
+        by_task
     }
 
     /// The shards' tables made so far.
@@ -316,6 +376,91 @@ impl Balancer {
         }
     }
 
+    /// What [`Balancer::process`] would do with `frame` from `origin`, and why, tracking,
+    /// forgetting and counting nothing: for `overlayd trace`. A tracked flow is shown as it is
+    /// tracked; a new one takes the choice the data path makes (the same functions over the
+    /// same snapshot) and is rewritten as the data path would rewrite it, so that the caller
+    /// can switch it on. A frame with no task to go to gets the data path's answer in
+    /// `reply`. The tuples of tasks' own connections are not consulted.
+    pub fn explain(
+        &self,
+        frame: &mut [u8],
+        origin: Origin,
+        now: Instant,
+        reply: &mut [u8],
+    ) -> (Verdict, Decision) {
+        let services = self.services.load();
+        let Ok(tuple) = nat::flow(frame) else {
+            return (Verdict::Pass, Decision::Untouched);
+        };
+        let packet = Packet {
+            tuple,
+            flags: nat::tcp_flags(frame),
+            origin,
+            now,
+        };
+        let shards = [self.shard(tuple.src.port()), self.shard(tuple.dst.port())];
+        let tracked = shards.into_iter().flatten().find_map(|shard| {
+            match self.shards[shard].get()?.find(&tuple) {
+                Lookup::Found(f) if reuse(f.direction, &f.entry, &packet) == Reuse::Follow => {
+                    Some(f)
+                }
+                _ => None,
+            }
+        });
+        if let Some(found) = tracked {
+            let entry = &found.entry;
+            let decision = Decision::Tracked {
+                task: entry.nat().backend,
+                state: entry.state(),
+            };
+            let verdict = if entry.is_backend_gone() {
+                Verdict::Drop
+            } else {
+                self.rewrite(
+                    frame,
+                    Mode::Full,
+                    found.direction,
+                    entry.original(),
+                    entry.nat(),
+                )
+                .unwrap_or(Verdict::Drop)
+            };
+            return (verdict, decision);
+        }
+        let (decision, nat) = match origin {
+            Origin::Overlay => match services.service_for(*tuple.dst.ip()) {
+                Some(service) => {
+                    let choice = service.choose(&tuple);
+                    let nat = choice.task.map(|task| vip_nat(task.addr, &tuple));
+                    let service = service.name().to_owned();
+                    (Decision::Vip { service, choice }, nat)
+                }
+                None => return (Verdict::Pass, Decision::Untouched),
+            },
+            Origin::Host => match self.publish_choice(&services, frame, &tuple) {
+                Some(p) => {
+                    let decision = Decision::Published {
+                        service: p.service.name().to_owned(),
+                        target: p.port.target,
+                        choice: p.choice,
+                    };
+                    (decision, p.nat)
+                }
+                None => return (Verdict::Pass, Decision::Untouched),
+            },
+            Origin::Bridge | Origin::Node(_) => return (Verdict::Pass, Decision::Untouched),
+        };
+        let verdict = match nat {
+            Some(nat) => self
+                .rewrite(frame, Mode::Full, Direction::Original, tuple, nat)
+                .unwrap_or(Verdict::Drop),
+            None if tuple.proto == Protocol::Tcp && !is_syn(&packet) => Verdict::Drop,
+            None => refusal(frame, tuple.proto, reply).map_or(Verdict::Drop, Verdict::Reply),
+        };
+        (verdict, decision)
+    }
+
     /// A frame on the overlay: to a VIP, or maybe the reply of a flow a task got.
     fn on_overlay(
         &self,
@@ -356,7 +501,7 @@ impl Balancer {
         let Some(service) = to_vip else {
             return self.untracked_reply(services, frame, mode, packet);
         };
-        let task = service.pick(tuple.stable_hash());
+        let task = service.choose(tuple).task;
         if is_rst(packet) {
             // A reset for no tracked flow has nothing to reset. It may be a client's stack
             // refusing a packet `untracked_reply` took for its flow's: that tuple is no
@@ -418,6 +563,7 @@ impl Balancer {
             }
         }
         self.rewrite(frame, mode, Direction::Reply, original, nat)
+            .unwrap_or_else(|| self.count_drop())
     }
 
     /// The table of `shard`. The first flow of the shard allocates it whole; the first time
@@ -474,14 +620,26 @@ impl Balancer {
             });
         }
         // Not a published port: not the balancer's business.
-        let (service, port) = services
-            .published(tuple.proto, tuple.dst)
+        let published = self
+            .publish_choice(services, frame, tuple)
             .ok_or(Verdict::Pass)?;
-        let Some(task) = port.pick(service, tuple, self.node) else {
-            return Err(self.no_task(frame, packet, reply));
-        };
+        published
+            .nat
+            .ok_or_else(|| self.no_task(frame, packet, reply))
+    }
+
+    /// The choice for a new connection from the node's stack to a published port, and its
+    /// NAT if a task took it; `None` if `tuple` is no published port's. Pure.
+    fn publish_choice<'s>(
+        &self,
+        services: &'s Table,
+        frame: &[u8],
+        tuple: &Tuple,
+    ) -> Option<Published<'s>> {
+        let (service, port) = services.published(tuple.proto, tuple.dst)?;
+        let choice = port.choose(service, tuple, self.node);
         let (client_mac, node_mac) = nat::macs(frame);
-        Ok(Nat {
+        let nat = choice.task.map(|task| Nat {
             backend: SocketAddrV4::new(task.addr, port.target),
             // Loopback has all-zero MACs.
             source: (client_mac == [0; 6] && node_mac == [0; 6])
@@ -490,6 +648,12 @@ impl Balancer {
                 client_mac,
                 node_mac,
             },
+        });
+        Some(Published {
+            service,
+            port,
+            choice,
+            nat,
         })
     }
 
@@ -570,6 +734,13 @@ impl Balancer {
         match inserted {
             Ok(entry) => {
                 self.stats.flows.fetch_add(1, Ordering::Relaxed);
+                // Another node chose the task of a flow it sent here; the node's own
+                // connections choose none.
+                if matches!(packet.origin, Origin::Overlay | Origin::Host)
+                    && let Some(n) = self.chosen.load().get(nat.backend.ip())
+                {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
                 self.follow(frame, mode, Direction::Original, &entry, reply)
             }
             // Another worker tracked this flow's first packet (a retransmitted SYN) between our
@@ -601,9 +772,11 @@ impl Balancer {
             };
         }
         self.rewrite(frame, mode, direction, entry.original(), entry.nat())
+            .unwrap_or_else(|| self.count_drop())
     }
 
-    /// Applies the NAT of the flow whose first packet was `original` to one of its packets.
+    /// Applies the NAT of the flow whose first packet was `original` to one of its packets;
+    /// `None` if the frame cannot be rewritten (the data path drops and counts it).
     fn rewrite(
         &self,
         frame: &mut [u8],
@@ -611,11 +784,11 @@ impl Balancer {
         direction: Direction,
         original: Tuple,
         nat: Nat,
-    ) -> Verdict {
+    ) -> Option<Verdict> {
         let rewritten = match (direction, nat.via) {
             // Passing through to a task here: the entering node did the NAT.
-            (Direction::Original, Via::Node(_)) => return Verdict::Pass,
-            (Direction::Reply, Via::Node(node)) => return Verdict::Return(node),
+            (Direction::Original, Via::Node(_)) => return Some(Verdict::Pass),
+            (Direction::Reply, Via::Node(node)) => return Some(Verdict::Return(node)),
             // client -> VIP:port (or node:published) becomes (source) -> task:port.
             (Direction::Original, via) => {
                 nat::rewrite_dst(frame, *nat.backend.ip(), nat.backend.port(), mode)
@@ -657,9 +830,9 @@ impl Balancer {
             }
         };
         match (rewritten, nat.via) {
-            (Ok(()), Via::Host { .. }) if direction == Direction::Reply => Verdict::Wire,
-            (Ok(()), _) => Verdict::Rewritten,
-            (Err(_), _) => self.count_drop(),
+            (Ok(()), Via::Host { .. }) if direction == Direction::Reply => Some(Verdict::Wire),
+            (Ok(()), _) => Some(Verdict::Rewritten),
+            (Err(_), _) => None,
         }
     }
 
@@ -674,11 +847,7 @@ impl Balancer {
     }
 
     fn reject(&self, frame: &[u8], proto: Protocol, reply: &mut [u8]) -> Verdict {
-        let built = match proto {
-            Protocol::Tcp => reject::tcp_reset(frame, reply),
-            Protocol::Udp => reject::port_unreachable(frame, reply),
-        };
-        match built {
+        match refusal(frame, proto, reply) {
             Some(len) => {
                 self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 Verdict::Reply(len)
@@ -695,6 +864,15 @@ impl Balancer {
     /// The shard of flows whose client port is `port` (no flow has port 0).
     fn shard(&self, port: u16) -> Option<usize> {
         (port != 0).then(|| usize::from(port) % self.shards.len())
+    }
+}
+
+/// The answer to a flow that has nowhere to go, built in `reply`: a TCP reset or an ICMP port
+/// unreachable; its length, `None` if `frame` cannot be answered.
+fn refusal(frame: &[u8], proto: Protocol, reply: &mut [u8]) -> Option<usize> {
+    match proto {
+        Protocol::Tcp => reject::tcp_reset(frame, reply),
+        Protocol::Udp => reject::port_unreachable(frame, reply),
     }
 }
 

@@ -602,6 +602,15 @@ impl Table {
         Some(self.entry(found.entry.record, seen))
     }
 
+    /// The task address of every flow in the table, read as the lock-free readers read (a
+    /// slot being written just then is passed over): for metrics, which must not hold up the
+    /// flows' events. A walk of the whole table.
+    pub fn backends(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        (0..self.slots.len() as u32)
+            .filter_map(|slot| self.read(slot).ok().flatten())
+            .map(|record| *record.nat.backend.ip())
+    }
+
     /// The table for changes, one writer at a time. A writer that panicked left it consistent
     /// (no change unwinds halfway), so it is used as it is.
     pub fn lock(&self) -> Locked<'_> {

@@ -58,7 +58,7 @@ pub fn answered(services: &Table, reply: &Tuple) -> Option<(Tuple, Nat)> {
             client,
             SocketAddrV4::new(vip, reply.src.port()),
         );
-        let picked = service.pick(original.stable_hash())?;
+        let picked = service.choose(&original).task?;
         (picked.addr == task).then(|| (original, vip_nat(task, &original)))
     })
 }

@@ -59,22 +59,31 @@ pub struct Port {
     pub local_only: bool,
 }
 
+/// The choice of a task for a new flow, and the hash that made it. A pure function of the
+/// snapshot and the flow: the data path tracks the task it names, `overlayd trace` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Choice {
+    pub hash: u64,
+    /// `None` when no task can take the flow.
+    pub task: Option<Backend>,
+}
+
 impl Port {
     /// The task a new flow to this port of `service` goes to (at port `target`): by Maglev
     /// over the healthy tasks, hashing the whole flow or (`affinity=client-ip`) the client's
-    /// address only, or (`mode=host`) among the healthy tasks on the node at `node`. `None`
-    /// when there is no such task.
-    pub fn pick(&self, service: &Service, flow: &Tuple, node: Ipv4Addr) -> Option<Backend> {
+    /// address only, or (`mode=host`) among the healthy tasks on the node at `node`.
+    pub fn choose(&self, service: &Service, flow: &Tuple, node: Ipv4Addr) -> Choice {
         let hash = if self.client_affinity {
             flow.client_hash()
         } else {
             flow.stable_hash()
         };
-        if self.local_only {
+        let task = if self.local_only {
             service.pick_local(hash, node)
         } else {
             service.pick(hash)
-        }
+        };
+        Choice { hash, task }
     }
 }
 
@@ -195,6 +204,16 @@ impl Service {
         self.healthy.get(i).copied()
     }
 
+    /// The task a new flow to the VIP goes to: Maglev over the healthy tasks, by the stable
+    /// hash of the tuple the client sent.
+    pub fn choose(&self, flow: &Tuple) -> Choice {
+        let hash = flow.stable_hash();
+        Choice {
+            hash,
+            task: self.pick(hash),
+        }
+    }
+
     /// Like [`Service::pick`], among the healthy tasks on the node at `node` only (a
     /// `mode=host` port: no other node needs to agree). O(tasks), for a flow's first packet.
     pub fn pick_local(&self, flow_hash: u64, node: Ipv4Addr) -> Option<Backend> {
@@ -278,6 +297,11 @@ impl Table {
         })
     }
 
+    /// Every service, in no order.
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.by_vip.values()
+    }
+
     /// The services `task` is a task of, each with its VIP.
     pub fn services_of(&self, task: Ipv4Addr) -> impl Iterator<Item = (Ipv4Addr, &Service)> {
         self.by_vip
@@ -323,7 +347,9 @@ impl Table {
         node: Ipv4Addr,
     ) -> Option<(Backend, u16)> {
         let (service, port) = self.published(protocol, dst)?;
-        let task = port.pick(service, &Tuple::new(protocol, client, dst), node)?;
+        let task = port
+            .choose(service, &Tuple::new(protocol, client, dst), node)
+            .task?;
         Some((task, port.target))
     }
 

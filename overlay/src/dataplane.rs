@@ -21,7 +21,7 @@ use crate::governor::{self, Governor, Layout};
 use crate::keyring::{Keyring, Sealing};
 use crate::seal;
 use crate::stage::{Passthrough, Stage};
-use crate::switch::DropReason;
+use crate::traffic::{self, NetCounters, NetworkTraffic, PeerTraffic, Peers};
 use crate::udp::{self, SendPool};
 use crate::vxlan::{self, Vni};
 use crate::wire::Wire;
@@ -267,8 +267,12 @@ pub struct DataPlane {
     /// cannot be steered.
     governor: Option<Governed>,
     tables: Arc<ArcSwap<Index>>,
+    /// Every peer's counters, swapped in with the tables.
+    peers: Arc<ArcSwap<Peers>>,
     /// Control path only (add/remove network), never touched per packet.
     networks: Mutex<HashMap<Vni, String>>,
+    /// Each network's counters, one per worker (control path and metrics only).
+    traffic: Mutex<HashMap<Vni, Vec<Arc<NetCounters>>>>,
     /// The sessions of encrypted networks, kept across publishes (control path only).
     keyring: Mutex<Keyring>,
     local_vtep: SocketAddrV4,
@@ -346,6 +350,7 @@ impl DataPlane {
         };
         let steerable = tap_program.is_some();
         let tables = Arc::new(ArcSwap::from_pointee(Index::default()));
+        let peers = Arc::new(ArcSwap::from_pointee(Peers::new(Instant::now())));
         let mut workers: Vec<WorkerHandle> = Vec::with_capacity(config.workers);
         for (index, (udp, poll, waker)) in prepared.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
@@ -357,6 +362,7 @@ impl DataPlane {
                 udp,
                 pool: pool.clone(),
                 tables: tables.clone(),
+                peers: peers.clone(),
                 counters: counters.clone(),
                 offloads: config.offloads,
                 stage: config.stage.clone(),
@@ -404,7 +410,9 @@ impl DataPlane {
             workers,
             governor,
             tables,
+            peers,
             networks: Mutex::new(HashMap::new()),
+            traffic: Mutex::new(HashMap::new()),
             keyring: Mutex::new(Keyring::default()),
             local_vtep: addr,
             offloads: config.offloads,
@@ -419,7 +427,7 @@ impl DataPlane {
     /// Creates TAP `tap_name` with one queue per worker and starts switching network `vni`
     /// through it. The caller then enslaves it to the bridge and sets it up.
     pub fn add_network(&self, vni: Vni, tap_name: &str) -> Result<(), Error> {
-        let mut networks = self.networks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut networks = lock(&self.networks);
         if let Some(tap) = networks.get(&vni) {
             return Err(Error::NetworkExists {
                 vni,
@@ -447,14 +455,24 @@ impl DataPlane {
         };
         let uso_flags = tap::offload::USO4 | tap::offload::USO6;
         let uso = offload & uso_flags == uso_flags;
-        for (index, (worker, queue)) in self.workers.iter().zip(queues).enumerate() {
-            if !worker.send(Control::AddQueue { vni, queue, uso }) {
+        let traffic: Vec<Arc<NetCounters>> = self.workers.iter().map(|_| Arc::default()).collect();
+        for (index, ((worker, queue), traffic)) in
+            self.workers.iter().zip(queues).zip(&traffic).enumerate()
+        {
+            let traffic = traffic.clone();
+            if !worker.send(Control::AddQueue {
+                vni,
+                queue,
+                uso,
+                traffic,
+            }) {
                 // Undo: workers that got a queue close it again.
                 self.remove_queues(vni);
                 return Err(Error::WorkerGone { index });
             }
         }
         networks.insert(vni, tap_name.to_owned());
+        lock(&self.traffic).insert(vni, traffic);
         tracing::info!(%vni, tap = tap_name, queues = self.workers.len(), offload = format_args!("{offload:#x}"), "network added");
         Ok(())
     }
@@ -462,9 +480,10 @@ impl DataPlane {
     /// Stops switching `vni`; every worker closes its queue, so the TAP disappears. Returns
     /// once all workers have done so. Unknown VNIs are ignored.
     pub fn remove_network(&self, vni: Vni) {
-        let mut networks = self.networks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut networks = lock(&self.networks);
         if networks.remove(&vni).is_some() {
             self.remove_queues(vni);
+            lock(&self.traffic).remove(&vni);
             tracing::info!(%vni, "network removed");
         }
     }
@@ -495,8 +514,37 @@ impl DataPlane {
     pub fn publish(&self, tables: Tables) {
         let mut keyring = self.keyring.lock().unwrap_or_else(|e| e.into_inner());
         let sessions = keyring.update(&tables, Instant::now(), seal::clock_counter());
+        let peers = tables
+            .networks
+            .iter()
+            .flat_map(|n| n.peers.iter().map(|p| *p.ip()))
+            .chain(
+                tables
+                    .networks
+                    .iter()
+                    .flat_map(|n| n.external.iter().map(|p| *p.ip())),
+            );
+        self.peers.store(Arc::new(self.peers.load().follow(peers)));
         self.tables
             .store(Arc::new(Index::build_sealed(&tables, &sessions)));
+    }
+
+    /// The tables the workers switch by now.
+    pub fn index(&self) -> Arc<Index> {
+        self.tables.load_full()
+    }
+
+    /// Each network's traffic since it was added on this node.
+    pub fn network_traffic(&self) -> BTreeMap<Vni, NetworkTraffic> {
+        lock(&self.traffic)
+            .iter()
+            .map(|(&vni, counters)| (vni, NetworkTraffic::sum(counters)))
+            .collect()
+    }
+
+    /// VXLAN taken from each peer of the networks in the tables now.
+    pub fn peer_traffic(&self) -> BTreeMap<Ipv4Addr, PeerTraffic> {
+        self.peers.load().snapshot()
     }
 
     /// Counters summed over all workers, and the current layout.
@@ -518,12 +566,7 @@ impl DataPlane {
             s.flooded += c.flooded.load(Relaxed);
             s.gso_frames += c.gso_frames.load(Relaxed);
             s.gro_frames += c.gro_frames.load(Relaxed);
-            for reason in DropReason::ALL {
-                let n = c.drops[reason.index()].load(Relaxed);
-                if n > 0 {
-                    *s.drops.entry(reason.as_str()).or_default() += n;
-                }
-            }
+            traffic::add_drops(&mut s.drops, &c.drops);
         }
         s
     }
@@ -555,6 +598,11 @@ fn stop(workers: &mut [WorkerHandle], governor: Option<Governed>) {
             tracing::error!("a data-path worker had panicked");
         }
     }
+}
+
+/// A control-side lock; a panic while holding one left its map whole (every change is one call).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -69,6 +69,7 @@ pub mod stage;
 mod steer;
 pub mod switch;
 pub mod tap;
+mod traffic;
 pub mod udp;
 pub mod vnet;
 pub mod vxlan;
@@ -79,4 +80,5 @@ pub use dataplane::{Config, DataPlane, Endpoint, Error, Location, NetworkTable, 
 pub use ethernet::Mac;
 pub use keyring::{PeerKeys, Sealing};
 pub use stage::{Origin, Stage, Verdict};
+pub use traffic::{NetworkTraffic, PeerTraffic};
 pub use vxlan::Vni;

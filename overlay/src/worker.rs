@@ -32,6 +32,7 @@ use crate::governor::Layout;
 use crate::offload::{self, Coalescer, Push};
 use crate::stage::{Checksum, Stage};
 use crate::switch::{self, Delivery, DropReason, Forward};
+use crate::traffic::{DROP_REASONS, NetCounters, Peers};
 use crate::udp::{self, RecvBatch, SendPool};
 use crate::vxlan::{self, Vni};
 use crate::wire::Wire;
@@ -45,6 +46,7 @@ pub(crate) enum Control {
         vni: Vni,
         queue: tap::Queue,
         uso: bool,
+        traffic: Arc<NetCounters>,
     },
     /// Close the network's queue and forget what was learned on it, then acknowledge.
     Remove { vni: Vni, done: mpsc::Sender<()> },
@@ -67,9 +69,6 @@ pub(crate) struct Counters {
     pub gro_frames: AtomicU64,
     pub drops: [AtomicU64; DROP_REASONS],
 }
-
-pub(crate) const DROP_REASONS: usize = 22;
-const _: () = assert!(switch::DropReason::ALL.len() == DROP_REASONS);
 
 impl Counters {
     fn add(&self, c: &AtomicU64, n: u64) {
@@ -112,6 +111,8 @@ struct TapSlot {
     queue: tap::Queue,
     /// The TAP takes UDP_L4 (USO) super-frames.
     uso: bool,
+    /// This worker's counters of the network.
+    traffic: Arc<NetCounters>,
 }
 
 pub(crate) struct Worker {
@@ -120,6 +121,7 @@ pub(crate) struct Worker {
     pub udp: UdpSocket,
     pub pool: Arc<SendPool>,
     pub tables: Arc<ArcSwap<Index>>,
+    pub peers: Arc<ArcSwap<Peers>>,
     pub counters: Arc<Counters>,
     /// Offload path: receive with `UDP_GRO` and coalesce TCP before writing to the TAP.
     pub offloads: bool,
@@ -163,6 +165,7 @@ impl Worker {
             udp,
             pool,
             tables,
+            peers,
             counters,
             offloads,
             stage,
@@ -194,6 +197,7 @@ impl Worker {
             udp: &udp,
             pool: &pool,
             tables: &tables,
+            peers: &peers,
             counters: &counters,
             offloads,
             stage: &*stage,
@@ -262,7 +266,12 @@ fn handle_control(
 ) -> bool {
     loop {
         match control.try_recv() {
-            Ok(Control::AddQueue { vni, queue, uso }) => {
+            Ok(Control::AddQueue {
+                vni,
+                queue,
+                uso,
+                traffic,
+            }) => {
                 if let Some(old) = st.by_vni.remove(&vni) {
                     remove_slot(poll, st, old);
                 }
@@ -289,7 +298,12 @@ fn handle_control(
                 {
                     tracing::warn!(%vni, error = %e, "kernel refused the TAP steering program; its flows are hashed to workers");
                 }
-                st.taps[idx] = Some(TapSlot { vni, queue, uso });
+                st.taps[idx] = Some(TapSlot {
+                    vni,
+                    queue,
+                    uso,
+                    traffic,
+                });
                 st.by_vni.insert(vni, idx);
             }
             Ok(Control::Layout(layout)) => {
@@ -366,6 +380,7 @@ struct Io<'a> {
     udp: &'a UdpSocket,
     pool: &'a SendPool,
     tables: &'a ArcSwap<Index>,
+    peers: &'a ArcSwap<Peers>,
     counters: &'a Counters,
     offloads: bool,
     stage: &'a dyn Stage,
@@ -373,6 +388,12 @@ struct Io<'a> {
 }
 
 impl Io<'_> {
+    /// Counts a drop of a frame of the network counted by `net`.
+    fn drop_in(&self, net: &NetCounters, reason: DropReason) {
+        self.counters.drop(reason);
+        net.dropped(reason);
+    }
+
     /// Handles up to [`BUDGET`] frames from one TAP queue; true if it may have more.
     fn on_tap(&self, st: &mut State, idx: usize) -> bool {
         let more = self.on_tap_frames(st, idx);
@@ -410,12 +431,13 @@ impl Io<'_> {
                 }
             };
             self.counters.add(&self.counters.rx_frames, 1);
+            slot.traffic.read_frame(n.saturating_sub(TAP_HEADROOM));
             let Some(vh) = vnet::Header::parse(&buf[..n]) else {
-                self.counters.drop(DropReason::MalformedFrame);
+                self.drop_in(&slot.traffic, DropReason::MalformedFrame);
                 continue;
             };
             let Some(net) = net else {
-                self.counters.drop(DropReason::UnknownNetwork);
+                self.drop_in(&slot.traffic, DropReason::UnknownNetwork);
                 continue;
             };
             // A super-frame keeps its partial checksum (it is segmented, or written back, with
@@ -430,7 +452,7 @@ impl Io<'_> {
                 )
                 .is_err()
             {
-                self.counters.drop(DropReason::Offload);
+                self.drop_in(&slot.traffic, DropReason::Offload);
                 continue;
             } else {
                 Checksum::Full
@@ -462,7 +484,7 @@ impl Io<'_> {
                         continue;
                     }
                     Forward::Drop(reason) => {
-                        self.counters.drop(reason);
+                        self.drop_in(&slot.traffic, reason);
                         continue;
                     }
                     // The stage's answer to a super-frame (a reset): a plain frame.
@@ -516,12 +538,12 @@ impl Io<'_> {
                 Forward::Local => self.write_tap(taps, idx, &ZERO_VNET, frame),
                 Forward::Reply(len) => match slot.queue.write_parts(&ZERO_VNET, &reply[..len]) {
                     Ok(_) => self.counters.add(&self.counters.arp_answered, 1),
-                    Err(_) => self.counters.drop(DropReason::TapWrite),
+                    Err(_) => self.drop_in(&slot.traffic, DropReason::TapWrite),
                 },
                 // Checksums are complete now: no vnet flags.
                 Forward::Wire => self.to_wire(&ZERO_VNET, &mut buf[TAP_HEADROOM..n]),
                 Forward::WireReply(len) => self.to_wire(&ZERO_VNET, &mut reply[..len]),
-                Forward::Drop(reason) => self.counters.drop(reason),
+                Forward::Drop(reason) => self.drop_in(&slot.traffic, reason),
             }
         }
         true
@@ -750,6 +772,7 @@ impl Io<'_> {
             ..
         } = st;
         let tables = self.tables.load();
+        let peers = self.peers.load();
         // Where the frame the coalescer is filling goes.
         let mut current: Option<Sink> = None;
         let mut more = true;
@@ -780,6 +803,7 @@ impl Io<'_> {
                     self.counters.drop(DropReason::NotMember);
                     continue;
                 };
+                let mut taken = 0;
                 for datagram in data.chunks_mut(seg) {
                     // A sealed datagram is opened here, in place, before it is coalesced.
                     let (sink, at) = match switch::from_vtep(
@@ -798,8 +822,12 @@ impl Io<'_> {
                             continue;
                         }
                     };
+                    taken += 1;
                     let inner = &mut datagram[at];
                     self.deliver(taps, sink, inner, coalescer, &mut current);
+                }
+                if taken > 0 {
+                    peers.took(*from.ip(), taken, now);
                 }
             }
             if count < RECV_BATCH {
@@ -889,13 +917,18 @@ impl Io<'_> {
             self.counters.drop(DropReason::NoTap);
             return;
         };
-        let written = if header.is_empty() {
-            slot.queue.write(frame)
+        let (written, len) = if header.is_empty() {
+            // The frame starts with its vnet header.
+            (
+                slot.queue.write(frame),
+                frame.len().saturating_sub(TAP_HEADROOM),
+            )
         } else {
-            slot.queue.write_parts(header, frame)
+            (slot.queue.write_parts(header, frame), frame.len())
         };
-        if written.is_err() {
-            self.counters.drop(DropReason::TapWrite);
+        match written {
+            Ok(_) => slot.traffic.wrote_frame(len),
+            Err(_) => self.drop_in(&slot.traffic, DropReason::TapWrite),
         }
     }
 }

@@ -23,6 +23,8 @@ use tokio::sync::watch;
 
 use super::{NodeId, TypeConfig};
 use crate::api::Reply;
+use crate::gossip::unix_ms;
+use crate::metrics::Propagation;
 use crate::registry::Registry;
 use crate::state_dir;
 
@@ -49,17 +51,20 @@ pub struct Store {
     disk: Arc<Mutex<Disk>>,
     /// The registry as last applied, for readers outside Raft.
     applied: Arc<watch::Sender<Arc<Registry>>>,
+    /// How long proposals took to be applied here.
+    propagation: Arc<Propagation>,
 }
 
 impl Store {
     /// Opens the store in `dir`; empty for a node that has never been part of a cluster.
-    pub fn open(dir: PathBuf) -> anyhow::Result<Store> {
+    pub fn open(dir: PathBuf, propagation: Arc<Propagation>) -> anyhow::Result<Store> {
         let disk: Disk = state_dir::load_raft(&dir)?.unwrap_or_default();
         let (applied, _) = watch::channel(Arc::new(disk.registry.clone()));
         Ok(Store {
             dir: Arc::new(dir),
             disk: Arc::new(Mutex::new(disk)),
             applied: Arc::new(applied),
+            propagation,
         })
     }
 
@@ -215,6 +220,7 @@ impl RaftStorage<TypeConfig> for Store {
         &mut self,
         entries: &[Entry<TypeConfig>],
     ) -> Result<Vec<Reply>, StorageError<NodeId>> {
+        let propagation = self.propagation.clone();
         let (replies, registry) = self.change(|disk| {
             let replies: Vec<Reply> = entries
                 .iter()
@@ -223,6 +229,7 @@ impl RaftStorage<TypeConfig> for Store {
                     match &entry.payload {
                         EntryPayload::Blank => Ok(serde_json::Value::Null),
                         EntryPayload::Normal(proposal) => {
+                            propagation.applied(proposal.proposed_ms, unix_ms());
                             disk.registry.apply_once(proposal.clone())
                         }
                         EntryPayload::Membership(m) => {

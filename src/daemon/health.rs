@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::Daemon;
 use crate::cluster::View;
@@ -212,7 +212,8 @@ impl Daemon {
                     } else {
                         key::UNHEALTHY
                     };
-                    info!(network_id, %ip, state, "task health changed");
+                    // Every node logs the task's change as a cluster event (`crate::events`).
+                    debug!(network_id, %ip, state, "task health published");
                     set.push((key::health(&network_id, ip), state.to_string()));
                 }
                 Publish::Withdraw((network_id, ip)) => {

@@ -22,6 +22,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{Daemon, vni};
 use crate::cluster::View;
+use crate::events::Events;
 use crate::model::{Network, NodeState, key};
 use crate::{egress, host, mesh_hooks, services, state_dir};
 
@@ -34,7 +35,8 @@ const REFUSED_ROUNDS: u32 = 8;
 #[derive(Default)]
 struct Seen {
     published: overlay::Tables,
-    members: BTreeMap<String, NodeState>,
+    /// What the cluster's events were last compared with.
+    events: Events,
     /// Other members' gossip addresses, as last saved to the state dir.
     peers: Vec<SocketAddr>,
     /// Refused gossip entries and for how many rounds in a row.
@@ -70,7 +72,9 @@ impl Daemon {
 
     async fn reconcile(&self, seen: &mut Seen) -> anyhow::Result<()> {
         let view = self.view().await;
-        log_member_changes(&view, &mut seen.members);
+        for event in seen.events.update(&view) {
+            event.log();
+        }
         self.note_refused(&view, &mut seen.refused);
         // Before `realise`: hooks of a network being removed go before its TAP does.
         self.steer_mesh(&view).await;
@@ -313,24 +317,5 @@ impl Daemon {
             .await;
         realised.insert(net.id.clone(), net.clone());
         Ok(())
-    }
-}
-
-/// Logs members that joined or changed state since the last round.
-fn log_member_changes(view: &View, seen: &mut BTreeMap<String, NodeState>) {
-    for m in &view.members {
-        let (id, address, state) = (&m.node.id, m.node.address, m.node.state);
-        match seen.insert(id.clone(), state) {
-            // A member is heard of before the failure detector has its heartbeats: it counts as
-            // joined once it is first seen ready.
-            None if state == NodeState::Down => {
-                seen.remove(id);
-            }
-            None => info!(node = %id, %address, "member joined"),
-            Some(before) if before != state => {
-                info!(node = %id, %address, %state, "member state changed")
-            }
-            Some(_) => {}
-        }
     }
 }
