@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //! - this file: start and stop, the API and peer servers, changes proposed through Raft.
-//! - [`reconcile`]: the loop that makes bridges, TAPs and the data plane's tables match the view.
+//! - [`reconcile`]: the loop that makes bridges, TAPs and the data plane's tables match the view,
+//!   through [`plumbing`] (the host and data plane as a trait, faked by the simulator).
 //! - [`endpoints`]: containers on this node (attach, detach, restore after a restart).
 //! - [`ports`]: the checks before a service publishes ports, and `service update`.
 //! - [`dns`]: the DNS server on each network's gateway address.
@@ -24,6 +25,7 @@ mod health;
 mod mesh_hooks;
 mod mesh_proxy;
 mod observe;
+pub(crate) mod plumbing;
 mod ports;
 mod reconcile;
 
@@ -288,7 +290,9 @@ impl Daemon {
                         .map(|e| (key::endpoint(&e.network_id, e.ip), e.to_gossip())),
                 )
                 .collect();
-            let gossip = gossip::start(chitchat_id, &secret, gossip_addr, seeds, initial).await?;
+            let underlay = gossip::Underlay::host();
+            let gossip =
+                gossip::start(chitchat_id, &secret, gossip_addr, seeds, initial, underlay).await?;
             if identity_to_create {
                 let identity = Identity {
                     node_id: id.clone(),

@@ -11,12 +11,18 @@
 //!   from ours, or that is not exactly one chitchat message.
 //!
 //! Every drop is counted by reason ([`Gossip::dropped`]), never logged per datagram.
+//!
+//! What gossip runs on is an [`Underlay`]: how datagrams travel ([`Datagrams`]: UDP in the
+//! daemon, an in-memory network with loss and latency in the simulator) and the wall clock the
+//! datagrams' times come from ([`WallClock`]). Signing and checking are the same over either.
+//! Every other time gossip reads is tokio's (chitchat's failure detector too), which a test can
+//! pause and advance.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use chitchat::transport::{Socket, Transport};
@@ -24,6 +30,7 @@ use chitchat::{
     ChitchatConfig, ChitchatHandle, ChitchatId, ChitchatMessage, Deserializable,
     FailureDetectorConfig, Serializable,
 };
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::cluster::{MemberState, View};
@@ -31,9 +38,9 @@ use crate::registry::Registry;
 use crate::token::{Key, Purpose, Secret, TAG_LEN};
 
 /// Gossip rounds are frequent so that a dead node is noticed within seconds.
-const GOSSIP_INTERVAL: Duration = Duration::from_millis(200);
+pub const GOSSIP_INTERVAL: Duration = Duration::from_millis(200);
 /// chitchat's datagram budget; the time and the tag are added around it.
-const MAX_DATAGRAM: usize = 65_507;
+pub const MAX_DATAGRAM: usize = 65_507;
 /// Bytes of the send time that leads every signed payload: ms since the Unix epoch, big-endian.
 pub const STAMP_LEN: usize = 8;
 /// How far a datagram's send time may be from the receiver's clock. A datagram takes
@@ -162,12 +169,82 @@ impl Liveness {
     }
 }
 
+/// How gossip datagrams travel, as a socket bound to one address.
+#[async_trait::async_trait]
+pub trait Datagrams: Send + Sync + 'static {
+    async fn bind(&self, addr: SocketAddr) -> anyhow::Result<Box<dyn DatagramSocket>>;
+}
+
+/// One bound address: sends are best effort, as UDP's are.
+#[async_trait::async_trait]
+pub trait DatagramSocket: Send + Sync + 'static {
+    async fn send_to(&mut self, datagram: &[u8], to: SocketAddr) -> std::io::Result<()>;
+    /// The next datagram, copied into `buf` (longer ones are cut, as UDP cuts them).
+    async fn recv_from(&mut self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)>;
+}
+
+/// The time signed datagrams carry, in ms since the Unix epoch.
+pub trait WallClock: Send + Sync + 'static {
+    fn unix_ms(&self) -> u64;
+}
+
+/// What gossip runs on.
+#[derive(Clone)]
+pub struct Underlay {
+    pub datagrams: Arc<dyn Datagrams>,
+    pub clock: Arc<dyn WallClock>,
+}
+
+impl Underlay {
+    /// UDP sockets and the system clock: the daemon's.
+    pub fn host() -> Underlay {
+        Underlay {
+            datagrams: Arc::new(Udp),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+struct Udp;
+
+#[async_trait::async_trait]
+impl Datagrams for Udp {
+    async fn bind(&self, addr: SocketAddr) -> anyhow::Result<Box<dyn DatagramSocket>> {
+        let socket = tokio::net::UdpSocket::bind(addr).await.with_context(|| {
+            format!("binding gossip socket {addr}/udp (is another daemon using it?)")
+        })?;
+        Ok(Box::new(socket))
+    }
+}
+
+#[async_trait::async_trait]
+impl DatagramSocket for tokio::net::UdpSocket {
+    async fn send_to(&mut self, datagram: &[u8], to: SocketAddr) -> std::io::Result<()> {
+        tokio::net::UdpSocket::send_to(self, datagram, to)
+            .await
+            .map(drop)
+    }
+
+    async fn recv_from(&mut self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        tokio::net::UdpSocket::recv_from(self, buf).await
+    }
+}
+
+struct SystemClock;
+
+impl WallClock for SystemClock {
+    fn unix_ms(&self) -> u64 {
+        unix_ms()
+    }
+}
+
 pub async fn start(
     id: ChitchatId,
     secret: &Secret,
     listen: SocketAddr,
     seeds: Vec<String>,
     initial: Vec<(String, String)>,
+    underlay: Underlay,
 ) -> anyhow::Result<Gossip> {
     let config = ChitchatConfig {
         chitchat_id: id,
@@ -190,7 +267,8 @@ pub async fn start(
     let drops = Arc::new(Drops::default());
     let syns = Arc::new(AtomicU64::new(0));
     let senders = Arc::new(Mutex::new(Senders::default()));
-    let transport = SignedUdp {
+    let transport = Signed {
+        underlay,
         key: secret.key(Purpose::Gossip),
         drops: drops.clone(),
         syns: syns.clone(),
@@ -335,7 +413,9 @@ impl Drops {
     }
 }
 
-struct SignedUdp {
+/// chitchat's transport: every message signed on the way out and checked on the way in.
+struct Signed {
+    underlay: Underlay,
     key: Key,
     drops: Arc<Drops>,
     syns: Arc<AtomicU64>,
@@ -343,13 +423,11 @@ struct SignedUdp {
 }
 
 #[async_trait::async_trait]
-impl Transport for SignedUdp {
+impl Transport for Signed {
     async fn open(&self, listen: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
-        let socket = tokio::net::UdpSocket::bind(listen).await.with_context(|| {
-            format!("binding gossip socket {listen}/udp (is another daemon using it?)")
-        })?;
         Ok(Box::new(SignedSocket {
-            socket,
+            socket: self.underlay.datagrams.bind(listen).await?,
+            clock: self.underlay.clock.clone(),
             key: self.key.clone(),
             drops: self.drops.clone(),
             syns: self.syns.clone(),
@@ -363,7 +441,8 @@ impl Transport for SignedUdp {
 const DATAGRAM_LEN: usize = STAMP_LEN + MAX_DATAGRAM + TAG_LEN;
 
 struct SignedSocket {
-    socket: tokio::net::UdpSocket,
+    socket: Box<dyn DatagramSocket>,
+    clock: Arc<dyn WallClock>,
     key: Key,
     drops: Arc<Drops>,
     syns: Arc<AtomicU64>,
@@ -418,7 +497,12 @@ impl Socket for SignedSocket {
         if matches!(message, ChitchatMessage::Syn { .. }) {
             self.syns.fetch_add(1, Ordering::Relaxed);
         }
-        seal(&self.key, unix_ms(), &message, &mut self.send_buf);
+        seal(
+            &self.key,
+            self.clock.unix_ms(),
+            &message,
+            &mut self.send_buf,
+        );
         // A peer that is down makes sends fail transiently; chitchat retries next round.
         if let Err(err) = self.socket.send_to(&self.send_buf, to).await {
             debug!(peer = %to, %err, "gossip send failed");
@@ -437,7 +521,7 @@ impl Socket for SignedSocket {
             };
             // The sender first: a stranger costs no HMAC, and is never answered.
             let verdict = if lock(&self.senders).allows(from_addr, Instant::now()) {
-                open(&self.key, &self.recv_buf[..len], unix_ms())
+                open(&self.key, &self.recv_buf[..len], self.clock.unix_ms())
             } else {
                 Err(Dropped::NotMember)
             };
@@ -462,7 +546,8 @@ mod tests {
             .unwrap();
         let id = ChitchatId::new(name.to_string(), 1, addr);
         let seeds = seeds.iter().map(|s| s.to_string()).collect();
-        (start(id, secret, addr, seeds, vec![]).await.unwrap(), addr)
+        let gossip = start(id, secret, addr, seeds, vec![], Underlay::host());
+        (gossip.await.unwrap(), addr)
     }
 
     /// Polls `done` over the views of `nodes` until it holds for all, for at most 15 s.
@@ -721,7 +806,7 @@ mod tests {
     async fn a_fake_peers_challenge_cannot_be_turned_into_gossip() {
         let secret = Secret::generate();
         let key = secret.key(Purpose::Gossip);
-        let now = unix_ms();
+        let now = SystemClock.unix_ms();
         let mut wanted = now.to_be_bytes().to_vec();
         syn(&secret.cluster_id()).serialize(&mut wanted);
         let same_length = wanted[..peer::NONCE_LEN].to_vec();

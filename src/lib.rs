@@ -24,6 +24,8 @@
 //! - [`services`]: the balancer as the data plane's stage, and its snapshot of the view.
 //! - [`host`]: bridges and veth pairs via iproute2; [`egress`]: the nftables rules that let
 //!   containers out through their node; [`state_dir`]: the node's identity on disk.
+//! - `sim` (tests only): N nodes' control planes in one process on a virtual clock and an
+//!   in-memory network, to measure convergence at scale.
 
 pub mod api;
 pub mod cli;
@@ -44,6 +46,8 @@ pub mod peer;
 pub mod publish;
 pub mod registry;
 mod services;
+#[cfg(test)]
+mod sim;
 pub mod state_dir;
 pub mod token;
 pub mod trace;

@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, warn};
 
-use super::{Daemon, vni};
+use super::Daemon;
+use super::plumbing::{self, Plumbing};
 use crate::cluster::View;
 use crate::events::Events;
 use crate::model::{Network, NodeState, key};
@@ -90,7 +90,7 @@ impl Daemon {
         let tables = view.tables(&self.id, self.config.vxlan_port, &self.secret);
         if tables != seen.published {
             debug!(networks = tables.networks.len(), "publishing tables");
-            self.dataplane.publish(tables.clone());
+            self.host().publish(tables.clone());
             seen.published = tables;
         }
         // Last: a state dir that cannot be written must not hold up the host or the data plane.
@@ -243,79 +243,26 @@ impl Daemon {
     /// Makes this host's bridges and TAPs match the view's networks.
     async fn realise(&self, view: &View) {
         let mut realised = self.realised.lock().await;
-        let gone: Vec<String> = realised
-            .keys()
-            .filter(|id| !view.networks.values().any(|n| n.id == **id))
-            .cloned()
-            .collect();
-        for id in gone {
-            let Some(net) = realised.remove(&id) else {
-                continue;
-            };
-            self.dataplane.remove_network(vni(&net));
-            self.dns.stop(&id);
-            egress::remove(&net).await;
-            host::remove_link(&net.bridge_name()).await;
-            self.gossip.update(&[], &[key::realised(&id)]).await;
-            info!(network = %net.name, vni = net.vni, "network removed from this node");
-        }
-        for net in view.networks.values() {
-            if let Err(err) = self.make_network(&mut realised, net).await {
-                warn!(network = %net.name, err = %format!("{err:#}"), "network not made on this node; retrying");
-            }
-        }
+        // Read under the `realised` lock, so `stop` cannot be overtaken by a network made here.
+        let stopping = self.stopping.load(Ordering::Relaxed);
+        plumbing::realise(view, &mut realised, &self.host(), &self.gossip, stopping).await;
     }
 
     /// Makes `net`'s bridge and TAP now unless they exist, for an attach that cannot wait for
     /// the next round.
     pub(super) async fn realise_network(&self, net: &Network) -> anyhow::Result<()> {
         let mut realised = self.realised.lock().await;
-        self.make_network(&mut realised, net).await
-    }
-
-    /// Makes the bridge and the TAP of `net` and records it in `realised`, unless it is there
-    /// already or the node is stopping. On failure nothing it made is left: the next try starts
-    /// from scratch rather than finding a TAP without a bridge.
-    async fn make_network(
-        &self,
-        realised: &mut BTreeMap<String, Network>,
-        net: &Network,
-    ) -> anyhow::Result<()> {
-        // Read under the `realised` lock, so `stop` cannot be overtaken by a network made here.
-        if self.stopping.load(Ordering::Relaxed) || realised.contains_key(&net.id) {
+        if self.stopping.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let made_bridge = host::ensure_bridge(net).await?;
-        let tap = net.tap_name();
-        let made = async {
-            self.dataplane
-                .add_network(vni(net), &tap)
-                .with_context(|| format!("creating TAP {tap}"))?;
-            // Egress last: `egress::add` leaves no rule when it fails, so there is nothing of
-            // it to undo here.
-            let plugged = async {
-                host::enslave(&tap, net).await?;
-                egress::add(net).await
-            };
-            if let Err(err) = plugged.await {
-                self.dataplane.remove_network(vni(net));
-                return Err(err);
-            }
-            Ok(())
+        plumbing::make_network(&mut realised, net, &self.host(), &self.gossip).await
+    }
+
+    /// This host and its data plane, as the reconcile loop changes them.
+    fn host(&self) -> plumbing::Host<'_> {
+        plumbing::Host {
+            dataplane: &self.dataplane,
+            dns: &self.dns,
         }
-        .await;
-        if let Err(err) = made {
-            if made_bridge {
-                host::remove_link(&net.bridge_name()).await;
-            }
-            return Err(err.context(format!("making network {} on this node", net.name)));
-        }
-        self.dns.start(net);
-        info!(network = %net.name, vni = net.vni, subnet = %net.subnet, mtu = net.mtu, "network ready on this node");
-        self.gossip
-            .update(&[(key::realised(&net.id), String::new())], &[])
-            .await;
-        realised.insert(net.id.clone(), net.clone());
-        Ok(())
     }
 }
