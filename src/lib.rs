@@ -38,6 +38,7 @@ mod egress;
 mod events;
 pub mod gossip;
 mod host;
+mod http;
 mod ipam;
 mod mesh_hooks;
 pub mod metrics;

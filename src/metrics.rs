@@ -6,18 +6,16 @@
 //! kept here is the histogram of [`Propagation`], fed by the Raft state machine.
 //!
 //! The server is a bare HTTP/1 server (hyper) on its own listener: any path but `/metrics`
-//! gets 404, a client gets [`HEADER_WITHIN`] to send its request.
+//! gets 404, a client gets [`crate::http::HEADER_WITHIN`] to send its request.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{Response, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -27,9 +25,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::debug;
-
-/// How long a scraper may take to send its request headers.
-const HEADER_WITHIN: Duration = Duration::from_secs(5);
 
 /// The time from a registry change being proposed (on the node where the command was given)
 /// to this node's Raft state machine applying it, for changes proposed after this daemon
@@ -321,20 +316,14 @@ where
             }
         };
         let scrape = scrape.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<_>| {
+        tokio::spawn(crate::http::serve_connection(
+            stream,
+            "metrics",
+            move |request| {
                 let scrape = scrape.clone();
-                async move { Ok::<_, Infallible>(answer(request.uri().path(), scrape).await) }
-            });
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_WITHIN)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(err) = served {
-                debug!(%err, "metrics client");
-            }
-        });
+                async move { answer(request.uri().path(), scrape).await }
+            },
+        ));
     }
 }
 

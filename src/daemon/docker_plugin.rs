@@ -6,16 +6,13 @@
 //! daemon's `plumbing` lock serialises plugging with `attach` and `detach`.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 use tokio::sync::Mutex;
@@ -27,14 +24,12 @@ use crate::consensus::Change;
 use crate::docker::{self, Action, Answer, EndpointRef, EndpointSpec, NetworkSpec, Refusal, Step};
 use crate::model::Network;
 use crate::registry::Command;
-use crate::{host, state_dir};
+use crate::{host, http, state_dir};
 
 /// Where Docker looks for the plugin named [`docker::DRIVER`].
 pub const SOCKET: &str = "/run/docker/plugins/overlayd.sock";
 /// Largest request body read: Docker's are a few hundred bytes.
 const BODY_LIMIT: usize = 64 << 10;
-/// How long a client may take to send a request's headers.
-const HEADER_WITHIN: Duration = Duration::from_secs(10);
 
 /// What the plugin keeps between requests.
 #[derive(Default)]
@@ -74,20 +69,14 @@ impl Daemon {
                 .and_then(|pid| u32::try_from(pid).ok())
                 .filter(|&pid| host::other_netns(pid));
             let daemon = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
+            tokio::spawn(http::serve_connection(
+                stream,
+                "Docker plugin",
+                move |request| {
                     let daemon = daemon.clone();
-                    async move { Ok::<_, Infallible>(daemon.docker_request(request, runtime).await) }
-                });
-                let served = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_WITHIN)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-                if let Err(err) = served {
-                    debug!(%err, "Docker plugin connection ended");
-                }
-            });
+                    async move { daemon.docker_request(request, runtime).await }
+                },
+            ));
         }
     }
 
