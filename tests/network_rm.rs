@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use netns::{Cluster, PING_WAIT, wait_for};
 
-const REMOVE_WAIT: Duration = Duration::from_secs(20);
+const CONVERGE_WAIT: Duration = Duration::from_secs(20);
 
 #[test]
 fn network_rm_removes_bridge_and_tap_on_every_node_and_the_name_can_be_reused() {
@@ -22,14 +22,17 @@ fn network_rm_removes_bridge_and_tap_on_every_node_and_the_name_can_be_reused() 
         let entry = c.wait_network_everywhere(net);
         let vni = entry["vni"].as_u64().expect("network ls has a vni");
         let devs = [format!("ovbr-{vni}"), format!("ovtap-{vni}")];
+        // `network create` returns once committed and made on the node that ran it; the others
+        // make their bridge and TAP as the committed entry reaches them.
         for node in &c.nodes {
-            for dev in &devs {
-                assert!(
-                    c.has_link(&node.netns, dev),
-                    "round {round}: node {} lists {net} but has no {dev}",
-                    node.index
-                );
-            }
+            wait_for(
+                CONVERGE_WAIT,
+                &format!("round {round}: node {} to make {net}'s links", node.index),
+                || match devs.iter().find(|d| !c.has_link(&node.netns, d)) {
+                    Some(dev) => Err(format!("no {dev} yet")),
+                    None => Ok(()),
+                },
+            );
         }
 
         // One container per node, the same namespaces in both rounds (containers outlive networks).
@@ -46,7 +49,7 @@ fn network_rm_removes_bridge_and_tap_on_every_node_and_the_name_can_be_reused() 
 
         for node in &c.nodes {
             wait_for(
-                REMOVE_WAIT,
+                CONVERGE_WAIT,
                 &format!(
                     "round {round}: node {} to forget {net} and its links",
                     node.index

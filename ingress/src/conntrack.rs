@@ -39,10 +39,17 @@
 //!
 //! Capacity is fixed at construction and everything is allocated then ([`Table::new`]): 64
 //! bytes a slot, and 4 to 8 index words of 8 bytes per slot. The sweeps scan the slots under
-//! the lock: [`Locked::handle_timeout`] removes every entry past its deadline, and when the
-//! table is full, inserting evicts an embryonic entry (a TCP flow without reply, an unreplied
-//! UDP flow), the one idle longest, else the entry idle longest of all; [`Stats`] counts both
-//! kinds.
+//! the lock: [`Locked::handle_timeout`] removes every entry past its deadline. When the table
+//! is full, inserting evicts an embryonic entry (a TCP flow without reply, an unreplied UDP
+//! flow) if there is one, else the entry idle longest; [`Stats`] counts both kinds. It looks
+//! at [`EVICTION_RANGE`] slots at a time from a hand that goes round the table, and stops at
+//! the first window with an embryonic entry (the one of those idle longest goes): under a SYN
+//! flood every insert evicts, and a scan of the whole table under the lock made each spoofed
+//! SYN cost thousands of slot reads while the shard's real flows waited (their replies then
+//! found their entries gone). Going round, the hand comes back to a flow's window only after
+//! every other window has had an eviction, so a new flow still outlives about a table's worth
+//! of inserts, as with a scan of the whole table. Only a table full of replied flows, which an
+//! attacker cannot fake cheaply, is scanned whole.
 //!
 //! When a backend is removed, [`Locked::remove_backend`] marks its entries
 //! [`State::BackendGone`]: they stay long enough for the flow's next packets to find them and
@@ -66,6 +73,10 @@ pub mod tcp_flags {
     pub const RST: u8 = 0x04;
     pub const ACK: u8 = 0x10;
 }
+
+/// Slots an eviction compares at a time: a table no larger evicts exactly the entry of least
+/// rank.
+pub const EVICTION_RANGE: u32 = 32;
 
 /// The largest capacity [`Capacity::new`] accepts: past this the memory (64 bytes a flow, and
 /// 32 to 64 for the index) is not something a node should commit to.
@@ -539,6 +550,8 @@ struct Writer {
     /// Free slots, as a stack that never holds more than the capacity.
     free: Vec<u32>,
     len: u32,
+    /// The first slot the next eviction looks at.
+    hand: u32,
     stats: Stats,
 }
 
@@ -559,6 +572,7 @@ impl Table {
             writer: Mutex::new(Writer {
                 free: (0..capacity.0).rev().collect(),
                 len: 0,
+                hand: 0,
                 stats: Stats::default(),
             }),
         }
@@ -948,21 +962,38 @@ impl Locked<'_> {
         self.writer.len -= 1;
     }
 
-    /// Empties the slot of the embryonic entry idle longest, else of the entry idle longest
-    /// (the table is full, every slot holds one), and returns it.
+    /// Empties the slot of an embryonic entry, else of the entry idle longest (the table is
+    /// full, every slot holds one), and returns it. It looks [`EVICTION_RANGE`] slots at a
+    /// time from the hand, moving the hand past them, until a window holds an embryonic entry
+    /// (then the one of those idle longest goes) or it has been round the whole table.
     fn evict(&mut self) -> u32 {
+        let slots = self.table.slots.len() as u32;
         // Sorts embryonic entries first, then by last packet; a free slot is no candidate.
         let rank = |slot: u32| match self.state(slot) {
             Some(state) => (!state.is_embryonic(), self.seen(slot)),
             None => (true, u64::MAX),
         };
-        let victim = (1..self.table.slots.len() as u32).fold(0, |best, slot| {
-            if rank(slot) < rank(best) { slot } else { best }
-        });
-        if rank(victim).0 {
-            self.writer.stats.evicted_oldest += 1;
-        } else {
+        let (mut hand, mut looked) = (self.writer.hand, 0);
+        let mut victim = hand;
+        while looked < slots {
+            let range = EVICTION_RANGE.min(slots - looked);
+            victim = (hand..hand + range)
+                .map(|slot| slot % slots)
+                .chain([victim])
+                .min_by_key(|&slot| rank(slot))
+                .expect("the chain holds the victim so far");
+            hand = (hand + range) % slots;
+            looked += range;
+            if !rank(victim).0 {
+                break;
+            }
+        }
+        let embryonic = !rank(victim).0;
+        self.writer.hand = hand;
+        if embryonic {
             self.writer.stats.evicted_embryonic += 1;
+        } else {
+            self.writer.stats.evicted_oldest += 1;
         }
         self.vacate(victim);
         victim

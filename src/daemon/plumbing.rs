@@ -48,12 +48,7 @@ pub(crate) async fn realise(
         .cloned()
         .collect();
     for id in gone {
-        let Some(net) = realised.remove(&id) else {
-            continue;
-        };
-        plumbing.remove_network(&net).await;
-        gossip.update(&[], &[key::realised(&id)]).await;
-        info!(network = %net.name, vni = net.vni, "network removed from this node");
+        unmake_network(realised, &id, plumbing, gossip).await;
     }
     if stopping {
         return;
@@ -65,7 +60,9 @@ pub(crate) async fn realise(
     }
 }
 
-/// Makes `net` unless it is in `realised`, then records and announces it.
+/// Makes `net` unless it is in `realised`, then records and announces it. A network made
+/// here with the same VNI was removed from the registry (which gave its VNI to `net`), though
+/// no round has removed it from this node yet: it goes first.
 pub(crate) async fn make_network(
     realised: &mut BTreeMap<String, Network>,
     net: &Network,
@@ -74,6 +71,14 @@ pub(crate) async fn make_network(
 ) -> anyhow::Result<()> {
     if realised.contains_key(&net.id) {
         return Ok(());
+    }
+    let replaced: Vec<String> = realised
+        .values()
+        .filter(|made| made.vni == net.vni)
+        .map(|made| made.id.clone())
+        .collect();
+    for id in replaced {
+        unmake_network(realised, &id, plumbing, gossip).await;
     }
     plumbing
         .add_network(net)
@@ -85,6 +90,21 @@ pub(crate) async fn make_network(
         .await;
     realised.insert(net.id.clone(), net.clone());
     Ok(())
+}
+
+/// Removes network `id` from this node, from `realised` and from its gossip keys.
+async fn unmake_network(
+    realised: &mut BTreeMap<String, Network>,
+    id: &str,
+    plumbing: &impl Plumbing,
+    gossip: &Gossip,
+) {
+    let Some(net) = realised.remove(id) else {
+        return;
+    };
+    plumbing.remove_network(&net).await;
+    gossip.update(&[], &[key::realised(id)]).await;
+    info!(network = %net.name, vni = net.vni, "network removed from this node");
 }
 
 /// This host and its data plane.

@@ -327,6 +327,52 @@ fn churn_keeps_the_index_whole() {
     ct.check_invariants();
 }
 
+/// A SYN flood into a large full table: each insert looks at [`EVICTION_RANGE`] slots, yet
+/// the flood evicts only its own SYNs, never an established flow, and a real client's SYN sent
+/// in the middle of it outlives nearly a table's worth of spoofed SYNs (time for its reply).
+#[test]
+fn a_syn_flood_evicts_only_syns_and_a_new_flow_outlives_most_of_a_table_of_them() {
+    const SLOTS: u32 = 4096;
+    let t0 = Instant::now();
+    let t = table(SLOTS, t0);
+    let mut ct = t.lock();
+    let kept = established(&mut ct, t0, 1, 1);
+    let spoofed = |i: u32| {
+        let client = SocketAddrV4::new(Ipv4Addr::from(0xc612_0000 | (i >> 16)), i as u16);
+        Tuple::new(Protocol::Tcp, client, vip(80))
+    };
+    // One SYN a microsecond, the real one among them.
+    let at = |i: u32| t0 + SEC + Duration::from_micros(i.into());
+    let mut sent = 0;
+    let mut flood = |ct: &mut Locked<'_>, n: u32| {
+        for _ in 0..n {
+            sent += 1;
+            ct.insert(at(sent), spoofed(sent), to(9), SYN).unwrap();
+        }
+    };
+    flood(&mut ct, 3 * SLOTS);
+    let real = ct
+        .insert(at(3 * SLOTS), flow(Protocol::Tcp, 2, 2), to(9), SYN)
+        .unwrap();
+    let survived = (1..=SLOTS)
+        .find(|_| {
+            flood(&mut ct, 1);
+            ct.get(&real.original()).is_none()
+        })
+        .unwrap_or(SLOTS);
+    assert!(
+        survived > SLOTS - 2 * EVICTION_RANGE,
+        "a new SYN was evicted after {survived} spoofed SYNs"
+    );
+    flood(&mut ct, 3 * SLOTS);
+    assert!(
+        ct.get(&kept.original()).is_some(),
+        "the established flow stays"
+    );
+    assert_eq!(ct.stats().evicted_oldest, 0);
+    ct.check_invariants();
+}
+
 #[test]
 fn a_packet_with_an_earlier_time_does_not_shorten_a_flow() {
     // Workers read the clock each on its own: their times reach a flow out of order.
