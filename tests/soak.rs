@@ -13,7 +13,9 @@
 //! Every task logs the client address and port of each connection it accepts, with the time;
 //! every client logs each failed request's source port, start and end. A failure is the
 //! removal's when the task that accepted its connection was detached while the request was
-//! under way; any other failure fails the test. Both counts are printed.
+//! under way; any other failure fails the test. Both counts are printed. For one that fails
+//! it, the test prints what a capture of connection starts and ends (SYN, FIN, RST) in the
+//! client and in every task saw of its port: where its SYNs went, and what answered them.
 //!
 //! # One client port towards several nodes
 //! The client on the underlay has 4096 ports to connect from ([`CLIENT_PORTS`]), so that it
@@ -34,6 +36,7 @@
 mod netns;
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use netns::mesh::tcp_server;
@@ -234,6 +237,64 @@ impl Failed {
     }
 }
 
+/// The starts and ends of TCP connections (SYN, FIN, RST) seen in one netns: what the clients
+/// and tasks cannot log, such as a SYN that never reached a task, or an answer that went back
+/// through another node.
+struct Capture {
+    name: String,
+    pcap: PathBuf,
+    _tcpdump: Bg,
+}
+
+impl Capture {
+    fn start(c: &Cluster, name: &str, netns: &str) -> Capture {
+        let pcap = c.dir.join(format!("{name}.pcap"));
+        let path = pcap.to_str().expect("UTF-8 test directory");
+        let flags = "tcp[tcpflags] & (tcp-syn|tcp-fin|tcp-rst) != 0";
+        let argv = [
+            "tcpdump", "-i", "any", "-nn", "-s", "96", "-U", "-w", path, flags,
+        ];
+        Capture {
+            name: name.to_string(),
+            _tcpdump: c.spawn(netns, &argv),
+            pcap,
+        }
+    }
+}
+
+/// Every capture's segments of a failed request's client port, from 2 s before it started to
+/// its end, in time order, each line led by the capture's name.
+fn timeline(captures: &[Capture], f: &Failed) -> String {
+    let port = f.src.rsplit(':').next().unwrap_or("?");
+    let mut lines: Vec<(f64, String)> = Vec::new();
+    for cap in captures {
+        let path = cap.pcap.to_str().expect("UTF-8 test directory");
+        let filter = format!("port {port}");
+        let out = std::process::Command::new("tcpdump")
+            .args(["-nn", "-tt", "-r", path, &filter])
+            .output();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        for line in text.unwrap_or_default().lines() {
+            let at: f64 = line
+                .split(' ')
+                .next()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0.0);
+            if (f.start - 2.0..=f.end).contains(&at) {
+                lines.push((at, format!("{:>6} {line}", cap.name)));
+            }
+        }
+    }
+    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let lines: Vec<String> = lines.into_iter().map(|(_, l)| l).collect();
+    format!(
+        "what was seen of {} -> {}:\n{}",
+        f.src,
+        f.target,
+        lines.join("\n")
+    )
+}
+
 /// The state node `n` lists for the task in `netns`, if it lists it.
 fn state_of(c: &Cluster, n: usize, netns: &str) -> Option<String> {
     let ps = c.node(n).try_json(&["service", "ps", "web"]).ok()?;
@@ -296,6 +357,15 @@ fn many_connections_through_vip_and_published_ports_while_tasks_come_and_go() {
         .expect("web has a VIP")
         .to_string();
     let client = c.host("client", CLIENT);
+    let captures: Vec<Capture> = std::iter::once(("client", client.as_str()))
+        .chain(
+            stable
+                .iter()
+                .chain(&churn)
+                .map(|t| (t.name.as_str(), t.netns.as_str())),
+        )
+        .map(|(name, netns)| Capture::start(&c, name, netns))
+        .collect();
     c.exec(
         &client,
         &[
@@ -434,6 +504,9 @@ fn many_connections_through_vip_and_published_ports_while_tasks_come_and_go() {
     };
     for f in &removals {
         println!("failed, its task removed under it: {}", show(f));
+    }
+    for f in &unexplained {
+        println!("{}", timeline(&captures, f));
     }
     let unexplained: Vec<String> = unexplained.iter().map(show).collect();
     println!("removals (task, Unix time): {removed:?}");

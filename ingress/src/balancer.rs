@@ -918,9 +918,14 @@ enum Reuse {
 /// one in use wins ([`keeps`]): the new one's packets are dropped ([`Reuse::Taken`]), and its
 /// SYN, sent again a second later, gets through once the old one has ended. Replacing it
 /// instead sent the live connection's answers to the other node (the soak's 10 s timeouts
-/// and resets through published ports). A flow with no connection to keep starts over with
-/// the answers going back to the new node; a UDP flow always does (UDP has no connection to
-/// keep, and a client's new socket reuses ports most often).
+/// and resets through published ports). A SYN on a flow with no connection to keep starts
+/// over with the answers going back to the new node ([`superseded`]); a UDP datagram always
+/// does (UDP has no connection to keep, and a client's new socket reuses ports most often).
+/// Any other TCP segment from a node that is not the flow's is a late one of a connection the
+/// task no longer has on this tuple, and is dropped: taking the tuple over for it made a flow
+/// "in use" of a client's unacknowledged FIN, sent again and again (its last ACK had gone to
+/// the new connection's node), and that flow turned away every new SYN on the tuple for 10 s
+/// (the soak's remaining timeouts).
 ///
 /// A UDP flow whose task went away is balanced afresh at its client's next datagram (UDP has
 /// no connection for the client to reset). A SYN on the tuple of any flow whose task went away,
@@ -936,10 +941,10 @@ fn reuse(direction: Direction, entry: &Entry, packet: &Packet) -> Reuse {
     if let (Via::Node(was), Origin::Node(now)) = (entry.nat().via, packet.origin)
         && was != now
     {
-        return if packet.tuple.proto == Protocol::Tcp && keeps(entry, packet.now) {
-            Reuse::Taken
-        } else {
+        return if superseded(entry, packet) {
             Reuse::Afresh
+        } else {
+            Reuse::Taken
         };
     }
     let ended = matches!(
@@ -962,10 +967,10 @@ fn keeps(entry: &Entry, now: Instant) -> bool {
     ) && now.saturating_duration_since(entry.last_seen()) < ACTIVE
 }
 
-/// Whether a flow's first `packet` replaces `old`, a flow of the same client port with the
-/// same answer tuple (the same client port through another node, to the same task): a UDP
-/// flow always (UDP has no connection to keep), a TCP SYN an entry with no connection to keep
-/// ([`keeps`]); else the one in use wins, and the SYN is sent again.
+/// Whether `packet` replaces `old`, a flow with the same answer tuple that came through another
+/// node (the same client port through two nodes, to the same task): a UDP datagram always (UDP
+/// has no connection to keep), a TCP SYN an entry with no connection to keep ([`keeps`]);
+/// else the one in use wins, and a SYN is sent again.
 fn superseded(old: &Entry, packet: &Packet) -> bool {
     match packet.tuple.proto {
         Protocol::Udp => true,
@@ -1278,6 +1283,43 @@ mod tests {
             Verdict::Return(second)
         );
         assert_eq!(b.stats.dropped.load(Ordering::Relaxed), 2);
+    }
+
+    /// The soak's last timeouts: a connection through `first` ended, and the same client port's
+    /// SYN through `second` took the tuple before the task's last ACK had gone back; the
+    /// client, never acknowledged, sent its FIN through `first` again and again. Those late
+    /// FINs took the tuple back, and every new SYN on it was turned away while they came.
+    #[test]
+    fn a_late_fin_through_another_node_does_not_take_the_tuple_from_new_connections() {
+        let b = balancer(&[7]);
+        let [first, second, third] = [3, 4, 5].map(|n| Ipv4Addr::new(198, 18, 0, n));
+        let task = at(ip(7), 80);
+        let syn = frame((CLIENT_MAC, mac_of(ip(7))), CLIENT, task, Some(true));
+        let answer = frame((mac_of(ip(7)), [0; 6]), task, CLIENT, Some(false));
+        let with_fin = |mut f: Vec<u8>| {
+            f[14 + 20 + 13] = 0x11; // FIN|ACK
+            f
+        };
+        let fin = with_fin(frame(
+            (CLIENT_MAC, mac_of(ip(7))),
+            CLIENT,
+            task,
+            Some(false),
+        ));
+        let task_fin = with_fin(answer.clone());
+        let go = |origin, f: &[u8]| run_from(&b, origin, &mut f.to_vec());
+        assert_eq!(go(Origin::Node(first), &syn), Verdict::Pass);
+        assert_eq!(go(Origin::Overlay, &task_fin), Verdict::Return(first));
+        assert_eq!(go(Origin::Node(first), &fin), Verdict::Pass);
+        assert_eq!(go(Origin::Node(second), &syn), Verdict::Pass);
+        assert_eq!(go(Origin::Node(first), &fin), Verdict::Drop, "a late FIN");
+        assert_eq!(go(Origin::Overlay, &answer), Verdict::Return(second));
+        // The second connection ends; a SYN through a third node gets the tuple at once.
+        assert_eq!(go(Origin::Overlay, &task_fin), Verdict::Return(second));
+        assert_eq!(go(Origin::Node(second), &fin), Verdict::Pass);
+        assert_eq!(go(Origin::Node(first), &fin), Verdict::Drop, "a late FIN");
+        assert_eq!(go(Origin::Node(third), &syn), Verdict::Pass);
+        assert_eq!(go(Origin::Overlay, &answer), Verdict::Return(third));
     }
 
     #[test]
