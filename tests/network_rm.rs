@@ -22,18 +22,6 @@ fn network_rm_removes_bridge_and_tap_on_every_node_and_the_name_can_be_reused() 
         let entry = c.wait_network_everywhere(net);
         let vni = entry["vni"].as_u64().expect("network ls has a vni");
         let devs = [format!("ovbr-{vni}"), format!("ovtap-{vni}")];
-        // `network create` returns once committed and made on the node that ran it; the others
-        // make their bridge and TAP as the committed entry reaches them.
-        for node in &c.nodes {
-            wait_for(
-                CONVERGE_WAIT,
-                &format!("round {round}: node {} to make {net}'s links", node.index),
-                || match devs.iter().find(|d| !c.has_link(&node.netns, d)) {
-                    Some(dev) => Err(format!("no {dev} yet")),
-                    None => Ok(()),
-                },
-            );
-        }
 
         // One container per node, the same namespaces in both rounds (containers outlive networks).
         let a = c.attach(1, &ctrs[0], net, &[]);

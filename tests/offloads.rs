@@ -6,7 +6,9 @@
 
 mod netns;
 
-use netns::{Cluster, PING_WAIT, TCP_PORT, offloads_forced_off};
+use std::time::Duration;
+
+use netns::{Cluster, PING_WAIT, TCP_PORT, offloads_forced_off, wait_for};
 
 const TCP_BYTES: usize = 8 << 20;
 
@@ -59,12 +61,15 @@ fn tap_offloads_match_the_requested_mode_and_tcp_flows() {
     let tap = format!("ovtap-{vni}");
 
     for node in &c.nodes {
-        let flags = logged_offload(&node.log_text(), &tap).unwrap_or_else(|| {
-            panic!(
-                "node {}: no `network added ... tap=\"{tap}\" ... offload=0x..` line in the log",
+        // The TAP is made just before its data plane logs it.
+        let flags = wait_for(
+            Duration::from_secs(5),
+            &format!(
+                "node {}: a `network added ... tap=\"{tap}\" ... offload=0x..` line in the log",
                 node.index
-            )
-        });
+            ),
+            || logged_offload(&node.log_text(), &tap).ok_or_else(|| "not logged yet".to_string()),
+        );
         let f = features(&c, &node.netns, &tap);
         let (csum, tso) = (
             feature(&f, "tx-checksumming"),

@@ -668,16 +668,27 @@ impl Cluster {
         }
     }
 
-    /// Waits until every live node lists network `name`; returns node 1's entry.
+    /// Waits until every live node lists network `name` and has made its bridge and TAP;
+    /// returns the last node's entry. `network create` returns once the network is committed
+    /// and made on the node that ran it; the others make it as the commit reaches them.
     pub fn wait_network_everywhere(&self, name: &str) -> Value {
         let mut entry = Value::Null;
         for node in self.nodes.iter().filter(|n| n.daemon_alive()) {
             entry = wait_for(
                 Duration::from_secs(20),
-                &format!("network {name} on node {}", node.index),
+                &format!("network {name} made on node {}", node.index),
                 || {
-                    node.network(name)?
-                        .ok_or_else(|| "not listed yet".to_owned())
+                    let entry = node
+                        .network(name)?
+                        .ok_or_else(|| "not listed yet".to_owned())?;
+                    let vni = entry["vni"].as_u64().ok_or("no vni in network ls")?;
+                    match [format!("ovbr-{vni}"), format!("ovtap-{vni}")]
+                        .into_iter()
+                        .find(|dev| !self.has_link(&node.netns, dev))
+                    {
+                        Some(dev) => Err(format!("no {dev} yet")),
+                        None => Ok(entry),
+                    }
                 },
             );
         }
