@@ -93,7 +93,8 @@ ov_wait() {
 ov_reap_stale() {
   local ns pid
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}'); do
-    if [[ $ns =~ ^ovt-[a-z0-9]+-([0-9]+)- || $ns =~ ^ovd([0-9]+)- || $ns =~ ^ovb([0-9]+)[knorim] ]]; then
+    if [[ $ns =~ ^ovt-[a-z0-9]+-([0-9]+)- || $ns =~ ^ovd([0-9]+)- || $ns =~ ^ovb([0-9]+)[knorim] ||
+      $ns =~ ^ovs([0-9]+)- ]]; then
       pid=${BASH_REMATCH[1]}
       kill -0 "$pid" 2>/dev/null && continue
       ov_ns_kill_del "$ns"

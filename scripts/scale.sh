@@ -30,7 +30,24 @@ P="ovs$$-"
 NET=scale
 SUBNET=198.19.0.0/16
 ov_workdir ovscale
-trap ov_cleanup EXIT
+# The kernel has one ARP table for all namespaces (net.ipv4.neigh.default.gc_thresh1-3, by default
+# 128/512/1024 entries). N nodes that gossip with each other hold about N*N entries, and N
+# containers that ping each other as many again; past gc_thresh3 the kernel drops packets
+# ("neighbor table overflow" in dmesg, "No route to host" to a joiner), which stopped every run
+# past about 45 nodes with joins that timed out. Raised for the run, restored after.
+NEIGH=(net.ipv4.neigh.default.gc_thresh1 net.ipv4.neigh.default.gc_thresh2 net.ipv4.neigh.default.gc_thresh3)
+read -r -a NEIGH_WAS <<<"$(sysctl -n "${NEIGH[@]}" | tr '\n' ' ')"
+finish() {
+  local rc=$? i
+  for i in 0 1 2; do sysctl -qw "${NEIGH[i]}=${NEIGH_WAS[i]}" || true; done
+  (exit "$rc")
+  ov_cleanup
+}
+trap finish EXIT
+# Ctrl-C or a kill stops the run and still removes everything (bash runs no EXIT trap on a
+# signal it does not trap).
+trap 'exit 130' INT TERM
+sysctl -qw "${NEIGH[0]}=$((N * N))" "${NEIGH[1]}=$((4 * N * N))" "${NEIGH[2]}=$((8 * N * N))"
 
 addr() { echo "198.18.$(($1 / 200)).$(($1 % 200 + 1))"; }
 now() { echo "$EPOCHREALTIME"; }

@@ -65,6 +65,13 @@ const API_REQUEST_WITHIN: Duration = Duration::from_secs(10);
 /// The reply of a member asked to commit a change while it is not the Raft leader; the asker
 /// retries.
 const NOT_LEADER: &str = "this node is not the leader";
+/// How long a joining node keeps asking to be added. The leader makes membership changes one at
+/// a time, each within [`crate::consensus::COMMIT_WITHIN`]; with a crowd joining at once (every node of
+/// a new cluster started together) some wait longer than that or find another change under way,
+/// and ask again. Adding a node that is already a member changes nothing.
+const JOIN_WITHIN: Duration = Duration::from_secs(60);
+/// Pause before asking again, plus up to half a second at random so a crowd spreads out.
+const JOIN_RETRY: Duration = Duration::from_millis(500);
 /// How long a proposal may look for a leader that commits it.
 const PROPOSE_WITHIN: Duration = Duration::from_secs(12);
 /// Pause between attempts to find the leader. An election takes an election timeout (1-2 s);
@@ -408,9 +415,22 @@ impl Daemon {
             };
             // Proved with the join token: the cluster secret alone adds no node.
             let joiner = peer::Credential::Joiner(daemon.first_join.clone());
-            let joined = match peer::call(seed, &joiner, &request).await {
-                Ok(reply) => reply.map(drop),
-                Err(err) => Err(Failure::runtime(format!("{err:#}"))),
+            let deadline = Instant::now() + JOIN_WITHIN;
+            let mut attempt = 1u32;
+            let joined = loop {
+                let joined = match peer::call(seed, &joiner, &request).await {
+                    Ok(reply) => reply.map(drop),
+                    Err(err) => Err(Failure::runtime(format!("{err:#}"))),
+                };
+                let pause = JOIN_RETRY + Duration::from_millis(rand::random::<u64>() % 500);
+                match joined {
+                    Err(failure) if !failure.usage && Instant::now() + pause < deadline => {
+                        info!(attempt, why = %failure.message, "the cluster has not added this node yet; asking again");
+                        attempt += 1;
+                        tokio::time::sleep(pause).await;
+                    }
+                    joined => break joined,
+                }
             };
             if let Err(failure) = joined {
                 daemon.stop(Stop::Teardown).await;
