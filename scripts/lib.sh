@@ -347,10 +347,11 @@ ov_dump_logs() {
   done
 }
 
-# ov_cleanup: kills what ov_daemon/ov_bg started, deletes the namespaces, removes OV_WORK.
+# ov_cleanup [RC]: kills what ov_daemon/ov_bg started, deletes the namespaces, removes OV_WORK
+# (printing the logs first when RC, by default the exit status, is not 0).
 # Install with: trap ov_cleanup EXIT
 ov_cleanup() {
-  local rc=$? i p
+  local rc=${1:-$?} i p
   for p in "${OV_PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   for p in "${OV_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   for ((i = ${#OV_NAMESPACES[@]} - 1; i >= 0; i--)); do ov_ns_kill_del "${OV_NAMESPACES[i]}"; done

@@ -40,8 +40,7 @@ read -r -a NEIGH_WAS <<<"$(sysctl -n "${NEIGH[@]}" | tr '\n' ' ')"
 finish() {
   local rc=$? i
   for i in 0 1 2; do sysctl -qw "${NEIGH[i]}=${NEIGH_WAS[i]}" || true; done
-  (exit "$rc")
-  ov_cleanup
+  ov_cleanup "$rc" || true
 }
 trap finish EXIT
 # Ctrl-C or a kill stops the run and still removes everything (bash runs no EXIT trap on a
@@ -100,7 +99,14 @@ def ready(path):
 sys.exit(0 if all(ready(p) == want for p in sys.argv[2:]) else 1)
 PY
 }
-wait_until "node 1 sees $N ready" ov_has_ready "$(api 1)" "$N"
+# node1_sees N: whether node 1 lists N ready members; every 10 s, how many it lists.
+node1_sees() {
+  local seen
+  seen=$(ov_ready_count "$(api 1)")
+  [ $((SECONDS % 10)) -ne 0 ] || ov_log "node 1 lists $seen/$1 ready"
+  [ "$seen" -ge "$1" ]
+}
+wait_until "node 1 sees $N ready" node1_sees "$N"
 node1_ready=$(since "$start")
 wait_until "every node sees $N ready" every_node_sees "$N"
 all_ready=$(since "$start")
