@@ -65,10 +65,10 @@ const API_REQUEST_WITHIN: Duration = Duration::from_secs(10);
 /// The reply of a member asked to commit a change while it is not the Raft leader; the asker
 /// retries.
 const NOT_LEADER: &str = "this node is not the leader";
-/// How long a joining node keeps asking to be added. The leader makes membership changes one at
-/// a time, each within [`crate::consensus::COMMIT_WITHIN`]; with a crowd joining at once (every node of
-/// a new cluster started together) some wait longer than that or find another change under way,
-/// and ask again. Adding a node that is already a member changes nothing.
+/// How long a joining node keeps asking to be added. The leader makes membership changes one
+/// at a time, each within [`crate::consensus::COMMIT_WITHIN`]; with a crowd joining at once
+/// (every node of a new cluster started together) some wait longer than that or find another
+/// change under way, and ask again. Adding a node that is already a member changes nothing.
 const JOIN_WITHIN: Duration = Duration::from_secs(60);
 /// Pause before asking again, plus up to half a second at random so a crowd spreads out.
 const JOIN_RETRY: Duration = Duration::from_millis(500);
