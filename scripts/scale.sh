@@ -33,8 +33,8 @@ ov_workdir ovscale
 # The kernel has one ARP table for all namespaces (net.ipv4.neigh.default.gc_thresh1-3, by default
 # 128/512/1024 entries). N nodes that gossip with each other hold about N*N entries, and N
 # containers that ping each other as many again; past gc_thresh3 the kernel drops packets
-# ("neighbor table overflow" in dmesg, "No route to host" to a joiner), which stopped every run
-# past about 45 nodes with joins that timed out. Raised for the run, restored after.
+# ("neighbor table overflow" in dmesg, "No route to host" to a joiner): at 100 nodes 47 of 99
+# joins failed that way. Raised for the run, restored after.
 NEIGH=(net.ipv4.neigh.default.gc_thresh1 net.ipv4.neigh.default.gc_thresh2 net.ipv4.neigh.default.gc_thresh3)
 read -r -a NEIGH_WAS <<<"$(sysctl -n "${NEIGH[@]}" | tr '\n' ' ')"
 finish() {
