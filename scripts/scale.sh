@@ -9,6 +9,7 @@
 #   5. a killed node (SIGKILL of node N's daemon) seen down by node 1.
 #
 #   sudo scripts/scale.sh [N]        # N defaults to 100, at most 250 (underlay 198.18.0.0/16)
+#   sudo LOGS=DIR scripts/scale.sh N # also keeps every node's log in DIR, to see why
 #
 # Every step is bounded (STEP_SECS, default 300 s); the script removes everything on exit.
 set -euo pipefail
@@ -40,6 +41,7 @@ read -r -a NEIGH_WAS <<<"$(sysctl -n "${NEIGH[@]}" | tr '\n' ' ')"
 finish() {
   local rc=$? i
   for i in 0 1 2; do sysctl -qw "${NEIGH[i]}=${NEIGH_WAS[i]}" || true; done
+  [ -z "${LOGS:-}" ] || { mkdir -p "$LOGS" && cp "$OV_WORK"/*.log "$OV_WORK"/*.err "$LOGS"/ 2>/dev/null; } || true
   ov_cleanup "$rc" || true
 }
 trap finish EXIT
@@ -131,7 +133,11 @@ failed=0
 for ((i = 1; i <= N; i++)); do [ -s "$OV_WORK/c$i.ip" ] || failed=$((failed + 1)); done
 unique=$(cat "$OV_WORK"/c*.ip | sort -u | wc -l)
 ov_log "attaches: $attached, $((N - failed))/$N succeeded, $unique unique addresses"
-[ "$failed" -eq 0 ] || { head -n 3 "$OV_WORK"/c*.err >&2; ov_die "$failed attaches failed"; }
+if [ "$failed" -ne 0 ]; then
+  # Each distinct reason once, with how many attaches gave it.
+  cat "$OV_WORK"/c*.err | sort | uniq -c | sort -rn | head -n 5 >&2
+  ov_die "$failed attaches failed"
+fi
 [ "$unique" -eq "$N" ] || ov_die "an address was handed out twice"
 
 ov_log "every container pings every other ($((N * (N - 1))) pings, one container per node at a time)"

@@ -9,16 +9,17 @@
 //! # Layout
 //! - this file: the Raft node, proposing changes, and serving Raft RPCs for [`crate::peer`].
 //! - [`store`]: the vote, log and registry on disk.
-//! - RPCs travel as authenticated peer requests ([`crate::peer::Request::Raft`]), one
-//!   exchange each, so Raft traffic is held to the same rules as every other peer request.
+//! - RPCs travel as authenticated peer requests ([`crate::peer::Request::Raft`]), so Raft
+//!   traffic is held to the same rules as every other peer request; each target's on one kept
+//!   connection ([`crate::peer::Session`]), as a leader sends every member several a second.
 
 mod store;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -94,13 +95,18 @@ impl Change {
     }
 }
 
-/// Where a change could not be made here.
+/// Why a change was not committed here (yet).
 #[derive(Debug)]
-pub enum Elsewhere {
+pub enum Uncommitted {
     /// Another member leads: propose it there.
     Leader(SocketAddr),
     /// No leader is known (an election is under way, or this node is cut off from a majority).
     NoLeader,
+    /// This node leads, but no majority of the voters confirmed the change within
+    /// [`COMMIT_WITHIN`] (they are cut off, or slow). It stays in the log and may still commit,
+    /// so it is not refused for good: proposed again, the same change is answered once (the
+    /// registry remembers proposal ids; joins and removals change nothing the second time).
+    Unconfirmed,
 }
 
 /// The Raft id of an overlayd node id (12 hex digits, so it fits).
@@ -112,6 +118,9 @@ pub struct Consensus {
     raft: Raft<TypeConfig>,
     /// Raft takes one membership change at a time; nodes joining together wait their turn.
     joining: tokio::sync::Mutex<()>,
+    /// Joiners waiting for their turn. Whoever's turn comes adds every learner waiting in one
+    /// change, so a crowd joining at once takes a few commits, not one each.
+    waiting: std::sync::Mutex<BTreeMap<NodeId, BasicNode>>,
     registry: watch::Receiver<Arc<Registry>>,
     store: Store,
 }
@@ -154,6 +163,7 @@ impl Consensus {
         Ok(Consensus {
             raft,
             joining: tokio::sync::Mutex::new(()),
+            waiting: std::sync::Mutex::default(),
             registry,
             store,
         })
@@ -203,7 +213,7 @@ impl Consensus {
     }
 
     /// Commits `change` if this node leads, waiting at most [`COMMIT_WITHIN`].
-    pub async fn propose(&self, change: Change) -> Result<Reply, Elsewhere> {
+    pub async fn propose(&self, change: Change) -> Result<Reply, Uncommitted> {
         let written = tokio::time::timeout(COMMIT_WITHIN, async {
             match change {
                 Change::Registry(proposal) => {
@@ -222,17 +232,12 @@ impl Consensus {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to)))) => {
                 match to.leader_node.and_then(|n| n.addr.parse().ok()) {
-                    Some(addr) => Err(Elsewhere::Leader(addr)),
-                    None => Err(Elsewhere::NoLeader),
+                    Some(addr) => Err(Uncommitted::Leader(addr)),
+                    None => Err(Uncommitted::NoLeader),
                 }
             }
             Ok(Err(err)) => Ok(Err(Failure::runtime(format!("not committed: {err}")))),
-            Err(_) => Ok(Err(Failure::runtime(format!(
-                "no majority of the cluster's voters confirmed the change within {COMMIT_WITHIN:?} \
-                 (this node may be cut off from them): it was not made, and is made only if a \
-                 majority takes it later; check before retrying when the network is whole \
-                 (`overlayd node ls` shows who is reachable)"
-            )))),
+            Err(_) => Err(Uncommitted::Unconfirmed),
         }
     }
 
@@ -244,18 +249,34 @@ impl Consensus {
         let Ok(id) = raft_id(node) else {
             return Ok(Err(Failure::usage(format!("node id {node:?} is not hex"))));
         };
+        let entry = BasicNode::new(addr.to_string());
+        let _waiting = Waiting::enter(&self.waiting, id, entry.clone());
         let _turn = self.joining.lock().await;
+        if let Err(failure) = self.membership_settled().await {
+            return Ok(Err(failure));
+        }
+        if self.is_member(id, &entry) {
+            // Added by an earlier turn's batch, or asked again after a reply that was lost.
+            return Ok(Ok(serde_json::Value::Null));
+        }
         let voters = self.voters();
-        let voter = voters.len() < MAX_VOTERS && !voters.contains(&id);
-        // A future voter is brought up to date before it votes; a learner catches up on its
-        // own, so that a crowd of joiners waits for one commit each, not for each other's
-        // replication (joins are taken one at a time).
-        let added = self
-            .raft
-            .add_learner(id, BasicNode::new(addr.to_string()), voter)
-            .await?;
-        // Not blocking, `add_learner` returns once replication is set up; the next membership
-        // change may start only once this one is committed.
+        if voters.len() < MAX_VOTERS && !voters.contains(&id) {
+            self.add_voter(node, id, entry).await
+        } else {
+            self.add_learners(id, entry).await
+        }
+    }
+
+    /// Adds `id` as a voter: first as a learner brought up to date (a voter that cannot vote
+    /// yet would count against the majority), then promoted.
+    async fn add_voter(
+        &self,
+        node: &str,
+        id: NodeId,
+        entry: BasicNode,
+    ) -> Result<Reply, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
+        let addr = entry.addr.clone();
+        let added = self.raft.add_learner(id, entry, true).await?;
         if let Err(err) = self
             .raft
             .wait(Some(COMMIT_WITHIN))
@@ -266,15 +287,61 @@ impl Consensus {
                 "adding {node} to Raft was not committed: {err}"
             ))));
         }
-        if voter {
-            self.raft
-                .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
-                .await?;
-            info!(%node, %addr, "member joined Raft as a voter");
-        } else {
-            info!(%node, %addr, "member joined Raft as a learner");
-        }
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+            .await?;
+        info!(%node, %addr, "member joined Raft as a voter");
         Ok(Ok(serde_json::Value::Null))
+    }
+
+    /// Adds `id` and every other joiner waiting as learners, in one membership change. A
+    /// learner catches up on its own, so nobody waits for another's replication.
+    async fn add_learners(
+        &self,
+        id: NodeId,
+        entry: BasicNode,
+    ) -> Result<Reply, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
+        let mut batch =
+            std::mem::take(&mut *self.waiting.lock().unwrap_or_else(PoisonError::into_inner));
+        // Taken by a batch that was not committed: this turn asks again.
+        batch.insert(id, entry);
+        let count = batch.len();
+        let nodes: Vec<String> = batch.keys().map(|id| format!("{id:012x}")).collect();
+        self.raft
+            .change_membership(ChangeMembers::AddNodes(batch), true)
+            .await?;
+        info!(count, nodes = %nodes.join(","), "members joined Raft as learners");
+        Ok(Ok(serde_json::Value::Null))
+    }
+
+    /// Whether `id` is in the committed membership at `entry`'s address.
+    fn is_member(&self, id: NodeId, entry: &BasicNode) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        let stored = &metrics.membership_config;
+        stored.log_id() <= &metrics.last_applied
+            && stored
+                .membership()
+                .get_node(&id)
+                .is_some_and(|n| n == entry)
+    }
+
+    /// Waits until the last membership change is applied here. One whose proposer gave up
+    /// ([`COMMIT_WITHIN`]) stays in the log until a majority has it, and Raft refuses any
+    /// other change until then; waiting here lets the next joiner go on instead of failing.
+    async fn membership_settled(&self) -> Result<(), Failure> {
+        self.raft
+            .wait(Some(COMMIT_WITHIN))
+            .metrics(
+                |m| m.membership_config.log_id() <= &m.last_applied,
+                "the last membership change applied",
+            )
+            .await
+            .map(drop)
+            .map_err(|err| {
+                Failure::runtime(format!(
+                    "the cluster's last membership change is not committed yet: {err}"
+                ))
+            })
     }
 
     async fn remove_member(
@@ -335,6 +402,36 @@ impl Consensus {
     }
 }
 
+/// A joiner's place in [`Consensus::waiting`], given up when its request ends (done, or timed
+/// out): a joiner that stopped asking is not added by a later batch.
+struct Waiting<'a> {
+    waiting: &'a std::sync::Mutex<BTreeMap<NodeId, BasicNode>>,
+    id: NodeId,
+}
+
+impl<'a> Waiting<'a> {
+    fn enter(
+        waiting: &'a std::sync::Mutex<BTreeMap<NodeId, BasicNode>>,
+        id: NodeId,
+        entry: BasicNode,
+    ) -> Waiting<'a> {
+        waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, entry);
+        Waiting { waiting, id }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
 fn to_json<T: Serialize>(value: &T) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or_default()
 }
@@ -348,40 +445,44 @@ impl RaftNetworkFactory<TypeConfig> for Peers {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        PeerClient {
-            target,
-            addr: node.addr.parse().ok(),
-            credential: self.credential.clone(),
-        }
+        let session = node
+            .addr
+            .parse()
+            .ok()
+            .map(|addr| peer::Session::new(addr, self.credential.clone()));
+        PeerClient { target, session }
     }
 }
 
+/// Raft's client for one target: its RPCs on one kept connection (they are safe to repeat).
 struct PeerClient {
     target: NodeId,
-    addr: Option<SocketAddr>,
-    credential: peer::Credential,
+    session: Option<peer::Session>,
 }
 
 type RpcError<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
 
 impl PeerClient {
-    async fn send<T, E>(&self, rpc: Rpc) -> Result<T, RpcError<E>>
+    async fn send<T, E>(&mut self, rpc: Rpc) -> Result<T, RpcError<E>>
     where
         T: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
         let unreachable =
             |what: String| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(what)));
-        let addr = self
-            .addr
-            .ok_or_else(|| unreachable(format!("node {} has no usable address", self.target)))?;
-        let reply = peer::call(addr, &self.credential, &peer::Request::Raft(rpc))
+        let target = self.target;
+        let session = self
+            .session
+            .as_mut()
+            .ok_or_else(|| unreachable(format!("node {target} has no usable address")))?;
+        let reply = session
+            .call(&peer::Request::Raft(rpc))
             .await
             .map_err(|e| unreachable(format!("{e:#}")))?
             .map_err(|failure| RPCError::Network(NetworkError::new(&failure)))?;
         let answer: Result<T, RaftError<NodeId, E>> =
             serde_json::from_value(reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
     }
 }
 

@@ -44,7 +44,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::api::{self, Failure, NetworkInfo, ServiceInfo, Task, TaskState};
 use crate::cluster::View;
-use crate::consensus::{Change, Consensus, Elsewhere, Rpc};
+use crate::consensus::{Change, Consensus, Rpc, Uncommitted};
 use crate::gossip::{self, Gossip};
 use crate::model::{Endpoint, Network, Node, NodeState, key};
 use crate::peer;
@@ -65,14 +65,20 @@ const API_REQUEST_WITHIN: Duration = Duration::from_secs(10);
 /// The reply of a member asked to commit a change while it is not the Raft leader; the asker
 /// retries.
 const NOT_LEADER: &str = "this node is not the leader";
-/// How long a joining node keeps asking to be added. The leader makes membership changes one
-/// at a time, each within [`crate::consensus::COMMIT_WITHIN`]; with a crowd joining at once
-/// (every node of a new cluster started together) some wait longer than that or find another
-/// change under way, and ask again. Adding a node that is already a member changes nothing.
+/// The reply of the leader when a majority did not confirm the change in time
+/// ([`Uncommitted::Unconfirmed`]); the asker retries.
+const UNCONFIRMED: &str = "the leader's majority did not confirm the change in time";
+/// How long a joining node keeps asking for the cluster secret and to be added. With a crowd
+/// joining at once (every node of a new cluster started together) the seed may turn handshakes
+/// away (its cap on handshakes under way), and the leader, which adds the joiners waiting in
+/// batches, each within [`crate::consensus::COMMIT_WITHIN`], may not reach one in time: it asks
+/// again. Adding a node that is already a member changes nothing.
 const JOIN_WITHIN: Duration = Duration::from_secs(60);
-/// Pause before asking again, plus up to half a second at random so a crowd spreads out.
+/// Pause before asking again (see [`join_pause`]).
 const JOIN_RETRY: Duration = Duration::from_millis(500);
-/// How long a proposal may look for a leader that commits it.
+/// How long a proposal may look for a leader that commits it: through elections, and through
+/// commits slower than [`crate::consensus::COMMIT_WITHIN`] on a loaded cluster. A node cut off
+/// from the majority refuses after this.
 const PROPOSE_WITHIN: Duration = Duration::from_secs(12);
 /// Pause between attempts to find the leader. An election takes an election timeout (1-2 s);
 /// a short pause lets a change land soon after it ends, and an attempt costs little (a local
@@ -422,7 +428,7 @@ impl Daemon {
                     Ok(reply) => reply.map(drop),
                     Err(err) => Err(Failure::runtime(format!("{err:#}"))),
                 };
-                let pause = JOIN_RETRY + Duration::from_millis(rand::random::<u64>() % 500);
+                let pause = join_pause();
                 match joined {
                     Err(failure) if !failure.usage && Instant::now() + pause < deadline => {
                         info!(attempt, why = %failure.message, "the cluster has not added this node yet; asking again");
@@ -948,11 +954,18 @@ impl Daemon {
     async fn propose(&self, change: Change) -> Result<serde_json::Value, Failure> {
         let deadline = Instant::now() + PROPOSE_WITHIN;
         let mut attempt = 0u32;
+        // Every attempt proposes the same change (one proposal id), so one that commits late
+        // and its retry are answered once.
         let why = loop {
-            let why = match self.consensus.propose(change.clone()).await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let here = tokio::time::timeout(left, self.consensus.propose(change.clone()));
+            let why = match here.await.unwrap_or(Err(Uncommitted::Unconfirmed)) {
                 Ok(reply) => return reply,
-                Err(Elsewhere::NoLeader) => "no leader is known".to_string(),
-                Err(Elsewhere::Leader(leader)) => {
+                Err(Uncommitted::NoLeader) => "no leader is known".to_string(),
+                Err(Uncommitted::Unconfirmed) => {
+                    "this node leads, but no majority of the voters confirmed it".to_string()
+                }
+                Err(Uncommitted::Leader(leader)) => {
                     let request = peer::Request::Propose {
                         change: change.clone(),
                         forward: false,
@@ -964,6 +977,9 @@ impl Daemon {
                         // Our Raft named a leader that no longer leads: leadership is moving.
                         Ok(Ok(Err(failure))) if failure.message == NOT_LEADER => {
                             format!("{leader} no longer leads")
+                        }
+                        Ok(Ok(Err(failure))) if failure.message == UNCONFIRMED => {
+                            format!("no majority of the voters confirmed it to leader {leader}")
                         }
                         Ok(Ok(reply)) => return reply,
                         Ok(Err(err)) => format!("leader {leader} unreachable: {err:#}"),
@@ -1005,16 +1021,31 @@ impl Daemon {
                 join: self.join_secret().key(),
             };
             tokio::spawn(async move {
-                match peer::accept(stream, &keys, slot).await {
-                    Ok(Some((caller, request, responder))) => {
-                        let reply = daemon.handle_peer(from, caller, request).await;
-                        if let Err(err) = responder.reply(&reply).await {
-                            debug!(%from, %err, "peer went away before the reply");
+                let mut incoming = match peer::accept(stream, &keys, slot).await {
+                    Ok(Some(incoming)) => incoming,
+                    // Refused before proving the token: counted and logged by the gate.
+                    Ok(None) => return,
+                    Err(err) => {
+                        debug!(%from, err = %format!("{err:#}"), "peer exchange failed");
+                        return;
+                    }
+                };
+                loop {
+                    match incoming.next().await {
+                        Ok(Some(request)) => {
+                            let caller = incoming.caller.clone();
+                            let reply = daemon.handle_peer(from, caller, request).await;
+                            if let Err(err) = incoming.reply(&reply).await {
+                                debug!(%from, %err, "peer went away before the reply");
+                                return;
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(err) => {
+                            debug!(%from, err = %format!("{err:#}"), "peer exchange failed");
+                            return;
                         }
                     }
-                    // Refused before proving the token: counted and logged by the gate.
-                    Ok(None) => {}
-                    Err(err) => debug!(%from, err = %format!("{err:#}"), "peer exchange failed"),
                 }
             });
         }
@@ -1066,6 +1097,7 @@ impl Daemon {
                         info!(change = %summary, ok = reply.is_ok(), "committed as leader");
                         reply
                     }
+                    Err(Uncommitted::Unconfirmed) => Err(Failure::runtime(UNCONFIRMED)),
                     Err(_) => Err(Failure::runtime(NOT_LEADER)),
                 }
             }
@@ -1077,13 +1109,25 @@ impl Daemon {
     }
 }
 
+/// How long a joiner waits before asking again: [`JOIN_RETRY`] and up to half a second more.
+fn join_pause() -> Duration {
+    JOIN_RETRY + Duration::from_millis(rand::random::<u64>() % 500)
+}
+
 /// Proves `join` to the member at `peer` and opens the cluster secret it answers with.
 async fn cluster_secret(peer: SocketAddr, join: &JoinSecret) -> Result<Secret, Failure> {
     let joining = |why: String| Failure::usage(format!("joining through {peer}: {why}"));
     let joiner = peer::Credential::Joiner(join.clone());
-    let reply = peer::call(peer, &joiner, &peer::Request::Hello)
-        .await
-        .map_err(|e| joining(format!("{e:#}")))??;
+    let deadline = Instant::now() + JOIN_WITHIN;
+    let reply = loop {
+        match peer::call(peer, &joiner, &peer::Request::Hello).await {
+            Err(err) if peer::is_busy(&err) && Instant::now() + JOIN_RETRY < deadline => {
+                info!(why = %format!("{err:#}"), "the member is busy; asking again");
+                tokio::time::sleep(join_pause()).await;
+            }
+            reply => break reply.map_err(|e| joining(format!("{e:#}")))??,
+        }
+    };
     let welcome: peer::Welcome = serde_json::from_value(reply)
         .map_err(|e| joining(format!("its answer is not a welcome: {e}")))?;
     welcome

@@ -11,6 +11,9 @@
 //!    right behind it `Signed`, the request with HMAC(k, "request" ‖ nonce ‖ request);
 //! 3. server: `Signed`, the reply with HMAC(k, "reply" ‖ nonce ‖ reply), or `Refused`.
 //!
+//! A member may go on with more requests on the same connection ([`Session`]: Raft's RPCs), one
+//! exchange after the other; exchange n signs under the nonce with n added ([`exchange_nonce`]).
+//!
 //! Neither side sends the secret; a tag answers one nonce and one step only (the labels differ in
 //! their third byte and the nonce has a fixed length, so no two steps sign the same bytes). The
 //! client checks the nonce's length: a server choosing a longer "nonce" could otherwise make it
@@ -32,6 +35,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::warn;
 
 use crate::api::Failure;
@@ -57,6 +61,9 @@ const REPLY_LIMIT: usize = 1 << 20;
 const HANDSHAKE_WITHIN: Duration = Duration::from_secs(3);
 /// How long an authenticated member has to send its request (sent right behind its proof).
 const REQUEST_WITHIN: Duration = Duration::from_secs(10);
+/// How long a member's kept connection ([`Session`]) may sit idle before the server closes it.
+/// Raft's heartbeats keep a leader's connections busy; a deposed leader's close after this.
+const KEPT_IDLE: Duration = Duration::from_secs(60);
 /// Unauthenticated handshakes under way at once, in all and from one address. Over these, a
 /// connection is closed at once. A member's handshake lasts one round trip, so members never come
 /// near them; the per-address cap keeps one flooding host from taking every slot.
@@ -258,47 +265,150 @@ pub async fn call(
     credential: &Credential,
     request: &Request,
 ) -> anyhow::Result<Reply> {
-    tokio::time::timeout(TIMEOUT, exchange(addr, credential, request))
+    let exchange = async { Connection::open(addr, credential).await?.ask(request).await };
+    tokio::time::timeout(TIMEOUT, exchange)
         .await
         .with_context(|| format!("no answer from {addr} within {TIMEOUT:?}"))?
 }
 
-async fn exchange(
+/// A member's requests to one peer over one kept connection, so that frequent ones (Raft's,
+/// several a second to every learner) cost one handshake, not one each. Only for requests that
+/// may arrive twice: a kept connection that the peer closed meanwhile shows only when used, and
+/// the request then goes again on a new one.
+pub struct Session {
     addr: SocketAddr,
-    credential: &Credential,
-    request: &Request,
-) -> anyhow::Result<Reply> {
-    let (key, caller) = (&credential.key(), credential.caller());
-    let stream = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connecting to {addr} (is overlayd running there?)"))?;
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
-    let challenge: Challenge = wire::read(&mut read, HANDSHAKE_LIMIT)
-        .await
-        .with_context(|| format!("handshake with {addr}"))?;
-    let nonce = nonce_of(&challenge).with_context(|| {
-        format!("{addr} is not an overlayd member (a wrong address?): not answering its challenge")
-    })?;
-    let auth = Auth {
-        tag: hex::encode(key.mac(&[AUTH, &nonce, caller.id()])),
-        caller,
-    };
-    let signed = Signed::seal(key, Step::Request, &nonce, serde_json::to_string(request)?);
-    // Both at once: the server checks the small proof before it reads the request.
-    wire::write(&mut write, &auth).await?;
-    wire::write(&mut write, &signed).await?;
-    match wire::read(&mut read, REPLY_LIMIT)
-        .await
-        .with_context(|| format!("reading the reply from {addr}"))?
-    {
-        Answer::Refused => anyhow::bail!(
-            "{addr} refused the token: it is not this cluster's current join token (it was rotated, or belongs to another cluster); print the current one with `overlayd join-token` on a member"
-        ),
-        Answer::Signed(reply) => reply.open(key, Step::Reply, &nonce).with_context(|| {
-            format!("{addr} answered without proving it holds the cluster token; not trusting it")
-        }),
+    credential: Credential,
+    /// Taken out for each exchange and put back only after a whole one, so that an exchange
+    /// cut short (by a caller's timeout) never leaves its reply for the next to read.
+    kept: Option<Connection>,
+}
+
+impl Session {
+    pub fn new(addr: SocketAddr, credential: Credential) -> Session {
+        Session {
+            addr,
+            credential,
+            kept: None,
+        }
     }
+
+    /// Like [`call`], on the kept connection if there is one.
+    pub async fn call(&mut self, request: &Request) -> anyhow::Result<Reply> {
+        let addr = self.addr;
+        tokio::time::timeout(TIMEOUT, self.exchange(request))
+            .await
+            .with_context(|| format!("no answer from {addr} within {TIMEOUT:?}"))?
+    }
+
+    async fn exchange(&mut self, request: &Request) -> anyhow::Result<Reply> {
+        if let Some(mut kept) = self.kept.take()
+            && let Ok(reply) = kept.ask(request).await
+        {
+            self.kept = Some(kept);
+            return Ok(reply);
+        }
+        let mut fresh = Connection::open(self.addr, &self.credential).await?;
+        let reply = fresh.ask(request).await?;
+        self.kept = Some(fresh);
+        Ok(reply)
+    }
+}
+
+/// A client's connection past the handshake: the challenge read and the proof sent.
+struct Connection {
+    addr: SocketAddr,
+    read: BufReader<OwnedReadHalf>,
+    write: OwnedWriteHalf,
+    key: Key,
+    nonce: [u8; NONCE_LEN],
+    /// Exchanges made on it so far.
+    exchanges: u64,
+}
+
+impl Connection {
+    async fn open(addr: SocketAddr, credential: &Credential) -> anyhow::Result<Connection> {
+        let (key, caller) = (credential.key(), credential.caller());
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr} (is overlayd running there?)"))?;
+        // Small requests and replies, each waited for: Nagle's algorithm would hold the request
+        // behind the proof until the server's delayed ACK.
+        stream.set_nodelay(true)?;
+        let (read, mut write) = stream.into_split();
+        let mut read = BufReader::new(read);
+        let challenge: Challenge = wire::read(&mut read, HANDSHAKE_LIMIT)
+            .await
+            .map_err(|err| match err.downcast::<wire::Closed>() {
+                Ok(_) => Busy(addr).into(),
+                Err(err) => err,
+            })
+            .with_context(|| format!("handshake with {addr}"))?;
+        let nonce = nonce_of(&challenge).with_context(|| {
+            format!(
+                "{addr} is not an overlayd member (a wrong address?): not answering its challenge"
+            )
+        })?;
+        let auth = Auth {
+            tag: hex::encode(key.mac(&[AUTH, &nonce, caller.id()])),
+            caller,
+        };
+        // The server checks this small proof before it reads the request.
+        wire::write(&mut write, &auth).await?;
+        Ok(Connection {
+            addr,
+            read,
+            write,
+            key,
+            nonce,
+            exchanges: 0,
+        })
+    }
+
+    async fn ask(&mut self, request: &Request) -> anyhow::Result<Reply> {
+        let (addr, nonce) = (self.addr, exchange_nonce(&self.nonce, self.exchanges));
+        let signed = Signed::seal(
+            &self.key,
+            Step::Request,
+            &nonce,
+            serde_json::to_string(request)?,
+        );
+        wire::write(&mut self.write, &signed).await?;
+        let answer = wire::read(&mut self.read, REPLY_LIMIT)
+            .await
+            .with_context(|| format!("reading the reply from {addr}"))?;
+        self.exchanges += 1;
+        match answer {
+            Answer::Refused => anyhow::bail!(
+                "{addr} refused the token: it is not this cluster's current join token (it was rotated, or belongs to another cluster); print the current one with `overlayd join-token` on a member"
+            ),
+            Answer::Signed(reply) => reply.open(&self.key, Step::Reply, &nonce).with_context(|| {
+                format!("{addr} answered without proving it holds the cluster token; not trusting it")
+            }),
+        }
+    }
+}
+
+/// The nonce that exchange `n` on a connection signs under: the connection's, with `n` added
+/// into its last eight bytes. The first exchange uses the challenge's own; no two exchanges on
+/// one connection share one, so a request or reply cannot be replayed as another.
+fn exchange_nonce(nonce: &[u8; NONCE_LEN], n: u64) -> [u8; NONCE_LEN] {
+    let mut stepped = *nonce;
+    let (_, low) = stepped.split_at_mut(NONCE_LEN - 8);
+    let low: &mut [u8; 8] = low.try_into().expect("eight bytes");
+    *low = u64::from_be_bytes(*low).wrapping_add(n).to_be_bytes();
+    stepped
+}
+
+/// The member at `addr` closed the connection before its challenge: its [`Gate`] was full (more
+/// handshakes under way than it takes at once), or it is stopping. Asking again later may work.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} closed the connection before its challenge (too busy, or stopping)")]
+pub struct Busy(pub SocketAddr);
+
+/// Whether `err` (from [`call`]) says the member was too busy to answer, rather than that it is
+/// not there or refused: a joiner asks again.
+pub fn is_busy(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<Busy>().is_some()
 }
 
 /// The challenge's nonce, refused unless it is exactly [`NONCE_LEN`] bytes.
@@ -310,14 +420,15 @@ pub fn nonce_of(challenge: &Challenge) -> anyhow::Result<[u8; NONCE_LEN]> {
     })
 }
 
-/// Server side of one exchange, for a connection the [`Gate`] admitted: returns who called,
-/// its verified request and a way to answer it, or `None` when the client was refused (counted,
-/// and told when its token was wrong). An error means an authenticated client's exchange failed.
+/// Server side of a connection the [`Gate`] admitted: who called, once it proved the token, and
+/// its requests ([`Incoming::next`]); or `None` when the client was refused (counted, and told
+/// when its token was wrong). An error means an authenticated client's exchange failed.
 pub async fn accept(
     stream: TcpStream,
     keys: &Keys,
     slot: Slot,
-) -> anyhow::Result<Option<(Caller, Request, Responder)>> {
+) -> anyhow::Result<Option<Incoming>> {
+    stream.set_nodelay(true)?;
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     let nonce: [u8; NONCE_LEN] = rand::random();
@@ -345,29 +456,58 @@ pub async fn accept(
     }
     // Authenticated: the slot is for strangers' handshakes.
     drop(slot);
-    let signed: Signed = tokio::time::timeout(REQUEST_WITHIN, wire::read(&mut read, REQUEST_LIMIT))
-        .await
-        .with_context(|| format!("no request within {REQUEST_WITHIN:?} of the proof"))??;
-    let request = signed
-        .open(&key, Step::Request, &nonce)
-        .context("the member's request")?;
-    Ok(Some((
-        auth.caller,
-        request,
-        Responder { write, nonce, key },
-    )))
+    Ok(Some(Incoming {
+        caller: auth.caller,
+        read,
+        write,
+        key,
+        nonce,
+        exchanges: 0,
+    }))
 }
 
-pub struct Responder {
-    write: tokio::net::tcp::OwnedWriteHalf,
-    nonce: [u8; NONCE_LEN],
+/// An authenticated client's connection: a joiner makes one exchange on it, a member as many
+/// as it likes ([`Session`]), one after the other.
+pub struct Incoming {
+    pub caller: Caller,
+    read: BufReader<OwnedReadHalf>,
+    write: OwnedWriteHalf,
     key: Key,
+    nonce: [u8; NONCE_LEN],
+    exchanges: u64,
 }
 
-impl Responder {
-    pub async fn reply(mut self, reply: &Reply) -> anyhow::Result<()> {
+impl Incoming {
+    /// The client's next verified request, to be answered with [`Incoming::reply`] before the
+    /// next is asked for. The first must come within [`REQUEST_WITHIN`] of the proof. `None`
+    /// once a joiner's exchange is done, or when a member closes its connection or leaves it
+    /// idle for [`KEPT_IDLE`].
+    pub async fn next(&mut self) -> anyhow::Result<Option<Request>> {
+        let first = self.exchanges == 0;
+        if !first && self.caller == Caller::Joiner {
+            return Ok(None);
+        }
+        let within = if first { REQUEST_WITHIN } else { KEPT_IDLE };
+        let signed: Signed =
+            match tokio::time::timeout(within, wire::read(&mut self.read, REQUEST_LIMIT)).await {
+                Ok(Ok(signed)) => signed,
+                Ok(Err(err)) if !first && err.is::<wire::Closed>() => return Ok(None),
+                Ok(Err(err)) => return Err(err),
+                Err(_) if !first => return Ok(None),
+                Err(_) => anyhow::bail!("no request within {REQUEST_WITHIN:?} of the proof"),
+            };
+        let nonce = exchange_nonce(&self.nonce, self.exchanges);
+        signed
+            .open(&self.key, Step::Request, &nonce)
+            .context("the member's request")
+            .map(Some)
+    }
+
+    pub async fn reply(&mut self, reply: &Reply) -> anyhow::Result<()> {
         let body = serde_json::to_string(reply)?;
-        let signed = Signed::seal(&self.key, Step::Reply, &self.nonce, body);
+        let nonce = exchange_nonce(&self.nonce, self.exchanges);
+        self.exchanges += 1;
+        let signed = Signed::seal(&self.key, Step::Reply, &nonce, body);
         wire::write(&mut self.write, &Answer::Signed(signed)).await
     }
 }
@@ -563,9 +703,11 @@ mod tests {
         tokio::spawn(async move {
             let (stream, from) = listener.accept().await.unwrap();
             let slot = gate.admit(from).unwrap();
-            if let Some((caller, request, responder)) = accept(stream, &keys, slot).await.unwrap() {
+            if let Some(mut incoming) = accept(stream, &keys, slot).await.unwrap() {
+                let request = incoming.next().await.unwrap().unwrap();
+                let caller = &incoming.caller;
                 let reply: Reply = Ok(serde_json::json!(format!("{caller:?} {request:?}")));
-                responder.reply(&reply).await.unwrap();
+                incoming.reply(&reply).await.unwrap();
             }
         });
         addr
@@ -592,6 +734,95 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(reply, Ok(serde_json::json!("Joiner Hello")));
+    }
+
+    /// Serves connections, each for at most `per_connection` exchanges, answering each request
+    /// with its connection's number and its exchange's; returns the address.
+    async fn serve_kept(secret: &Secret, per_connection: usize) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gate = Arc::new(Gate::default());
+        let keys = Keys {
+            member: secret.key(Purpose::Peer),
+            join: JoinSecret::generate().key(),
+        };
+        tokio::spawn(async move {
+            for connection in 0.. {
+                let (stream, from) = listener.accept().await.unwrap();
+                let slot = gate.admit(from).unwrap();
+                let mut incoming = accept(stream, &keys, slot).await.unwrap().unwrap();
+                for exchange in 0..per_connection {
+                    let Some(_) = incoming.next().await.unwrap() else {
+                        break;
+                    };
+                    let reply: Reply = Ok(serde_json::json!([connection, exchange]));
+                    incoming.reply(&reply).await.unwrap();
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_session_keeps_its_connection_and_opens_another_when_the_peer_closed_it() {
+        let secret = Secret::generate();
+        let addr = serve_kept(&secret, 3).await;
+        let mut session = Session::new(addr, member(&secret));
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            answers.push(session.call(&Request::Hello).await.unwrap().unwrap());
+        }
+        let expected: Vec<serde_json::Value> = [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1]]
+            .iter()
+            .map(|pair| serde_json::json!(pair))
+            .collect();
+        assert_eq!(
+            answers, expected,
+            "three exchanges on the first connection, then a new one"
+        );
+    }
+
+    #[test]
+    fn every_exchange_on_a_connection_signs_under_its_own_nonce() {
+        let nonce = [0xff; NONCE_LEN];
+        assert_eq!(
+            exchange_nonce(&nonce, 0),
+            nonce,
+            "the first is the challenge's"
+        );
+        let nonces: std::collections::BTreeSet<_> =
+            (0..1000).map(|n| exchange_nonce(&nonce, n)).collect();
+        assert_eq!(nonces.len(), 1000);
+        // A reply signed for one exchange does not open as another's.
+        let key = Secret::generate().key(Purpose::Peer);
+        let reply = Signed::seal(&key, Step::Reply, &exchange_nonce(&nonce, 1), "1".into());
+        assert!(
+            reply
+                .open::<u32>(&key, Step::Reply, &exchange_nonce(&nonce, 1))
+                .is_ok()
+        );
+        assert!(
+            reply
+                .open::<u32>(&key, Step::Reply, &exchange_nonce(&nonce, 2))
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_before_the_challenge_reads_as_busy() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // What the server does over its handshake cap: closes at once.
+        tokio::spawn(async move { drop(listener.accept().await.unwrap()) });
+        let err = call(addr, &member(&Secret::generate()), &Request::Hello)
+            .await
+            .unwrap_err();
+        assert!(is_busy(&err), "{err:#}");
+        // Nothing listening is not busy: the address is wrong, or overlayd is not running.
+        let err = call(addr, &member(&Secret::generate()), &Request::Hello)
+            .await
+            .unwrap_err();
+        assert!(!is_busy(&err), "{err:#}");
     }
 
     #[tokio::test]

@@ -16,13 +16,20 @@ pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
         .take(limit as u64)
         .read_line(&mut line)
         .await?;
-    anyhow::ensure!(n > 0, "connection closed before a message arrived");
+    if n == 0 {
+        return Err(Closed.into());
+    }
     anyhow::ensure!(
         line.ends_with('\n'),
         "message longer than {limit} bytes or cut short"
     );
     serde_json::from_str(&line).context("malformed message")
 }
+
+/// The other side closed the connection before a message arrived.
+#[derive(Debug, thiserror::Error)]
+#[error("connection closed before a message arrived")]
+pub struct Closed;
 
 pub async fn write<T: Serialize, W: AsyncWrite + Unpin>(
     writer: &mut W,
