@@ -80,6 +80,8 @@ for ((i = 2; i <= N; i++)); do
   ov_daemon "${P}n$i" "$OV_WORK/n$i.log" join "$(addr 1)" --token "$token" \
     --advertise-addr "$(addr "$i")" --state-dir "$OV_WORK/n$i-state" --api "$(api "$i")"
 done
+# Starting N processes on two loaded cores takes a while itself: part of the time to ready.
+ov_log "$N daemons started: $(since "$start")"
 
 # every_node_sees N: whether every node's `node ls` shows N ready members. Asked in parallel,
 # counted by one python.

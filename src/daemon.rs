@@ -541,7 +541,11 @@ impl Daemon {
     }
 
     /// Waits until this node's view satisfies `done`, bounded by [`CONVERGE_WITHIN`].
-    async fn converge(&self, what: &str, done: impl Fn(&View) -> bool) -> Result<View, Failure> {
+    async fn converge(
+        &self,
+        what: &str,
+        done: impl Fn(&View) -> bool,
+    ) -> Result<Arc<View>, Failure> {
         let deadline = Instant::now() + CONVERGE_WITHIN;
         loop {
             let view = self.view().await;
@@ -558,7 +562,7 @@ impl Daemon {
     }
 
     /// The view, once it holds network `name` (see [`CATCH_UP_WITHIN`]); refused after that.
-    async fn view_knowing(&self, name: &str) -> Result<View, Failure> {
+    async fn view_knowing(&self, name: &str) -> Result<Arc<View>, Failure> {
         let deadline = Instant::now() + CATCH_UP_WITHIN;
         loop {
             let view = self.view().await;
@@ -573,7 +577,7 @@ impl Daemon {
     }
 
     /// The cluster as gossip and this node's copy of the registry show it now.
-    async fn view(&self) -> View {
+    async fn view(&self) -> Arc<View> {
         self.gossip.view(&self.consensus.registry()).await
     }
 
@@ -734,7 +738,7 @@ impl Daemon {
                 service_reply(&view, &name)
             }
             ServiceUpdate { name, add, remove } => self.service_update(name, add, remove).await,
-            ServiceLs => Ok(json(&service_infos(&self.view().await))),
+            ServiceLs => Ok(json(&service_infos(&*self.view().await))),
             ServicePs { name } => {
                 let view = self.view().await;
                 crate::registry::known_service(&view.services, &name)?;

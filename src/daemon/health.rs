@@ -185,7 +185,7 @@ impl Daemon {
             let due = scheduler.poll_timeout();
             tokio::select! {
                 _ = refresh.tick() => {
-                    let targets = local_targets(&self.view().await, &self.id);
+                    let targets = local_targets(&*self.view().await, &self.id);
                     scheduler.set_targets(Instant::now(), targets);
                 }
                 Some((probe, passing)) = results.recv() => scheduler.handle_result(&probe, passing),

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::cluster::View;
 use crate::daemon::plumbing::{self, Plumbing};
-use crate::gossip::{self, Gossip, Underlay};
+use crate::gossip::{self, Gossip, Inputs, Underlay};
 use crate::model::{Network, NodeState};
 use crate::registry::{Command, Registry};
 use crate::token::Secret;
@@ -214,7 +214,7 @@ impl Cluster {
             secret: self.secret.clone(),
             gossip: gossip.clone(),
             log: self.log.clone(),
-            registry: Registry::default(),
+            registry: Arc::default(),
             applied: 0,
             // Seeded per node: how late, after its commit, this node applies each entry.
             raft_rng: StdRng::seed_from_u64(self.rng.random()),
@@ -342,7 +342,8 @@ struct Reconciler {
     secret: Secret,
     gossip: Arc<Gossip>,
     log: Arc<Mutex<Log>>,
-    registry: Registry,
+    /// Copied on write: a changed registry is a new one to [`Gossip::view`], as in the daemon.
+    registry: Arc<Registry>,
     /// Log entries applied so far.
     applied: usize,
     raft_rng: StdRng,
@@ -368,34 +369,15 @@ impl Reconciler {
         while self.due.first().is_some_and(|at| *at <= now) {
             self.due.remove(0);
             // The outcome is the leader's too; a refusal is part of the log all the same.
-            let _ = self.registry.apply(log.entries[self.applied].1.clone());
+            let _ = Arc::make_mut(&mut self.registry).apply(log.entries[self.applied].1.clone());
             self.applied += 1;
         }
     }
 
     /// What the view depends on: the registry, and each member's generation, key versions and
     /// liveness. While it is unchanged, so is the view: the round's work is done already.
-    async fn inputs(&self) -> (usize, Vec<(String, u64, u64, bool)>) {
-        let members = self
-            .gossip
-            .handle
-            .with_chitchat(|c| {
-                let live: BTreeSet<&ChitchatId> = c.live_nodes().collect();
-                c.node_states()
-                    .iter()
-                    .map(|(id, s)| {
-                        let live = live.contains(id);
-                        (
-                            id.node_id.to_string(),
-                            id.generation_id,
-                            s.max_version(),
-                            live,
-                        )
-                    })
-                    .collect()
-            })
-            .await;
-        (self.applied, members)
+    async fn inputs(&self) -> (usize, Inputs) {
+        (self.applied, self.gossip.inputs().await)
     }
 
     async fn round(&mut self, realised: &mut BTreeMap<String, Network>, host: &Recorder) {
