@@ -139,9 +139,12 @@ impl Consensus {
         };
         let config = openraft::Config {
             cluster_name: secret.cluster_id(),
-            heartbeat_interval: 250,
-            election_timeout_min: 1000,
-            election_timeout_max: 2000,
+            // openraft also gives each AppendEntries the heartbeat interval to answer in. At
+            // 250 ms (and elections after 1-2 s) a loaded host missed it: 150 nodes on two
+            // cores went through 13 terms in two minutes and committed nothing for 75 s.
+            heartbeat_interval: 500,
+            election_timeout_min: 1500,
+            election_timeout_max: 3000,
             // Keep messages well under the peer protocol's request limit (JSON inside JSON
             // roughly doubles an entry, and a snapshot chunk's bytes are a JSON array).
             max_payload_entries: 64,

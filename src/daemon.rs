@@ -58,7 +58,7 @@ const CONVERGE_WITHIN: Duration = Duration::from_secs(10);
 /// How long a request naming a network this node does not know waits for its copy of the
 /// registry to catch up before it is refused: `network create` returns once the network is
 /// committed and made on its own node, and the others apply the commit with the leader's next
-/// message (heartbeats every 250 ms).
+/// message (sent at once on a commit, else with the next heartbeat).
 const CATCH_UP_WITHIN: Duration = Duration::from_secs(2);
 /// How long the API server waits for a client to send its request.
 const API_REQUEST_WITHIN: Duration = Duration::from_secs(10);
@@ -80,7 +80,7 @@ const JOIN_RETRY: Duration = Duration::from_millis(500);
 /// commits slower than [`crate::consensus::COMMIT_WITHIN`] on a loaded cluster. A node cut off
 /// from the majority refuses after this.
 const PROPOSE_WITHIN: Duration = Duration::from_secs(12);
-/// Pause between attempts to find the leader. An election takes an election timeout (1-2 s);
+/// Pause between attempts to find the leader. An election takes an election timeout (1.5-3 s);
 /// a short pause lets a change land soon after it ends, and an attempt costs little (a local
 /// Raft check, one peer request).
 const PROPOSE_RETRY: Duration = Duration::from_millis(100);
