@@ -392,10 +392,10 @@ impl Connection {
 /// into its last eight bytes. The first exchange uses the challenge's own; no two exchanges on
 /// one connection share one, so a request or reply cannot be replayed as another.
 fn exchange_nonce(nonce: &[u8; NONCE_LEN], n: u64) -> [u8; NONCE_LEN] {
-    let mut stepped = *nonce;
-    let (_, low) = stepped.split_at_mut(NONCE_LEN - 8);
-    let low: &mut [u8; 8] = low.try_into().expect("eight bytes");
-    *low = u64::from_be_bytes(*low).wrapping_add(n).to_be_bytes();
+    let (mut stepped, mut low) = (*nonce, [0; 8]);
+    low.copy_from_slice(&nonce[NONCE_LEN - 8..]);
+    let low = u64::from_be_bytes(low).wrapping_add(n);
+    stepped[NONCE_LEN - 8..].copy_from_slice(&low.to_be_bytes());
     stepped
 }
 
