@@ -265,10 +265,7 @@ pub async fn call(
     credential: &Credential,
     request: &Request,
 ) -> anyhow::Result<Reply> {
-    let exchange = async { Connection::open(addr, credential).await?.ask(request).await };
-    tokio::time::timeout(TIMEOUT, exchange)
-        .await
-        .with_context(|| format!("no answer from {addr} within {TIMEOUT:?}"))?
+    Session::new(addr, credential.clone()).call(request).await
 }
 
 /// A member's requests to one peer over one kept connection, so that frequent ones (Raft's,
