@@ -7,6 +7,7 @@
 #   3. N concurrent `attach`es, one container per node, and whether every address is unique;
 #   4. reachability: every container pings every other once (N*(N-1) pings, N at a time);
 #   5. a killed node (SIGKILL of node N's daemon) seen down by node 1.
+# Between 1 and 2 it measures the CPU the idle daemons use (over IDLE_SECS, default 10 s).
 #
 #   sudo scripts/scale.sh [N]        # N defaults to 100, at most 250 (underlay 198.18.0.0/16)
 #   sudo LOGS=DIR scripts/scale.sh N # also keeps every node's log in DIR, to see why
@@ -116,6 +117,29 @@ wait_until "every node sees $N ready" every_node_sees "$N"
 all_ready=$(since "$start")
 ov_log "every node ready: $all_ready (node 1 saw all $N at $node1_ready)"
 
+# idle_cpu SECS: the CPU the N idle daemons used over SECS seconds, in cores, from their
+# /proc/PID/stat user + system ticks. What a node costs when nothing happens bounds N on a host.
+idle_cpu() {
+  python3 - "$1" "${OV_PIDS[@]}" <<'PY'
+import os, sys, time
+secs, pids = float(sys.argv[1]), sys.argv[2:]
+def ticks():
+    total = 0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total
+before = ticks(); time.sleep(secs); used = ticks() - before
+cores = used / os.sysconf("SC_CLK_TCK") / secs
+print(f"{cores:.2f} cores ({1000 * cores / len(pids):.1f} ms per node per second)")
+PY
+}
+idle=$(idle_cpu "${IDLE_SECS:-10}")
+ov_log "idle, ${IDLE_SECS:-10} s after every node was ready: $idle"
+
 t=$(now)
 ov_cli "$(api 1)" network create "$NET" --subnet "$SUBNET" >/dev/null
 created=$(since "$t")
@@ -170,7 +194,7 @@ seen_down=$(since "$t")
 ov_log "killed node seen down by node 1: $seen_down"
 
 echo
-printf '| N | all nodes ready | `network create` | concurrent attaches | reachability | killed node seen down |\n'
-printf '|---|---|---|---|---|---|\n'
-printf '| %s | %s | %s | %s, %s/%s unique | %s/%s in %s | %s |\n' "$N" "$all_ready" "$created" \
+printf '| N | all nodes ready | idle CPU | `network create` | concurrent attaches | reachability | killed node seen down |\n'
+printf '|---|---|---|---|---|---|---|\n'
+printf '| %s | %s | %s | %s | %s, %s/%s unique | %s/%s in %s | %s |\n' "$N" "$all_ready" "$idle" "$created" \
   "$attached" "$unique" "$N" "$reached" "$((N * (N - 1)))" "$pinged" "$seen_down"

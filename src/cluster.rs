@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use crate::api::TaskState;
-use crate::model::{Endpoint, Network, Node, NodeState, Service, key};
+use crate::model::{Endpoint, Network, Node, NodeState, RaftRole, RaftStatus, Service, key};
 use crate::registry::{Departed, Registry};
 use crate::token::Secret;
 
@@ -36,6 +36,8 @@ pub struct Member {
     pub realised: BTreeSet<String>,
     /// Leaving members whose tasks this member's balancer gives no new flows any more.
     pub drained: BTreeSet<String>,
+    /// What it gossips as a Raft voter; none for the members that copy the registry.
+    pub raft: Option<RaftStatus>,
 }
 
 /// An endpoint and the member that hosts it.
@@ -116,6 +118,7 @@ impl View {
             let mut realised = BTreeSet::new();
             let mut drained = BTreeSet::new();
             let mut leaving = false;
+            let mut raft = None;
             for &(k, v) in &state.keys {
                 let checked = if k == key::VTEP {
                     v.parse()
@@ -130,6 +133,8 @@ impl View {
                 } else if k == key::LEAVING {
                     leaving = true;
                     Ok(())
+                } else if k == key::RAFT {
+                    v.parse().map(|status| raft = Some(status))
                 } else if let Some(at) = k.strip_prefix(key::HEALTH_PREFIX) {
                     health(state.id, at, v, registry).map(|(at, passing)| {
                         view.health.insert(at, passing);
@@ -164,15 +169,75 @@ impl View {
                         (false, _) => NodeState::Down,
                     },
                     is_self: state.is_self,
-                    raft: None,
+                    raft: match raft {
+                        Some(RaftStatus { role, .. }) => Some(role),
+                        None => registry
+                            .members()
+                            .contains_key(state.id)
+                            .then_some(RaftRole::Learner),
+                    },
                 },
                 gossip: state.gossip,
                 realised,
                 drained,
+                raft,
             });
         }
         view.members.sort_by(|a, b| a.node.id.cmp(&b.node.id));
+        view.show_leader(None);
         view
+    }
+
+    /// Lists one leader at most: `known` if this node's Raft knows it, else the live member
+    /// that claims it in the highest term. Every other claim (a dead leader's key lingers in
+    /// gossip, and an old leader's until it hears of the new term) is listed as a voter.
+    pub fn show_leader(&mut self, known: Option<&str>) {
+        let leader = match known {
+            Some(id) => Some(id.to_string()),
+            None => self
+                .members
+                .iter()
+                .filter(|m| m.node.state != NodeState::Down)
+                .filter_map(|m| {
+                    m.raft
+                        .filter(|s| s.role == RaftRole::Leader)
+                        .map(|s| (s.term, m))
+                })
+                .max_by_key(|(term, _)| *term)
+                .map(|(_, m)| m.node.id.clone()),
+        };
+        for m in &mut self.members {
+            if leader.as_deref() == Some(m.node.id.as_str()) {
+                m.node.raft = Some(RaftRole::Leader);
+            } else if m.node.raft == Some(RaftRole::Leader) {
+                m.node.raft = Some(RaftRole::Voter);
+            }
+        }
+    }
+
+    /// The live voters' statuses with their peer addresses.
+    fn voters(&self) -> impl Iterator<Item = (SocketAddr, RaftStatus)> + '_ {
+        self.members
+            .iter()
+            .filter(|m| !m.node.is_self && m.node.state != NodeState::Down)
+            .filter_map(|m| Some((m.gossip, m.raft?)))
+    }
+
+    /// Where to propose a change: the live member that says it leads in the highest term.
+    pub fn leader(&self) -> Option<SocketAddr> {
+        self.voters()
+            .filter(|(_, s)| s.role == RaftRole::Leader)
+            .max_by_key(|(_, s)| s.term)
+            .map(|(addr, _)| addr)
+    }
+
+    /// Where a member that copies the registry gets what it lacks: the live voter that has
+    /// applied the most, if that is past `applied` (this node's last applied index).
+    pub fn registry_ahead(&self, applied: Option<u64>) -> Option<(SocketAddr, u64)> {
+        self.voters()
+            .map(|(addr, s)| (addr, s.applied))
+            .max_by_key(|(_, index)| *index)
+            .filter(|(_, index)| applied.is_none_or(|mine| *index > mine))
     }
 
     /// Where `task` stands, from its node's liveness, its endpoint in gossip and its health.

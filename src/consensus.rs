@@ -1,5 +1,8 @@
-//! Consensus on the [`Registry`]: Raft ([openraft](https://crates.io/crates/openraft)) among the
-//! first [`MAX_VOTERS`] members; later members follow as learners, each with a full copy.
+//! Consensus on the [`Registry`]: Raft ([openraft](https://crates.io/crates/openraft)) among at
+//! most [`MAX_VOTERS`] members. Every other member copies the registry from a voter
+//! ([`Store::catchup`], [`Store::follow`]) when gossip shows one ahead of its own: a leader
+//! that replicated to every member as a Raft learner did work that grew with the cluster, and
+//! at 150 nodes on two cores its heartbeats came too late to keep its term.
 //!
 //! Gossip converges but does not decide: "the lowest live id decides" elects two deciders when
 //! the cluster splits. Here a change counts only once a majority of the voters has it in its
@@ -8,18 +11,18 @@
 //!
 //! # Layout
 //! - this file: the Raft node, proposing changes, and serving Raft RPCs for [`crate::peer`].
-//! - [`store`]: the vote, log and registry on disk.
+//! - [`store`]: the vote, log and registry on disk, and the copies for the other members.
 //! - RPCs travel as authenticated peer requests ([`crate::peer::Request::Raft`]), so Raft
 //!   traffic is held to the same rules as every other peer request; each target's on one kept
 //!   connection ([`crate::peer::Session`]), as a leader sends every member several a second.
 
 mod store;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::Cursor;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -37,16 +40,16 @@ use openraft::{BasicNode, ChangeMembers, Raft};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::api::{Failure, Reply};
 use crate::metrics::Propagation;
-use crate::model::RaftRole;
+use crate::model::{RaftRole, RaftStatus};
 use crate::peer;
 use crate::registry::{Command, Proposal, Registry};
 use crate::token::Secret;
 
-pub use store::Store;
+pub use store::{Catchup, Store};
 
 pub type NodeId = u64;
 
@@ -57,7 +60,7 @@ openraft::declare_raft_types!(
 );
 
 /// Voters beyond five add latency and no safety a container cluster needs (Swarm's advice for
-/// managers is the same); later members replicate the registry as learners.
+/// managers is the same); later members copy the registry from them.
 pub const MAX_VOTERS: usize = 5;
 /// How long a change may take to reach a majority before it is refused.
 pub const COMMIT_WITHIN: Duration = Duration::from_secs(5);
@@ -74,13 +77,14 @@ pub enum Rpc {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Change {
     Registry(Proposal),
-    /// A new member: a voter while there are fewer than [`MAX_VOTERS`], else a learner.
+    /// A new member ([`Command::AddNode`]): also a voter while there are fewer than
+    /// [`MAX_VOTERS`].
     Join {
         node: String,
         addr: SocketAddr,
     },
-    /// A member out for good: [`Command::RemoveNode`], then out of the Raft group (a learner
-    /// takes a removed voter's place).
+    /// A member out for good: [`Command::RemoveNode`], then out of the Raft group (the leader
+    /// gives a removed voter's place to another live member: [`Consensus::keep_voters`]).
     Remove {
         node: String,
         address: Option<Ipv4Addr>,
@@ -116,11 +120,10 @@ pub fn raft_id(node: &str) -> anyhow::Result<NodeId> {
 
 pub struct Consensus {
     raft: Raft<TypeConfig>,
-    /// Raft takes one membership change at a time; nodes joining together wait their turn.
-    joining: tokio::sync::Mutex<()>,
-    /// Joiners waiting for their turn. Whoever's turn comes adds every learner waiting in one
-    /// change, so a crowd joining at once takes a few commits, not one each.
-    waiting: std::sync::Mutex<BTreeMap<NodeId, BasicNode>>,
+    id: NodeId,
+    /// Raft takes one membership change at a time; voters added or removed together wait
+    /// their turn.
+    voting: tokio::sync::Mutex<()>,
     registry: watch::Receiver<Arc<Registry>>,
     store: Store,
 }
@@ -165,8 +168,8 @@ impl Consensus {
             .context("starting Raft")?;
         Ok(Consensus {
             raft,
-            joining: tokio::sync::Mutex::new(()),
-            waiting: std::sync::Mutex::default(),
+            id: raft_id(node)?,
+            voting: tokio::sync::Mutex::new(()),
             registry,
             store,
         })
@@ -188,9 +191,15 @@ impl Consensus {
             .context("initialising Raft")
     }
 
-    /// The registry as this node last applied it; it follows the leader's within a heartbeat.
+    /// The registry as this node last applied it. A voter's follows the leader's within a
+    /// heartbeat; another member's within the gossip rounds that tell it a voter is ahead.
     pub fn registry(&self) -> Arc<Registry> {
         self.registry.borrow().clone()
+    }
+
+    /// Wakes whenever this node's registry changes.
+    pub fn registry_changes(&self) -> watch::Receiver<Arc<Registry>> {
+        self.registry.clone()
     }
 
     /// The Raft voters.
@@ -199,19 +208,100 @@ impl Consensus {
         metrics.membership_config.membership().voter_ids().collect()
     }
 
-    /// `node`'s part in the Raft group, as this node knows it.
-    pub fn role(&self, node: &str) -> Option<RaftRole> {
-        let id = raft_id(node).ok()?;
+    /// Whether `node` is in this node's Raft group (a voter, or a learner about to be one).
+    pub fn in_group(&self, node: &str) -> bool {
+        raft_id(node).is_ok_and(|id| self.in_group_id(id))
+    }
+
+    fn in_group_id(&self, id: NodeId) -> bool {
         let metrics = self.raft.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership();
-        if metrics.current_leader == Some(id) {
-            Some(RaftRole::Leader)
-        } else if membership.voter_ids().any(|v| v == id) {
-            Some(RaftRole::Voter)
-        } else if membership.nodes().any(|(n, _)| *n == id) {
-            Some(RaftRole::Learner)
+        metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .any(|(n, _)| *n == id)
+    }
+
+    /// What this node gossips as a voter ([`crate::model::key::RAFT`]); none when it is no
+    /// voter (it copies the registry then).
+    pub fn status(&self) -> Option<RaftStatus> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let role = if metrics.current_leader == Some(self.id) {
+            RaftRole::Leader
+        } else if metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == self.id)
+        {
+            RaftRole::Voter
         } else {
-            None
+            return None;
+        };
+        Some(RaftStatus {
+            role,
+            term: metrics.current_term,
+            applied: metrics.last_applied?.index,
+        })
+    }
+
+    /// The node id of the leader, if this node's Raft knows one (a voter's does).
+    pub fn leader(&self) -> Option<String> {
+        let leader = self.raft.metrics().borrow().current_leader?;
+        Some(format!("{leader:012x}"))
+    }
+
+    /// The index of the last entry this node's registry applied.
+    pub fn applied_index(&self) -> Option<u64> {
+        self.store.applied_index()
+    }
+
+    /// What a member whose registry applied up to `after` lacks (see [`Store::catchup`]).
+    pub fn catchup(&self, after: Option<u64>) -> Catchup {
+        self.store.catchup(after)
+    }
+
+    /// Applies a voter's [`Catchup`] here; refused while this node is in the Raft group, which
+    /// replicates to it.
+    pub fn follow(&self, catchup: Catchup) -> anyhow::Result<bool> {
+        anyhow::ensure!(
+            !self.in_group_id(self.id),
+            "a member of the Raft group takes its registry from Raft"
+        );
+        self.store
+            .follow(catchup)
+            .map_err(|e| anyhow::anyhow!("saving the registry copied from a voter: {e}"))
+    }
+
+    /// On the leader, while there are fewer than [`MAX_VOTERS`] voters: makes the first of
+    /// `live` (members that are up, in the order given) that does not vote yet a voter. A
+    /// removed voter's place is taken so; joins fill the first places themselves.
+    pub async fn keep_voters(&self, live: &[(String, SocketAddr)]) {
+        if self.status().map(|s| s.role) != Some(RaftRole::Leader) {
+            return;
+        }
+        let _turn = self.voting.lock().await;
+        let voters = self.voters();
+        if voters.len() >= MAX_VOTERS {
+            return;
+        }
+        let Some((node, id, addr)) = live.iter().find_map(|(node, addr)| {
+            let id = raft_id(node).ok()?;
+            (!voters.contains(&id)).then_some((node, id, addr))
+        }) else {
+            return;
+        };
+        match self
+            .add_voter(node, id, BasicNode::new(addr.to_string()))
+            .await
+        {
+            Ok(Ok(_)) => {
+                info!(%node, voters = voters.len() + 1, "member made a voter in a departed voter's place")
+            }
+            Ok(Err(failure)) => {
+                warn!(%node, why = %failure.message, "could not make a member a voter; trying again")
+            }
+            Err(err) => warn!(%node, %err, "could not make a member a voter; trying again"),
         }
     }
 
@@ -244,6 +334,7 @@ impl Consensus {
         }
     }
 
+    /// Makes `node` a member, and a voter while there are fewer than [`MAX_VOTERS`].
     async fn add_member(
         &self,
         node: &str,
@@ -252,32 +343,35 @@ impl Consensus {
         let Ok(id) = raft_id(node) else {
             return Ok(Err(Failure::usage(format!("node id {node:?} is not hex"))));
         };
-        let entry = BasicNode::new(addr.to_string());
-        let _waiting = Waiting::enter(&self.waiting, id, entry.clone());
-        let _turn = self.joining.lock().await;
-        if let Err(failure) = self.membership_settled().await {
-            return Ok(Err(failure));
+        let command = Command::AddNode {
+            node: node.to_string(),
+            addr,
+        };
+        let reply = self.raft.client_write(Proposal::new(command)).await?.data;
+        if reply.is_err() {
+            return Ok(reply);
         }
-        if self.is_member(id, &entry) {
-            // Added by an earlier turn's batch, or asked again after a reply that was lost.
-            return Ok(Ok(serde_json::Value::Null));
-        }
+        let _turn = self.voting.lock().await;
         let voters = self.voters();
-        if voters.len() < MAX_VOTERS && !voters.contains(&id) {
-            self.add_voter(node, id, entry).await
-        } else {
-            self.add_learners(id, entry).await
+        if voters.len() >= MAX_VOTERS || voters.contains(&id) {
+            info!(%node, %addr, "member joined; it copies the registry from the voters");
+            return Ok(reply);
         }
+        self.add_voter(node, id, BasicNode::new(addr.to_string()))
+            .await
     }
 
     /// Adds `id` as a voter: first as a learner brought up to date (a voter that cannot vote
-    /// yet would count against the majority), then promoted.
+    /// yet would count against the majority), then promoted. The caller holds `voting`.
     async fn add_voter(
         &self,
         node: &str,
         id: NodeId,
         entry: BasicNode,
     ) -> Result<Reply, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
+        if let Err(failure) = self.membership_settled().await {
+            return Ok(Err(failure));
+        }
         let addr = entry.addr.clone();
         let added = self.raft.add_learner(id, entry, true).await?;
         if let Err(err) = self
@@ -297,40 +391,9 @@ impl Consensus {
         Ok(Ok(serde_json::Value::Null))
     }
 
-    /// Adds `id` and every other joiner waiting as learners, in one membership change. A
-    /// learner catches up on its own, so nobody waits for another's replication.
-    async fn add_learners(
-        &self,
-        id: NodeId,
-        entry: BasicNode,
-    ) -> Result<Reply, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
-        let mut batch =
-            std::mem::take(&mut *self.waiting.lock().unwrap_or_else(PoisonError::into_inner));
-        // Taken by a batch that was not committed: this turn asks again.
-        batch.insert(id, entry);
-        let count = batch.len();
-        let nodes: Vec<String> = batch.keys().map(|id| format!("{id:012x}")).collect();
-        self.raft
-            .change_membership(ChangeMembers::AddNodes(batch), true)
-            .await?;
-        info!(count, nodes = %nodes.join(","), "members joined Raft as learners");
-        Ok(Ok(serde_json::Value::Null))
-    }
-
-    /// Whether `id` is in the committed membership at `entry`'s address.
-    fn is_member(&self, id: NodeId, entry: &BasicNode) -> bool {
-        let metrics = self.raft.metrics().borrow().clone();
-        let stored = &metrics.membership_config;
-        stored.log_id() <= &metrics.last_applied
-            && stored
-                .membership()
-                .get_node(&id)
-                .is_some_and(|n| n == entry)
-    }
-
     /// Waits until the last membership change is applied here. One whose proposer gave up
     /// ([`COMMIT_WITHIN`]) stays in the log until a majority has it, and Raft refuses any
-    /// other change until then; waiting here lets the next joiner go on instead of failing.
+    /// other change until then; waiting here lets the next one go on instead of failing.
     async fn membership_settled(&self) -> Result<(), Failure> {
         self.raft
             .wait(Some(COMMIT_WITHIN))
@@ -362,32 +425,17 @@ impl Consensus {
             left,
         };
         let reply = self.raft.client_write(Proposal::new(command)).await?.data;
-        if reply.is_err() {
+        if reply.is_err() || !self.in_group_id(id) {
             return Ok(reply);
         }
-        let _turn = self.joining.lock().await;
-        let metrics = self.raft.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership();
-        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let learners: Vec<NodeId> = membership.learner_ids().collect();
-        let out = if voters.contains(&id) {
+        let _turn = self.voting.lock().await;
+        let out = if self.voters().contains(&id) {
             ChangeMembers::RemoveVoters([id].into())
-        } else if learners.contains(&id) {
-            ChangeMembers::RemoveNodes([id].into())
         } else {
-            return Ok(reply);
+            ChangeMembers::RemoveNodes([id].into())
         };
         self.raft.change_membership(out, false).await?;
         info!(%node, left, "member removed from Raft");
-        // Keep as many voters as the cluster can have: a learner takes the place.
-        if voters.contains(&id)
-            && let Some(next) = learners.iter().find(|l| **l != id)
-        {
-            self.raft
-                .change_membership(ChangeMembers::AddVoterIds([*next].into()), false)
-                .await?;
-            info!(raft_id = next, "learner promoted to voter");
-        }
         Ok(reply)
     }
 
@@ -402,36 +450,6 @@ impl Consensus {
 
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
-    }
-}
-
-/// A joiner's place in [`Consensus::waiting`], given up when its request ends (done, or timed
-/// out): a joiner that stopped asking is not added by a later batch.
-struct Waiting<'a> {
-    waiting: &'a std::sync::Mutex<BTreeMap<NodeId, BasicNode>>,
-    id: NodeId,
-}
-
-impl<'a> Waiting<'a> {
-    fn enter(
-        waiting: &'a std::sync::Mutex<BTreeMap<NodeId, BasicNode>>,
-        id: NodeId,
-        entry: BasicNode,
-    ) -> Waiting<'a> {
-        waiting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, entry);
-        Waiting { waiting, id }
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.waiting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.id);
     }
 }
 

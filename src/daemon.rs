@@ -9,6 +9,7 @@
 //! - [`reconcile`]: the loop that makes bridges, TAPs and the data plane's tables match the view,
 //!   through [`plumbing`] (the host and data plane as a trait, faked by the simulator).
 //! - [`endpoints`]: containers on this node (attach, detach, restore after a restart).
+//! - [`follow`]: the registry on the members that do not vote in Raft, and the voters' number.
 //! - [`ports`]: the checks before a service publishes ports, and `service update`.
 //! - [`dns`]: the DNS server on each network's gateway address.
 //! - [`mesh_hooks`]: the tc filters that steer the routing mesh into overlayd, and the published
@@ -21,6 +22,7 @@
 mod dns;
 mod docker_plugin;
 mod endpoints;
+mod follow;
 mod health;
 mod mesh_hooks;
 mod mesh_proxy;
@@ -409,44 +411,62 @@ impl Daemon {
             let daemon = daemon.clone();
             move || daemon.clone().check_health_forever()
         });
-        if let Some(seed) = joining {
-            let addr = SocketAddr::from((daemon.config.advertise, daemon.config.gossip_port));
-            let join = Change::Join {
-                node: daemon.id.clone(),
-                addr,
-            };
-            let request = peer::Request::Propose {
-                change: join,
-                forward: true,
-            };
-            // Proved with the join token: the cluster secret alone adds no node.
-            let joiner = peer::Credential::Joiner(daemon.first_join.clone());
-            let deadline = Instant::now() + JOIN_WITHIN;
-            let mut attempt = 1u32;
-            let joined = loop {
-                let joined = match peer::call(seed, &joiner, &request).await {
-                    Ok(reply) => reply.map(drop),
-                    Err(err) => Err(Failure::runtime(format!("{err:#}"))),
-                };
-                let pause = join_pause();
-                match joined {
-                    Err(failure) if !failure.usage && Instant::now() + pause < deadline => {
-                        info!(attempt, why = %failure.message, "the cluster has not added this node yet; asking again");
-                        attempt += 1;
-                        tokio::time::sleep(pause).await;
-                    }
-                    joined => break joined,
-                }
-            };
-            if let Err(failure) = joined {
-                daemon.stop(Stop::Teardown).await;
-                state_dir::remove_new_node(&daemon.config.state_dir);
-                return Err(Failure::runtime(format!(
-                    "joining through {seed}: the cluster did not add this node: {failure}"
-                )));
-            }
+        supervise("registry follower", {
+            let daemon = daemon.clone();
+            move || daemon.clone().follow_forever()
+        });
+        let added = match joining {
+            Some(seed) => daemon.join_through(seed).await,
+            // The first member is in the registry as every later one is.
+            None if initialising => daemon.propose(daemon.join_change()).await.map(drop),
+            None => Ok(()),
+        };
+        if let Err(failure) = added {
+            daemon.stop(Stop::Teardown).await;
+            state_dir::remove_new_node(&daemon.config.state_dir);
+            return Err(failure);
         }
         Ok(daemon)
+    }
+
+    /// This node's join: what makes it a member.
+    fn join_change(&self) -> Change {
+        Change::Join {
+            node: self.id.clone(),
+            addr: SocketAddr::from((self.config.advertise, self.config.gossip_port)),
+        }
+    }
+
+    /// Asks `seed` to add this node, proved with the join token (the cluster secret alone adds
+    /// no node), asking again while the cluster is busy, for at most [`JOIN_WITHIN`].
+    async fn join_through(&self, seed: SocketAddr) -> Result<(), Failure> {
+        let request = peer::Request::Propose {
+            change: self.join_change(),
+            forward: true,
+        };
+        let joiner = peer::Credential::Joiner(self.first_join.clone());
+        let deadline = Instant::now() + JOIN_WITHIN;
+        let mut attempt = 1u32;
+        let joined = loop {
+            let joined = match peer::call(seed, &joiner, &request).await {
+                Ok(reply) => reply.map(drop),
+                Err(err) => Err(Failure::runtime(format!("{err:#}"))),
+            };
+            let pause = join_pause();
+            match joined {
+                Err(failure) if !failure.usage && Instant::now() + pause < deadline => {
+                    info!(attempt, why = %failure.message, "the cluster has not added this node yet; asking again");
+                    attempt += 1;
+                    tokio::time::sleep(pause).await;
+                }
+                joined => break joined,
+            }
+        };
+        joined.map_err(|failure| {
+            Failure::runtime(format!(
+                "joining through {seed}: the cluster did not add this node: {failure}"
+            ))
+        })
     }
 
     /// The join secret tokens must hold now.
@@ -632,10 +652,9 @@ impl Daemon {
                     is_self: *id == self.id,
                     raft: None,
                 });
-                let members = view.members.iter().map(|m| Node {
-                    raft: self.consensus.role(&m.node.id),
-                    ..m.node.clone()
-                });
+                let mut view = View::clone(&view);
+                view.show_leader(self.consensus.leader().as_deref());
+                let members = view.members.into_iter().map(|m| m.node);
                 Ok(json(&members.chain(departed).collect::<Vec<_>>()))
             }
             JoinToken { rotate: false } => Ok(json(&api::JoinToken {
@@ -829,7 +848,7 @@ impl Daemon {
             )));
         }
         let member = view.members.iter().find(|m| m.node.id == id);
-        if member.is_none() && self.consensus.role(&id).is_none() {
+        if member.is_none() && !self.consensus.registry().members().contains_key(&id) {
             return Err(Failure::usage(format!(
                 "node {id} not found: `overlayd node ls` lists the members and their ids"
             )));
@@ -953,8 +972,9 @@ impl Daemon {
         Ok(json(&network_info(&created, &view)))
     }
 
-    /// Commits `change` through the Raft leader (this node or the one it names), retrying
-    /// while leadership moves, for at most [`PROPOSE_WITHIN`].
+    /// Commits `change` through the Raft leader (this node, the one its Raft names, or for a
+    /// member that is no voter the one gossip names), retrying while leadership moves, for at
+    /// most [`PROPOSE_WITHIN`].
     async fn propose(&self, change: Change) -> Result<serde_json::Value, Failure> {
         let deadline = Instant::now() + PROPOSE_WITHIN;
         let mut attempt = 0u32;
@@ -963,33 +983,22 @@ impl Daemon {
         let why = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let here = tokio::time::timeout(left, self.consensus.propose(change.clone()));
-            let why = match here.await.unwrap_or(Err(Uncommitted::Unconfirmed)) {
+            let leader = match here.await.unwrap_or(Err(Uncommitted::Unconfirmed)) {
                 Ok(reply) => return reply,
-                Err(Uncommitted::NoLeader) => "no leader is known".to_string(),
+                Err(Uncommitted::Leader(leader)) => Ok(leader),
+                Err(Uncommitted::NoLeader) => {
+                    self.view().await.leader().ok_or("no leader is known")
+                }
                 Err(Uncommitted::Unconfirmed) => {
-                    "this node leads, but no majority of the voters confirmed it".to_string()
+                    Err("this node leads, but no majority of the voters confirmed it")
                 }
-                Err(Uncommitted::Leader(leader)) => {
-                    let request = peer::Request::Propose {
-                        change: change.clone(),
-                        forward: false,
-                    };
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match tokio::time::timeout(left, peer::call(leader, &self.credential, &request))
-                        .await
-                    {
-                        // Our Raft named a leader that no longer leads: leadership is moving.
-                        Ok(Ok(Err(failure))) if failure.message == NOT_LEADER => {
-                            format!("{leader} no longer leads")
-                        }
-                        Ok(Ok(Err(failure))) if failure.message == UNCONFIRMED => {
-                            format!("no majority of the voters confirmed it to leader {leader}")
-                        }
-                        Ok(Ok(reply)) => return reply,
-                        Ok(Err(err)) => format!("leader {leader} unreachable: {err:#}"),
-                        Err(_) => format!("leader {leader} did not answer"),
-                    }
-                }
+            };
+            let why = match leader {
+                Ok(leader) => match self.propose_at(leader, &change, deadline).await {
+                    Ok(reply) => return reply,
+                    Err(why) => why,
+                },
+                Err(why) => why.to_string(),
             };
             attempt += 1;
             debug!(attempt, %why, "proposal not committed yet");
@@ -1003,6 +1012,39 @@ impl Daemon {
              unless a leader that got it commits it later. A majority of the cluster's voters \
              must be reachable; `overlayd node ls` shows who is"
         )))
+    }
+
+    /// Proposes `change` to `leader`: its reply, or why it gave none. A member that is no voter
+    /// copies the registry from the leader before it returns, so what it proposed is in its
+    /// own registry as soon as it is committed.
+    async fn propose_at(
+        &self,
+        leader: SocketAddr,
+        change: &Change,
+        deadline: Instant,
+    ) -> Result<api::Reply, String> {
+        let request = peer::Request::Propose {
+            change: change.clone(),
+            forward: false,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, peer::call(leader, &self.credential, &request)).await {
+            // Our Raft named a leader that no longer leads: leadership is moving.
+            Ok(Ok(Err(failure))) if failure.message == NOT_LEADER => {
+                Err(format!("{leader} no longer leads"))
+            }
+            Ok(Ok(Err(failure))) if failure.message == UNCONFIRMED => Err(format!(
+                "no majority of the voters confirmed it to leader {leader}"
+            )),
+            Ok(Ok(reply)) => {
+                if reply.is_ok() {
+                    self.copy_registry(leader).await;
+                }
+                Ok(reply)
+            }
+            Ok(Err(err)) => Err(format!("leader {leader} unreachable: {err:#}")),
+            Err(_) => Err(format!("leader {leader} did not answer")),
+        }
     }
 
     async fn serve_peers(self: Arc<Daemon>, listener: Arc<TcpListener>) {
@@ -1071,7 +1113,7 @@ impl Daemon {
                 // A leader that leaves is departed before it is out of Raft: it still
                 // replicates that last change. Its votes stay refused.
                 let handing_over = matches!(request, peer::Request::Raft(Rpc::Append(_)))
-                    && self.consensus.role(node).is_some();
+                    && self.consensus.in_group(node);
                 if !handing_over && let Err(departed) = member {
                     self.peer_gate.refuse(peer::Refusal::Departed, from.ip());
                     return Err(departed);
@@ -1079,7 +1121,9 @@ impl Daemon {
                 false
             }
         };
-        request.permitted(&caller, |node| self.consensus.role(node).is_some())?;
+        request.permitted(&caller, |node| {
+            self.consensus.registry().members().contains_key(node)
+        })?;
         match request {
             peer::Request::Hello => {
                 // A joiner proved the token and gossips next: take its gossip before it is a
@@ -1106,6 +1150,7 @@ impl Daemon {
                 }
             }
             peer::Request::Raft(rpc) => Ok(self.consensus.serve(rpc).await),
+            peer::Request::Registry { after } => Ok(json(&self.consensus.catchup(after))),
             peer::Request::Bindable { ports } => {
                 ports::bindable(&self.id, self.config.advertise, &ports).map(|()| json(&()))
             }

@@ -439,6 +439,7 @@ mod tests {
             gossip: (ip, gossip_port).into(),
             realised: BTreeSet::new(),
             drained: BTreeSet::new(),
+            raft: None,
         }
     }
 

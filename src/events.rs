@@ -260,6 +260,7 @@ mod tests {
             gossip: ([198, 18, 0, last], 7946).into(),
             realised: BTreeSet::new(),
             drained: BTreeSet::new(),
+            raft: None,
         }
     }
 

@@ -335,6 +335,9 @@ pub mod key {
     /// `drained/<node id>` -> "": this node's balancer gives the leaving node's tasks no new
     /// flows any more (what the leaving node waits for).
     pub const DRAINED_PREFIX: &str = "drained/";
+    /// `raft` -> [`super::RaftStatus`] ("leader 3 120"): written by the Raft voters only, so
+    /// every other member knows whom to propose to and whose registry is ahead of its own.
+    pub const RAFT: &str = "raft";
 
     pub fn realised(network_id: &str) -> String {
         format!("{REALISED_PREFIX}{network_id}")
@@ -359,9 +362,54 @@ pub struct Node {
     pub state: NodeState,
     #[serde(rename = "self")]
     pub is_self: bool,
-    /// Its part in the Raft group that keeps the registry, as this node's Raft knows it.
+    /// Its part in keeping the registry: a voter (or the leader) says so in gossip; any other
+    /// member copies the registry and is listed as a learner.
     #[serde(default)]
     pub raft: Option<RaftRole>,
+}
+
+/// What a Raft voter gossips about itself ([`key::RAFT`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RaftStatus {
+    /// [`RaftRole::Leader`] or [`RaftRole::Voter`].
+    pub role: RaftRole,
+    pub term: u64,
+    /// The index of the last log entry its registry applied.
+    pub applied: u64,
+}
+
+impl std::fmt::Display for RaftStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {}", self.role, self.term, self.applied)
+    }
+}
+
+impl std::str::FromStr for RaftStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<RaftStatus, String> {
+        let mut parts = s.split(' ');
+        let role = match parts.next() {
+            Some("leader") => RaftRole::Leader,
+            Some("voter") => RaftRole::Voter,
+            _ => return Err("not `leader|voter TERM APPLIED`".to_string()),
+        };
+        let mut number = || -> Result<u64, String> {
+            parts
+                .next()
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| "not `leader|voter TERM APPLIED`".to_string())
+        };
+        let (term, applied) = (number()?, number()?);
+        match parts.next() {
+            None => Ok(RaftStatus {
+                role,
+                term,
+                applied,
+            }),
+            Some(_) => Err("not `leader|voter TERM APPLIED`".to_string()),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

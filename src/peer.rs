@@ -85,6 +85,9 @@ pub enum Request {
     Propose { change: Change, forward: bool },
     /// Raft's own traffic between members.
     Raft(Rpc),
+    /// What a member that is no voter lacks of the registry, whose last applied entry is
+    /// `after`: answered with a [`crate::consensus::Catchup`].
+    Registry { after: Option<u64> },
     /// Whether this node could bind each port now, asked before a service publishes them;
     /// refused with a message naming the first one taken. Binds nothing that outlives the
     /// answer.
@@ -119,7 +122,7 @@ pub enum Caller {
 }
 
 impl Request {
-    /// Whether `caller` may make this request; `member` tells a member of the Raft group. A
+    /// Whether `caller` may make this request; `member` tells a member of the cluster. A
     /// joiner proved only the current join token: it may say `Hello` and ask to join. Every
     /// node that ever was a member holds the cluster secret, a removed one too, so that secret
     /// alone adds no node: a member's `Join` is one a member of the group forwards for a joiner

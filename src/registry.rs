@@ -9,7 +9,7 @@
 //! "Partitions").
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
@@ -95,6 +95,12 @@ pub enum Command {
     RotateJoinToken {
         join: JoinSecret,
     },
+    /// Makes `node`, reachable for peer requests at `addr`, a member. Refused for a node that
+    /// departed; a member joining again (a retry, or a new address) is answered as the first.
+    AddNode {
+        node: String,
+        addr: SocketAddr,
+    },
     /// Takes `node` out of the cluster for good: every address its containers hold is taken
     /// back (its tasks leave every balancer) and its id is never a member again. `left` when
     /// the node asked for it (`node leave`), not when another member removed it (`node rm`).
@@ -173,6 +179,11 @@ pub struct Registry {
     /// Nodes out of the cluster for good, by id.
     #[serde(default)]
     departed: BTreeMap<String, Departed>,
+    /// Members by id, with their peer address: the nodes that joined and did not depart. Only a
+    /// few of them vote in Raft ([`crate::consensus::MAX_VOTERS`]); the others copy this
+    /// registry from the voters.
+    #[serde(default)]
+    members: BTreeMap<String, SocketAddr>,
 }
 
 impl Registry {
@@ -191,6 +202,10 @@ impl Registry {
 
     pub fn departed(&self) -> &BTreeMap<String, Departed> {
         &self.departed
+    }
+
+    pub fn members(&self) -> &BTreeMap<String, SocketAddr> {
+        &self.members
     }
 
     /// Refuses `node` if it is out of the cluster, saying what to do instead.
@@ -468,11 +483,17 @@ impl Registry {
                 self.join = Some(join);
                 Ok(reply)
             }
+            Command::AddNode { node, addr } => {
+                self.check_member(&node)?;
+                self.members.insert(node, addr);
+                Ok(serde_json::Value::Null)
+            }
             Command::RemoveNode {
                 node,
                 address,
                 left,
             } => {
+                self.members.remove(&node);
                 let mut released = 0;
                 self.addresses.retain(|_, held| {
                     held.retain(|_, holder| {
@@ -715,6 +736,33 @@ mod tests {
         r.apply(enlist("web", "a", "search")).unwrap();
         let service = r.services()["search"].clone();
         assert_eq!(r.tasks(&service).collect::<Vec<_>>(), [(ip, "a")]);
+    }
+
+    #[test]
+    fn a_member_is_added_once_and_a_departed_node_is_not_added_again() {
+        let mut r = Registry::default();
+        let (first, moved) = ("198.18.0.2:7946", "198.18.0.9:7946");
+        let add = |node: &str, addr: &str| Command::AddNode {
+            node: node.into(),
+            addr: addr.parse().unwrap(),
+        };
+        r.apply(add("b", first)).unwrap();
+        r.apply(add("b", moved)).unwrap();
+        assert_eq!(
+            r.members()["b"],
+            moved.parse().unwrap(),
+            "the last address counts"
+        );
+        let remove = Command::RemoveNode {
+            node: "b".into(),
+            address: None,
+            left: true,
+        };
+        r.apply(remove).unwrap();
+        assert!(r.members().is_empty());
+        let refused = r.apply(add("b", first)).unwrap_err();
+        assert!(refused.message.contains("left the cluster"), "{refused}");
+        assert!(r.members().is_empty());
     }
 
     #[test]

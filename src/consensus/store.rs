@@ -100,6 +100,114 @@ impl Store {
     fn publish(&self, registry: &Registry) {
         self.applied.send_replace(Arc::new(registry.clone()));
     }
+
+    /// The index of the last entry this node's registry applied, from Raft or from a voter.
+    pub fn applied_index(&self) -> Option<u64> {
+        self.lock().applied.map(|id| id.index)
+    }
+
+    /// What a member whose registry applied up to `after` lacks: the applied entries after it
+    /// while this node's log still holds them (at most [`CATCHUP_ENTRIES`]), else the whole
+    /// registry. Never an entry that is not applied here, so never one that is not committed.
+    pub fn catchup(&self, after: Option<u64>) -> Catchup {
+        let disk = self.lock();
+        let Some(applied) = disk.applied else {
+            return Catchup::Entries(Vec::new());
+        };
+        let next = after.map_or(0, |index| index + 1);
+        if next > applied.index {
+            return Catchup::Entries(Vec::new());
+        }
+        if disk.log.contains_key(&next) {
+            return Catchup::Entries(
+                disk.log
+                    .range(next..=applied.index)
+                    .take(CATCHUP_ENTRIES)
+                    .map(|(_, entry)| entry.clone())
+                    .collect(),
+            );
+        }
+        Catchup::Whole {
+            applied,
+            registry: disk.registry.clone(),
+        }
+    }
+
+    /// Applies what a voter sent ([`Store::catchup`]) to this node's registry, which Raft does
+    /// not replicate to (it is no voter), and saves it. Entries already applied are skipped, and
+    /// one that does not follow the last applied ends it. Returns whether the registry moved.
+    #[allow(clippy::result_large_err)]
+    pub fn follow(&self, catchup: Catchup) -> Result<bool, StorageError<NodeId>> {
+        let propagation = self.propagation.clone();
+        let moved = self.change(|disk| {
+            let before = disk.applied;
+            match catchup {
+                Catchup::Entries(entries) => {
+                    for entry in entries {
+                        let next = disk.applied.map_or(0, |id| id.index + 1);
+                        if entry.log_id.index < next {
+                            continue;
+                        }
+                        if entry.log_id.index > next {
+                            break;
+                        }
+                        if let EntryPayload::Normal(proposal) = entry.payload {
+                            propagation.applied(proposal.proposed_ms, unix_ms());
+                            // The outcome was the leader's to give; a refusal is part of the
+                            // log all the same.
+                            let _ = disk.registry.apply_once(proposal);
+                        }
+                        disk.applied = Some(entry.log_id);
+                    }
+                }
+                Catchup::Whole { applied, registry } => {
+                    if disk.applied < Some(applied) {
+                        disk.registry = registry;
+                        disk.applied = Some(applied);
+                    }
+                }
+            }
+            // As if a snapshot held what was copied: should this node restart or become a
+            // voter, Raft reads its log as going on from there.
+            if disk.applied > disk.last_purged && disk.log.is_empty() {
+                disk.last_purged = disk.applied;
+            }
+            (disk.applied != before).then(|| disk.registry.clone())
+        })?;
+        Ok(match moved {
+            Some(registry) => {
+                self.publish(&registry);
+                true
+            }
+            None => false,
+        })
+    }
+}
+
+/// Entries sent in one [`Catchup`]: well under the peer protocol's reply limit.
+const CATCHUP_ENTRIES: usize = 64;
+
+/// What a member that is not in Raft copies from a voter to catch its registry up.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Catchup {
+    /// The applied entries after the asker's last, in order; none when it is up to date.
+    Entries(Vec<Entry<TypeConfig>>),
+    /// The whole registry as applied at `applied`: the entries the asker lacks are compacted
+    /// into a snapshot here.
+    Whole {
+        applied: LogId<NodeId>,
+        registry: Registry,
+    },
+}
+
+impl Catchup {
+    /// Whether it brings the asker up to what the sender had applied.
+    pub fn complete(&self) -> bool {
+        match self {
+            Catchup::Entries(entries) => entries.len() < CATCHUP_ENTRIES,
+            Catchup::Whole { .. } => true,
+        }
+    }
 }
 
 impl RaftLogReader<TypeConfig> for Store {
@@ -225,9 +333,16 @@ impl RaftStorage<TypeConfig> for Store {
             let replies: Vec<Reply> = entries
                 .iter()
                 .map(|entry| {
-                    disk.applied = Some(entry.log_id);
+                    // Applied already from a voter's copy, before this node was one.
+                    let copied = disk
+                        .applied
+                        .is_some_and(|id| entry.log_id.index <= id.index);
+                    if !copied {
+                        disk.applied = Some(entry.log_id);
+                    }
                     match &entry.payload {
                         EntryPayload::Blank => Ok(serde_json::Value::Null),
+                        EntryPayload::Normal(_) if copied => Ok(serde_json::Value::Null),
                         EntryPayload::Normal(proposal) => {
                             propagation.applied(proposal.proposed_ms, unix_ms());
                             disk.registry.apply_once(proposal.clone())
@@ -265,13 +380,20 @@ impl RaftStorage<TypeConfig> for Store {
         let registry: Registry = serde_json::from_slice(snapshot.get_ref()).map_err(|e| {
             StorageIOError::read_snapshot(Some(meta.signature()), &std::io::Error::other(e))
         })?;
-        self.change(|disk| {
-            disk.registry = registry.clone();
-            disk.applied = meta.last_log_id;
+        let newer = self.change(|disk| {
             disk.membership = meta.last_membership.clone();
             disk.snapshot = Some((meta.clone(), registry.clone()));
+            // A registry copied from a voter may be ahead of the snapshot: keep it.
+            let newer = disk.applied <= meta.last_log_id;
+            if newer {
+                disk.registry = registry.clone();
+                disk.applied = meta.last_log_id;
+            }
+            newer
         })?;
-        self.publish(&registry);
+        if newer {
+            self.publish(&registry);
+        }
         Ok(())
     }
 
@@ -283,5 +405,134 @@ impl RaftStorage<TypeConfig> for Store {
             .snapshot
             .as_ref()
             .map(|(meta, registry)| snapshot(meta.clone(), registry)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+    use crate::registry::{Command, Proposal};
+
+    fn store(name: &str) -> Store {
+        let dir = std::env::temp_dir().join(format!("ovstore-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Store::open(dir, Arc::new(Propagation::new(0))).unwrap()
+    }
+
+    fn entry(index: u64, payload: EntryPayload<TypeConfig>) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload,
+        }
+    }
+
+    /// Entry `index` allocates an address on network `web` for node `n<index>`.
+    fn allocation(index: u64) -> Entry<TypeConfig> {
+        entry(
+            index,
+            EntryPayload::Normal(Proposal::new(Command::Allocate {
+                network: "web".into(),
+                node: format!("n{index}"),
+                ip: None,
+                service: None,
+            })),
+        )
+    }
+
+    /// A voter's store that applied a network and `allocations` addresses (entries 0 to
+    /// `allocations + 1`).
+    async fn voter(name: &str, allocations: u64) -> Store {
+        let mut voter = store(name);
+        let create = Command::CreateNetwork {
+            id: "n-web".into(),
+            name: "web".into(),
+            subnet: "198.19.0.0/24".parse().unwrap(),
+            vni: None,
+            mtu: 1450,
+            vteps: vec![],
+            internal: false,
+            encrypted: false,
+        };
+        let mut entries = vec![
+            entry(0, EntryPayload::Blank),
+            entry(1, EntryPayload::Normal(Proposal::new(create))),
+        ];
+        entries.extend((2..allocations + 2).map(allocation));
+        voter.append_to_log(entries.clone()).await.unwrap();
+        voter.apply_to_state_machine(&entries).await.unwrap();
+        voter
+    }
+
+    fn registry(store: &Store) -> Registry {
+        Registry::clone(&store.registry().borrow())
+    }
+
+    #[tokio::test]
+    async fn a_copy_applies_the_voters_entries_in_pages_and_then_is_up_to_date() {
+        let voter = voter("pages", 100).await;
+        let copy = store("pages-copy");
+        let mut pages = 0;
+        loop {
+            let catchup = voter.catchup(copy.applied_index());
+            let complete = catchup.complete();
+            assert!(
+                matches!(catchup, Catchup::Entries(_)),
+                "the log still holds them"
+            );
+            copy.follow(catchup).unwrap();
+            pages += 1;
+            if complete {
+                break;
+            }
+        }
+        assert_eq!(pages, 2, "102 entries, 64 a page");
+        assert_eq!(copy.applied_index(), Some(101));
+        assert_eq!(registry(&copy), registry(&voter));
+        assert!(
+            !copy.follow(voter.catchup(copy.applied_index())).unwrap(),
+            "nothing more to copy"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_copy_behind_the_voters_log_gets_the_whole_registry() {
+        let mut voter = voter("whole", 3).await;
+        voter
+            .purge_logs_upto(LogId::new(CommittedLeaderId::new(1, 1), 2))
+            .await
+            .unwrap();
+        let copy = store("whole-copy");
+        let catchup = voter.catchup(None);
+        assert!(matches!(catchup, Catchup::Whole { .. }));
+        assert!(copy.follow(catchup).unwrap());
+        assert_eq!(registry(&copy), registry(&voter));
+        assert_eq!(copy.applied_index(), Some(4));
+    }
+
+    #[tokio::test]
+    async fn entries_out_of_order_are_not_applied_and_raft_does_not_apply_a_copied_one_again() {
+        let voter = voter("order", 2).await;
+        let mut copy = store("order-copy");
+        let Catchup::Entries(entries) = voter.catchup(None) else {
+            panic!("the log holds every entry");
+        };
+        // A gap: entry 2 without 0 and 1.
+        assert!(
+            !copy
+                .follow(Catchup::Entries(entries[2..].to_vec()))
+                .unwrap()
+        );
+        assert_eq!(copy.applied_index(), None);
+        assert!(copy.follow(Catchup::Entries(entries.clone())).unwrap());
+        let copied = registry(&copy);
+        // Made a voter, this node gets entries 2 and 3 from Raft again. Here they carry new
+        // proposal ids, so were they applied, two more addresses would be handed out.
+        let fresh: Vec<Entry<TypeConfig>> = (2..4).map(allocation).collect();
+        copy.apply_to_state_machine(&fresh).await.unwrap();
+        assert_eq!(registry(&copy), copied);
+        assert_eq!(copy.applied_index(), Some(3));
     }
 }

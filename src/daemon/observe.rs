@@ -9,7 +9,6 @@ use std::time::Instant;
 use super::{Daemon, json, network_info, service_infos, tasks_of};
 use crate::api::{self, Failure, Inspect};
 use crate::metrics::{self, BalancerSample, NetworkSample, Sample, TaskSample};
-use crate::model::Node;
 use crate::trace::{self, Probe, Proto};
 
 impl Daemon {
@@ -166,7 +165,7 @@ impl Daemon {
                     })?;
                 let id = &member.node.id;
                 serde_json::json!({
-                    "node": Node { raft: self.consensus.role(id), ..member.node.clone() },
+                    "node": member.node,
                     "gossip": member.gossip,
                     "networks": view.networks.values()
                         .filter(|n| member.realised.contains(&n.id))

@@ -1,5 +1,5 @@
 //! The reconcile loop: every [`RECONCILE_EVERY`], and at once when a member dies or comes
-//! back, it derives the [`View`] from gossip and the
+//! back or the registry changes, it derives the [`View`] from gossip and the
 //! registry and makes this node match it. It steers the routing mesh's published ports into
 //! overlayd (tc hooks, port reservations), makes and removes bridges, TAPs and their egress
 //! rules, keeps containers from the members' ports, puts restored
@@ -57,12 +57,15 @@ impl Daemon {
     pub(super) async fn reconcile_forever(self: Arc<Daemon>) {
         let mut seen = Seen::default();
         let mut ticker = tokio::time::interval(RECONCILE_EVERY);
-        // A dead member's tasks leave the balancer the moment gossip calls it down.
+        // A dead member's tasks leave the balancer the moment gossip calls it down, and what the
+        // registry applied is made at once.
         let mut liveness = self.gossip.liveness().await;
+        let mut registry = self.consensus.registry_changes();
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 () = liveness.changed() => {}
+                _ = registry.changed() => {}
             }
             if let Err(err) = self.reconcile(&mut seen).await {
                 warn!(err = %format!("{err:#}"), "reconcile failed; retrying");

@@ -5,9 +5,12 @@
 //! the world:
 //! - gossip: [`crate::gossip::start`] itself (chitchat, signed datagrams, the sender check),
 //!   over [`net::Net`], an in-memory network with seeded loss and latency, and [`net::Clock`];
-//! - the registry: each node applies the one committed log in order, every entry some seeded
-//!   delay after its commit, as Raft's followers would (Raft itself, its elections and its
-//!   peer RPCs are not run);
+//! - the registry: the first [`MAX_VOTERS`] nodes are Raft's voters (node 0 leads): each
+//!   applies the one committed log in order, every entry some seeded delay after its commit, as
+//!   Raft's followers would, and gossips its status ([`key::RAFT`]). Every other node copies the
+//!   entries a voter applied when its view shows that voter ahead ([`View::registry_ahead`]),
+//!   one seeded round trip later, as the daemon's `follow` does. Raft itself, its elections and
+//!   its peer RPCs are not run;
 //! - reconcile: every [`RECONCILE_EVERY`] and whenever gossip's live set changes, the node
 //!   builds its [`View`] with [`Gossip::view`], makes and removes networks with
 //!   [`plumbing::realise`] over a recording [`Recorder`], and publishes the tables it derives.
@@ -31,9 +34,10 @@ use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
 use crate::cluster::View;
+use crate::consensus::MAX_VOTERS;
 use crate::daemon::plumbing::{self, Plumbing};
 use crate::gossip::{self, Gossip, Inputs, Underlay};
-use crate::model::{Network, NodeState};
+use crate::model::{Network, NodeState, RaftRole, RaftStatus, key};
 use crate::registry::{Command, Registry};
 use crate::token::Secret;
 
@@ -42,7 +46,9 @@ pub use net::{Conditions, Traffic};
 /// As the daemon's reconcile loop.
 const RECONCILE_EVERY: Duration = Duration::from_millis(250);
 /// Raft's heartbeat: a follower learns an entry is committed within one.
-const RAFT_HEARTBEAT: Duration = Duration::from_millis(250);
+const RAFT_HEARTBEAT: Duration = Duration::from_millis(500);
+/// A round trip to a voter for its entries: twice [`net::Conditions`]' worst latency.
+const COPY_ROUND_TRIP: Duration = Duration::from_millis(10);
 const VXLAN_PORT: u16 = 4789;
 const GOSSIP_PORT: u16 = 7946;
 
@@ -216,6 +222,12 @@ impl Cluster {
             log: self.log.clone(),
             registry: Arc::default(),
             applied: 0,
+            role: match n {
+                0 => Some(RaftRole::Leader),
+                n if n < MAX_VOTERS => Some(RaftRole::Voter),
+                _ => None,
+            },
+            published: None,
             // Seeded per node: how late, after its commit, this node applies each entry.
             raft_rng: StdRng::seed_from_u64(self.rng.random()),
             due: Vec::new(),
@@ -346,6 +358,10 @@ struct Reconciler {
     registry: Arc<Registry>,
     /// Log entries applied so far.
     applied: usize,
+    /// Its part in Raft: none for a node that copies the registry.
+    role: Option<RaftRole>,
+    /// The entries applied when it last gossiped its status (a voter).
+    published: Option<usize>,
     raft_rng: StdRng,
     /// When this node applies each entry seen but not applied yet.
     due: Vec<Instant>,
@@ -369,6 +385,37 @@ impl Reconciler {
         while self.due.first().is_some_and(|at| *at <= now) {
             self.due.remove(0);
             // The outcome is the leader's too; a refusal is part of the log all the same.
+            let _ = Arc::make_mut(&mut self.registry).apply(log.entries[self.applied].1.clone());
+            self.applied += 1;
+        }
+    }
+
+    /// A voter gossips how far it applied the log, as the daemon's `follow` does.
+    async fn publish_status(&mut self, role: RaftRole) {
+        if self.published == Some(self.applied) {
+            return;
+        }
+        let status = RaftStatus {
+            role,
+            term: 1,
+            applied: self.applied as u64,
+        };
+        self.gossip
+            .update(&[(key::RAFT.to_string(), status.to_string())], &[])
+            .await;
+        self.published = Some(self.applied);
+    }
+
+    /// A node that is no voter copies what a voter ahead of it applied, one round trip after
+    /// its view shows one.
+    async fn copy(&mut self) {
+        let view = self.gossip.view(&self.registry).await;
+        let Some((_, ahead)) = view.registry_ahead(Some(self.applied as u64)) else {
+            return;
+        };
+        tokio::time::sleep(COPY_ROUND_TRIP).await;
+        let log = lock(&self.log);
+        while self.applied < (ahead as usize).min(log.entries.len()) {
             let _ = Arc::make_mut(&mut self.registry).apply(log.entries[self.applied].1.clone());
             self.applied += 1;
         }
@@ -403,7 +450,13 @@ async fn reconcile_forever(mut r: Reconciler) {
             _ = ticker.tick() => {}
             () = liveness.changed() => {}
         }
-        r.follow_log();
+        match r.role {
+            Some(role) => {
+                r.follow_log();
+                r.publish_status(role).await;
+            }
+            None => r.copy().await,
+        }
         let inputs = r.inputs().await;
         if last.as_ref() == Some(&inputs) {
             continue;

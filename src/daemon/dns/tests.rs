@@ -34,6 +34,7 @@ fn member(id: &str, state: NodeState) -> Member {
         gossip: "198.18.0.1:7946".parse().unwrap(),
         realised: Default::default(),
         drained: Default::default(),
+        raft: None,
     }
 }
 
