@@ -231,13 +231,24 @@ impl View {
             .map(|(addr, _)| addr)
     }
 
-    /// Where a member that copies the registry gets what it lacks: the live voter that has
-    /// applied the most, if that is past `applied` (this node's last applied index).
-    pub fn registry_ahead(&self, applied: Option<u64>) -> Option<(SocketAddr, u64)> {
-        self.voters()
-            .map(|(addr, s)| (addr, s.applied))
-            .max_by_key(|(_, index)| *index)
-            .filter(|(_, index)| applied.is_none_or(|mine| *index > mine))
+    /// Where a member that copies the registry gets what it lacks: a live voter that has
+    /// applied the most, if that is past `applied` (this node's last applied index). Of the
+    /// voters that are as far, `asker` (this node's id) picks one by its hash, so that the
+    /// members' copies spread over the voters instead of all falling on one.
+    pub fn registry_ahead(&self, applied: Option<u64>, asker: &str) -> Option<(SocketAddr, u64)> {
+        let most = self.voters().map(|(_, s)| s.applied).max()?;
+        if applied.is_some_and(|mine| mine >= most) {
+            return None;
+        }
+        let furthest: Vec<SocketAddr> = self
+            .voters()
+            .filter(|(_, s)| s.applied == most)
+            .map(|(addr, _)| addr)
+            .collect();
+        let pick = asker
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
+        Some((furthest[pick % furthest.len()], most))
     }
 
     /// Where `task` stands, from its node's liveness, its endpoint in gossip and its health.
@@ -475,6 +486,79 @@ mod tests {
                 }),
             registry,
         )
+    }
+
+    #[test]
+    fn the_leader_and_the_voter_furthest_ahead_come_from_the_live_voters_statuses() {
+        let mut registry = registry(&[]);
+        for node in ["a", "b", "c", "d", "e"] {
+            registry
+                .apply(Command::AddNode {
+                    node: node.into(),
+                    addr: "198.18.0.1:7946".parse().unwrap(),
+                })
+                .unwrap();
+        }
+        let raft = |s: &str| vec![("raft", s.to_string())];
+        let members: Gossip = vec![
+            ("a", true, vec![]),
+            // Dead: its claim lingers in gossip.
+            ("b", false, raft("leader 3 40")),
+            ("c", true, raft("voter 4 41")),
+            // The old leader, not yet told of term 4.
+            ("d", true, raft("leader 3 39")),
+            ("e", true, raft("leader 4 42")),
+            // Not a member (yet): no part in the registry.
+            ("f", true, vec![]),
+            ("g", true, raft("leader x 1")),
+        ];
+        // Voters as far as each other share the askers.
+        let even: Gossip = vec![
+            ("a", true, vec![]),
+            ("c", true, raft("voter 4 42")),
+            ("d", true, raft("voter 4 42")),
+            ("e", true, raft("leader 4 42")),
+        ];
+        let even = view(&even, &registry);
+        let picked: BTreeSet<SocketAddr> = ["a", "b", "f", "g", "h", "x"]
+            .iter()
+            .filter_map(|asker| Some(even.registry_ahead(Some(7), asker)?.0))
+            .collect();
+        assert!(picked.len() > 1, "{picked:?}");
+        let view = view(&members, &registry);
+        assert_eq!(view.leader(), Some("198.18.0.5:7946".parse().unwrap()));
+        let roles: Vec<Option<RaftRole>> = view.members.iter().map(|m| m.node.raft).collect();
+        use RaftRole::*;
+        assert_eq!(
+            roles,
+            [
+                Some(Learner),
+                Some(Voter),
+                Some(Voter),
+                Some(Voter),
+                Some(Leader),
+                None,
+                None
+            ]
+        );
+        assert!(
+            view.refused.iter().any(|r| r.starts_with("g raft")),
+            "{:?}",
+            view.refused
+        );
+        let e = Some(("198.18.0.5:7946".parse().unwrap(), 42));
+        assert_eq!(view.registry_ahead(None, "a"), e);
+        assert_eq!(view.registry_ahead(Some(41), "a"), e);
+        assert_eq!(view.registry_ahead(Some(42), "a"), None, "up to date");
+        let mut view = view;
+        view.show_leader(Some("c"));
+        let leaders: Vec<&str> = view
+            .members
+            .iter()
+            .filter(|m| m.node.raft == Some(Leader))
+            .map(|m| m.node.id.as_str())
+            .collect();
+        assert_eq!(leaders, ["c"], "this node's Raft knows better than gossip");
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! - [`store`]: the vote, log and registry on disk, and the copies for the other members.
 //! - RPCs travel as authenticated peer requests ([`crate::peer::Request::Raft`]), so Raft
 //!   traffic is held to the same rules as every other peer request; each target's on one kept
-//!   connection ([`crate::peer::Session`]), as a leader sends every member several a second.
+//!   connection ([`crate::peer::Session`]), as a leader sends every voter several a second.
 
 mod store;
 

@@ -460,6 +460,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_voters_status_reads_back_as_written_and_nothing_else_reads() {
+        let status = RaftStatus {
+            role: RaftRole::Leader,
+            term: 3,
+            applied: 120,
+        };
+        assert_eq!(status.to_string(), "leader 3 120");
+        assert_eq!("leader 3 120".parse(), Ok(status));
+        for bad in [
+            "",
+            "learner 3 120",
+            "voter 3",
+            "voter 3 x",
+            "voter 3 120 7",
+            "voter  3 120",
+        ] {
+            assert!(bad.parse::<RaftStatus>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn interface_names_fit_the_kernel() {
         for good in ["eth0", "net1", "a", "veth-0123456789"] {
             assert_eq!(check_ifname(good), Ok(()), "{good:?}");

@@ -272,7 +272,7 @@ pub async fn call(
 }
 
 /// A member's requests to one peer over one kept connection, so that frequent ones (Raft's,
-/// several a second to every learner) cost one handshake, not one each. Only for requests that
+/// several a second to every voter) cost one handshake, not one each. Only for requests that
 /// may arrive twice: a kept connection that the peer closed meanwhile shows only when used, and
 /// the request then goes again on a new one.
 pub struct Session {

@@ -52,7 +52,9 @@ impl Daemon {
                 Some(RaftRole::Leader) => self.consensus.keep_voters(&live_members(&view)).await,
                 Some(_) => {}
                 None => {
-                    if let Some((voter, _)) = view.registry_ahead(self.consensus.applied_index()) {
+                    if let Some((voter, _)) =
+                        view.registry_ahead(self.consensus.applied_index(), &self.id)
+                    {
                         self.copy_registry(voter).await;
                     }
                 }

@@ -410,7 +410,7 @@ impl Reconciler {
     /// its view shows one.
     async fn copy(&mut self) {
         let view = self.gossip.view(&self.registry).await;
-        let Some((_, ahead)) = view.registry_ahead(Some(self.applied as u64)) else {
+        let Some((_, ahead)) = view.registry_ahead(Some(self.applied as u64), &self.id) else {
             return;
         };
         tokio::time::sleep(COPY_ROUND_TRIP).await;
