@@ -134,7 +134,13 @@ impl View {
                     leaving = true;
                     Ok(())
                 } else if k == key::RAFT {
-                    v.parse().map(|status| raft = Some(status))
+                    // Whom members propose to and copy the registry from: only a member the
+                    // registry knows (a removed node holds the gossip key under any id).
+                    if registry.members().contains_key(state.id) {
+                        v.parse().map(|status| raft = Some(status))
+                    } else {
+                        Err("not a member in the registry".to_string())
+                    }
                 } else if let Some(at) = k.strip_prefix(key::HEALTH_PREFIX) {
                     health(state.id, at, v, registry).map(|(at, passing)| {
                         view.health.insert(at, passing);
@@ -491,7 +497,7 @@ mod tests {
     #[test]
     fn the_leader_and_the_voter_furthest_ahead_come_from_the_live_voters_statuses() {
         let mut registry = registry(&[]);
-        for node in ["a", "b", "c", "d", "e"] {
+        for node in ["a", "b", "c", "d", "e", "h"] {
             registry
                 .apply(Command::AddNode {
                     node: node.into(),
@@ -510,7 +516,9 @@ mod tests {
             ("e", true, raft("leader 4 42")),
             // Not a member (yet): no part in the registry.
             ("f", true, vec![]),
-            ("g", true, raft("leader x 1")),
+            // Not a member, claiming to lead: refused.
+            ("g", true, raft("leader 9 99")),
+            ("h", true, raft("leader x 1")),
         ];
         // Voters as far as each other share the askers.
         let even: Gossip = vec![
@@ -538,14 +546,17 @@ mod tests {
                 Some(Voter),
                 Some(Leader),
                 None,
-                None
+                None,
+                Some(Learner),
             ]
         );
-        assert!(
-            view.refused.iter().any(|r| r.starts_with("g raft")),
-            "{:?}",
-            view.refused
-        );
+        for refused in ["g raft: not a member", "h raft: not `leader"] {
+            assert!(
+                view.refused.iter().any(|r| r.starts_with(refused)),
+                "{:?}",
+                view.refused
+            );
+        }
         let e = Some(("198.18.0.5:7946".parse().unwrap(), 42));
         assert_eq!(view.registry_ahead(None, "a"), e);
         assert_eq!(view.registry_ahead(Some(41), "a"), e);

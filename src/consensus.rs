@@ -334,7 +334,10 @@ impl Consensus {
         }
     }
 
-    /// Makes `node` a member, and a voter while there are fewer than [`MAX_VOTERS`].
+    /// Makes `node` a member, and a voter while there are fewer than [`MAX_VOTERS`]. Answers
+    /// with the registry as applied here ([`Catchup::Whole`]): a member that is no voter trusts
+    /// only members' gossip about who leads and whose registry is ahead, so it starts from the
+    /// one the leader gave it, through the seed that checked its join token.
     async fn add_member(
         &self,
         node: &str,
@@ -355,10 +358,15 @@ impl Consensus {
         let voters = self.voters();
         if voters.len() >= MAX_VOTERS || voters.contains(&id) {
             info!(%node, %addr, "member joined; it copies the registry from the voters");
-            return Ok(reply);
+        } else {
+            let added = self
+                .add_voter(node, id, BasicNode::new(addr.to_string()))
+                .await?;
+            if added.is_err() {
+                return Ok(added);
+            }
         }
-        self.add_voter(node, id, BasicNode::new(addr.to_string()))
-            .await
+        Ok(Ok(to_json(&self.store.whole())))
     }
 
     /// Adds `id` as a voter: first as a learner brought up to date (a voter that cannot vote

@@ -449,7 +449,7 @@ impl Daemon {
         let mut attempt = 1u32;
         let joined = loop {
             let joined = match peer::call(seed, &joiner, &request).await {
-                Ok(reply) => reply.map(drop),
+                Ok(reply) => reply,
                 Err(err) => Err(Failure::runtime(format!("{err:#}"))),
             };
             let pause = join_pause();
@@ -462,11 +462,20 @@ impl Daemon {
                 joined => break joined,
             }
         };
-        joined.map_err(|failure| {
+        let registry = joined.map_err(|failure| {
             Failure::runtime(format!(
                 "joining through {seed}: the cluster did not add this node: {failure}"
             ))
-        })
+        })?;
+        // A voter has the registry from Raft already; any other member starts from this copy.
+        if !self.consensus.in_group(&self.id) {
+            let copy = serde_json::from_value(registry)
+                .map_err(|e| Failure::runtime(format!("the registry the leader sent: {e}")))?;
+            self.consensus
+                .follow(copy)
+                .map_err(|e| Failure::runtime(format!("{e:#}")))?;
+        }
+        Ok(())
     }
 
     /// The join secret tokens must hold now.

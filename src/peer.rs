@@ -150,6 +150,13 @@ impl Request {
                 "node {node} is no member: only the current join token adds a node \
                  (`overlayd join-token` on a member)"
             ))),
+            // The registry holds the join secret since the last rotation, which `node rm` makes
+            // so that a removed node (under any id it makes up) cannot join again.
+            (Caller::Member(node), Request::Registry { .. }) if !member(node) => {
+                Err(Failure::usage(format!(
+                    "node {node} is no member (yet): only members copy the registry"
+                )))
+            }
             (Caller::Member(_), _) => Ok(()),
         }
     }
@@ -658,7 +665,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_join_token_or_a_member_forwarding_it_adds_a_node() {
+    fn only_the_join_token_or_a_member_forwarding_it_adds_a_node_and_only_members_copy() {
         let join = |forward| Request::Propose {
             change: Change::Join {
                 node: "0123456789ab".into(),
@@ -685,6 +692,11 @@ mod tests {
             );
         }
         assert!(Request::Hello.permitted(&stranger, member).is_ok());
+        let copy = Request::Registry { after: None };
+        assert!(copy.permitted(&known, member).is_ok());
+        for refused in [&joiner, &stranger] {
+            assert!(copy.permitted(refused, member).is_err(), "{refused:?}");
+        }
         let bindable = Request::Bindable { ports: vec![] };
         assert!(bindable.permitted(&joiner, member).is_err());
         assert!(bindable.permitted(&known, member).is_ok());

@@ -1,7 +1,9 @@
 //! Ten real nodes on this machine, each a network namespace with its own daemon, and a service
 //! with one task on every node: a client on the first and on the last node reaches all ten
 //! tasks through the VIP and through the service's name. Prints how long the cluster took to
-//! form, `network create` and the service to be healthy everywhere. Needs root (CI runs as root).
+//! form, `network create` and the service to be healthy everywhere. Only five of the ten vote in
+//! Raft; the others copy the registry, and a voter that leaves is replaced by one of them.
+//! Needs root (CI runs as root).
 
 mod netns;
 
@@ -15,6 +17,35 @@ const NODES: usize = 10;
 /// tasks leave one out of 200 picks is 10 * 0.9^200, about 7e-9.
 const REQUESTS: usize = 200;
 const HEALTHY_WITHIN: Duration = Duration::from_secs(30);
+/// The leader checks its voters every 250 ms; making a member a voter takes a commit or two.
+const VOTER_REPLACED_WITHIN: Duration = Duration::from_secs(10);
+
+/// (address, Raft part) of every member node `n` lists as ready.
+fn parts(c: &Cluster, n: usize) -> Vec<(String, String)> {
+    let ls = c.node(n).try_json(&["node", "ls"]).unwrap_or_default();
+    ls.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["state"] == "ready")
+        .map(|m| {
+            let part = m["raft"].as_str().unwrap_or("none");
+            (
+                m["address"].as_str().unwrap_or("").to_string(),
+                part.to_string(),
+            )
+        })
+        .collect()
+}
+
+/// How many of `parts` vote (the leader too), and how many copy the registry.
+fn voting(parts: &[(String, String)]) -> (usize, usize) {
+    let votes = parts
+        .iter()
+        .filter(|(_, p)| p == "leader" || p == "voter")
+        .count();
+    let copies = parts.iter().filter(|(_, p)| p == "learner").count();
+    (votes, copies)
+}
 
 #[test]
 fn ten_nodes_serve_one_service_with_a_task_on_every_node() {
@@ -90,4 +121,33 @@ fn ten_nodes_serve_one_service_with_a_task_on_every_node() {
             );
         }
     }
+
+    // Five vote, five copy the registry, as a member that is no voter sees it too.
+    assert!(
+        wait_until(VOTER_REPLACED_WITHIN, || voting(&parts(&c, NODES))
+            == (5, 5)),
+        "5 voters and 5 learners: {:?}",
+        parts(&c, NODES)
+    );
+    let parts_before = parts(&c, 1);
+    let (voter, _) = parts_before
+        .iter()
+        .find(|(_, part)| part == "voter")
+        .expect("a voter that does not lead");
+    let leaving = c.nodes.iter().find(|n| &n.addr == voter).expect("its node");
+    let started = Instant::now();
+    leaving.cli_ok(&["node", "leave"]);
+    let stays = if leaving.index == 1 { NODES } else { 1 };
+    assert!(
+        wait_until(VOTER_REPLACED_WITHIN, || {
+            let now = parts(&c, stays);
+            now.len() == NODES - 1 && voting(&now) == (5, 4)
+        }),
+        "a learner takes the place of voter {voter}: {:?}",
+        parts(&c, stays)
+    );
+    println!(
+        "voter {voter} left; 5 voters again {:.1?} after `node leave` began",
+        started.elapsed()
+    );
 }

@@ -133,6 +133,18 @@ impl Store {
         }
     }
 
+    /// The whole registry as applied here: what a joiner that is no voter starts from.
+    pub fn whole(&self) -> Catchup {
+        let disk = self.lock();
+        match disk.applied {
+            Some(applied) => Catchup::Whole {
+                applied,
+                registry: disk.registry.clone(),
+            },
+            None => Catchup::Entries(Vec::new()),
+        }
+    }
+
     /// Applies what a voter sent ([`Store::catchup`]) to this node's registry, which Raft does
     /// not replicate to (it is no voter), and saves it. Entries already applied are skipped, and
     /// one that does not follow the last applied ends it. Returns whether the registry moved.

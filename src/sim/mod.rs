@@ -7,9 +7,10 @@
 //!   over [`net::Net`], an in-memory network with seeded loss and latency, and [`net::Clock`];
 //! - the registry: the first [`MAX_VOTERS`] nodes are Raft's voters (node 0 leads): each
 //!   applies the one committed log in order, every entry some seeded delay after its commit, as
-//!   Raft's followers would, and gossips its status ([`key::RAFT`]). Every other node copies the
-//!   entries a voter applied when its view shows that voter ahead ([`View::registry_ahead`]),
-//!   one seeded round trip later, as the daemon's `follow` does. Raft itself, its elections and
+//!   Raft's followers would, and gossips its status ([`key::RAFT`]). Every other node starts
+//!   from the leader's registry (the answer to its join) and copies the entries a voter applied
+//!   when its view shows that voter ahead ([`View::registry_ahead`]), one round trip later, as
+//!   the daemon's `follow` does. Raft itself, its elections and
 //!   its peer RPCs are not run;
 //! - reconcile: every [`RECONCILE_EVERY`] and whenever gossip's live set changes, the node
 //!   builds its [`View`] with [`Gossip::view`], makes and removes networks with
@@ -215,18 +216,29 @@ impl Cluster {
             .expect("an in-memory address binds");
         let gossip = Arc::new(gossip);
         let outcome = Arc::new(Mutex::new(None));
+        // Its join: a member from now on. A voter gets the registry from Raft; any other node
+        // starts from the leader's, which the join's answer carries.
+        let _ = self.commit(Command::AddNode {
+            node: id.clone(),
+            addr,
+        });
+        let role = match n {
+            0 => Some(RaftRole::Leader),
+            n if n < MAX_VOTERS => Some(RaftRole::Voter),
+            _ => None,
+        };
+        let (registry, applied) = match role {
+            Some(_) => (Arc::default(), 0),
+            None => (Arc::new(self.leader.clone()), lock(&self.log).entries.len()),
+        };
         let reconcile = tokio::spawn(reconcile_forever(Reconciler {
             id,
             secret: self.secret.clone(),
             gossip: gossip.clone(),
             log: self.log.clone(),
-            registry: Arc::default(),
-            applied: 0,
-            role: match n {
-                0 => Some(RaftRole::Leader),
-                n if n < MAX_VOTERS => Some(RaftRole::Voter),
-                _ => None,
-            },
+            registry,
+            applied,
+            role,
             published: None,
             // Seeded per node: how late, after its commit, this node applies each entry.
             raft_rng: StdRng::seed_from_u64(self.rng.random()),
