@@ -2,7 +2,8 @@
 //! with one task on every node: a client on the first and on the last node reaches all ten
 //! tasks through the VIP and through the service's name. Prints how long the cluster took to
 //! form, `network create` and the service to be healthy everywhere. Only five of the ten vote in
-//! Raft; the others copy the registry, and a voter that leaves is replaced by one of them.
+//! Raft; the others copy the registry (a restarted one too), and a voter that leaves is replaced
+//! by one of them.
 //! Needs root (CI runs as root).
 
 mod netns;
@@ -129,6 +130,25 @@ fn ten_nodes_serve_one_service_with_a_task_on_every_node() {
         "5 voters and 5 learners: {:?}",
         parts(&c, NODES)
     );
+
+    // A learner restarted in place reads its copy back and follows the registry again.
+    let learner = parts(&c, 1)
+        .into_iter()
+        .find(|(_, part)| part == "learner")
+        .and_then(|(addr, _)| c.nodes.iter().find(|n| n.addr == addr))
+        .expect("a learner");
+    learner.restart_daemon();
+    assert!(
+        wait_until(VOTER_REPLACED_WITHIN, || parts(&c, learner.index).len()
+            == NODES),
+        "restarted learner {} lists every member ready",
+        learner.addr
+    );
+    c.node(1)
+        .cli_ok(&["network", "create", "late", "--subnet", "198.19.11.0/24"]);
+    let late = c.container(learner.index, "late");
+    c.attach(learner.index, &late, "late", &[]);
+
     let parts_before = parts(&c, 1);
     let (voter, _) = parts_before
         .iter()
