@@ -190,35 +190,24 @@ impl View {
             });
         }
         view.members.sort_by(|a, b| a.node.id.cmp(&b.node.id));
-        view.show_leader(None);
+        let leader = view.claimed_leader().map(|m| m.node.id.clone());
+        show_leader(
+            view.members.iter_mut().map(|m| &mut m.node),
+            leader.as_deref(),
+        );
         view
     }
 
-    /// Lists one leader at most: `known` if this node's Raft knows it, else the live member
-    /// that claims it in the highest term. Every other claim (a dead leader's key lingers in
-    /// gossip, and an old leader's until it hears of the new term) is listed as a voter.
-    pub fn show_leader(&mut self, known: Option<&str>) {
-        let leader = match known {
-            Some(id) => Some(id.to_string()),
-            None => self
-                .members
-                .iter()
-                .filter(|m| m.node.state != NodeState::Down)
-                .filter_map(|m| {
-                    m.raft
-                        .filter(|s| s.role == RaftRole::Leader)
-                        .map(|s| (s.term, m))
-                })
-                .max_by_key(|(term, _)| *term)
-                .map(|(_, m)| m.node.id.clone()),
-        };
-        for m in &mut self.members {
-            if leader.as_deref() == Some(m.node.id.as_str()) {
-                m.node.raft = Some(RaftRole::Leader);
-            } else if m.node.raft == Some(RaftRole::Leader) {
-                m.node.raft = Some(RaftRole::Voter);
-            }
-        }
+    /// The live member (this node too) that claims to lead in the highest term. Another claim
+    /// may linger: a dead leader's key stays in gossip, an old leader's until it hears of the
+    /// new term.
+    fn claimed_leader(&self) -> Option<&Member> {
+        self.members
+            .iter()
+            .filter(|m| m.node.state != NodeState::Down)
+            .filter_map(|m| Some((m.raft.filter(|s| s.role == RaftRole::Leader)?.term, m)))
+            .max_by_key(|(term, _)| *term)
+            .map(|(_, m)| m)
     }
 
     /// The live voters' statuses with their peer addresses.
@@ -229,12 +218,11 @@ impl View {
             .filter_map(|m| Some((m.gossip, m.raft?)))
     }
 
-    /// Where to propose a change: the live member that says it leads in the highest term.
+    /// Where to propose a change: the other member that gossip says leads.
     pub fn leader(&self) -> Option<SocketAddr> {
-        self.voters()
-            .filter(|(_, s)| s.role == RaftRole::Leader)
-            .max_by_key(|(_, s)| s.term)
-            .map(|(addr, _)| addr)
+        self.claimed_leader()
+            .filter(|m| !m.node.is_self)
+            .map(|m| m.gossip)
     }
 
     /// Where a member that copies the registry gets what it lacks: a live voter that has
@@ -429,6 +417,17 @@ fn endpoint(
     Ok(endpoint)
 }
 
+/// Lists `leader` as the leader, and any other node listed so (a stale claim) as a voter.
+pub fn show_leader<'a>(nodes: impl IntoIterator<Item = &'a mut Node>, leader: Option<&str>) {
+    for node in nodes {
+        if leader == Some(node.id.as_str()) {
+            node.raft = Some(RaftRole::Leader);
+        } else if node.raft == Some(RaftRole::Leader) {
+            node.raft = Some(RaftRole::Voter);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,13 +560,12 @@ mod tests {
         assert_eq!(view.registry_ahead(None, "a"), e);
         assert_eq!(view.registry_ahead(Some(41), "a"), e);
         assert_eq!(view.registry_ahead(Some(42), "a"), None, "up to date");
-        let mut view = view;
-        view.show_leader(Some("c"));
-        let leaders: Vec<&str> = view
-            .members
+        let mut nodes: Vec<Node> = view.members.iter().map(|m| m.node.clone()).collect();
+        show_leader(&mut nodes, Some("c"));
+        let leaders: Vec<&str> = nodes
             .iter()
-            .filter(|m| m.node.raft == Some(Leader))
-            .map(|m| m.node.id.as_str())
+            .filter(|n| n.raft == Some(Leader))
+            .map(|n| n.id.as_str())
             .collect();
         assert_eq!(leaders, ["c"], "this node's Raft knows better than gossip");
     }

@@ -661,10 +661,14 @@ impl Daemon {
                     is_self: *id == self.id,
                     raft: None,
                 });
-                let mut view = View::clone(&view);
-                view.show_leader(self.consensus.leader().as_deref());
-                let members = view.members.into_iter().map(|m| m.node);
-                Ok(json(&members.chain(departed).collect::<Vec<_>>()))
+                let mut members: Vec<Node> = view.members.iter().map(|m| m.node.clone()).collect();
+                // A voter's Raft knows the leader before gossip says so.
+                if let Some(leader) = self.consensus.leader() {
+                    crate::cluster::show_leader(&mut members, Some(&leader));
+                }
+                Ok(json(
+                    &members.into_iter().chain(departed).collect::<Vec<_>>(),
+                ))
             }
             JoinToken { rotate: false } => Ok(json(&api::JoinToken {
                 token: self.token(),

@@ -441,38 +441,23 @@ mod tests {
         }
     }
 
-    /// Entry `index` allocates an address on network `web` for node `n<index>`.
-    fn allocation(index: u64) -> Entry<TypeConfig> {
+    /// Entry `index` adds member `<prefix><index>` to the registry.
+    fn join(prefix: &str, index: u64) -> Entry<TypeConfig> {
         entry(
             index,
-            EntryPayload::Normal(Proposal::new(Command::Allocate {
-                network: "web".into(),
-                node: format!("n{index}"),
-                ip: None,
-                service: None,
+            EntryPayload::Normal(Proposal::new(Command::AddNode {
+                node: format!("{prefix}{index}"),
+                addr: "198.18.0.1:7946".parse().unwrap(),
             })),
         )
     }
 
-    /// A voter's store that applied a network and `allocations` addresses (entries 0 to
-    /// `allocations + 1`).
-    async fn voter(name: &str, allocations: u64) -> Store {
+    /// A voter's store that applied a blank entry and then `joins` members (entries 0 to
+    /// `joins`).
+    async fn voter(name: &str, joins: u64) -> Store {
         let mut voter = store(name);
-        let create = Command::CreateNetwork {
-            id: "n-web".into(),
-            name: "web".into(),
-            subnet: "198.19.0.0/24".parse().unwrap(),
-            vni: None,
-            mtu: 1450,
-            vteps: vec![],
-            internal: false,
-            encrypted: false,
-        };
-        let mut entries = vec![
-            entry(0, EntryPayload::Blank),
-            entry(1, EntryPayload::Normal(Proposal::new(create))),
-        ];
-        entries.extend((2..allocations + 2).map(allocation));
+        let mut entries = vec![entry(0, EntryPayload::Blank)];
+        entries.extend((1..=joins).map(|index| join("n", index)));
         voter.append_to_log(entries.clone()).await.unwrap();
         voter.apply_to_state_machine(&entries).await.unwrap();
         voter
@@ -484,7 +469,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_copy_applies_the_voters_entries_in_pages_and_then_is_up_to_date() {
-        let voter = voter("pages", 100).await;
+        let voter = voter("pages", 101).await;
         let copy = store("pages-copy");
         let mut pages = 0;
         loop {
@@ -511,7 +496,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_copy_behind_the_voters_log_gets_the_whole_registry() {
-        let mut voter = voter("whole", 3).await;
+        let mut voter = voter("whole", 4).await;
         voter
             .purge_logs_upto(LogId::new(CommittedLeaderId::new(1, 1), 2))
             .await
@@ -526,7 +511,7 @@ mod tests {
 
     #[tokio::test]
     async fn entries_out_of_order_are_not_applied_and_raft_does_not_apply_a_copied_one_again() {
-        let voter = voter("order", 2).await;
+        let voter = voter("order", 3).await;
         let mut copy = store("order-copy");
         let Catchup::Entries(entries) = voter.catchup(None) else {
             panic!("the log holds every entry");
@@ -540,9 +525,9 @@ mod tests {
         assert_eq!(copy.applied_index(), None);
         assert!(copy.follow(Catchup::Entries(entries.clone())).unwrap());
         let copied = registry(&copy);
-        // Made a voter, this node gets entries 2 and 3 from Raft again. Here they carry new
-        // proposal ids, so were they applied, two more addresses would be handed out.
-        let fresh: Vec<Entry<TypeConfig>> = (2..4).map(allocation).collect();
+        // Made a voter, this node gets entries 2 and 3 from Raft again. Here they add other
+        // members, so were they applied, the registry would change.
+        let fresh: Vec<Entry<TypeConfig>> = (2..4).map(|index| join("late", index)).collect();
         copy.apply_to_state_machine(&fresh).await.unwrap();
         assert_eq!(registry(&copy), copied);
         assert_eq!(copy.applied_index(), Some(3));

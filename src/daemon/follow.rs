@@ -47,11 +47,15 @@ impl Daemon {
                 }
                 published = status;
             }
-            let view = self.view().await;
             match status.map(|s| s.role) {
-                Some(RaftRole::Leader) => self.consensus.keep_voters(&live_members(&view)).await,
+                Some(RaftRole::Leader) => {
+                    let view = self.view().await;
+                    self.consensus.keep_voters(&live_members(&view)).await;
+                }
+                // Raft replicates to a voter.
                 Some(_) => {}
                 None => {
+                    let view = self.view().await;
                     if let Some((voter, _)) =
                         view.registry_ahead(self.consensus.applied_index(), &self.id)
                     {
